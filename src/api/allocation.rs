@@ -1,0 +1,269 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A GpuAllocation grants a tenant organisation accelerators in one or more pools,
+/// optionally for a dated window and against an accelerator-hour budget. The
+/// operator turns it into a ResourceQuota in each of the tenant's namespaces and,
+/// for dedicated grants, into reserved nodes.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sovereign.ai",
+    version = "v1alpha1",
+    kind = "GpuAllocation",
+    doc = "A GpuAllocation grants a tenant organisation accelerators in pools, optionally for a dated window and against an accelerator-hour budget; the operator enforces it with namespace quotas and reserved nodes.",
+    plural = "gpuallocations",
+    shortname = "galloc",
+    shortname = "gallocs",
+    category = "sovereign",
+    status = "GpuAllocationStatus",
+    printcolumn(
+        name = "Tenant",
+        type_ = "string",
+        json_path = ".spec.tenant.displayName"
+    ),
+    printcolumn(name = "Program", type_ = "string", json_path = ".spec.program"),
+    printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Granted", type_ = "integer", json_path = ".status.granted"),
+    printcolumn(name = "In-Use", type_ = "integer", json_path = ".status.inUse"),
+    printcolumn(
+        name = "Hours-Used",
+        type_ = "number",
+        json_path = ".status.acceleratorHoursUsed"
+    ),
+    printcolumn(
+        name = "Budget",
+        type_ = "integer",
+        json_path = ".spec.budget.acceleratorHours"
+    ),
+    printcolumn(
+        name = "Domestic",
+        type_ = "number",
+        json_path = ".status.domesticShare",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Start",
+        type_ = "date",
+        json_path = ".spec.window.start",
+        priority = 1
+    ),
+    printcolumn(
+        name = "End",
+        type_ = "date",
+        json_path = ".spec.window.end",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuAllocationSpec {
+    /// The tenant organisation that receives the grant.
+    pub tenant: Tenant,
+
+    /// Program the grant belongs to, for reporting (for example `world-best-llm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub program: Option<String>,
+
+    /// Order in which grants are admitted when a pool is short: higher first, then
+    /// older first.
+    #[serde(default)]
+    #[schemars(range(min = -1000, max = 1000))]
+    pub priority: i32,
+
+    /// Dated period in which the grant is active. Before `start` it is Pending with
+    /// zero quota; after `end` it is Expired and its quota and reservations are
+    /// released. Without a window the grant is active from creation until deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+
+    /// Accelerators granted per pool. Each pool may appear once.
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["pool".into()]))]
+    pub grants: Vec<Grant>,
+
+    /// Accelerator-hour budget over the whole grant: each running pod is charged
+    /// wall hours x devices x the pool's `chargeFactor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+
+    /// Least fraction (0 to 1) of the grant's accelerator-hours that should run on
+    /// domestic pools. Reported in status; projects are steered toward domestic
+    /// pools while the share is below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_domestic_share: Option<f64>,
+
+    /// Lets the tenant mark training projects `preemptible: false`. Only an admin
+    /// can set it, since such projects can hold the grant's capacity indefinitely.
+    #[serde(default)]
+    pub allow_non_preemptible: bool,
+}
+
+/// The tenant organisation of a grant.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Tenant {
+    /// Human-readable name of the organisation, for example `Upstage consortium`.
+    #[schemars(length(min = 1, max = 128))]
+    pub display_name: String,
+
+    /// Namespaces whose pods consume this grant. Each gets an operator-managed
+    /// ResourceQuota for the accelerators of every pool.
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 63)))]
+    #[x_kube(
+        validation = Rule::new("self.all(ns, ns.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'))").message("tenant.namespaces must be namespace names (lowercase DNS labels)"),
+        merge_strategy = ListMerge::Set
+    )]
+    pub namespaces: Vec<String>,
+}
+
+/// A dated period. At least one end must be set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.start) || has(self.end)").message("window needs a start, an end, or both"),
+    validation = Rule::new("!has(self.start) || !has(self.end) || timestamp(self.end) > timestamp(self.start)").message("window.end must be after window.start")
+)]
+pub struct Window {
+    /// When the grant becomes active (RFC 3339, for example 2026-03-01T00:00:00Z).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<Time>,
+    /// When the grant expires (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<Time>,
+}
+
+/// Capacity granted in one pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.borrowingLimit) || self.mode == 'Shared'").message("borrowingLimit applies only to Shared grants; a Dedicated grant owns whole nodes"))]
+pub struct Grant {
+    /// Name of the AcceleratorPool.
+    #[schemars(length(min = 1, max = 253))]
+    pub pool: String,
+
+    /// Accelerators (devices of the pool's resourceName) granted. A Dedicated grant
+    /// is rounded up to whole nodes.
+    #[schemars(range(min = 1, max = 1000000))]
+    pub accelerators: i64,
+
+    /// Shared: a guaranteed share of the pool's unreserved nodes. Dedicated: whole
+    /// nodes reserved (labelled and tainted) for this tenant only.
+    #[serde(default)]
+    pub mode: GrantMode,
+
+    /// Accelerators the tenant may use beyond `accelerators` on idle capacity of
+    /// this pool; such runs may be reclaimed when the owners need it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub borrowing_limit: Option<i64>,
+}
+
+/// How a grant holds its pool's capacity.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum GrantMode {
+    /// A guaranteed share of the pool's unreserved nodes.
+    #[default]
+    Shared,
+    /// Whole nodes reserved for this tenant.
+    Dedicated,
+}
+
+/// An accelerator-hour budget.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Budget {
+    /// Accelerator-hours the grant may use in total (charge-factor weighted).
+    #[schemars(range(min = 1))]
+    pub accelerator_hours: i64,
+
+    /// Admission: stop admitting new runs when the budget is used up. Hard: also
+    /// stop running projects, gracefully, when it is used up.
+    #[serde(default)]
+    pub enforcement: BudgetEnforcement,
+}
+
+/// What happens when a budget is used up.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum BudgetEnforcement {
+    /// Stop admitting new training runs.
+    #[default]
+    Admission,
+    /// Stop admitting and stop running training runs.
+    Hard,
+}
+
+/// Lifecycle of an allocation.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum AllocationPhase {
+    /// Not active yet: its window has not opened, or a pool is short of capacity.
+    #[default]
+    Pending,
+    /// Quota and reservations are in force.
+    Active,
+    /// The window has closed; quota and reservations are released.
+    Expired,
+}
+
+/// Observed state of a GpuAllocation.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuAllocationStatus {
+    /// Pending, Active or Expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<AllocationPhase>,
+    /// Accelerators granted and in force, over all pools.
+    #[serde(default)]
+    pub granted: i64,
+    /// Accelerators requested by running pods in the tenant's namespaces.
+    #[serde(default)]
+    pub in_use: i64,
+    /// Per-pool state of the grants.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolGrantStatus>,
+    /// Accelerator-hours used so far (charge-factor weighted).
+    #[serde(default)]
+    pub accelerator_hours_used: f64,
+    /// When `acceleratorHoursUsed` was last brought up to date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_updated_at: Option<Time>,
+    /// Fraction (0 to 1) of the accelerator-hours used that ran on domestic pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domestic_share: Option<f64>,
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Conditions: Active, CapacityAvailable, BudgetExhausted, DomesticShareMet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// State of one pool's grant.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolGrantStatus {
+    /// Name of the AcceleratorPool.
+    pub pool: String,
+    /// Shared or Dedicated.
+    pub mode: GrantMode,
+    /// Accelerators granted and in force in this pool (0 while Pending).
+    #[serde(default)]
+    pub granted: i64,
+    /// Nodes reserved for a Dedicated grant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reserved_nodes: Vec<String>,
+    /// Accelerators requested by the tenant's running pods in this pool.
+    #[serde(default)]
+    pub in_use: i64,
+    /// Accelerators in use beyond the grant, on borrowed idle capacity.
+    #[serde(default)]
+    pub borrowed: i64,
+}

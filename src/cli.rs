@@ -1,0 +1,99 @@
+//! Command-line interface: flags only; the work is done elsewhere.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Allocates sovereign AI compute: accelerator pools, dated grants with budgets,
+/// and gang-admitted training runs across GPU and NPU pools.
+#[derive(Parser, Debug)]
+#[command(name = "sovereign-operator", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format: `plain` for people, `json` for log pipelines. Filter with
+    /// RUST_LOG (for example `RUST_LOG=info,sovereign_operator=debug`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain, env = "LOG_FORMAT", global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the operator: watch pools, allocations and projects and act on them.
+    /// Uses the in-cluster ServiceAccount, or --kubeconfig / $KUBECONFIG outside a cluster.
+    Run(RunArgs),
+    /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
+    Crd,
+    /// Print the version.
+    Version,
+}
+
+/// Log output format.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// Flags of `run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Kubeconfig file to use instead of the in-cluster config or $KUBECONFIG.
+    #[arg(long, env = "SOVEREIGN_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Address of the admin server: /livez, /readyz and /metrics.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:8080",
+        env = "SOVEREIGN_ADMIN_ADDRESS"
+    )]
+    pub admin_address: SocketAddr,
+
+    /// Elect a leader through a Lease so that several replicas can run; only the
+    /// leader reconciles.
+    #[arg(long, env = "SOVEREIGN_LEADER_ELECT")]
+    pub leader_elect: bool,
+
+    /// Namespace of the leader-election Lease (defaults to the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+
+    /// Identity in the leader election (defaults to the pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// Seconds a reserved node may stay NotReady before it is replaced.
+    #[arg(long, default_value_t = 300, env = "SOVEREIGN_NODE_GRACE_SECONDS")]
+    pub node_grace_seconds: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults_bind_loopback() {
+        let cli = Cli::try_parse_from(["sovereign-operator", "run"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
+        assert!(args.admin_address.ip().is_loopback());
+        assert!(!args.leader_elect);
+    }
+
+    #[test]
+    fn log_format_is_global() {
+        let cli =
+            Cli::try_parse_from(["sovereign-operator", "crd", "--log-format", "json"]).unwrap();
+        assert_eq!(cli.log_format, LogFormat::Json);
+    }
+}

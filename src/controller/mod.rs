@@ -1,0 +1,167 @@
+//! Wiring of the running operator: client, admin server, CRD check, leader
+//! election, shared reflectors and the reconcilers.
+
+mod context;
+mod error;
+mod pool;
+mod stores;
+
+pub use context::Context;
+pub use error::Error;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use tokio::sync::watch;
+
+use crate::admin::{self, Readiness};
+use crate::api::{AcceleratorPool, GpuAllocation, ModelProject};
+use crate::cli::RunArgs;
+use crate::telemetry::Metrics;
+
+/// Field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "sovereign-operator";
+
+/// Runs until SIGTERM or SIGINT.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = client(&args).await?;
+    let metrics = Arc::new(Metrics::default());
+    let readiness = Readiness::not_ready("starting");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown signal received, stopping");
+        let _ = stop_tx.send(true);
+    });
+
+    let admin = tokio::spawn(admin::serve(
+        args.admin_address,
+        readiness.clone(),
+        metrics.clone(),
+        stopped(stop_rx.clone()),
+    ));
+
+    let work = async {
+        wait_for_crds(&client, &readiness).await;
+        if args.leader_elect {
+            lead(&client, &args, &readiness).await?;
+        }
+        let ctx = Context::new(client.clone(), metrics.clone(), &args);
+        let stores = stores::start(client.clone());
+        readiness.set_not_ready("waiting for the caches to sync");
+        stores.wait_until_ready().await?;
+        readiness.set_ready();
+        tracing::info!("caches synced, reconciling");
+        pool::run(ctx, stores, stopped(stop_rx.clone())).await;
+        anyhow::Ok(())
+    };
+
+    tokio::select! {
+        res = work => res?,
+        _ = stopped(stop_rx.clone()) => {}
+    }
+    readiness.set_not_ready("shutting down");
+    admin.await??;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn client(args: &RunArgs) -> anyhow::Result<Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .map_err(|e| anyhow::anyhow!("cannot read kubeconfig {}: {e}", path.display()))?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?
+        }
+        None => Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Resolves once `stop` turns true.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Waits, not ready, until every CRD is served: a missing CRD is an install
+/// problem to report, not a reason to exit.
+async fn wait_for_crds(client: &Client, readiness: &Readiness) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match missing_crds(client).await {
+            Ok(missing) if missing.is_empty() => return,
+            Ok(missing) => {
+                let reason = format!(
+                    "CRDs not installed: {} (kubectl apply -f crds/)",
+                    missing.join(", ")
+                );
+                tracing::warn!("{reason}");
+                readiness.set_not_ready(reason);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check CRDs");
+                readiness.set_not_ready(format!("cannot check CRDs: {e}"));
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn missing_crds(client: &Client) -> Result<Vec<&'static str>, kube::Error> {
+    let mut missing = Vec::new();
+    let lp = kube::api::ListParams::default().limit(1);
+    macro_rules! probe {
+        ($k:ty, $name:expr) => {
+            match Api::<$k>::all(client.clone()).list_metadata(&lp).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => missing.push($name),
+                Err(e) => return Err(e),
+            }
+        };
+    }
+    probe!(AcceleratorPool, "acceleratorpools.sovereign.ai");
+    probe!(GpuAllocation, "gpuallocations.sovereign.ai");
+    probe!(ModelProject, "modelprojects.sovereign.ai");
+    Ok(missing)
+}
+
+/// Blocks until this replica holds the leader Lease. Losing it later stops the
+/// process, so that a new leader never overlaps with a stale one.
+async fn lead(client: &Client, args: &RunArgs, readiness: &Readiness) -> anyhow::Result<()> {
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("sovereign-operator-{}", std::process::id()));
+    let manager =
+        kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "sovereign-operator-leader")
+            .with_namespace(&args.lease_namespace)
+            .with_identity(identity)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await?;
+    readiness.set_not_ready("waiting for the leader lease");
+    let (mut channel, task) = manager.watch().await;
+    channel.wait_for(|leader| *leader).await?;
+    tracing::info!("acquired the leader lease");
+    tokio::spawn(async move {
+        if channel.wait_for(|leader| !*leader).await.is_ok() {
+            tracing::error!("lost the leader lease, exiting so a new leader takes over");
+            std::process::exit(1);
+        }
+        drop(task);
+    });
+    Ok(())
+}

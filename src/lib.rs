@@ -1,0 +1,17 @@
+//! sovereign-operator: allocates a national AI computing center's GPUs and
+//! domestic NPUs to tenant organisations and their training runs.
+//!
+//! - [`api`]: the custom resources (`sovereign.ai/v1alpha1`).
+//! - [`planner`]: pure decisions from plain snapshots (no client).
+//! - [`snapshot`]: Kubernetes objects to planner types.
+//! - [`controller`]: reflectors, reconcilers and the apply layer.
+//! - [`admin`], [`telemetry`]: probes, metrics and logs.
+
+pub mod admin;
+pub mod api;
+pub mod cli;
+pub mod controller;
+pub mod crdgen;
+pub mod planner;
+pub mod snapshot;
+pub mod telemetry;

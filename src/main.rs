@@ -1,0 +1,21 @@
+use clap::Parser;
+use sovereign_operator::cli::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            sovereign_operator::telemetry::init_logging(cli.log_format)?;
+            sovereign_operator::controller::run(args).await
+        }
+        Command::Crd => {
+            print!("{}", sovereign_operator::crdgen::render_all()?);
+            Ok(())
+        }
+        Command::Version => {
+            println!("sovereign-operator {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}
