@@ -24,10 +24,23 @@ pub enum Command {
     /// Run the operator: watch pools, allocations and projects and act on them.
     /// Uses the in-cluster ServiceAccount, or --kubeconfig / $KUBECONFIG outside a cluster.
     Run(RunArgs),
-    /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
-    Crd,
+    /// Print the CustomResourceDefinitions as YAML (what `crds/` holds), or write
+    /// one file per CRD into a folder.
+    Crd(CrdArgs),
     /// Print the version.
     Version,
+}
+
+/// Flags of `crd`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CrdArgs {
+    /// Write `<plural>.<group>.yaml` files into this folder instead of printing.
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// Render as Helm chart templates: kept on uninstall
+    /// (`helm.sh/resource-policy: keep`) and switched by `.Values.crds.install`.
+    #[arg(long)]
+    pub helm: bool,
 }
 
 /// Log output format.

@@ -9,10 +9,7 @@ async fn main() -> anyhow::Result<()> {
             sovereign_operator::telemetry::init_logging(cli.log_format)?;
             sovereign_operator::controller::run(args).await
         }
-        Command::Crd => {
-            print!("{}", sovereign_operator::crdgen::render_all()?);
-            Ok(())
-        }
+        Command::Crd(args) => sovereign_operator::crdgen::run(&args),
         Command::Version => {
             println!("sovereign-operator {}", env!("CARGO_PKG_VERSION"));
             Ok(())

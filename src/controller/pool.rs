@@ -9,7 +9,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -35,20 +34,16 @@ pub async fn run(
     stores: Stores,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let pools = stores.pools.clone();
-    let controller = Controller::for_shared_stream(stores.pool_events(), stores.pools.clone())
-        .watches_shared_stream(stores.node_events(), move |_node| {
-            // Any node change can move a node in or out of any pool.
-            pools
-                .state()
-                .iter()
-                .map(|p| ObjectRef::from_obj(p.as_ref()))
-                .collect::<Vec<_>>()
-        })
-        .with_config(
-            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
-        )
-        .graceful_shutdown_on(shutdown);
+    // A node change can move a node in or out of any pool, and a pool change
+    // (deletion included) can create or clear a conflict in another pool.
+    let everything = futures::stream::select(stores.nodes.changes(), stores.pools.changes());
+    let controller = Controller::new(
+        Api::<AcceleratorPool>::all(ctx.client.clone()),
+        Default::default(),
+    )
+    .reconcile_all_on(everything)
+    .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)))
+    .graceful_shutdown_on(shutdown);
     let pctx = Arc::new(PoolCtx {
         ctx,
         stores: Arc::new(stores),
@@ -81,6 +76,7 @@ async fn reconcile(pool: Arc<AcceleratorPool>, pctx: Arc<PoolCtx>) -> Result<Act
     let nodes: Vec<NodeInfo> = pctx
         .stores
         .nodes
+        .store
         .state()
         .iter()
         .map(|n| snapshot::node_info(n))
@@ -88,6 +84,7 @@ async fn reconcile(pool: Arc<AcceleratorPool>, pctx: Arc<PoolCtx>) -> Result<Act
     let pools: Vec<_> = pctx
         .stores
         .pools
+        .store
         .state()
         .iter()
         .filter_map(|p| snapshot::pool_info(p).ok())

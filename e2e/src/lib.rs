@@ -1,0 +1,350 @@
+//! Harness of the end-to-end suite: the cluster comes from `KUBECONFIG` (the
+//! local control plane of `e2e/cluster up`, or kind); the chart is installed
+//! with its Deployment scaled to zero, and the operator binary runs on this
+//! host authenticated as the chart's ServiceAccount, so RBAC is exercised.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const RELEASE: &str = "sovereign-operator";
+pub const RELEASE_NAMESPACE: &str = "sovereign-system";
+
+/// Paths and the admin client every test uses.
+#[derive(Clone)]
+pub struct Env {
+    pub repo: PathBuf,
+    pub state: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub kubectl: PathBuf,
+    pub helm: PathBuf,
+    pub operator_bin: PathBuf,
+    pub client: Client,
+}
+
+fn env_path(name: &str) -> anyhow::Result<PathBuf> {
+    std::env::var_os(name).map(PathBuf::from).with_context(|| {
+        format!("{name} is not set: run the suite with `make e2e` (or see e2e/run)")
+    })
+}
+
+impl Env {
+    pub async fn from_env() -> anyhow::Result<Self> {
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .canonicalize()?;
+        let kubeconfig = env_path("KUBECONFIG")?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&kubeconfig)?,
+            &Default::default(),
+        )
+        .await?;
+        Ok(Self {
+            state: repo.join(".e2e"),
+            kubectl: env_path("KUBECTL")?,
+            helm: env_path("HELM")?,
+            operator_bin: env_path("OPERATOR_BIN")?,
+            client: Client::try_from(config)?,
+            kubeconfig,
+            repo,
+        })
+    }
+
+    /// Runs kubectl against the test cluster.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Output> {
+        run(
+            Command::new(&self.kubectl)
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(args),
+            stdin,
+        )
+    }
+
+    /// Runs kubectl and fails with its stderr unless it succeeds.
+    pub fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+        let out = self.kubectl(args, stdin)?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Installs (or upgrades) the chart with the in-cluster operator scaled to
+    /// zero: no container runtime exists here, the binary runs on the host.
+    pub fn install_chart(&self) -> anyhow::Result<()> {
+        let chart = self.repo.join("charts/sovereign-operator");
+        let out = run(
+            Command::new(&self.helm)
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(["upgrade", "--install", RELEASE])
+                .arg(&chart)
+                .args([
+                    "--namespace",
+                    RELEASE_NAMESPACE,
+                    "--create-namespace",
+                    "--set",
+                    "replicaCount=0",
+                    "--wait",
+                ]),
+            None,
+        )?;
+        if !out.status.success() {
+            bail!(
+                "helm install failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// A kubeconfig that authenticates as the chart's ServiceAccount with a
+    /// TokenRequest token, so the operator has exactly the chart's RBAC.
+    pub fn operator_kubeconfig(&self) -> anyhow::Result<PathBuf> {
+        let token = self.kubectl_ok(
+            &[
+                "-n",
+                RELEASE_NAMESPACE,
+                "create",
+                "token",
+                RELEASE,
+                "--duration=2h",
+            ],
+            None,
+        )?;
+        let admin = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
+        let cluster = admin
+            .clusters
+            .first()
+            .and_then(|c| c.cluster.clone())
+            .context("kubeconfig has no cluster")?;
+        let server = cluster.server.context("kubeconfig cluster has no server")?;
+        let ca = match (
+            &cluster.certificate_authority_data,
+            &cluster.certificate_authority,
+        ) {
+            (Some(data), _) => format!("certificate-authority-data: {data}"),
+            (None, Some(file)) => format!("certificate-authority: {file}"),
+            (None, None) => "insecure-skip-tls-verify: true".to_string(),
+        };
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {server}\n    {ca}\n\
+             users:\n- name: operator\n  user:\n    token: {}\ncontexts:\n- name: operator\n  context:\n    cluster: e2e\n    user: operator\n\
+             current-context: operator\n",
+            token.trim()
+        );
+        std::fs::create_dir_all(&self.state)?;
+        let path = self.state.join("operator-kubeconfig");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+}
+
+fn run(cmd: &mut Command, stdin: Option<&str>) -> anyhow::Result<Output> {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input.as_bytes())?;
+    }
+    Ok(child.wait_with_output()?)
+}
+
+/// Polls `probe` until it yields a value or `timeout` passes; the error names
+/// what was awaited and the last observation.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe().await {
+            Ok(v) => return Ok(v),
+            Err(last) if Instant::now() >= deadline => {
+                bail!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// A namespace of one test, deleted by [`TestNamespace::cleanup`].
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    pub async fn create(client: &Client, test: &str) -> anyhow::Result<Self> {
+        let suffix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos()
+            % 100_000;
+        let name = format!("e2e-{}-{suffix}", test.replace('_', "-"));
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "labels": { "sovereign.ai/e2e": "true" } }
+        }))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        // Pods are refused until the controller manager made the default ServiceAccount.
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(client.clone(), &name);
+        wait_for(
+            "the default ServiceAccount",
+            Duration::from_secs(30),
+            || async {
+                sas.get_opt("default")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| "absent".to_string())
+            },
+        )
+        .await?;
+        Ok(Self {
+            name,
+            client: client.clone(),
+        })
+    }
+
+    pub async fn cleanup(self) -> anyhow::Result<()> {
+        Api::<Namespace>::all(self.client)
+            .delete(&self.name, &DeleteParams::background())
+            .await?;
+        Ok(())
+    }
+}
+
+/// The operator binary running on this host.
+pub struct Operator {
+    child: tokio::process::Child,
+    pub admin: std::net::SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    pub fn start(
+        env: &Env,
+        kubeconfig: &Path,
+        admin_port: u16,
+        log_name: &str,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(env.state.join("logs"))?;
+        let log = env.state.join("logs").join(log_name);
+        let out = std::fs::File::create(&log)?;
+        let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
+        let child = tokio::process::Command::new(&env.operator_bin)
+            .args(["run", "--kubeconfig"])
+            .arg(kubeconfig)
+            .arg(format!("--admin-address={admin}"))
+            .env("RUST_LOG", "info,sovereign_operator=debug")
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the operator binary")?;
+        Ok(Self { child, admin, log })
+    }
+
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let admin = self.admin;
+        let res = wait_for("operator /readyz", timeout, || async move {
+            match http_get(admin, "/readyz").await {
+                Ok((200, _)) => Ok(()),
+                Ok((code, body)) => Err(format!("{code}: {body}")),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await;
+        if let Ok(Some(status)) = self.child.try_wait() {
+            bail!(
+                "operator exited with {status}; log {}:\n{}",
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+        res.with_context(|| format!("log tail:\n{}", self.log_tail()))
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(
+        mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().context("operator already reaped")?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => bail!(
+                "operator did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                self.log_tail()
+            ),
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET on loopback: status code and body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut buf = String::new();
+    stream.read_to_string(&mut buf).await?;
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .context("no status line")?
+        .parse()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// A free loopback port.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

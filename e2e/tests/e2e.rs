@@ -1,0 +1,575 @@
+//! The end-to-end suite. Runs against the cluster in KUBECONFIG with the
+//! dev profile's simulated nodes (see e2e/cluster). Tests run one at a time:
+//! pools are cluster-scoped and select the same nodes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, ResourceExt};
+use libtest_mimic::{Arguments, Failed, Trial};
+use sovereign_e2e::{Env, Operator, TestNamespace, free_port, http_get, wait_for};
+use sovereign_operator::api::{AcceleratorPool, find_condition};
+
+type TestFn = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        vec![$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
+    };
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let rt = Arc::new(tokio::runtime::Runtime::new()?);
+    let env = Arc::new(rt.block_on(Env::from_env())?);
+
+    // Set up once: the chart (CRDs, RBAC, ServiceAccount), and one operator
+    // running as the chart's ServiceAccount for the tests that need it.
+    env.install_chart()?;
+    let op_kubeconfig = env.operator_kubeconfig()?;
+    let mut operator = Operator::start(&env, &op_kubeconfig, free_port()?, "operator.log")?;
+    rt.block_on(operator.wait_ready(Duration::from_secs(90)))?;
+
+    let trials = tests![
+        crds_are_established,
+        crds_folder_applies_on_its_own,
+        examples_apply,
+        invalid_objects_are_refused,
+        allocation_of_a_project_is_immutable,
+        explain_reads_as_documentation,
+        gpu_pod_lands_on_a_gpu_node_and_runs,
+        operator_becomes_ready_and_stops_on_sigterm,
+        pool_status_counts_nodes_and_reports_conflicts,
+    ]
+    .into_iter()
+    .map(|(name, test)| {
+        let (env, rt) = (env.clone(), rt.clone());
+        Trial::test(name, move || {
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(180), test(env)).await })
+                .map_err(|_| Failed::from("timed out after 180s"))?
+                .map_err(|e| Failed::from(format!("{e:#}")))
+        })
+    })
+    .collect();
+
+    let conclusion = libtest_mimic::run(&args, trials);
+    let status = rt.block_on(operator.terminate(Duration::from_secs(30)))?;
+    if !status.success() {
+        bail!("the shared operator exited with {status} on SIGTERM");
+    }
+    conclusion.exit()
+}
+
+async fn crds_are_established(env: Arc<Env>) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    for name in [
+        "acceleratorpools.sovereign.ai",
+        "gpuallocations.sovereign.ai",
+        "modelprojects.sovereign.ai",
+    ] {
+        let crd = crds
+            .get(name)
+            .await
+            .with_context(|| format!("CRD {name}"))?;
+        let established = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        ensure!(established, "CRD {name} is not Established");
+        let keep = crd
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get("helm.sh/resource-policy")
+            .cloned();
+        ensure!(
+            keep.as_deref() == Some("keep"),
+            "CRD {name} from the chart lacks resource-policy keep"
+        );
+    }
+    Ok(())
+}
+
+/// `kubectl apply -f crds/` works without Helm (client-side apply stores the
+/// whole object in an annotation, so this also guards the CRDs' size).
+async fn crds_folder_applies_on_its_own(env: Arc<Env>) -> anyhow::Result<()> {
+    let crds = env.repo.join("crds");
+    let out = env.kubectl_ok(
+        &["apply", "--dry-run=server", "-f", crds.to_str().unwrap()],
+        None,
+    )?;
+    ensure!(
+        out.matches("customresourcedefinition").count() == 3,
+        "unexpected output: {out}"
+    );
+    Ok(())
+}
+
+async fn examples_apply(env: Arc<Env>) -> anyhow::Result<()> {
+    let dir = env.repo.join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.sort();
+    ensure!(
+        files.len() >= 4,
+        "expected the example manifests in {}",
+        dir.display()
+    );
+    let result = async {
+        for f in &files {
+            env.kubectl_ok(&["apply", "-f", f.to_str().unwrap()], None)?;
+        }
+        let out = env.kubectl_ok(&["get", "sovereign", "-A", "-o", "name"], None)?;
+        for want in [
+            "acceleratorpool.sovereign.ai/atom",
+            "gpuallocation.sovereign.ai/lgai-wbl-phase2",
+            "modelproject.sovereign.ai/solar-7b-pretrain",
+        ] {
+            ensure!(
+                out.contains(want),
+                "`kubectl get sovereign` lacks {want}: {out}"
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    for f in files.iter().rev() {
+        env.kubectl_ok(
+            &[
+                "delete",
+                "--ignore-not-found",
+                "--wait=false",
+                "-f",
+                f.to_str().unwrap(),
+            ],
+            None,
+        )?;
+    }
+    result
+}
+
+const POOL_HEAD: &str =
+    "apiVersion: sovereign.ai/v1alpha1\nkind: AcceleratorPool\nmetadata: {name: e2e-bad}\n";
+const ALLOC_HEAD: &str =
+    "apiVersion: sovereign.ai/v1alpha1\nkind: GpuAllocation\nmetadata: {name: e2e-bad}\n";
+const PROJECT_HEAD: &str = "apiVersion: sovereign.ai/v1alpha1\nkind: ModelProject\nmetadata: {name: e2e-bad, namespace: default}\n";
+const GOOD_POOL: &str = "resourceName: nvidia.com/gpu\n  kind: GPU\n  vendor: NVIDIA\n  model: H200\n  nodeSelector: {matchLabels: {a: b}}";
+const GOOD_TEMPLATE: &str = "template: {image: trainer:1}";
+
+/// Each invalid object is refused by the API server with a message that says
+/// what to fix.
+async fn invalid_objects_are_refused(env: Arc<Env>) -> anyhow::Result<()> {
+    let pool = |spec: &str| format!("{POOL_HEAD}spec:\n  {spec}\n");
+    let alloc = |grants: &str, extra: &str| {
+        format!(
+            "{ALLOC_HEAD}spec:\n  tenant: {{displayName: T, namespaces: [team-a]}}\n  grants: {grants}\n{extra}"
+        )
+    };
+    let project = |spec: &str| format!("{PROJECT_HEAD}spec:\n  allocation: a\n  {spec}\n");
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "topology not ending at hostname",
+            pool(&format!("{GOOD_POOL}\n  topologyKeys: [rack]")),
+            "topologyKeys must end with kubernetes.io/hostname",
+        ),
+        (
+            "empty node selector",
+            pool(
+                "resourceName: nvidia.com/gpu\n  kind: GPU\n  vendor: N\n  model: M\n  nodeSelector: {}",
+            ),
+            "nodeSelector must have at least one",
+        ),
+        (
+            "resource without a domain",
+            pool(
+                "resourceName: gpu\n  kind: GPU\n  vendor: N\n  model: M\n  nodeSelector: {matchLabels: {a: b}}",
+            ),
+            "resourceName must be a vendor extended resource",
+        ),
+        (
+            "unknown kind",
+            pool(
+                "resourceName: google.com/tpu\n  kind: TPU\n  vendor: G\n  model: v5\n  nodeSelector: {matchLabels: {a: b}}",
+            ),
+            "Unsupported value: \"TPU\"",
+        ),
+        (
+            "zero charge factor",
+            pool(&format!("{GOOD_POOL}\n  chargeFactor: 0")),
+            "chargeFactor in body should be greater than or equal to 0.01",
+        ),
+        (
+            "duplicate topology key",
+            pool(&format!(
+                "{GOOD_POOL}\n  topologyKeys: [kubernetes.io/hostname, kubernetes.io/hostname]"
+            )),
+            "Duplicate value",
+        ),
+        (
+            "no grants",
+            alloc("[]", ""),
+            "spec.grants in body should have at least 1 items",
+        ),
+        (
+            "pool granted twice",
+            alloc(
+                "[{pool: h200, accelerators: 8}, {pool: h200, accelerators: 8}]",
+                "",
+            ),
+            "Duplicate value",
+        ),
+        (
+            "zero accelerators",
+            alloc("[{pool: h200, accelerators: 0}]", ""),
+            "accelerators in body should be greater than or equal to 1",
+        ),
+        (
+            "borrowing on a dedicated grant",
+            alloc(
+                "[{pool: h200, accelerators: 8, mode: Dedicated, borrowingLimit: 8}]",
+                "",
+            ),
+            "borrowingLimit applies only to Shared grants",
+        ),
+        (
+            "window ends before it starts",
+            alloc(
+                "[{pool: h200, accelerators: 8}]",
+                "  window: {start: \"2027-02-01T00:00:00Z\", end: \"2027-01-01T00:00:00Z\"}\n",
+            ),
+            "window.end must be after window.start",
+        ),
+        (
+            "empty window",
+            alloc("[{pool: h200, accelerators: 8}]", "  window: {}\n"),
+            "window needs a start, an end, or both",
+        ),
+        (
+            "domestic share above one",
+            alloc(
+                "[{pool: h200, accelerators: 8}]",
+                "  minDomesticShare: 1.5\n",
+            ),
+            "minDomesticShare in body should be less than or equal to 1",
+        ),
+        (
+            "namespace not a DNS label",
+            format!(
+                "{ALLOC_HEAD}spec:\n  tenant: {{displayName: T, namespaces: [Team_A]}}\n  grants: [{{pool: h200, accelerators: 8}}]\n"
+            ),
+            "tenant.namespaces must be namespace names",
+        ),
+        (
+            "accelerators in the template",
+            project(
+                "placement: {pools: [h200]}\n  workers: 2\n  acceleratorsPerWorker: 8\n  template: {image: t, resources: {limits: {nvidia.com/gpu: 8}}}",
+            ),
+            "template.resources must not name accelerators",
+        ),
+        (
+            "zero workers",
+            project(&format!(
+                "placement: {{pools: [h200]}}\n  workers: 0\n  acceleratorsPerWorker: 8\n  {GOOD_TEMPLATE}"
+            )),
+            "workers in body should be greater than or equal to 1",
+        ),
+        (
+            "no pools",
+            project(&format!(
+                "placement: {{pools: []}}\n  workers: 1\n  acceleratorsPerWorker: 8\n  {GOOD_TEMPLATE}"
+            )),
+            "placement.pools in body should have at least 1 items",
+        ),
+        (
+            "no image",
+            project(
+                "placement: {pools: [h200]}\n  workers: 1\n  acceleratorsPerWorker: 8\n  template: {command: [x]}",
+            ),
+            "spec.template.image: Required value",
+        ),
+        (
+            "bad topology mode",
+            project(&format!(
+                "placement: {{pools: [h200], topology: {{key: rack, mode: Always}}}}\n  workers: 1\n  acceleratorsPerWorker: 8\n  {GOOD_TEMPLATE}"
+            )),
+            "Unsupported value: \"Always\"",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, yaml, want) in &cases {
+        let out = env.kubectl(&["apply", "-f", "-"], Some(yaml))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            failures.push(format!("{what}: was accepted"));
+            env.kubectl(&["delete", "--ignore-not-found", "-f", "-"], Some(yaml))?;
+        } else if !stderr.contains(want) {
+            failures.push(format!("{what}: expected `{want}`, got: {stderr}"));
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} of {} cases wrong:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}
+
+async fn allocation_of_a_project_is_immutable(env: Arc<Env>) -> anyhow::Result<()> {
+    let ns = TestNamespace::create(&env.client, "immutable").await?;
+    let yaml = |alloc: &str| {
+        format!(
+            "apiVersion: sovereign.ai/v1alpha1\nkind: ModelProject\nmetadata: {{name: p, namespace: {}}}\n\
+             spec:\n  allocation: {alloc}\n  placement: {{pools: [h200]}}\n  workers: 1\n  acceleratorsPerWorker: 8\n  {GOOD_TEMPLATE}\n",
+            ns.name
+        )
+    };
+    let result = async {
+        env.kubectl_ok(&["apply", "-f", "-"], Some(&yaml("first")))?;
+        let out = env.kubectl(&["apply", "-f", "-"], Some(&yaml("second")))?;
+        ensure!(
+            !out.status.success(),
+            "changing spec.allocation was accepted"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            stderr.contains("allocation is immutable"),
+            "unexpected error: {stderr}"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    ns.cleanup().await?;
+    result
+}
+
+async fn explain_reads_as_documentation(env: Arc<Env>) -> anyhow::Result<()> {
+    let out = env.kubectl_ok(&["explain", "modelproject.spec", "--recursive"], None)?;
+    for field in [
+        "allocation",
+        "placement",
+        "pools",
+        "topology",
+        "workers",
+        "acceleratorsPerWorker",
+        "template",
+        "runPolicy",
+        "maxRestarts",
+    ] {
+        ensure!(out.contains(field), "explain --recursive lacks {field}");
+    }
+    let out = env.kubectl_ok(&["explain", "modelproject.spec.placement.pools"], None)?;
+    ensure!(
+        out.contains("in order of preference"),
+        "field description missing: {out}"
+    );
+    let out = env.kubectl_ok(&["explain", "gpuallocation"], None)?;
+    ensure!(
+        out.contains("grants a tenant organisation"),
+        "kind description missing: {out}"
+    );
+    Ok(())
+}
+
+async fn gpu_pod_lands_on_a_gpu_node_and_runs(env: Arc<Env>) -> anyhow::Result<()> {
+    let ns = TestNamespace::create(&env.client, "gpu-pod").await?;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns.name);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "cuda"},
+        "spec": {"containers": [{"name": "main", "image": "trainer:1",
+            "resources": {"limits": {"nvidia.com/gpu": "8"}, "requests": {"nvidia.com/gpu": "8"}}}]}
+    }))?;
+    let result = async {
+        pods.create(&PostParams::default(), &pod).await?;
+        let node_name = wait_for("the pod to run", Duration::from_secs(60), || async {
+            let p = pods.get("cuda").await.map_err(|e| e.to_string())?;
+            let phase = p
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default();
+            match (
+                phase.as_str(),
+                p.spec.as_ref().and_then(|s| s.node_name.clone()),
+            ) {
+                ("Running", Some(node)) => Ok(node),
+                (phase, node) => Err(format!("phase {phase:?} on {node:?}")),
+            }
+        })
+        .await?;
+        let node = Api::<Node>::all(env.client.clone()).get(&node_name).await?;
+        let product = node
+            .labels()
+            .get("nvidia.com/gpu.product")
+            .cloned()
+            .unwrap_or_default();
+        // B200 nodes are tainted, so only the H200 pool can take an untolerating pod.
+        ensure!(
+            product == "NVIDIA-H200",
+            "pod ran on {node_name} with product {product:?}"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    ns.cleanup().await?;
+    result
+}
+
+async fn operator_becomes_ready_and_stops_on_sigterm(env: Arc<Env>) -> anyhow::Result<()> {
+    let kubeconfig = env.operator_kubeconfig()?;
+    let mut op = Operator::start(&env, &kubeconfig, free_port()?, "operator-sigterm.log")?;
+    op.wait_ready(Duration::from_secs(60)).await?;
+    let (code, body) = http_get(op.admin, "/livez").await?;
+    ensure!(code == 200, "livez {code}: {body}");
+    let (code, body) = http_get(op.admin, "/metrics").await?;
+    ensure!(
+        code == 200 && body.contains("# EOF"),
+        "metrics {code}: {body}"
+    );
+    let log = op.log.clone();
+    let status = op.terminate(Duration::from_secs(20)).await?;
+    ensure!(
+        status.success(),
+        "exit status {status} after SIGTERM; log: {}",
+        std::fs::read_to_string(log)?
+    );
+    Ok(())
+}
+
+async fn pool_status_counts_nodes_and_reports_conflicts(env: Arc<Env>) -> anyhow::Result<()> {
+    let pools: Api<AcceleratorPool> = Api::all(env.client.clone());
+    let pool = |name: &str, labels: serde_json::Value| -> anyhow::Result<AcceleratorPool> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "apiVersion": "sovereign.ai/v1alpha1", "kind": "AcceleratorPool",
+            "metadata": {"name": name},
+            "spec": {"resourceName": "nvidia.com/gpu", "kind": "GPU", "vendor": "NVIDIA", "model": "H200",
+                     "nodeSelector": {"matchLabels": labels}}
+        }))?)
+    };
+    let status_of = |name: &'static str| {
+        let pools = pools.clone();
+        move || {
+            let pools = pools.clone();
+            async move {
+                let p = pools.get(name).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(p.status.unwrap_or_default())
+            }
+        }
+    };
+    let result = async {
+        pools
+            .create(
+                &PostParams::default(),
+                &pool(
+                    "e2e-h200",
+                    serde_json::json!({"nvidia.com/gpu.product": "NVIDIA-H200"}),
+                )?,
+            )
+            .await?;
+        let probe = status_of("e2e-h200");
+        wait_for(
+            "e2e-h200 to count its 4 nodes",
+            Duration::from_secs(60),
+            || {
+                let probe = probe.clone();
+                async move {
+                    let s = probe().await?;
+                    let ready =
+                        find_condition(&s.conditions, "Ready").is_some_and(|c| c.status == "True");
+                    if s.nodes == 4
+                        && s.ready_nodes == 4
+                        && s.capacity == 32
+                        && s.allocatable == 32
+                        && ready
+                    {
+                        Ok(())
+                    } else {
+                        Err(format!("{s:?}"))
+                    }
+                }
+            },
+        )
+        .await?;
+
+        // A second pool selecting the same nodes: both report the conflict and
+        // count the nodes in neither.
+        pools
+            .create(
+                &PostParams::default(),
+                &pool(
+                    "e2e-hopper",
+                    serde_json::json!({"nvidia.com/gpu.family": "hopper"}),
+                )?,
+            )
+            .await?;
+        wait_for("the conflict on e2e-h200", Duration::from_secs(60), || {
+            let probe = probe.clone();
+            async move {
+                let s = probe().await?;
+                let conflict = find_condition(&s.conditions, "NodeConflict")
+                    .is_some_and(|c| c.status == "True");
+                if conflict && s.nodes == 0 && s.conflicting_nodes.len() == 4 {
+                    Ok(())
+                } else {
+                    Err(format!("{s:?}"))
+                }
+            }
+        })
+        .await?;
+        let events: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(env.client.clone(), "default");
+        wait_for(
+            "a Warning event on the pool",
+            Duration::from_secs(30),
+            || async {
+                let list = events
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                list.items
+                    .iter()
+                    .find(|e| {
+                        e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("e2e-hopper")
+                            && e.type_.as_deref() == Some("Warning")
+                            && e.reason.as_deref() == Some("NodesInSeveralPools")
+                    })
+                    .map(|_| ())
+                    .ok_or_else(|| format!("{} events, none matching", list.items.len()))
+            },
+        )
+        .await?;
+
+        pools.delete("e2e-hopper", &DeleteParams::default()).await?;
+        wait_for("the conflict to clear", Duration::from_secs(60), || {
+            let probe = probe.clone();
+            async move {
+                let s = probe().await?;
+                let conflict = find_condition(&s.conditions, "NodeConflict")
+                    .is_some_and(|c| c.status == "True");
+                if !conflict && s.nodes == 4 {
+                    Ok(())
+                } else {
+                    Err(format!("{s:?}"))
+                }
+            }
+        })
+        .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    for name in ["e2e-h200", "e2e-hopper"] {
+        let _ = pools.delete(name, &DeleteParams::default()).await;
+    }
+    result
+}
