@@ -40,12 +40,19 @@ pub fn node_is_ready(node: &Node) -> bool {
     ready && !cordoned
 }
 
+/// When the node's Ready condition last turned away from True, if it is not True.
+fn not_ready_since(node: &Node) -> Option<k8s_openapi::jiff::Timestamp> {
+    let ready = node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Ready")?;
+    (ready.status != "True").then(|| ready.last_transition_time.as_ref().map(|t| t.0)).flatten()
+}
+
 pub fn node_info(node: &Node) -> NodeInfo {
     let status = node.status.as_ref();
     NodeInfo {
         name: node.name_any(),
         labels: node.labels().clone(),
         ready: node_is_ready(node),
+        not_ready_since: not_ready_since(node),
         capacity: whole_quantities(status.and_then(|s| s.capacity.as_ref())),
         allocatable: whole_quantities(status.and_then(|s| s.allocatable.as_ref())),
     }

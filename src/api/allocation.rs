@@ -209,6 +209,9 @@ pub enum AllocationPhase {
     Pending,
     /// Quota and reservations are in force.
     Active,
+    /// The accelerator-hour budget is used up: quota is zero and reservations are
+    /// released until the budget is raised.
+    Exhausted,
     /// The window has closed; quota and reservations are released.
     Expired,
 }
@@ -217,7 +220,7 @@ pub enum AllocationPhase {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuAllocationStatus {
-    /// Pending, Active or Expired.
+    /// Pending, Active, Exhausted or Expired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<AllocationPhase>,
     /// Accelerators granted and in force, over all pools.
@@ -235,15 +238,34 @@ pub struct GpuAllocationStatus {
     /// When `acceleratorHoursUsed` was last brought up to date.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_updated_at: Option<Time>,
-    /// Fraction (0 to 1) of the accelerator-hours used that ran on domestic pools.
+    /// Accelerator-hours used on domestic pools (charge-factor weighted).
+    #[serde(default)]
+    pub domestic_accelerator_hours_used: f64,
+    /// Domestic (sovereign-chip) share of the grant, of current use and of hours.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub domestic_share: Option<f64>,
+    pub domestic_share: Option<DomesticShare>,
     /// Generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Conditions: Active, CapacityAvailable, BudgetExhausted, DomesticShareMet.
+    /// Conditions: Ready, WindowOpen, CapacityAvailable, WithinBudget,
+    /// DomesticShareMet, NodesReserved, QuotaApplied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// Fractions (0 to 1) of accelerators on domestic pools.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomesticShare {
+    /// Of the accelerators granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<f64>,
+    /// Of the accelerators in use now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_use: Option<f64>,
+    /// Of the accelerator-hours used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hours: Option<f64>,
 }
 
 /// State of one pool's grant.

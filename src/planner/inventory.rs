@@ -11,6 +11,8 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
     /// Ready condition True and not cordoned.
     pub ready: bool,
+    /// When the Ready condition last left True, while the node is not ready.
+    pub not_ready_since: Option<k8s_openapi::jiff::Timestamp>,
     /// Integer capacity per resource name.
     pub capacity: BTreeMap<String, i64>,
     /// Integer allocatable per resource name.
@@ -127,6 +129,7 @@ pub(crate) mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             ready,
+            not_ready_since: None,
             capacity: res.clone(),
             allocatable: res,
         }

@@ -3,4 +3,6 @@
 //! scale. Reconcilers build the snapshot from their reflector stores, call the
 //! planner, and apply what it returns.
 
+pub mod grants;
 pub mod inventory;
+pub mod reservation;
