@@ -2,13 +2,20 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
 use kube::core::Selector;
 
-use crate::api::AcceleratorPool;
-use crate::planner::inventory::{NodeInfo, PoolInfo};
+use crate::api::{AcceleratorPool, AllocationPhase, GpuAllocation, HOSTNAME_KEY};
+use crate::planner::grants::{AllocationState, GrantState, PoolState};
+use crate::planner::inventory::{NodeInfo, PoolInfo, PoolTotals};
+use crate::planner::usage::{PodUse, PoolRate};
+
+/// Label that ties a pod to the allocation it is charged to.
+pub const ALLOCATION_LABEL: &str = "sovereign.ai/allocation";
+/// Label (and taint key) on nodes reserved by a dedicated grant.
+pub const RESERVED_FOR: &str = "sovereign.ai/reserved-for";
 
 /// Parses a whole-number quantity ("8", "8k" is not used for devices). Extended
 /// resources are integers; anything else (cpu "500m", memory "1Gi") is skipped
@@ -42,8 +49,16 @@ pub fn node_is_ready(node: &Node) -> bool {
 
 /// When the node's Ready condition last turned away from True, if it is not True.
 fn not_ready_since(node: &Node) -> Option<k8s_openapi::jiff::Timestamp> {
-    let ready = node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Ready")?;
-    (ready.status != "True").then(|| ready.last_transition_time.as_ref().map(|t| t.0)).flatten()
+    let ready = node
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")?;
+    (ready.status != "True")
+        .then(|| ready.last_transition_time.as_ref().map(|t| t.0))
+        .flatten()
 }
 
 pub fn node_info(node: &Node) -> NodeInfo {
@@ -66,6 +81,107 @@ pub fn pool_info(pool: &AcceleratorPool) -> Result<PoolInfo, String> {
         name: pool.name_any(),
         resource_name: pool.spec.resource_name.clone(),
         selector,
+    })
+}
+
+/// The grant planner's view of a pool whose members and totals are known.
+pub fn pool_state(pool: &AcceleratorPool, members: Vec<usize>, totals: &PoolTotals) -> PoolState {
+    PoolState {
+        name: pool.name_any(),
+        resource_name: pool.spec.resource_name.clone(),
+        domestic: pool.spec.domestic,
+        levels: pool
+            .spec
+            .topology_keys
+            .iter()
+            .filter(|k| *k != HOSTNAME_KEY)
+            .cloned()
+            .collect(),
+        members,
+        allocatable: totals.allocatable,
+    }
+}
+
+pub fn pool_rate(pool: &AcceleratorPool) -> PoolRate {
+    PoolRate {
+        name: pool.name_any(),
+        resource_name: pool.spec.resource_name.clone(),
+        domestic: pool.spec.domestic,
+        charge_factor: pool.spec.charge_factor,
+    }
+}
+
+/// The grant planner's view of an allocation, with its hours charged up to `now`
+/// at the rate recorded in its status.
+pub fn allocation_state(a: &GpuAllocation, now: k8s_openapi::jiff::Timestamp) -> AllocationState {
+    let status = a.status.clone().unwrap_or_default();
+    let window = a.spec.window.as_ref();
+    AllocationState {
+        name: a.name_any(),
+        priority: a.spec.priority,
+        created: a
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0)
+            .unwrap_or(now),
+        namespaces: a.spec.tenant.namespaces.clone(),
+        window_start: window.and_then(|w| w.start.as_ref()).map(|t| t.0),
+        window_end: window.and_then(|w| w.end.as_ref()).map(|t| t.0),
+        grants: a
+            .spec
+            .grants
+            .iter()
+            .map(|g| GrantState {
+                pool: g.pool.clone(),
+                accelerators: g.accelerators,
+                dedicated: g.mode == crate::api::GrantMode::Dedicated,
+                borrowing_limit: g.borrowing_limit.unwrap_or(0),
+            })
+            .collect(),
+        budget_hours: a.spec.budget.as_ref().map(|b| b.accelerator_hours as f64),
+        hours_used: crate::planner::usage::charge(
+            status.accelerator_hours_used,
+            status.usage_updated_at.as_ref().map(|t| t.0),
+            now,
+            status.charge_rate,
+        ),
+        min_domestic_share: a.spec.min_domestic_share,
+        was_active: status.phase == Some(AllocationPhase::Active),
+        deleting: a.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+/// Whole-number requests of a pod per resource name (limits stand in for
+/// requests the API server did not default).
+pub fn pod_requests(pod: &Pod) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+        let Some(res) = c.resources.as_ref() else {
+            continue;
+        };
+        let values = res.requests.as_ref().or(res.limits.as_ref());
+        for (k, q) in values.into_iter().flatten() {
+            if let Some(v) = whole_quantity(q) {
+                *out.entry(k.clone()).or_default() += v;
+            }
+        }
+    }
+    out
+}
+
+/// A running pod that requests accelerators (names with a '/'), or None.
+pub fn pod_use(pod: &Pod) -> Option<PodUse> {
+    let node = pod.spec.as_ref()?.node_name.clone()?;
+    let requests: BTreeMap<String, i64> = pod_requests(pod)
+        .into_iter()
+        .filter(|(k, v)| k.contains('/') && *v > 0)
+        .collect();
+    (!requests.is_empty()).then(|| PodUse {
+        namespace: pod.namespace().unwrap_or_default(),
+        node,
+        requests,
+        allocation: pod.labels().get(ALLOCATION_LABEL).cloned(),
     })
 }
 

@@ -4,6 +4,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
@@ -34,12 +35,40 @@ pub struct ErrorLabels {
     pub category: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AllocationLabels {
+    pub allocation: String,
+    pub program: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShareLabels {
+    /// capacity, granted or in_use.
+    pub measure: &'static str,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 /// The operator's metrics, registered once at start.
 pub struct Metrics {
     pub registry: Registry,
     pub reconciliations: Family<ControllerLabels, Counter>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
+    pool_capacity: Family<PoolLabels, Gauge>,
+    pool_allocatable: Family<PoolLabels, Gauge>,
+    pool_granted: Family<PoolLabels, Gauge>,
+    pool_reserved: Family<PoolLabels, Gauge>,
+    pool_in_use: Family<PoolLabels, Gauge>,
+    allocation_granted: Family<AllocationLabels, Gauge>,
+    allocation_hours: Family<AllocationLabels, FloatGauge>,
+    allocation_active: Family<AllocationLabels, Gauge>,
+    domestic_share: Family<ShareLabels, FloatGauge>,
 }
 
 impl Default for Metrics {
@@ -66,16 +95,124 @@ impl Default for Metrics {
             "Time one reconciliation took, by controller",
             reconcile_duration.clone(),
         );
+        let mut gauge = |name: &str, help: &str| {
+            let f = Family::<PoolLabels, Gauge>::default();
+            registry.register(name, help, f.clone());
+            f
+        };
+        let pool_capacity = gauge("pool_capacity_devices", "Devices on the pool's nodes");
+        let pool_allocatable = gauge(
+            "pool_allocatable_devices",
+            "Allocatable devices on the pool's Ready nodes",
+        );
+        let pool_granted = gauge("pool_granted_devices", "Devices held by active grants");
+        let pool_reserved = gauge(
+            "pool_reserved_devices",
+            "Devices on nodes reserved by dedicated grants",
+        );
+        let pool_in_use = gauge("pool_in_use_devices", "Devices requested by running pods");
+        let allocation_granted = Family::<AllocationLabels, Gauge>::default();
+        let allocation_hours = Family::<AllocationLabels, FloatGauge>::default();
+        let allocation_active = Family::<AllocationLabels, Gauge>::default();
+        let domestic_share = Family::<ShareLabels, FloatGauge>::default();
+        registry.register(
+            "allocation_granted_devices",
+            "Devices granted and in force",
+            allocation_granted.clone(),
+        );
+        registry.register(
+            "allocation_accelerator_hours",
+            "Accelerator-hours used (charge-factor weighted)",
+            allocation_hours.clone(),
+        );
+        registry.register(
+            "allocation_active",
+            "1 while the allocation is Active",
+            allocation_active.clone(),
+        );
+        registry.register(
+            "domestic_share",
+            "Fraction of accelerators on domestic pools, by measure (capacity, granted, in_use)",
+            domestic_share.clone(),
+        );
         Self {
             registry,
             reconciliations,
             reconcile_errors,
             reconcile_duration,
+            pool_capacity,
+            pool_allocatable,
+            pool_granted,
+            pool_reserved,
+            pool_in_use,
+            allocation_granted,
+            allocation_hours,
+            allocation_active,
+            domestic_share,
         }
     }
 }
 
 impl Metrics {
+    /// Forgets the per-pool and per-allocation series before a new view is
+    /// recorded, so deleted pools and allocations leave no stale series.
+    pub fn clear_views(&self) {
+        for f in [
+            &self.pool_capacity,
+            &self.pool_allocatable,
+            &self.pool_granted,
+            &self.pool_reserved,
+            &self.pool_in_use,
+        ] {
+            f.clear();
+        }
+        self.allocation_granted.clear();
+        self.allocation_hours.clear();
+        self.allocation_active.clear();
+    }
+
+    pub fn pool(
+        &self,
+        pool: &str,
+        capacity: i64,
+        allocatable: i64,
+        granted: i64,
+        reserved: i64,
+        in_use: i64,
+    ) {
+        let l = PoolLabels {
+            pool: pool.to_string(),
+        };
+        self.pool_capacity.get_or_create(&l).set(capacity);
+        self.pool_allocatable.get_or_create(&l).set(allocatable);
+        self.pool_granted.get_or_create(&l).set(granted);
+        self.pool_reserved.get_or_create(&l).set(reserved);
+        self.pool_in_use.get_or_create(&l).set(in_use);
+    }
+
+    pub fn allocation(
+        &self,
+        allocation: &str,
+        program: &str,
+        granted: i64,
+        hours: f64,
+        active: bool,
+    ) {
+        let l = AllocationLabels {
+            allocation: allocation.to_string(),
+            program: program.to_string(),
+        };
+        self.allocation_granted.get_or_create(&l).set(granted);
+        self.allocation_hours.get_or_create(&l).set(hours);
+        self.allocation_active.get_or_create(&l).set(active as i64);
+    }
+
+    pub fn domestic_share(&self, measure: &'static str, share: f64) {
+        self.domestic_share
+            .get_or_create(&ShareLabels { measure })
+            .set(share);
+    }
+
     /// Text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();

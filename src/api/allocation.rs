@@ -235,6 +235,13 @@ pub struct GpuAllocationStatus {
     /// Accelerator-hours used so far (charge-factor weighted).
     #[serde(default)]
     pub accelerator_hours_used: f64,
+    /// Accelerator-hours charged per hour at the last update (charge-weighted
+    /// devices in use): the grant's burn rate.
+    #[serde(default)]
+    pub charge_rate: f64,
+    /// The part of `chargeRate` on domestic pools.
+    #[serde(default)]
+    pub domestic_charge_rate: f64,
     /// When `acceleratorHoursUsed` was last brought up to date.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_updated_at: Option<Time>,

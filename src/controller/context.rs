@@ -1,24 +1,27 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
-
-use crate::cli::RunArgs;
-use crate::telemetry::{ControllerLabels, ErrorLabels, Metrics};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 use super::Error;
+use super::stores::Stores;
+use super::view::{View, ViewCache};
+use crate::cli::RunArgs;
+use crate::telemetry::{ControllerLabels, ErrorLabels, Metrics};
 
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
-    pub node_grace: Duration,
+    pub stores: Stores,
+    views: ViewCache,
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>, args: &RunArgs) -> Arc<Self> {
+    pub fn new(client: Client, metrics: Arc<Metrics>, stores: Stores, args: &RunArgs) -> Arc<Self> {
         let reporter = Reporter {
             controller: super::FIELD_MANAGER.into(),
             instance: args.identity.clone(),
@@ -26,9 +29,36 @@ impl Context {
         Arc::new(Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            views: ViewCache::new(
+                Duration::from_secs(args.node_grace_seconds),
+                metrics.clone(),
+            ),
             metrics,
-            node_grace: Duration::from_secs(args.node_grace_seconds),
+            stores,
         })
+    }
+
+    /// The planned cluster of this moment (shared, rebuilt after changes).
+    pub fn view(&self) -> Arc<View> {
+        self.views.get(&self.stores)
+    }
+
+    /// Publishes an Event; a failure to publish is logged, never fatal.
+    pub async fn event(&self, on: &ObjectReference, warning: bool, reason: &str, note: String) {
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(truncate(note, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, on).await {
+            tracing::warn!(error = %e, reason, "cannot publish event");
+        }
     }
 
     pub fn count_reconcile(&self, controller: &'static str) {
@@ -54,4 +84,15 @@ impl Context {
             .get_or_create(&ControllerLabels { controller })
             .observe(seconds);
     }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
 }

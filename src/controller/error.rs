@@ -10,6 +10,10 @@ pub enum Error {
     InvalidSpec(String),
     #[error("cannot serialize: {0}")]
     Serialize(#[from] serde_json::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("the cache has not caught up with {0} yet")]
+    NotInCache(String),
 }
 
 impl Error {
@@ -18,6 +22,8 @@ impl Error {
             Error::Kube(_) => "KubeApiError",
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::Serialize(_) => "SerializeError",
+            Error::Finalizer(_) => "FinalizerError",
+            Error::NotInCache(_) => "NotInCache",
         }
     }
 

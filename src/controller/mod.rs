@@ -1,10 +1,14 @@
 //! Wiring of the running operator: client, admin server, CRD check, leader
 //! election, shared reflectors and the reconcilers.
 
+mod allocation;
 mod context;
 mod error;
+mod nodes;
 mod pool;
+mod quota;
 mod stores;
+mod view;
 
 pub use context::Context;
 pub use error::Error;
@@ -48,13 +52,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         if args.leader_elect {
             lead(&client, &args, &readiness).await?;
         }
-        let ctx = Context::new(client.clone(), metrics.clone(), &args);
         let stores = stores::start(client.clone());
         readiness.set_not_ready("waiting for the caches to sync");
+        let synced = std::time::Instant::now();
         stores.wait_until_ready().await?;
+        let ctx = Context::new(client.clone(), metrics.clone(), stores, &args);
         readiness.set_ready();
-        tracing::info!("caches synced, reconciling");
-        pool::run(ctx, stores, stopped(stop_rx.clone())).await;
+        tracing::info!(
+            elapsed_ms = synced.elapsed().as_millis() as u64,
+            "caches synced, reconciling"
+        );
+        tokio::join!(
+            pool::run(ctx.clone(), stopped(stop_rx.clone())),
+            allocation::run(ctx.clone(), stopped(stop_rx.clone())),
+            quota::run(ctx.clone(), stopped(stop_rx.clone())),
+        );
         anyhow::Ok(())
     };
 

@@ -1,22 +1,31 @@
 //! Shared reflectors: one watch per kind feeds an in-memory store that every
-//! reconciler reads, so no reconcile ever LISTs the API. Each store also
-//! publishes a change signal (deletions included) that reconcilers with a
-//! cluster-wide view subscribe to.
+//! reconciler reads, so no reconcile ever LISTs the API. Each store publishes
+//! a change signal (deletions included) for reconcilers with a cluster-wide
+//! view, and the changed objects for reconcilers that map them to the few
+//! objects they affect.
 
 use std::fmt::Debug;
 use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ResourceQuota};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
-use crate::api::AcceleratorPool;
+use crate::api::{AcceleratorPool, GpuAllocation};
 
-/// A store and the signal that it changed.
+/// Label on every object the operator manages.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "sovereign-operator");
+/// Changed objects a slow subscriber may lag behind before it misses some (it
+/// then still gets the change signal and the periodic requeue).
+const EVENT_BUFFER: usize = 1024;
+
+/// A store, the signal that it changed, and the changed objects.
 #[derive(Clone)]
 pub struct Shared<K: Resource + 'static>
 where
@@ -24,9 +33,10 @@ where
 {
     pub store: Store<K>,
     changed: watch::Receiver<()>,
+    events: broadcast::Sender<Arc<K>>,
 }
 
-impl<K: Resource + Clone + 'static> Shared<K>
+impl<K: Resource + Clone + Send + Sync + 'static> Shared<K>
 where
     K::DynamicType: Eq + Hash + Clone,
 {
@@ -40,58 +50,177 @@ where
             Some(((), rx))
         })
     }
+
+    /// Every applied or deleted object, as it happens.
+    pub fn events(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        futures::stream::unfold(self.events.subscribe(), |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(obj) => return Some((obj, rx)),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::debug!(missed = n, "event subscriber lagged");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+    }
 }
 
 #[derive(Clone)]
 pub struct Stores {
     pub nodes: Shared<Node>,
     pub pools: Shared<AcceleratorPool>,
+    pub allocations: Shared<GpuAllocation>,
+    /// Running pods only, stripped to what accounting needs.
+    pub pods: Shared<Pod>,
+    pub namespaces: Shared<Namespace>,
+    /// The quotas this operator manages.
+    pub quotas: Shared<ResourceQuota>,
+    /// Bumped on every change of any store: the key of cached cluster views.
+    pub epoch: Arc<AtomicU64>,
 }
 
 impl Stores {
     pub async fn wait_until_ready(&self) -> anyhow::Result<()> {
         self.nodes.store.wait_until_ready().await?;
         self.pools.store.wait_until_ready().await?;
+        self.allocations.store.wait_until_ready().await?;
+        self.pods.store.wait_until_ready().await?;
+        self.namespaces.store.wait_until_ready().await?;
+        self.quotas.store.wait_until_ready().await?;
         Ok(())
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 }
 
 /// Starts every reflector in the background.
 pub fn start(client: Client) -> Stores {
+    let epoch = Arc::new(AtomicU64::new(0));
+    let all = watcher::Config::default().any_semantic();
     // Heartbeat times and image lists change often and matter to no decision:
     // drop them so that memory stays proportional to the nodes.
-    let nodes = shared(Api::<Node>::all(client.clone()), |node: &mut Node| {
-        node.metadata.managed_fields = None;
-        if let Some(status) = node.status.as_mut() {
-            status.images = None;
-            for c in status.conditions.iter_mut().flatten() {
-                c.last_heartbeat_time = None;
+    let nodes = shared(
+        Api::<Node>::all(client.clone()),
+        all.clone(),
+        &epoch,
+        |node: &mut Node| {
+            node.metadata.managed_fields = None;
+            if let Some(status) = node.status.as_mut() {
+                status.images = None;
+                status.node_info = None;
+                for c in status.conditions.iter_mut().flatten() {
+                    c.last_heartbeat_time = None;
+                }
             }
-        }
-    });
+        },
+    );
     let pools = shared(
-        Api::<AcceleratorPool>::all(client),
+        Api::<AcceleratorPool>::all(client.clone()),
+        all.clone(),
+        &epoch,
         |p: &mut AcceleratorPool| {
             p.metadata.managed_fields = None;
         },
     );
-    Stores { nodes, pools }
+    let allocations = shared(
+        Api::<GpuAllocation>::all(client.clone()),
+        all.clone(),
+        &epoch,
+        |a: &mut GpuAllocation| {
+            a.metadata.managed_fields = None;
+        },
+    );
+    let running = all.clone().fields("status.phase=Running");
+    let pods = shared(Api::<Pod>::all(client.clone()), running, &epoch, strip_pod);
+    let namespaces = shared(
+        Api::<Namespace>::all(client.clone()),
+        all.clone(),
+        &epoch,
+        |ns: &mut Namespace| {
+            ns.metadata.managed_fields = None;
+            ns.spec = None;
+        },
+    );
+    let managed = all.labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+    let quotas = shared(
+        Api::<ResourceQuota>::all(client),
+        managed,
+        &epoch,
+        |q: &mut ResourceQuota| {
+            q.metadata.managed_fields = None;
+        },
+    );
+    Stores {
+        nodes,
+        pools,
+        allocations,
+        pods,
+        namespaces,
+        quotas,
+        epoch,
+    }
 }
 
-fn shared<K>(api: Api<K>, strip: impl FnMut(&mut K) + Send + 'static) -> Shared<K>
+/// Keeps of a pod only what accounting and placement read: identity, labels,
+/// node, container requests and phase.
+fn strip_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.volumes = None;
+        spec.affinity = None;
+        spec.tolerations = None;
+        for c in spec.containers.iter_mut() {
+            c.env = None;
+            c.env_from = None;
+            c.command = None;
+            c.args = None;
+            c.volume_mounts = None;
+            c.liveness_probe = None;
+            c.readiness_probe = None;
+            c.startup_probe = None;
+            c.ports = None;
+        }
+        spec.init_containers = None;
+    }
+    if let Some(status) = pod.status.as_mut() {
+        status.conditions = None;
+        status.container_statuses = None;
+        status.init_container_statuses = None;
+    }
+}
+
+fn shared<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    epoch: &Arc<AtomicU64>,
+    strip: impl FnMut(&mut K) + Send + 'static,
+) -> Shared<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     let (store, writer) = reflector::store();
     let (tx, changed) = watch::channel(());
-    let stream = watcher(api, watcher::Config::default().any_semantic())
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let stream = watcher(api, config)
         .default_backoff()
         .modify(strip)
         .reflect(writer);
+    let (epoch, sender) = (epoch.clone(), events.clone());
     tokio::spawn(stream.for_each(move |event| {
         match event {
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+            Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
+                epoch.fetch_add(1, Ordering::AcqRel);
+                let _ = sender.send(Arc::new(obj));
+                tx.send_replace(());
+            }
+            Ok(watcher::Event::InitDone) => {
+                epoch.fetch_add(1, Ordering::AcqRel);
                 tx.send_replace(());
             }
             Ok(_) => {}
@@ -99,5 +228,9 @@ where
         }
         futures::future::ready(())
     }));
-    Shared { store, changed }
+    Shared {
+        store,
+        changed,
+        events,
+    }
 }

@@ -6,3 +6,4 @@
 pub mod grants;
 pub mod inventory;
 pub mod reservation;
+pub mod usage;

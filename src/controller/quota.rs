@@ -1,0 +1,159 @@
+//! Namespace quota reconciler: one operator-managed ResourceQuota per tenant
+//! namespace, limiting `requests.<resource>` for every accelerator resource of
+//! any pool to what the namespace's Active allocations grant (plus borrowing).
+//! One quota per namespace, never one per allocation: Kubernetes enforces every
+//! quota, so the smallest would win.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, ResourceQuota};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::stores::MANAGED_BY;
+use super::{Context, Error, FIELD_MANAGER};
+
+const CONTROLLER: &str = "quota";
+/// Name of the managed quota in every tenant namespace.
+pub const QUOTA_NAME: &str = "sovereign-accelerators";
+
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let s = &ctx.stores;
+    let grants_changed =
+        futures::stream::select_all([s.pools.changes().boxed(), s.allocations.changes().boxed()]);
+    let managed = watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+    Controller::new(
+        Api::<Namespace>::all(ctx.client.clone()),
+        Default::default(),
+    )
+    .reconcile_all_on(grants_changed)
+    // Someone edited or deleted a managed quota: put it back.
+    .watches(
+        Api::<ResourceQuota>::all(ctx.client.clone()),
+        managed,
+        |q| q.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
+    )
+    .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(300)))
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|_| async {})
+    .await;
+}
+
+fn error_policy(_ns: Arc<Namespace>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.count_error(CONTROLLER, error);
+    tracing::warn!(error = %error, "quota reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// The `hard` map of a quota from resource name -> devices.
+pub fn hard(limits: &BTreeMap<String, i64>) -> BTreeMap<String, Quantity> {
+    limits
+        .iter()
+        .map(|(r, v)| (format!("requests.{r}"), Quantity(v.to_string())))
+        .collect()
+}
+
+async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = ns.name_any();
+    let existing = ctx
+        .stores
+        .quotas
+        .store
+        .get(&ObjectRef::new(QUOTA_NAME).within(&name));
+    if ns.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    // Most namespaces are no tenant's: leave them without building a view.
+    let listed = ctx
+        .stores
+        .allocations
+        .store
+        .state()
+        .iter()
+        .any(|a| a.spec.tenant.namespaces.contains(&name));
+    if !listed && existing.is_none() {
+        return Ok(Action::await_change());
+    }
+    let started = Instant::now();
+    ctx.count_reconcile(CONTROLLER);
+    let view = ctx.view();
+    let api: Api<ResourceQuota> = Api::namespaced(ctx.client.clone(), &name);
+    match view.grants.quotas.get(&name) {
+        Some(limits) => {
+            let want = hard(limits);
+            let current = existing
+                .as_ref()
+                .and_then(|q| q.spec.as_ref())
+                .and_then(|s| s.hard.clone());
+            if current.as_ref() != Some(&want) {
+                let allocations: Vec<String> = view
+                    .allocations
+                    .iter()
+                    .filter(|a| !a.deleting && a.namespaces.contains(&name))
+                    .map(|a| a.name.clone())
+                    .collect();
+                let quota = json!({
+                    "apiVersion": "v1",
+                    "kind": "ResourceQuota",
+                    "metadata": {
+                        "name": QUOTA_NAME,
+                        "labels": { MANAGED_BY.0: MANAGED_BY.1 },
+                        "annotations": { "sovereign.ai/allocations": allocations.join(",") },
+                    },
+                    "spec": { "hard": want },
+                });
+                api.patch(
+                    QUOTA_NAME,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(quota),
+                )
+                .await?;
+                tracing::info!(namespace = %name, ?limits, "quota applied");
+            }
+        }
+        None => {
+            if existing.is_some() {
+                match api.delete(QUOTA_NAME, &DeleteParams::default()).await {
+                    Ok(_) => {
+                        tracing::info!(namespace = %name, "quota removed: no allocation lists the namespace")
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hard_limits_use_the_requests_prefix() {
+        let h = hard(
+            &[
+                ("nvidia.com/gpu".to_string(), 24),
+                ("furiosa.ai/rngd".to_string(), 0),
+            ]
+            .into(),
+        );
+        assert_eq!(h["requests.nvidia.com/gpu"], Quantity("24".into()));
+        assert_eq!(h["requests.furiosa.ai/rngd"], Quantity("0".into()));
+        assert_eq!(h.len(), 2);
+    }
+}
