@@ -27,6 +27,8 @@ pub struct Env {
     pub helm: PathBuf,
     pub operator_bin: PathBuf,
     pub client: Client,
+    /// The operator the suite shares, running as the chart's ServiceAccount.
+    pub operator: std::sync::Arc<tokio::sync::Mutex<Option<Operator>>>,
 }
 
 fn env_path(name: &str) -> anyhow::Result<PathBuf> {
@@ -52,6 +54,7 @@ impl Env {
             helm: env_path("HELM")?,
             operator_bin: env_path("OPERATOR_BIN")?,
             client: Client::try_from(config)?,
+            operator: Default::default(),
             kubeconfig,
             repo,
         })
@@ -297,6 +300,23 @@ impl Operator {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// The value of a counter or gauge series on /metrics (summed over labels
+    /// that contain `label_part`).
+    pub async fn metric(&self, name: &str, label_part: &str) -> anyhow::Result<f64> {
+        let (_, body) = http_get(self.admin, "/metrics").await?;
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(label_part))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(
         mut self,
@@ -347,4 +367,70 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// Objects a test created with `kubectl apply`, deleted (and awaited, so that
+/// finalizers have run) by [`Scope::cleanup`], whatever the test's outcome.
+pub struct Scope {
+    env: Env,
+    manifests: Vec<String>,
+}
+
+impl Scope {
+    pub fn new(env: &Env) -> Self {
+        Self {
+            env: env.clone(),
+            manifests: Vec::new(),
+        }
+    }
+
+    /// Applies a manifest and remembers it for clean-up.
+    pub fn apply(&mut self, yaml: &str) -> anyhow::Result<()> {
+        self.manifests.push(yaml.to_string());
+        self.env
+            .kubectl_ok(&["apply", "-f", "-"], Some(yaml))
+            .map(|_| ())
+    }
+
+    /// Deletes one manifest now (and waits until it is gone).
+    pub fn delete(&mut self, yaml: &str) -> anyhow::Result<()> {
+        self.manifests.retain(|m| m != yaml);
+        self.env
+            .kubectl_ok(
+                &[
+                    "delete",
+                    "--ignore-not-found",
+                    "--wait=true",
+                    "--timeout=90s",
+                    "-f",
+                    "-",
+                ],
+                Some(yaml),
+            )
+            .map(|_| ())
+    }
+
+    pub fn cleanup(mut self) -> anyhow::Result<()> {
+        let mut errors = Vec::new();
+        while let Some(m) = self.manifests.pop() {
+            if let Err(e) = self.env.kubectl_ok(
+                &[
+                    "delete",
+                    "--ignore-not-found",
+                    "--wait=true",
+                    "--timeout=90s",
+                    "-f",
+                    "-",
+                ],
+                Some(&m),
+            ) {
+                errors.push(e.to_string());
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("clean-up failed: {}", errors.join("; "))
+        }
+    }
 }

@@ -16,11 +16,13 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use sovereign_e2e::{Env, Operator, TestNamespace, free_port, http_get, wait_for};
 use sovereign_operator::api::{AcceleratorPool, find_condition};
 
+mod grants;
+
 type TestFn = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
 macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        vec![$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
+    ($($name:path),* $(,)?) => {
+        vec![$((stringify!($name).rsplit("::").next().unwrap().trim(), (|env| Box::pin($name(env))) as TestFn)),*]
     };
 }
 
@@ -36,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     let op_kubeconfig = env.operator_kubeconfig()?;
     let mut operator = Operator::start(&env, &op_kubeconfig, free_port()?, "operator.log")?;
     rt.block_on(operator.wait_ready(Duration::from_secs(90)))?;
+    *env.operator.blocking_lock() = Some(operator);
 
     let trials = tests![
         crds_are_established,
@@ -47,6 +50,13 @@ fn main() -> anyhow::Result<()> {
         gpu_pod_lands_on_a_gpu_node_and_runs,
         operator_becomes_ready_and_stops_on_sigterm,
         pool_status_counts_nodes_and_reports_conflicts,
+        grants::two_allocations_sum_in_one_quota_that_the_api_server_enforces,
+        grants::a_dedicated_grant_reserves_nodes_in_one_rack_and_releases_them,
+        grants::a_grant_that_does_not_fit_waits_and_is_admitted_when_room_appears,
+        grants::a_window_opens_and_closes_on_time,
+        grants::a_tiny_budget_is_used_up_by_a_running_pod,
+        grants::a_deleted_reserved_node_is_replaced,
+        grants::a_killed_operator_converges_and_a_restart_writes_nothing,
     ]
     .into_iter()
     .map(|(name, test)| {
@@ -60,6 +70,11 @@ fn main() -> anyhow::Result<()> {
     .collect();
 
     let conclusion = libtest_mimic::run(&args, trials);
+    let operator = env
+        .operator
+        .blocking_lock()
+        .take()
+        .context("the shared operator is gone")?;
     let status = rt.block_on(operator.terminate(Duration::from_secs(30)))?;
     if !status.success() {
         bail!("the shared operator exited with {status} on SIGTERM");
