@@ -36,9 +36,12 @@ fn main() -> anyhow::Result<()> {
     // running as the chart's ServiceAccount for the tests that need it.
     env.install_chart()?;
     let op_kubeconfig = env.operator_kubeconfig()?;
-    let mut operator = Operator::start(&env, &op_kubeconfig, free_port()?, "operator.log")?;
-    rt.block_on(operator.wait_ready(Duration::from_secs(90)))?;
-    *env.operator.blocking_lock() = Some(operator);
+    rt.block_on(async {
+        let mut operator = Operator::start(&env, &op_kubeconfig, free_port()?, "operator.log")?;
+        operator.wait_ready(Duration::from_secs(90)).await?;
+        *env.operator.lock().await = Some(operator);
+        anyhow::Ok(())
+    })?;
 
     let trials = tests![
         crds_are_established,
@@ -200,14 +203,14 @@ async fn invalid_objects_are_refused(env: Arc<Env>) -> anyhow::Result<()> {
         (
             "empty node selector",
             pool(
-                "resourceName: nvidia.com/gpu\n  kind: GPU\n  vendor: N\n  model: M\n  nodeSelector: {}",
+                "resourceName: nvidia.com/gpu\n  kind: GPU\n  vendor: Acme\n  model: M\n  nodeSelector: {}",
             ),
             "nodeSelector must have at least one",
         ),
         (
             "resource without a domain",
             pool(
-                "resourceName: gpu\n  kind: GPU\n  vendor: N\n  model: M\n  nodeSelector: {matchLabels: {a: b}}",
+                "resourceName: gpu\n  kind: GPU\n  vendor: Acme\n  model: M\n  nodeSelector: {matchLabels: {a: b}}",
             ),
             "resourceName must be a vendor extended resource",
         ),
@@ -221,7 +224,7 @@ async fn invalid_objects_are_refused(env: Arc<Env>) -> anyhow::Result<()> {
         (
             "zero charge factor",
             pool(&format!("{GOOD_POOL}\n  chargeFactor: 0")),
-            "chargeFactor in body should be greater than or equal to 0.01",
+            "chargeFactor must be between 0.01 and 1000",
         ),
         (
             "duplicate topology key",

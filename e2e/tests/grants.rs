@@ -375,7 +375,8 @@ pub async fn a_window_opens_and_closes_on_time(env: Arc<Env>) -> anyhow::Result<
     let mut scope = Scope::new(&env);
     let body = async {
         scope.apply(&h200("e2e-h200"))?;
-        let start = Timestamp::now().checked_add(SignedDuration::from_secs(6))?;
+        // Whole seconds: the object carries RFC 3339 without fractions.
+        let start = Timestamp::from_second(Timestamp::now().as_second() + 6)?;
         let end = start.checked_add(SignedDuration::from_secs(8))?;
         let window = format!("  window: {{start: \"{start:.0}\", end: \"{end:.0}\"}}\n");
         scope.apply(&alloc_yaml(

@@ -99,6 +99,7 @@ pub struct GpuAllocationSpec {
     /// pools while the share is below it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 1.0))]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("minDomesticShare is a fraction between 0 and 1 (0.5 = half the grant on domestic pools)"))]
     pub min_domestic_share: Option<f64>,
 
     /// Lets the tenant mark training projects `preemptible: false`. Only an admin

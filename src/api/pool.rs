@@ -93,6 +93,8 @@ pub struct AcceleratorPoolSpec {
     /// accelerator-hour). Newer or larger devices usually cost more.
     #[serde(default = "default_charge_factor")]
     #[schemars(range(min = 0.01, max = 1000.0))]
+    // The API server skips `minimum` for whole-number input such as 0; CEL does not.
+    #[x_kube(validation = Rule::new("self >= 0.01 && self <= 1000.0").message("chargeFactor must be between 0.01 and 1000 (1 = one accelerator-hour per device-hour)"))]
     pub charge_factor: f64,
 }
 
