@@ -26,6 +26,11 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Program", type_ = "string", json_path = ".spec.program"),
     printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
     printcolumn(name = "Granted", type_ = "integer", json_path = ".status.granted"),
     printcolumn(name = "In-Use", type_ = "integer", json_path = ".status.inUse"),
     printcolumn(
@@ -41,18 +46,18 @@ use serde::{Deserialize, Serialize};
     printcolumn(
         name = "Domestic",
         type_ = "number",
-        json_path = ".status.domesticShare",
+        json_path = ".status.domesticShare.granted",
         priority = 1
     ),
     printcolumn(
         name = "Start",
-        type_ = "date",
+        type_ = "string",
         json_path = ".spec.window.start",
         priority = 1
     ),
     printcolumn(
         name = "End",
-        type_ = "date",
+        type_ = "string",
         json_path = ".spec.window.end",
         priority = 1
     ),

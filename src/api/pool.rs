@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
         priority = 1
     ),
     printcolumn(name = "In-Use", type_ = "integer", json_path = ".status.inUse"),
+    printcolumn(name = "Free", type_ = "integer", json_path = ".status.free"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -146,6 +147,9 @@ pub struct AcceleratorPoolStatus {
     /// Devices requested by running pods on the pool's nodes.
     #[serde(default)]
     pub in_use: i64,
+    /// Allocatable devices no active grant holds: what a new grant can get.
+    #[serde(default)]
+    pub free: i64,
     /// Names of nodes also selected by another pool (at most 20 listed); they are
     /// counted in no pool until the selectors are fixed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -105,6 +105,7 @@ async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Acti
         status.reserved = plan.reserved;
         status.reserved_nodes = plan.reserved_nodes;
         status.in_use = view.usage.by_pool.get(&name).copied().unwrap_or(0);
+        status.free = (totals.allocatable - plan.granted).max(0);
         let conflicts: Vec<&str> = view.membership.conflicts_of(&name).collect();
         status.conflicting_nodes = conflicts
             .iter()
