@@ -47,23 +47,12 @@ pub fn router(readiness: Readiness, metrics: Arc<Metrics>) -> Router {
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
     match state.readiness.reason() {
         None => (StatusCode::OK, "ok\n".into()),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {reason}\n"),
-        ),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
     }
 }
 
-async fn metrics_text(
-    State(state): State<AdminState>,
-) -> ([(&'static str, &'static str); 1], String) {
-    (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
+async fn metrics_text(State(state): State<AdminState>) -> ([(&'static str, &'static str); 1], String) {
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
 }
 
 /// Serves until `shutdown` resolves.
@@ -75,9 +64,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin server listening");
-    axum::serve(listener, router(readiness, metrics))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    axum::serve(listener, router(readiness, metrics)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
 
@@ -93,9 +80,7 @@ mod tests {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
             .await
             .unwrap();
         let mut buf = String::new();

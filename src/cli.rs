@@ -58,11 +58,7 @@ pub struct RunArgs {
     pub kubeconfig: Option<PathBuf>,
 
     /// Address of the admin server: /livez, /readyz and /metrics.
-    #[arg(
-        long,
-        default_value = "127.0.0.1:8080",
-        env = "SOVEREIGN_ADMIN_ADDRESS"
-    )]
+    #[arg(long, default_value = "127.0.0.1:8080", env = "SOVEREIGN_ADMIN_ADDRESS")]
     pub admin_address: SocketAddr,
 
     /// Elect a leader through a Lease so that several replicas can run; only the
@@ -96,17 +92,14 @@ mod tests {
     #[test]
     fn run_defaults_bind_loopback() {
         let cli = Cli::try_parse_from(["sovereign-operator", "run"]).unwrap();
-        let Command::Run(args) = cli.command else {
-            panic!("expected run")
-        };
+        let Command::Run(args) = cli.command else { panic!("expected run") };
         assert!(args.admin_address.ip().is_loopback());
         assert!(!args.leader_elect);
     }
 
     #[test]
     fn log_format_is_global() {
-        let cli =
-            Cli::try_parse_from(["sovereign-operator", "crd", "--log-format", "json"]).unwrap();
+        let cli = Cli::try_parse_from(["sovereign-operator", "crd", "--log-format", "json"]).unwrap();
         assert_eq!(cli.log_format, LogFormat::Json);
     }
 }

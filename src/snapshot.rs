@@ -14,6 +14,12 @@ use crate::planner::usage::{PodUse, PoolRate};
 
 /// Label that ties a pod to the allocation it is charged to.
 pub const ALLOCATION_LABEL: &str = "sovereign.ai/allocation";
+/// Label on everything made for a ModelProject: the project's name.
+pub const PROJECT_LABEL: &str = "sovereign.ai/project";
+/// Label of a worker pod: its index (rank) in the gang.
+pub const WORKER_INDEX_LABEL: &str = "sovereign.ai/worker-index";
+/// Label of a worker pod: the pool it was placed in.
+pub const POOL_LABEL: &str = "sovereign.ai/pool";
 /// Label (and taint key) on nodes reserved by a dedicated grant.
 pub const RESERVED_FOR: &str = "sovereign.ai/reserved-for";
 
@@ -25,19 +31,12 @@ pub fn whole_quantity(q: &Quantity) -> Option<i64> {
 }
 
 fn whole_quantities(map: Option<&BTreeMap<String, Quantity>>) -> BTreeMap<String, i64> {
-    map.into_iter()
-        .flatten()
-        .filter_map(|(k, q)| whole_quantity(q).map(|v| (k.clone(), v)))
-        .collect()
+    map.into_iter().flatten().filter_map(|(k, q)| whole_quantity(q).map(|v| (k.clone(), v))).collect()
 }
 
 /// A node is usable when its Ready condition is True and it is not cordoned.
 pub fn node_is_ready(node: &Node) -> bool {
-    let cordoned = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.unschedulable)
-        .unwrap_or(false);
+    let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
     let ready = node
         .status
         .as_ref()
@@ -49,16 +48,8 @@ pub fn node_is_ready(node: &Node) -> bool {
 
 /// When the node's Ready condition last turned away from True, if it is not True.
 fn not_ready_since(node: &Node) -> Option<k8s_openapi::jiff::Timestamp> {
-    let ready = node
-        .status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == "Ready")?;
-    (ready.status != "True")
-        .then(|| ready.last_transition_time.as_ref().map(|t| t.0))
-        .flatten()
+    let ready = node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Ready")?;
+    (ready.status != "True").then(|| ready.last_transition_time.as_ref().map(|t| t.0)).flatten()
 }
 
 pub fn node_info(node: &Node) -> NodeInfo {
@@ -75,13 +66,9 @@ pub fn node_info(node: &Node) -> NodeInfo {
 
 /// The planner's view of a pool, or why its selector cannot be used.
 pub fn pool_info(pool: &AcceleratorPool) -> Result<PoolInfo, String> {
-    let selector = Selector::try_from(pool.spec.node_selector.clone())
-        .map_err(|e| format!("nodeSelector cannot be used: {e}"))?;
-    Ok(PoolInfo {
-        name: pool.name_any(),
-        resource_name: pool.spec.resource_name.clone(),
-        selector,
-    })
+    let selector =
+        Selector::try_from(pool.spec.node_selector.clone()).map_err(|e| format!("nodeSelector cannot be used: {e}"))?;
+    Ok(PoolInfo { name: pool.name_any(), resource_name: pool.spec.resource_name.clone(), selector })
 }
 
 /// The grant planner's view of a pool whose members and totals are known.
@@ -90,13 +77,7 @@ pub fn pool_state(pool: &AcceleratorPool, members: Vec<usize>, totals: &PoolTota
         name: pool.name_any(),
         resource_name: pool.spec.resource_name.clone(),
         domestic: pool.spec.domestic,
-        levels: pool
-            .spec
-            .topology_keys
-            .iter()
-            .filter(|k| *k != HOSTNAME_KEY)
-            .cloned()
-            .collect(),
+        levels: pool.spec.topology_keys.iter().filter(|k| *k != HOSTNAME_KEY).cloned().collect(),
         members,
         allocatable: totals.allocatable,
     }
@@ -119,12 +100,7 @@ pub fn allocation_state(a: &GpuAllocation, now: k8s_openapi::jiff::Timestamp) ->
     AllocationState {
         name: a.name_any(),
         priority: a.spec.priority,
-        created: a
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0)
-            .unwrap_or(now),
+        created: a.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now),
         namespaces: a.spec.tenant.namespaces.clone(),
         window_start: window.and_then(|w| w.start.as_ref()).map(|t| t.0),
         window_end: window.and_then(|w| w.end.as_ref()).map(|t| t.0),
@@ -173,10 +149,8 @@ pub fn pod_requests(pod: &Pod) -> BTreeMap<String, i64> {
 /// A running pod that requests accelerators (names with a '/'), or None.
 pub fn pod_use(pod: &Pod) -> Option<PodUse> {
     let node = pod.spec.as_ref()?.node_name.clone()?;
-    let requests: BTreeMap<String, i64> = pod_requests(pod)
-        .into_iter()
-        .filter(|(k, v)| k.contains('/') && *v > 0)
-        .collect();
+    let requests: BTreeMap<String, i64> =
+        pod_requests(pod).into_iter().filter(|(k, v)| k.contains('/') && *v > 0).collect();
     (!requests.is_empty()).then(|| PodUse {
         namespace: pod.namespace().unwrap_or_default(),
         node,
@@ -196,18 +170,10 @@ mod tests {
 
     fn k8s_node(ready: &str, cordoned: bool) -> Node {
         Node {
-            metadata: kube::api::ObjectMeta {
-                name: Some("n1".into()),
-                ..Default::default()
-            },
-            spec: Some(NodeSpec {
-                unschedulable: Some(cordoned),
-                ..Default::default()
-            }),
+            metadata: kube::api::ObjectMeta { name: Some("n1".into()), ..Default::default() },
+            spec: Some(NodeSpec { unschedulable: Some(cordoned), ..Default::default() }),
             status: Some(NodeStatus {
-                capacity: Some(
-                    [("nvidia.com/gpu".into(), q("8")), ("cpu".into(), q("500m"))].into(),
-                ),
+                capacity: Some([("nvidia.com/gpu".into(), q("8")), ("cpu".into(), q("500m"))].into()),
                 allocatable: Some([("nvidia.com/gpu".into(), q("7"))].into()),
                 conditions: Some(vec![NodeCondition {
                     type_: "Ready".into(),
@@ -225,16 +191,9 @@ mod tests {
         assert!(info.ready);
         assert_eq!(info.capacity_of("nvidia.com/gpu"), 8);
         assert_eq!(info.allocatable_of("nvidia.com/gpu"), 7);
-        assert_eq!(
-            info.capacity_of("cpu"),
-            0,
-            "fractional cpu is not a device count"
-        );
+        assert_eq!(info.capacity_of("cpu"), 0, "fractional cpu is not a device count");
         assert!(!node_info(&k8s_node("False", false)).ready);
         assert!(!node_info(&k8s_node("Unknown", false)).ready);
-        assert!(
-            !node_info(&k8s_node("True", true)).ready,
-            "cordoned nodes are not usable"
-        );
+        assert!(!node_info(&k8s_node("True", true)).ready, "cordoned nodes are not usable");
     }
 }

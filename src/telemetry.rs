@@ -16,9 +16,7 @@ pub fn init_logging(format: LogFormat) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Json => registry
-            .with(fmt::layer().json().with_span_list(true))
-            .try_init()?,
+        LogFormat::Json => registry.with(fmt::layer().json().with_span_list(true)).try_init()?,
         LogFormat::Plain => registry.with(fmt::layer()).try_init()?,
     }
     Ok(())
@@ -76,15 +74,10 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("sovereign");
         let reconciliations = Family::<ControllerLabels, Counter>::default();
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
-        let reconcile_duration =
-            Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.001, 2.0, 14))
-            });
-        registry.register(
-            "reconciliations",
-            "Reconciliations started, by controller",
-            reconciliations.clone(),
-        );
+        let reconcile_duration = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 14))
+        });
+        registry.register("reconciliations", "Reconciliations started, by controller", reconciliations.clone());
         registry.register(
             "reconcile_errors",
             "Reconciliations that failed, by controller and error category",
@@ -101,35 +94,21 @@ impl Default for Metrics {
             f
         };
         let pool_capacity = gauge("pool_capacity_devices", "Devices on the pool's nodes");
-        let pool_allocatable = gauge(
-            "pool_allocatable_devices",
-            "Allocatable devices on the pool's Ready nodes",
-        );
+        let pool_allocatable = gauge("pool_allocatable_devices", "Allocatable devices on the pool's Ready nodes");
         let pool_granted = gauge("pool_granted_devices", "Devices held by active grants");
-        let pool_reserved = gauge(
-            "pool_reserved_devices",
-            "Devices on nodes reserved by dedicated grants",
-        );
+        let pool_reserved = gauge("pool_reserved_devices", "Devices on nodes reserved by dedicated grants");
         let pool_in_use = gauge("pool_in_use_devices", "Devices requested by running pods");
         let allocation_granted = Family::<AllocationLabels, Gauge>::default();
         let allocation_hours = Family::<AllocationLabels, FloatGauge>::default();
         let allocation_active = Family::<AllocationLabels, Gauge>::default();
         let domestic_share = Family::<ShareLabels, FloatGauge>::default();
-        registry.register(
-            "allocation_granted_devices",
-            "Devices granted and in force",
-            allocation_granted.clone(),
-        );
+        registry.register("allocation_granted_devices", "Devices granted and in force", allocation_granted.clone());
         registry.register(
             "allocation_accelerator_hours",
             "Accelerator-hours used (charge-factor weighted)",
             allocation_hours.clone(),
         );
-        registry.register(
-            "allocation_active",
-            "1 while the allocation is Active",
-            allocation_active.clone(),
-        );
+        registry.register("allocation_active", "1 while the allocation is Active", allocation_active.clone());
         registry.register(
             "domestic_share",
             "Fraction of accelerators on domestic pools, by measure (capacity, granted, in_use)",
@@ -157,13 +136,9 @@ impl Metrics {
     /// Forgets the per-pool and per-allocation series before a new view is
     /// recorded, so deleted pools and allocations leave no stale series.
     pub fn clear_views(&self) {
-        for f in [
-            &self.pool_capacity,
-            &self.pool_allocatable,
-            &self.pool_granted,
-            &self.pool_reserved,
-            &self.pool_in_use,
-        ] {
+        for f in
+            [&self.pool_capacity, &self.pool_allocatable, &self.pool_granted, &self.pool_reserved, &self.pool_in_use]
+        {
             f.clear();
         }
         self.allocation_granted.clear();
@@ -171,18 +146,8 @@ impl Metrics {
         self.allocation_active.clear();
     }
 
-    pub fn pool(
-        &self,
-        pool: &str,
-        capacity: i64,
-        allocatable: i64,
-        granted: i64,
-        reserved: i64,
-        in_use: i64,
-    ) {
-        let l = PoolLabels {
-            pool: pool.to_string(),
-        };
+    pub fn pool(&self, pool: &str, capacity: i64, allocatable: i64, granted: i64, reserved: i64, in_use: i64) {
+        let l = PoolLabels { pool: pool.to_string() };
         self.pool_capacity.get_or_create(&l).set(capacity);
         self.pool_allocatable.get_or_create(&l).set(allocatable);
         self.pool_granted.get_or_create(&l).set(granted);
@@ -190,27 +155,15 @@ impl Metrics {
         self.pool_in_use.get_or_create(&l).set(in_use);
     }
 
-    pub fn allocation(
-        &self,
-        allocation: &str,
-        program: &str,
-        granted: i64,
-        hours: f64,
-        active: bool,
-    ) {
-        let l = AllocationLabels {
-            allocation: allocation.to_string(),
-            program: program.to_string(),
-        };
+    pub fn allocation(&self, allocation: &str, program: &str, granted: i64, hours: f64, active: bool) {
+        let l = AllocationLabels { allocation: allocation.to_string(), program: program.to_string() };
         self.allocation_granted.get_or_create(&l).set(granted);
         self.allocation_hours.get_or_create(&l).set(hours);
         self.allocation_active.get_or_create(&l).set(active as i64);
     }
 
     pub fn domestic_share(&self, measure: &'static str, share: f64) {
-        self.domestic_share
-            .get_or_create(&ShareLabels { measure })
-            .set(share);
+        self.domestic_share.get_or_create(&ShareLabels { measure }).set(share);
     }
 
     /// Text exposition of every metric.
@@ -229,20 +182,10 @@ mod tests {
     #[test]
     fn metrics_encode_with_prefix_and_total_suffix() {
         let m = Metrics::default();
-        m.reconciliations
-            .get_or_create(&ControllerLabels { controller: "pool" })
-            .inc();
-        m.reconcile_duration
-            .get_or_create(&ControllerLabels { controller: "pool" })
-            .observe(0.01);
+        m.reconciliations.get_or_create(&ControllerLabels { controller: "pool" }).inc();
+        m.reconcile_duration.get_or_create(&ControllerLabels { controller: "pool" }).observe(0.01);
         let text = m.encode();
-        assert!(
-            text.contains("sovereign_reconciliations_total{controller=\"pool\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("# TYPE sovereign_reconcile_duration_seconds histogram"),
-            "{text}"
-        );
+        assert!(text.contains("sovereign_reconciliations_total{controller=\"pool\"} 1"), "{text}");
+        assert!(text.contains("# TYPE sovereign_reconcile_duration_seconds histogram"), "{text}");
     }
 }

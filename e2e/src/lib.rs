@@ -32,16 +32,14 @@ pub struct Env {
 }
 
 fn env_path(name: &str) -> anyhow::Result<PathBuf> {
-    std::env::var_os(name).map(PathBuf::from).with_context(|| {
-        format!("{name} is not set: run the suite with `make e2e` (or see e2e/run)")
-    })
+    std::env::var_os(name)
+        .map(PathBuf::from)
+        .with_context(|| format!("{name} is not set: run the suite with `make e2e` (or see e2e/run)"))
 }
 
 impl Env {
     pub async fn from_env() -> anyhow::Result<Self> {
-        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .canonicalize()?;
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize()?;
         let kubeconfig = env_path("KUBECONFIG")?;
         let config = kube::Config::from_custom_kubeconfig(
             kube::config::Kubeconfig::read_from(&kubeconfig)?,
@@ -62,24 +60,14 @@ impl Env {
 
     /// Runs kubectl against the test cluster.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Output> {
-        run(
-            Command::new(&self.kubectl)
-                .arg("--kubeconfig")
-                .arg(&self.kubeconfig)
-                .args(args),
-            stdin,
-        )
+        run(Command::new(&self.kubectl).arg("--kubeconfig").arg(&self.kubeconfig).args(args), stdin)
     }
 
     /// Runs kubectl and fails with its stderr unless it succeeds.
     pub fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
         let out = self.kubectl(args, stdin)?;
         if !out.status.success() {
-            bail!(
-                "kubectl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -94,21 +82,11 @@ impl Env {
                 .arg(&self.kubeconfig)
                 .args(["upgrade", "--install", RELEASE])
                 .arg(&chart)
-                .args([
-                    "--namespace",
-                    RELEASE_NAMESPACE,
-                    "--create-namespace",
-                    "--set",
-                    "replicaCount=0",
-                    "--wait",
-                ]),
+                .args(["--namespace", RELEASE_NAMESPACE, "--create-namespace", "--set", "replicaCount=0", "--wait"]),
             None,
         )?;
         if !out.status.success() {
-            bail!(
-                "helm install failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("helm install failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(())
     }
@@ -116,28 +94,11 @@ impl Env {
     /// A kubeconfig that authenticates as the chart's ServiceAccount with a
     /// TokenRequest token, so the operator has exactly the chart's RBAC.
     pub fn operator_kubeconfig(&self) -> anyhow::Result<PathBuf> {
-        let token = self.kubectl_ok(
-            &[
-                "-n",
-                RELEASE_NAMESPACE,
-                "create",
-                "token",
-                RELEASE,
-                "--duration=2h",
-            ],
-            None,
-        )?;
+        let token = self.kubectl_ok(&["-n", RELEASE_NAMESPACE, "create", "token", RELEASE, "--duration=2h"], None)?;
         let admin = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
-        let cluster = admin
-            .clusters
-            .first()
-            .and_then(|c| c.cluster.clone())
-            .context("kubeconfig has no cluster")?;
+        let cluster = admin.clusters.first().and_then(|c| c.cluster.clone()).context("kubeconfig has no cluster")?;
         let server = cluster.server.context("kubeconfig cluster has no server")?;
-        let ca = match (
-            &cluster.certificate_authority_data,
-            &cluster.certificate_authority,
-        ) {
+        let ca = match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
             (Some(data), _) => format!("certificate-authority-data: {data}"),
             (None, Some(file)) => format!("certificate-authority: {file}"),
             (None, None) => "insecure-skip-tls-verify: true".to_string(),
@@ -156,23 +117,13 @@ impl Env {
 }
 
 fn run(cmd: &mut Command, stdin: Option<&str>) -> anyhow::Result<Output> {
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
     if let Some(input) = stdin {
         use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(input.as_bytes())?;
+        child.stdin.take().expect("piped stdin").write_all(input.as_bytes())?;
     }
     Ok(child.wait_with_output()?)
 }
@@ -204,41 +155,23 @@ pub struct TestNamespace {
 
 impl TestNamespace {
     pub async fn create(client: &Client, test: &str) -> anyhow::Result<Self> {
-        let suffix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .subsec_nanos()
-            % 100_000;
+        let suffix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos() % 100_000;
         let name = format!("e2e-{}-{suffix}", test.replace('_', "-"));
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": { "name": name, "labels": { "sovereign.ai/e2e": "true" } }
         }))?;
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await?;
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
         // Pods are refused until the controller manager made the default ServiceAccount.
-        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-            Api::namespaced(client.clone(), &name);
-        wait_for(
-            "the default ServiceAccount",
-            Duration::from_secs(30),
-            || async {
-                sas.get_opt("default")
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| "absent".to_string())
-            },
-        )
-        .await?;
-        Ok(Self {
-            name,
-            client: client.clone(),
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &name);
+        wait_for("the default ServiceAccount", Duration::from_secs(30), || async {
+            sas.get_opt("default").await.map_err(|e| e.to_string())?.ok_or_else(|| "absent".to_string())
         })
+        .await?;
+        Ok(Self { name, client: client.clone() })
     }
 
     pub async fn cleanup(self) -> anyhow::Result<()> {
-        Api::<Namespace>::all(self.client)
-            .delete(&self.name, &DeleteParams::background())
-            .await?;
+        Api::<Namespace>::all(self.client).delete(&self.name, &DeleteParams::background()).await?;
         Ok(())
     }
 }
@@ -251,12 +184,7 @@ pub struct Operator {
 }
 
 impl Operator {
-    pub fn start(
-        env: &Env,
-        kubeconfig: &Path,
-        admin_port: u16,
-        log_name: &str,
-    ) -> anyhow::Result<Self> {
+    pub fn start(env: &Env, kubeconfig: &Path, admin_port: u16, log_name: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(env.state.join("logs"))?;
         let log = env.state.join("logs").join(log_name);
         let out = std::fs::File::create(&log)?;
@@ -285,11 +213,7 @@ impl Operator {
         })
         .await;
         if let Ok(Some(status)) = self.child.try_wait() {
-            bail!(
-                "operator exited with {status}; log {}:\n{}",
-                self.log.display(),
-                self.log_tail()
-            );
+            bail!("operator exited with {status}; log {}:\n{}", self.log.display(), self.log_tail());
         }
         res.with_context(|| format!("log tail:\n{}", self.log_tail()))
     }
@@ -318,23 +242,15 @@ impl Operator {
     }
 
     /// Sends SIGTERM and waits for the exit status.
-    pub async fn terminate(
-        mut self,
-        timeout: Duration,
-    ) -> anyhow::Result<std::process::ExitStatus> {
+    pub async fn terminate(mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.child.id().context("operator already reaped")?;
-        let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
+        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
         if !status.success() {
             bail!("kill -TERM {pid} failed");
         }
         match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(status) => Ok(status?),
-            Err(_) => bail!(
-                "operator did not exit within {timeout:?} of SIGTERM; log:\n{}",
-                self.log_tail()
-            ),
+            Err(_) => bail!("operator did not exit within {timeout:?} of SIGTERM; log:\n{}", self.log_tail()),
         }
     }
 }
@@ -342,31 +258,17 @@ impl Operator {
 /// A minimal HTTP/1.1 GET on loopback: status code and body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
     let mut buf = String::new();
     stream.read_to_string(&mut buf).await?;
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .context("no status line")?
-        .parse()?;
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let code = buf.split_whitespace().nth(1).context("no status line")?.parse()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((code, body))
 }
 
 /// A free loopback port.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Objects a test created with `kubectl apply`, deleted (and awaited, so that
@@ -378,59 +280,33 @@ pub struct Scope {
 
 impl Scope {
     pub fn new(env: &Env) -> Self {
-        Self {
-            env: env.clone(),
-            manifests: Vec::new(),
-        }
+        Self { env: env.clone(), manifests: Vec::new() }
     }
 
     /// Applies a manifest and remembers it for clean-up.
     pub fn apply(&mut self, yaml: &str) -> anyhow::Result<()> {
         self.manifests.push(yaml.to_string());
-        self.env
-            .kubectl_ok(&["apply", "-f", "-"], Some(yaml))
-            .map(|_| ())
+        self.env.kubectl_ok(&["apply", "-f", "-"], Some(yaml)).map(|_| ())
     }
 
     /// Deletes one manifest now (and waits until it is gone).
     pub fn delete(&mut self, yaml: &str) -> anyhow::Result<()> {
         self.manifests.retain(|m| m != yaml);
         self.env
-            .kubectl_ok(
-                &[
-                    "delete",
-                    "--ignore-not-found",
-                    "--wait=true",
-                    "--timeout=90s",
-                    "-f",
-                    "-",
-                ],
-                Some(yaml),
-            )
+            .kubectl_ok(&["delete", "--ignore-not-found", "--wait=true", "--timeout=90s", "-f", "-"], Some(yaml))
             .map(|_| ())
     }
 
     pub fn cleanup(mut self) -> anyhow::Result<()> {
         let mut errors = Vec::new();
         while let Some(m) = self.manifests.pop() {
-            if let Err(e) = self.env.kubectl_ok(
-                &[
-                    "delete",
-                    "--ignore-not-found",
-                    "--wait=true",
-                    "--timeout=90s",
-                    "-f",
-                    "-",
-                ],
-                Some(&m),
-            ) {
+            if let Err(e) = self
+                .env
+                .kubectl_ok(&["delete", "--ignore-not-found", "--wait=true", "--timeout=90s", "-f", "-"], Some(&m))
+            {
                 errors.push(e.to_string());
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            bail!("clean-up failed: {}", errors.join("; "))
-        }
+        if errors.is_empty() { Ok(()) } else { bail!("clean-up failed: {}", errors.join("; ")) }
     }
 }

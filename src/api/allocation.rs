@@ -18,54 +18,19 @@ use serde::{Deserialize, Serialize};
     shortname = "gallocs",
     category = "sovereign",
     status = "GpuAllocationStatus",
-    printcolumn(
-        name = "Tenant",
-        type_ = "string",
-        json_path = ".spec.tenant.displayName"
-    ),
+    printcolumn(name = "Tenant", type_ = "string", json_path = ".spec.tenant.displayName"),
     printcolumn(name = "Program", type_ = "string", json_path = ".spec.program"),
     printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
-    ),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
     printcolumn(name = "Granted", type_ = "integer", json_path = ".status.granted"),
     printcolumn(name = "In-Use", type_ = "integer", json_path = ".status.inUse"),
-    printcolumn(
-        name = "Hours-Used",
-        type_ = "number",
-        json_path = ".status.acceleratorHoursUsed"
-    ),
-    printcolumn(
-        name = "Budget",
-        type_ = "integer",
-        json_path = ".spec.budget.acceleratorHours"
-    ),
-    printcolumn(
-        name = "Domestic",
-        type_ = "number",
-        json_path = ".status.domesticShare.granted",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Start",
-        type_ = "string",
-        json_path = ".spec.window.start",
-        priority = 1
-    ),
-    printcolumn(
-        name = "End",
-        type_ = "string",
-        json_path = ".spec.window.end",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Hours-Used", type_ = "number", json_path = ".status.acceleratorHoursUsed"),
+    printcolumn(name = "Budget", type_ = "integer", json_path = ".spec.budget.acceleratorHours"),
+    printcolumn(name = "Domestic", type_ = "number", json_path = ".status.domesticShare.granted", priority = 1),
+    printcolumn(name = "Start", type_ = "string", json_path = ".spec.window.start", priority = 1),
+    printcolumn(name = "End", type_ = "string", json_path = ".spec.window.end", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GpuAllocationSpec {

@@ -27,11 +27,7 @@ pub const HOSTNAME_KEY: &str = "kubernetes.io/hostname";
 
 /// Every CRD this operator serves, in the order `crd` prints them.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![
-        AcceleratorPool::crd(),
-        GpuAllocation::crd(),
-        ModelProject::crd(),
-    ]
+    vec![AcceleratorPool::crd(), GpuAllocation::crd(), ModelProject::crd()]
 }
 
 /// Shared status shape helpers: conditions follow metav1.Condition semantics,
@@ -39,11 +35,8 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
 pub fn set_condition(conditions: &mut Vec<Condition>, mut next: Condition, now: &Time) {
     match conditions.iter_mut().find(|c| c.type_ == next.type_) {
         Some(existing) => {
-            next.last_transition_time = if existing.status == next.status {
-                existing.last_transition_time.clone()
-            } else {
-                now.clone()
-            };
+            next.last_transition_time =
+                if existing.status == next.status { existing.last_transition_time.clone() } else { now.clone() };
             *existing = next;
         }
         None => {
@@ -88,33 +81,17 @@ mod tests {
     #[test]
     fn transition_time_moves_only_when_status_flips() {
         let mut conds = Vec::new();
-        set_condition(
-            &mut conds,
-            condition("Ready", false, "Waiting", "a", None),
-            &at(10),
-        );
+        set_condition(&mut conds, condition("Ready", false, "Waiting", "a", None), &at(10));
         assert_eq!(conds[0].last_transition_time, at(10));
         // Same status, new reason and message: the time stays.
-        set_condition(
-            &mut conds,
-            condition("Ready", false, "Other", "b", None),
-            &at(20),
-        );
+        set_condition(&mut conds, condition("Ready", false, "Other", "b", None), &at(20));
         assert_eq!(conds[0].last_transition_time, at(10));
         assert_eq!(conds[0].reason, "Other");
         // Status flips: the time moves.
-        set_condition(
-            &mut conds,
-            condition("Ready", true, "Ok", "c", None),
-            &at(30),
-        );
+        set_condition(&mut conds, condition("Ready", true, "Ok", "c", None), &at(30));
         assert_eq!(conds[0].last_transition_time, at(30));
         assert_eq!(conds.len(), 1);
-        set_condition(
-            &mut conds,
-            condition("Other", true, "Ok", "", None),
-            &at(40),
-        );
+        set_condition(&mut conds, condition("Other", true, "Ok", "", None), &at(40));
         assert_eq!(conds.len(), 2);
         assert!(find_condition(&conds, "Other").is_some());
         assert!(find_condition(&conds, "Missing").is_none());
@@ -124,20 +101,9 @@ mod tests {
     fn every_crd_is_in_the_sovereign_category_with_status() {
         for crd in all_crds() {
             assert_eq!(crd.spec.group, GROUP);
-            assert!(
-                crd.spec
-                    .names
-                    .categories
-                    .as_ref()
-                    .unwrap()
-                    .contains(&"sovereign".to_string())
-            );
+            assert!(crd.spec.names.categories.as_ref().unwrap().contains(&"sovereign".to_string()));
             let v = &crd.spec.versions[0];
-            assert!(
-                v.subresources.as_ref().unwrap().status.is_some(),
-                "{}",
-                crd.spec.names.kind
-            );
+            assert!(v.subresources.as_ref().unwrap().status.is_some(), "{}", crd.spec.names.kind);
             assert!(!v.additional_printer_columns.as_ref().unwrap().is_empty());
             assert!(!crd.spec.names.short_names.as_ref().unwrap().is_empty());
         }

@@ -23,25 +23,12 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Domestic", type_ = "boolean", json_path = ".spec.domestic"),
     printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.nodes"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyNodes"),
-    printcolumn(
-        name = "Allocatable",
-        type_ = "integer",
-        json_path = ".status.allocatable"
-    ),
+    printcolumn(name = "Allocatable", type_ = "integer", json_path = ".status.allocatable"),
     printcolumn(name = "Granted", type_ = "integer", json_path = ".status.granted"),
-    printcolumn(
-        name = "Reserved",
-        type_ = "integer",
-        json_path = ".status.reserved",
-        priority = 1
-    ),
+    printcolumn(name = "Reserved", type_ = "integer", json_path = ".status.reserved", priority = 1),
     printcolumn(name = "In-Use", type_ = "integer", json_path = ".status.inUse"),
     printcolumn(name = "Free", type_ = "integer", json_path = ".status.free"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AcceleratorPoolSpec {

@@ -28,34 +28,12 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Pool", type_ = "string", json_path = ".status.pool"),
     printcolumn(name = "Workers", type_ = "integer", json_path = ".spec.workers"),
-    printcolumn(
-        name = "Per-Worker",
-        type_ = "integer",
-        json_path = ".spec.acceleratorsPerWorker"
-    ),
-    printcolumn(
-        name = "Running",
-        type_ = "integer",
-        json_path = ".status.workerStates.running"
-    ),
+    printcolumn(name = "Per-Worker", type_ = "integer", json_path = ".spec.acceleratorsPerWorker"),
+    printcolumn(name = "Running", type_ = "integer", json_path = ".status.workerStates.running"),
     printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts"),
-    printcolumn(
-        name = "Queue",
-        type_ = "integer",
-        json_path = ".status.queuePosition",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Priority",
-        type_ = "integer",
-        json_path = ".spec.priority",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queuePosition", priority = 1),
+    printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("self.allocation == oldSelf.allocation").message("allocation is immutable; create a new ModelProject to run against another allocation"))]
 #[serde(rename_all = "camelCase")]

@@ -22,8 +22,8 @@ use super::quota::QUOTA_NAME;
 use super::view::View;
 use super::{Context, Error, FIELD_MANAGER, nodes};
 use crate::api::{
-    AllocationPhase, DomesticShare, GpuAllocation, GpuAllocationStatus, GrantMode, PoolGrantStatus,
-    condition, find_condition, set_condition,
+    AllocationPhase, DomesticShare, GpuAllocation, GpuAllocationStatus, GrantMode, PoolGrantStatus, condition,
+    find_condition, set_condition,
 };
 use crate::planner::grants::{Blocker, Phase};
 use crate::planner::usage::{self, AllocationUse};
@@ -33,10 +33,7 @@ pub const FINALIZER: &str = "sovereign.ai/release-reservations";
 /// Usage is written to status at least this often while pods run.
 const USAGE_INTERVAL: Duration = Duration::from_secs(60);
 
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let s = &ctx.stores;
     // Admission is cluster-wide: a change of nodes, pools or any allocation can
     // admit or block any allocation. A pod change only moves the usage of the
@@ -57,27 +54,20 @@ pub async fn run(
             .collect();
         futures::stream::iter(hits)
     });
-    Controller::new(
-        Api::<GpuAllocation>::all(ctx.client.clone()),
-        Default::default(),
-    )
-    .reconcile_all_on(everything)
-    .reconcile_on(pod_allocations)
-    .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(300)))
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|_| async {})
-    .await;
+    Controller::new(Api::<GpuAllocation>::all(ctx.client.clone()), Default::default())
+        .reconcile_all_on(everything)
+        .reconcile_on(pod_allocations)
+        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(300)))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
 }
 
 fn error_policy(_a: Arc<GpuAllocation>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.count_error(CONTROLLER, error);
     tracing::warn!(error = %error, "allocation reconcile failed");
-    if error.is_transient() {
-        Action::requeue(Duration::from_secs(5))
-    } else {
-        Action::await_change()
-    }
+    if error.is_transient() { Action::requeue(Duration::from_secs(5)) } else { Action::await_change() }
 }
 
 async fn reconcile(alloc: Arc<GpuAllocation>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -102,8 +92,7 @@ async fn cleanup(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> 
     let released = reconcile_nodes(ctx, &name, &BTreeSet::new()).await?;
     if !released.is_empty() {
         let note = format!("released reserved nodes {}", released.join(", "));
-        ctx.event(&alloc.object_ref(&()), false, "NodesReleased", note)
-            .await;
+        ctx.event(&alloc.object_ref(&()), false, "NodesReleased", note).await;
     }
     Ok(Action::await_change())
 }
@@ -111,26 +100,17 @@ async fn cleanup(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> 
 async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
     let name = alloc.name_any();
     let view = ctx.view();
-    let (Some(plan), Some(state)) = (
-        view.grants.allocations.get(&name),
-        view.allocations.iter().find(|a| a.name == name),
-    ) else {
+    let (Some(plan), Some(state)) =
+        (view.grants.allocations.get(&name), view.allocations.iter().find(|a| a.name == name))
+    else {
         return Err(Error::NotInCache(name));
     };
-    let usage = view
-        .usage
-        .by_allocation
-        .get(&name)
-        .cloned()
-        .unwrap_or_default();
+    let usage = view.usage.by_allocation.get(&name).cloned().unwrap_or_default();
     let active = plan.phase == Phase::Active;
 
     // Reservations: exactly the planned nodes carry the label and taint.
     let wanted: BTreeSet<String> = if active {
-        plan.pools
-            .values()
-            .flat_map(|p| p.reserved_nodes.iter().cloned())
-            .collect()
+        plan.pools.values().flat_map(|p| p.reserved_nodes.iter().cloned()).collect()
     } else {
         BTreeSet::new()
     };
@@ -146,38 +126,20 @@ async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
             "status": status,
         });
         Api::<GpuAllocation>::all(ctx.client.clone())
-            .patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(patch),
-            )
+            .patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
             .await?;
     }
-    Ok(Action::requeue(next_wake(
-        &view,
-        plan.wake_at,
-        alloc,
-        &status,
-        &usage,
-    )))
+    Ok(Action::requeue(next_wake(&view, plan.wake_at, alloc, &status, &usage)))
 }
 
 /// Labels and taints `wanted`, clears every other node labelled for `name`.
 /// Returns the nodes released.
-async fn reconcile_nodes(
-    ctx: &Context,
-    name: &str,
-    wanted: &BTreeSet<String>,
-) -> Result<Vec<String>, Error> {
+async fn reconcile_nodes(ctx: &Context, name: &str, wanted: &BTreeSet<String>) -> Result<Vec<String>, Error> {
     let api: Api<Node> = Api::all(ctx.client.clone());
     let mut released = Vec::new();
     for node in ctx.stores.nodes.store.state() {
         let node_name = node.name_any();
-        let labelled = node
-            .labels()
-            .get(crate::snapshot::RESERVED_FOR)
-            .map(String::as_str)
-            == Some(name);
+        let labelled = node.labels().get(crate::snapshot::RESERVED_FOR).map(String::as_str) == Some(name);
         if wanted.contains(&node_name) {
             nodes::set_reservation(&api, &node, Some(name)).await?;
         } else if labelled {
@@ -235,19 +197,13 @@ fn build_status(
     // least every USAGE_INTERVAL; otherwise keep the last sample, so that an
     // unchanged cluster produces no status writes.
     let last = old.usage_updated_at.as_ref().map(|t| t.0);
-    let stale = last
-        .is_none_or(|t| view.now.duration_since(t).as_secs_f64() >= USAGE_INTERVAL.as_secs_f64());
-    let changed = old.charge_rate != usage.rate
-        || old.domestic_charge_rate != usage.domestic_rate
-        || old.phase != s.phase;
+    let stale = last.is_none_or(|t| view.now.duration_since(t).as_secs_f64() >= USAGE_INTERVAL.as_secs_f64());
+    let changed =
+        old.charge_rate != usage.rate || old.domestic_charge_rate != usage.domestic_rate || old.phase != s.phase;
     if stale || changed {
         s.accelerator_hours_used = round(hours_now);
-        s.domestic_accelerator_hours_used = round(usage::charge(
-            old.domestic_accelerator_hours_used,
-            last,
-            view.now,
-            old.domestic_charge_rate,
-        ));
+        s.domestic_accelerator_hours_used =
+            round(usage::charge(old.domestic_accelerator_hours_used, last, view.now, old.domestic_charge_rate));
         s.usage_updated_at = Some(now.clone());
         s.charge_rate = usage.rate;
         s.domestic_charge_rate = usage.domestic_rate;
@@ -276,25 +232,14 @@ fn round(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
 
-fn conditions(
-    alloc: &GpuAllocation,
-    view: &View,
-    s: &GpuAllocationStatus,
-    hours_now: f64,
-) -> Vec<Condition> {
+fn conditions(alloc: &GpuAllocation, view: &View, s: &GpuAllocationStatus, hours_now: f64) -> Vec<Condition> {
     let name = alloc.name_any();
     let plan = &view.grants.allocations[&name];
     let g = alloc.metadata.generation;
     let mut out = Vec::new();
     let active = plan.phase == Phase::Active;
     out.push(match (&plan.blocker, active) {
-        (_, true) => condition(
-            "Ready",
-            true,
-            "Active",
-            format!("grant in force: {} accelerators", s.granted),
-            g,
-        ),
+        (_, true) => condition("Ready", true, "Active", format!("grant in force: {} accelerators", s.granted), g),
         (Some(b), false) => condition("Ready", false, b.reason(), b.message(), g),
         (None, false) => condition("Ready", false, "Pending", "waiting for admission", g),
     });
@@ -316,20 +261,10 @@ fn conditions(
         });
     }
     match &plan.blocker {
-        Some(b @ Blocker::Capacity { .. }) => out.push(condition(
-            "CapacityAvailable",
-            false,
-            b.reason(),
-            b.message(),
-            g,
-        )),
-        _ if active => out.push(condition(
-            "CapacityAvailable",
-            true,
-            "Granted",
-            "every grant fits in its pool",
-            g,
-        )),
+        Some(b @ Blocker::Capacity { .. }) => {
+            out.push(condition("CapacityAvailable", false, b.reason(), b.message(), g))
+        }
+        _ if active => out.push(condition("CapacityAvailable", true, "Granted", "every grant fits in its pool", g)),
         _ => {}
     }
     if let Some(budget) = &alloc.spec.budget {
@@ -368,19 +303,8 @@ fn conditions(
             ),
         });
     }
-    if alloc
-        .spec
-        .grants
-        .iter()
-        .any(|gr| gr.mode == GrantMode::Dedicated)
-        && active
-    {
-        let short: Vec<&str> = plan
-            .pools
-            .iter()
-            .filter(|(_, p)| p.short_of_nodes)
-            .map(|(n, _)| n.as_str())
-            .collect();
+    if alloc.spec.grants.iter().any(|gr| gr.mode == GrantMode::Dedicated) && active {
+        let short: Vec<&str> = plan.pools.iter().filter(|(_, p)| p.short_of_nodes).map(|(n, _)| n.as_str()).collect();
         let nodes: usize = plan.pools.values().map(|p| p.reserved_nodes.len()).sum();
         out.push(if short.is_empty() {
             condition("NodesReserved", true, "Reserved", format!("{nodes} node(s) reserved"), g)
@@ -389,7 +313,10 @@ fn conditions(
                 "NodesReserved",
                 false,
                 "NotEnoughFreeNodes",
-                format!("{nodes} node(s) reserved; pool(s) {} have too few free Ready nodes for the dedicated grant", short.join(", ")),
+                format!(
+                    "{nodes} node(s) reserved; pool(s) {} have too few free Ready nodes for the dedicated grant",
+                    short.join(", ")
+                ),
                 g,
             )
         });
@@ -402,22 +329,14 @@ fn conditions(
 /// quota reconciler).
 fn quota_condition(view: &View, alloc: &GpuAllocation) -> Condition {
     let g = alloc.metadata.generation;
-    let missing: Vec<&String> = alloc
-        .spec
-        .tenant
-        .namespaces
-        .iter()
-        .filter(|ns| !view.namespaces.contains(*ns))
-        .collect();
+    let missing: Vec<&String> =
+        alloc.spec.tenant.namespaces.iter().filter(|ns| !view.namespaces.contains(*ns)).collect();
     if missing.is_empty() {
         condition(
             "QuotaApplied",
             true,
             "QuotaManaged",
-            format!(
-                "ResourceQuota {QUOTA_NAME} is managed in {} namespace(s)",
-                alloc.spec.tenant.namespaces.len()
-            ),
+            format!("ResourceQuota {QUOTA_NAME} is managed in {} namespace(s)", alloc.spec.tenant.namespaces.len()),
             g,
         )
     } else {
@@ -427,11 +346,7 @@ fn quota_condition(view: &View, alloc: &GpuAllocation) -> Condition {
             "NamespaceMissing",
             format!(
                 "namespace(s) {} do not exist yet; their quota is applied when they are created",
-                missing
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
             ),
             g,
         )
@@ -449,8 +364,7 @@ fn next_wake(
 ) -> Duration {
     let mut wake = Duration::from_secs(600);
     let until = |t: Timestamp| {
-        Duration::from_secs_f64(t.duration_since(view.now).as_secs_f64().max(0.0))
-            + Duration::from_millis(200)
+        Duration::from_secs_f64(t.duration_since(view.now).as_secs_f64().max(0.0)) + Duration::from_millis(200)
     };
     if let Some(t) = wake_at {
         wake = wake.min(until(t));
@@ -458,12 +372,8 @@ fn next_wake(
     if usage.rate > 0.0 {
         wake = wake.min(USAGE_INTERVAL);
         if let Some(b) = &alloc.spec.budget
-            && let Some(t) = usage::exhausted_at(
-                b.accelerator_hours as f64,
-                status.accelerator_hours_used,
-                view.now,
-                usage.rate,
-            )
+            && let Some(t) =
+                usage::exhausted_at(b.accelerator_hours as f64, status.accelerator_hours_used, view.now, usage.rate)
         {
             wake = wake.min(until(t));
         }
@@ -482,17 +392,11 @@ async fn publish_transitions(
     let on = alloc.object_ref(&());
     if old.phase != new.phase {
         let (warning, reason, note) = match (new.phase, &plan.blocker) {
-            (Some(AllocationPhase::Active), _) => (
-                false,
-                "Activated".to_string(),
-                format!("grant in force: {} accelerators", new.granted),
-            ),
-            (Some(AllocationPhase::Expired), Some(b)) => {
-                (false, "Expired".to_string(), b.message())
+            (Some(AllocationPhase::Active), _) => {
+                (false, "Activated".to_string(), format!("grant in force: {} accelerators", new.granted))
             }
-            (Some(AllocationPhase::Exhausted), Some(b)) => {
-                (true, "BudgetUsedUp".to_string(), b.message())
-            }
+            (Some(AllocationPhase::Expired), Some(b)) => (false, "Expired".to_string(), b.message()),
+            (Some(AllocationPhase::Exhausted), Some(b)) => (true, "BudgetUsedUp".to_string(), b.message()),
             (_, Some(b)) => (
                 b.reason() == "InsufficientCapacity"
                     || b.reason() == "PoolNotFound"
@@ -500,70 +404,44 @@ async fn publish_transitions(
                 b.reason().to_string(),
                 b.message(),
             ),
-            (_, None) => (
-                false,
-                "Pending".to_string(),
-                "waiting for admission".to_string(),
-            ),
+            (_, None) => (false, "Pending".to_string(), "waiting for admission".to_string()),
         };
         ctx.event(&on, warning, &reason, note).await;
     } else if let (Some(b), Some(AllocationPhase::Pending)) = (&plan.blocker, new.phase) {
         // Still pending, for a new reason.
         let was = find_condition(&old.conditions, "Ready").map(|c| c.reason.clone());
         if was.as_deref() != Some(b.reason()) {
-            ctx.event(&on, b.reason() != "WindowNotOpen", b.reason(), b.message())
-                .await;
+            ctx.event(&on, b.reason() != "WindowNotOpen", b.reason(), b.message()).await;
         }
     }
     let turned = |t: &str, reason: &str| {
-        find_condition(&new.conditions, t).filter(|c| {
-            c.reason == reason
-                && find_condition(&old.conditions, t).is_none_or(|o| o.reason != reason)
-        })
+        find_condition(&new.conditions, t)
+            .filter(|c| c.reason == reason && find_condition(&old.conditions, t).is_none_or(|o| o.reason != reason))
     };
     if let Some(c) = turned("WithinBudget", "BudgetAlmostUsed") {
-        ctx.event(&on, true, "BudgetAlmostUsed", c.message.clone())
-            .await;
+        ctx.event(&on, true, "BudgetAlmostUsed", c.message.clone()).await;
     }
     if let Some(c) = turned("NodesReserved", "NotEnoughFreeNodes") {
-        ctx.event(&on, true, "NotEnoughFreeNodes", c.message.clone())
-            .await;
+        ctx.event(&on, true, "NotEnoughFreeNodes", c.message.clone()).await;
     }
     let reserved = |s: &GpuAllocationStatus| -> BTreeSet<String> {
-        s.pools
-            .iter()
-            .flat_map(|p| p.reserved_nodes.iter().cloned())
-            .collect()
+        s.pools.iter().flat_map(|p| p.reserved_nodes.iter().cloned()).collect()
     };
     let (before, after) = (reserved(old), reserved(new));
     let added: Vec<&String> = after.difference(&before).collect();
     let removed: Vec<&String> = before.difference(&after).collect();
     if !added.is_empty() {
-        let verb = if removed.is_empty() {
-            "NodesReserved"
-        } else {
-            "NodesReplaced"
-        };
+        let verb = if removed.is_empty() { "NodesReserved" } else { "NodesReplaced" };
         let mut note = format!("reserved {}", join(&added));
         if !removed.is_empty() {
             note.push_str(&format!("; released {}", join(&removed)));
         }
         ctx.event(&on, false, verb, note).await;
     } else if !removed.is_empty() {
-        ctx.event(
-            &on,
-            false,
-            "NodesReleased",
-            format!("released {}", join(&removed)),
-        )
-        .await;
+        ctx.event(&on, false, "NodesReleased", format!("released {}", join(&removed))).await;
     }
 }
 
 fn join(names: &[&String]) -> String {
-    names
-        .iter()
-        .map(|s| s.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+    names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
 }

@@ -22,17 +22,11 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, metrics: Arc<Metrics>, stores: Stores, args: &RunArgs) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: super::FIELD_MANAGER.into(),
-            instance: args.identity.clone(),
-        };
+        let reporter = Reporter { controller: super::FIELD_MANAGER.into(), instance: args.identity.clone() };
         Arc::new(Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            views: ViewCache::new(
-                Duration::from_secs(args.node_grace_seconds),
-                metrics.clone(),
-            ),
+            views: ViewCache::new(Duration::from_secs(args.node_grace_seconds), metrics.clone()),
             metrics,
             stores,
         })
@@ -46,11 +40,7 @@ impl Context {
     /// Publishes an Event; a failure to publish is logged, never fatal.
     pub async fn event(&self, on: &ObjectReference, warning: bool, reason: &str, note: String) {
         let ev = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
+            type_: if warning { EventType::Warning } else { EventType::Normal },
             reason: reason.into(),
             note: Some(truncate(note, 1000)),
             action: "Reconcile".into(),
@@ -62,27 +52,15 @@ impl Context {
     }
 
     pub fn count_reconcile(&self, controller: &'static str) {
-        self.metrics
-            .reconciliations
-            .get_or_create(&ControllerLabels { controller })
-            .inc();
+        self.metrics.reconciliations.get_or_create(&ControllerLabels { controller }).inc();
     }
 
     pub fn count_error(&self, controller: &'static str, error: &Error) {
-        self.metrics
-            .reconcile_errors
-            .get_or_create(&ErrorLabels {
-                controller,
-                category: error.category(),
-            })
-            .inc();
+        self.metrics.reconcile_errors.get_or_create(&ErrorLabels { controller, category: error.category() }).inc();
     }
 
     pub fn observe_duration(&self, controller: &'static str, seconds: f64) {
-        self.metrics
-            .reconcile_duration
-            .get_or_create(&ControllerLabels { controller })
-            .observe(seconds);
+        self.metrics.reconcile_duration.get_or_create(&ControllerLabels { controller }).observe(seconds);
     }
 }
 

@@ -40,12 +40,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    let admin = tokio::spawn(admin::serve(
-        args.admin_address,
-        readiness.clone(),
-        metrics.clone(),
-        stopped(stop_rx.clone()),
-    ));
+    let admin =
+        tokio::spawn(admin::serve(args.admin_address, readiness.clone(), metrics.clone(), stopped(stop_rx.clone())));
 
     let work = async {
         wait_for_crds(&client, &readiness).await;
@@ -58,10 +54,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stores.wait_until_ready().await?;
         let ctx = Context::new(client.clone(), metrics.clone(), stores, &args);
         readiness.set_ready();
-        tracing::info!(
-            elapsed_ms = synced.elapsed().as_millis() as u64,
-            "caches synced, reconciling"
-        );
+        tracing::info!(elapsed_ms = synced.elapsed().as_millis() as u64, "caches synced, reconciling");
         tokio::join!(
             pool::run(ctx.clone(), stopped(stop_rx.clone())),
             allocation::run(ctx.clone(), stopped(stop_rx.clone())),
@@ -98,8 +91,8 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install SIGTERM handler");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -114,10 +107,7 @@ async fn wait_for_crds(client: &Client, readiness: &Readiness) {
         match missing_crds(client).await {
             Ok(missing) if missing.is_empty() => return,
             Ok(missing) => {
-                let reason = format!(
-                    "CRDs not installed: {} (kubectl apply -f crds/)",
-                    missing.join(", ")
-                );
+                let reason = format!("CRDs not installed: {} (kubectl apply -f crds/)", missing.join(", "));
                 tracing::warn!("{reason}");
                 readiness.set_not_ready(reason);
             }
@@ -152,18 +142,14 @@ async fn missing_crds(client: &Client) -> Result<Vec<&'static str>, kube::Error>
 /// Blocks until this replica holds the leader Lease. Losing it later stops the
 /// process, so that a new leader never overlaps with a stale one.
 async fn lead(client: &Client, args: &RunArgs, readiness: &Readiness) -> anyhow::Result<()> {
-    let identity = args
-        .identity
-        .clone()
-        .unwrap_or_else(|| format!("sovereign-operator-{}", std::process::id()));
-    let manager =
-        kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "sovereign-operator-leader")
-            .with_namespace(&args.lease_namespace)
-            .with_identity(identity)
-            .with_duration(15)
-            .with_grace(5)
-            .build()
-            .await?;
+    let identity = args.identity.clone().unwrap_or_else(|| format!("sovereign-operator-{}", std::process::id()));
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "sovereign-operator-leader")
+        .with_namespace(&args.lease_namespace)
+        .with_identity(identity)
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await?;
     readiness.set_not_ready("waiting for the leader lease");
     let (mut channel, task) = manager.watch().await;
     channel.wait_for(|leader| *leader).await?;

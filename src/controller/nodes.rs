@@ -39,20 +39,12 @@ pub fn desired_taints(node: &Node, allocation: Option<&str>) -> Vec<Taint> {
 /// Whether `node` already carries exactly the reservation for `allocation`.
 pub fn is_reserved_as(node: &Node, allocation: Option<&str>) -> bool {
     let label = node.labels().get(RESERVED_FOR).map(String::as_str);
-    let current = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default();
+    let current = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
     label == allocation && current == desired_taints(node, allocation)
 }
 
 /// Labels and taints `node` for `allocation`, or clears both with `None`.
-pub async fn set_reservation(
-    api: &Api<Node>,
-    node: &Node,
-    allocation: Option<&str>,
-) -> Result<(), Error> {
+pub async fn set_reservation(api: &Api<Node>, node: &Node, allocation: Option<&str>) -> Result<(), Error> {
     if is_reserved_as(node, allocation) {
         return Ok(());
     }
@@ -63,12 +55,8 @@ pub async fn set_reservation(
         },
         "spec": { "taints": desired_taints(node, allocation) },
     });
-    let pp = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    api.patch(&node.name_any(), &pp, &Patch::Merge(&patch))
-        .await?;
+    let pp = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    api.patch(&node.name_any(), &pp, &Patch::Merge(&patch)).await?;
     Ok(())
 }
 
@@ -78,13 +66,7 @@ mod tests {
     use k8s_openapi::api::core::v1::NodeSpec;
 
     fn node_with(taints: Vec<Taint>, label: Option<&str>) -> Node {
-        let mut n = Node {
-            spec: Some(NodeSpec {
-                taints: Some(taints),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let mut n = Node { spec: Some(NodeSpec { taints: Some(taints), ..Default::default() }), ..Default::default() };
         if let Some(l) = label {
             n.labels_mut().insert(RESERVED_FOR.into(), l.into());
         }
@@ -92,22 +74,14 @@ mod tests {
     }
 
     fn taint(key: &str, value: &str) -> Taint {
-        Taint {
-            key: key.into(),
-            value: Some(value.into()),
-            effect: "NoSchedule".into(),
-            time_added: None,
-        }
+        Taint { key: key.into(), value: Some(value.into()), effect: "NoSchedule".into(), time_added: None }
     }
 
     #[test]
     fn other_taints_are_kept_and_ours_replaced() {
         let gpu = taint("nvidia.com/gpu", "present");
         let n = node_with(vec![gpu.clone(), taint(RESERVED_FOR, "old")], Some("old"));
-        assert_eq!(
-            desired_taints(&n, Some("new")),
-            vec![gpu.clone(), taint(RESERVED_FOR, "new")]
-        );
+        assert_eq!(desired_taints(&n, Some("new")), vec![gpu.clone(), taint(RESERVED_FOR, "new")]);
         assert_eq!(desired_taints(&n, None), vec![gpu]);
         assert!(is_reserved_as(&n, Some("old")));
         assert!(!is_reserved_as(&n, Some("new")));

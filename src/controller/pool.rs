@@ -14,19 +14,14 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::{Context, Error, FIELD_MANAGER};
-use crate::api::{
-    AcceleratorPool, AcceleratorPoolStatus, condition, find_condition, set_condition,
-};
+use crate::api::{AcceleratorPool, AcceleratorPoolStatus, condition, find_condition, set_condition};
 use crate::snapshot;
 
 const CONTROLLER: &str = "acceleratorpool";
 /// Conflicting node names listed in status, at most.
 const MAX_LISTED_CONFLICTS: usize = 20;
 
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let s = &ctx.stores;
     // Node, pool and grant changes can move capacity between pools (and a pool
     // change can create or clear a conflict elsewhere): all pools. A pod change
@@ -39,10 +34,7 @@ pub async fn run(
     let (nodes, pools) = (s.nodes.store.clone(), s.pools.store.clone());
     let pod_pools = s.pods.events().flat_map(move |pod| {
         let node = pod.spec.as_ref().and_then(|p| p.node_name.clone());
-        let labels = node
-            .and_then(|n| nodes.get(&ObjectRef::new(&n)))
-            .map(|n| n.labels().clone())
-            .unwrap_or_default();
+        let labels = node.and_then(|n| nodes.get(&ObjectRef::new(&n))).map(|n| n.labels().clone()).unwrap_or_default();
         let hits: Vec<ObjectRef<AcceleratorPool>> = pools
             .state()
             .iter()
@@ -51,27 +43,20 @@ pub async fn run(
             .collect();
         futures::stream::iter(hits)
     });
-    Controller::new(
-        Api::<AcceleratorPool>::all(ctx.client.clone()),
-        Default::default(),
-    )
-    .reconcile_all_on(everything)
-    .reconcile_on(pod_pools)
-    .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(300)))
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|_| async {})
-    .await;
+    Controller::new(Api::<AcceleratorPool>::all(ctx.client.clone()), Default::default())
+        .reconcile_all_on(everything)
+        .reconcile_on(pod_pools)
+        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(300)))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
 }
 
 fn error_policy(_pool: Arc<AcceleratorPool>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.count_error(CONTROLLER, error);
     tracing::warn!(error = %error, "pool reconcile failed");
-    if error.is_transient() {
-        Action::requeue(Duration::from_secs(5))
-    } else {
-        Action::await_change()
-    }
+    if error.is_transient() { Action::requeue(Duration::from_secs(5)) } else { Action::await_change() }
 }
 
 async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -89,11 +74,7 @@ async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Acti
     };
 
     if let Err(msg) = snapshot::pool_info(&pool) {
-        set_condition(
-            &mut status.conditions,
-            condition("Ready", false, "InvalidSelector", msg, generation),
-            &now,
-        );
+        set_condition(&mut status.conditions, condition("Ready", false, "InvalidSelector", msg, generation), &now);
     } else {
         let totals = view.totals.get(&name).cloned().unwrap_or_default();
         let plan = view.grants.pools.get(&name).cloned().unwrap_or_default();
@@ -107,19 +88,9 @@ async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Acti
         status.in_use = view.usage.by_pool.get(&name).copied().unwrap_or(0);
         status.free = (totals.allocatable - plan.granted).max(0);
         let conflicts: Vec<&str> = view.membership.conflicts_of(&name).collect();
-        status.conflicting_nodes = conflicts
-            .iter()
-            .take(MAX_LISTED_CONFLICTS)
-            .map(|s| s.to_string())
-            .collect();
+        status.conflicting_nodes = conflicts.iter().take(MAX_LISTED_CONFLICTS).map(|s| s.to_string()).collect();
         let conflict = match conflicts.first() {
-            None => condition(
-                "NodeConflict",
-                false,
-                "NoConflict",
-                "no node is selected by another pool",
-                generation,
-            ),
+            None => condition("NodeConflict", false, "NoConflict", "no node is selected by another pool", generation),
             Some(first) => condition(
                 "NodeConflict",
                 true,
@@ -148,10 +119,7 @@ async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Acti
                 "Overcommitted",
                 false,
                 "WithinCapacity",
-                format!(
-                    "{} of {} allocatable accelerators granted",
-                    plan.granted, totals.allocatable
-                ),
+                format!("{} of {} allocatable accelerators granted", plan.granted, totals.allocatable),
                 generation,
             )
         };
@@ -173,13 +141,7 @@ async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Acti
                 generation,
             )
         } else {
-            condition(
-                "Ready",
-                false,
-                "NoNodes",
-                "the nodeSelector matches no node",
-                generation,
-            )
+            condition("Ready", false, "NoNodes", "the nodeSelector matches no node", generation)
         };
         set_condition(&mut status.conditions, ready, &now);
     }
@@ -192,12 +154,7 @@ async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Acti
             "kind": AcceleratorPool::kind(&()),
             "status": status,
         });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await?;
+        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await?;
     }
     ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
     Ok(Action::requeue(Duration::from_secs(300)))
@@ -211,18 +168,13 @@ async fn publish_transitions(
     new: &AcceleratorPoolStatus,
 ) {
     let on = pool.object_ref(&());
-    for (type_, bad_when_true) in [
-        ("NodeConflict", true),
-        ("Overcommitted", true),
-        ("Ready", false),
-    ] {
+    for (type_, bad_when_true) in [("NodeConflict", true), ("Overcommitted", true), ("Ready", false)] {
         let Some(c) = find_condition(&new.conditions, type_) else {
             continue;
         };
         let prev = find_condition(&old.conditions, type_);
         let bad = (c.status == "True") == bad_when_true;
-        let was_bad =
-            prev.is_some_and(|p| (p.status == "True") == bad_when_true && p.reason == c.reason);
+        let was_bad = prev.is_some_and(|p| (p.status == "True") == bad_when_true && p.reason == c.reason);
         if bad && !was_bad && c.reason != "NoNodes" {
             ctx.event(&on, true, &c.reason, c.message.clone()).await;
         }

@@ -25,30 +25,21 @@ const CONTROLLER: &str = "quota";
 /// Name of the managed quota in every tenant namespace.
 pub const QUOTA_NAME: &str = "sovereign-accelerators";
 
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let s = &ctx.stores;
-    let grants_changed =
-        futures::stream::select_all([s.pools.changes().boxed(), s.allocations.changes().boxed()]);
+    let grants_changed = futures::stream::select_all([s.pools.changes().boxed(), s.allocations.changes().boxed()]);
     let managed = watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
-    Controller::new(
-        Api::<Namespace>::all(ctx.client.clone()),
-        Default::default(),
-    )
-    .reconcile_all_on(grants_changed)
-    // Someone edited or deleted a managed quota: put it back.
-    .watches(
-        Api::<ResourceQuota>::all(ctx.client.clone()),
-        managed,
-        |q| q.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
-    )
-    .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(300)))
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|_| async {})
-    .await;
+    Controller::new(Api::<Namespace>::all(ctx.client.clone()), Default::default())
+        .reconcile_all_on(grants_changed)
+        // Someone edited or deleted a managed quota: put it back.
+        .watches(Api::<ResourceQuota>::all(ctx.client.clone()), managed, |q| {
+            q.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns))
+        })
+        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(300)))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
 }
 
 fn error_policy(_ns: Arc<Namespace>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -59,30 +50,17 @@ fn error_policy(_ns: Arc<Namespace>, error: &Error, ctx: Arc<Context>) -> Action
 
 /// The `hard` map of a quota from resource name -> devices.
 pub fn hard(limits: &BTreeMap<String, i64>) -> BTreeMap<String, Quantity> {
-    limits
-        .iter()
-        .map(|(r, v)| (format!("requests.{r}"), Quantity(v.to_string())))
-        .collect()
+    limits.iter().map(|(r, v)| (format!("requests.{r}"), Quantity(v.to_string()))).collect()
 }
 
 async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = ns.name_any();
-    let existing = ctx
-        .stores
-        .quotas
-        .store
-        .get(&ObjectRef::new(QUOTA_NAME).within(&name));
+    let existing = ctx.stores.quotas.store.get(&ObjectRef::new(QUOTA_NAME).within(&name));
     if ns.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
     // Most namespaces are no tenant's: leave them without building a view.
-    let listed = ctx
-        .stores
-        .allocations
-        .store
-        .state()
-        .iter()
-        .any(|a| a.spec.tenant.namespaces.contains(&name));
+    let listed = ctx.stores.allocations.store.state().iter().any(|a| a.spec.tenant.namespaces.contains(&name));
     if !listed && existing.is_none() {
         return Ok(Action::await_change());
     }
@@ -93,10 +71,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
     match view.grants.quotas.get(&name) {
         Some(limits) => {
             let want = hard(limits);
-            let current = existing
-                .as_ref()
-                .and_then(|q| q.spec.as_ref())
-                .and_then(|s| s.hard.clone());
+            let current = existing.as_ref().and_then(|q| q.spec.as_ref()).and_then(|s| s.hard.clone());
             if current.as_ref() != Some(&want) {
                 let allocations: Vec<String> = view
                     .allocations
@@ -114,12 +89,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
                     },
                     "spec": { "hard": want },
                 });
-                api.patch(
-                    QUOTA_NAME,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(quota),
-                )
-                .await?;
+                api.patch(QUOTA_NAME, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(quota)).await?;
                 tracing::info!(namespace = %name, ?limits, "quota applied");
             }
         }
@@ -145,13 +115,7 @@ mod tests {
 
     #[test]
     fn hard_limits_use_the_requests_prefix() {
-        let h = hard(
-            &[
-                ("nvidia.com/gpu".to_string(), 24),
-                ("furiosa.ai/rngd".to_string(), 0),
-            ]
-            .into(),
-        );
+        let h = hard(&[("nvidia.com/gpu".to_string(), 24), ("furiosa.ai/rngd".to_string(), 0)].into());
         assert_eq!(h["requests.nvidia.com/gpu"], Quantity("24".into()));
         assert_eq!(h["requests.furiosa.ai/rngd"], Quantity("0".into()));
         assert_eq!(h.len(), 2);

@@ -17,7 +17,8 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, watch};
 
-use crate::api::{AcceleratorPool, GpuAllocation};
+use crate::api::{AcceleratorPool, GpuAllocation, ModelProject};
+use crate::snapshot::PROJECT_LABEL;
 
 /// Label on every object the operator manages.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "sovereign-operator");
@@ -77,6 +78,9 @@ pub struct Stores {
     pub namespaces: Shared<Namespace>,
     /// The quotas this operator manages.
     pub quotas: Shared<ResourceQuota>,
+    pub projects: Shared<ModelProject>,
+    /// Worker pods of every project, in any phase.
+    pub workers: Shared<Pod>,
     /// Bumped on every change of any store: the key of cached cluster views.
     pub epoch: Arc<AtomicU64>,
 }
@@ -89,6 +93,8 @@ impl Stores {
         self.pods.store.wait_until_ready().await?;
         self.namespaces.store.wait_until_ready().await?;
         self.quotas.store.wait_until_ready().await?;
+        self.projects.store.wait_until_ready().await?;
+        self.workers.store.wait_until_ready().await?;
         Ok(())
     }
 
@@ -103,66 +109,48 @@ pub fn start(client: Client) -> Stores {
     let all = watcher::Config::default().any_semantic();
     // Heartbeat times and image lists change often and matter to no decision:
     // drop them so that memory stays proportional to the nodes.
-    let nodes = shared(
-        Api::<Node>::all(client.clone()),
-        all.clone(),
-        &epoch,
-        |node: &mut Node| {
-            node.metadata.managed_fields = None;
-            if let Some(status) = node.status.as_mut() {
-                status.images = None;
-                status.node_info = None;
-                for c in status.conditions.iter_mut().flatten() {
-                    c.last_heartbeat_time = None;
-                }
+    let nodes = shared(Api::<Node>::all(client.clone()), all.clone(), &epoch, |node: &mut Node| {
+        node.metadata.managed_fields = None;
+        if let Some(status) = node.status.as_mut() {
+            status.images = None;
+            status.node_info = None;
+            for c in status.conditions.iter_mut().flatten() {
+                c.last_heartbeat_time = None;
             }
-        },
-    );
-    let pools = shared(
-        Api::<AcceleratorPool>::all(client.clone()),
-        all.clone(),
-        &epoch,
-        |p: &mut AcceleratorPool| {
-            p.metadata.managed_fields = None;
-        },
-    );
-    let allocations = shared(
-        Api::<GpuAllocation>::all(client.clone()),
-        all.clone(),
-        &epoch,
-        |a: &mut GpuAllocation| {
+        }
+    });
+    let pools = shared(Api::<AcceleratorPool>::all(client.clone()), all.clone(), &epoch, |p: &mut AcceleratorPool| {
+        p.metadata.managed_fields = None;
+    });
+    let allocations =
+        shared(Api::<GpuAllocation>::all(client.clone()), all.clone(), &epoch, |a: &mut GpuAllocation| {
             a.metadata.managed_fields = None;
-        },
-    );
+        });
     let running = all.clone().fields("status.phase=Running");
     let pods = shared(Api::<Pod>::all(client.clone()), running, &epoch, strip_pod);
-    let namespaces = shared(
-        Api::<Namespace>::all(client.clone()),
-        all.clone(),
-        &epoch,
-        |ns: &mut Namespace| {
-            ns.metadata.managed_fields = None;
-            ns.spec = None;
-        },
-    );
-    let managed = all.labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
-    let quotas = shared(
-        Api::<ResourceQuota>::all(client),
-        managed,
-        &epoch,
-        |q: &mut ResourceQuota| {
-            q.metadata.managed_fields = None;
-        },
-    );
-    Stores {
-        nodes,
-        pools,
-        allocations,
-        pods,
-        namespaces,
-        quotas,
-        epoch,
-    }
+    let namespaces = shared(Api::<Namespace>::all(client.clone()), all.clone(), &epoch, |ns: &mut Namespace| {
+        ns.metadata.managed_fields = None;
+        ns.spec = None;
+    });
+    let managed = all.clone().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+    let quotas = shared(Api::<ResourceQuota>::all(client.clone()), managed, &epoch, |q: &mut ResourceQuota| {
+        q.metadata.managed_fields = None;
+    });
+    let projects = shared(Api::<ModelProject>::all(client.clone()), all.clone(), &epoch, |p: &mut ModelProject| {
+        p.metadata.managed_fields = None;
+    });
+    let workers = shared(Api::<Pod>::all(client), all.labels(PROJECT_LABEL), &epoch, |pod: &mut Pod| {
+        pod.metadata.managed_fields = None;
+        if let Some(spec) = pod.spec.as_mut() {
+            spec.volumes = None;
+            for c in spec.containers.iter_mut() {
+                c.env = None;
+                c.env_from = None;
+                c.volume_mounts = None;
+            }
+        }
+    });
+    Stores { nodes, pools, allocations, pods, namespaces, quotas, projects, workers, epoch }
 }
 
 /// Keeps of a pod only what accounting and placement read: identity, labels,
@@ -207,10 +195,7 @@ where
     let (store, writer) = reflector::store();
     let (tx, changed) = watch::channel(());
     let (events, _) = broadcast::channel(EVENT_BUFFER);
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(strip)
-        .reflect(writer);
+    let stream = watcher(api, config).default_backoff().modify(strip).reflect(writer);
     let (epoch, sender) = (epoch.clone(), events.clone());
     tokio::spawn(stream.for_each(move |event| {
         match event {
@@ -228,9 +213,5 @@ where
         }
         futures::future::ready(())
     }));
-    Shared {
-        store,
-        changed,
-        events,
-    }
+    Shared { store, changed, events }
 }

@@ -39,18 +39,9 @@ pub struct View {
 
 impl View {
     pub fn build(stores: &Stores, node_grace: Duration, now: Timestamp) -> Self {
-        let nodes: Vec<NodeInfo> = stores
-            .nodes
-            .store
-            .state()
-            .iter()
-            .map(|n| snapshot::node_info(n))
-            .collect();
+        let nodes: Vec<NodeInfo> = stores.nodes.store.state().iter().map(|n| snapshot::node_info(n)).collect();
         let pool_objs = stores.pools.store.state();
-        let valid: Vec<_> = pool_objs
-            .iter()
-            .filter_map(|p| snapshot::pool_info(p).ok().map(|i| (p, i)))
-            .collect();
+        let valid: Vec<_> = pool_objs.iter().filter_map(|p| snapshot::pool_info(p).ok().map(|i| (p, i))).collect();
         let infos: Vec<_> = valid.iter().map(|(_, i)| i.clone()).collect();
         let membership = inventory::membership(&infos, &nodes);
         let mut pools = Vec::new();
@@ -58,11 +49,7 @@ impl View {
         let mut totals = BTreeMap::new();
         let mut node_pool: BTreeMap<String, usize> = BTreeMap::new();
         for (p, info) in &valid {
-            let members = membership
-                .nodes_by_pool
-                .get(&info.name)
-                .cloned()
-                .unwrap_or_default();
+            let members = membership.nodes_by_pool.get(&info.name).cloned().unwrap_or_default();
             let t = inventory::pool_totals(&info.resource_name, &members, &nodes);
             for &i in &members {
                 node_pool.insert(nodes[i].name.clone(), rates.len());
@@ -72,68 +59,25 @@ impl View {
             totals.insert(info.name.clone(), t);
         }
         let alloc_objs = stores.allocations.store.state();
-        let allocations: Vec<AllocationState> = alloc_objs
-            .iter()
-            .map(|a| snapshot::allocation_state(a, now))
-            .collect();
-        let programs = alloc_objs
-            .iter()
-            .map(|a| (a.name_any(), a.spec.program.clone().unwrap_or_default()))
-            .collect();
-        let pods: Vec<PodUse> = stores
-            .pods
-            .store
-            .state()
-            .iter()
-            .filter_map(|p| snapshot::pod_use(p))
-            .collect();
-        let was_active: BTreeSet<&str> = allocations
-            .iter()
-            .filter(|a| a.was_active)
-            .map(|a| a.name.as_str())
-            .collect();
-        let usage = usage::attribute(&pods, &node_pool, &rates, &allocations, &|a| {
-            was_active.contains(a)
-        });
+        let allocations: Vec<AllocationState> = alloc_objs.iter().map(|a| snapshot::allocation_state(a, now)).collect();
+        let programs = alloc_objs.iter().map(|a| (a.name_any(), a.spec.program.clone().unwrap_or_default())).collect();
+        let pods: Vec<PodUse> = stores.pods.store.state().iter().filter_map(|p| snapshot::pod_use(p)).collect();
+        let was_active: BTreeSet<&str> = allocations.iter().filter(|a| a.was_active).map(|a| a.name.as_str()).collect();
+        let usage = usage::attribute(&pods, &node_pool, &rates, &allocations, &|a| was_active.contains(a));
         let busy: BTreeSet<String> = pods.iter().map(|p| p.node.clone()).collect();
-        let labelled: BTreeMap<String, String> = nodes
-            .iter()
-            .filter_map(|n| {
-                n.labels
-                    .get(RESERVED_FOR)
-                    .map(|a| (n.name.clone(), a.clone()))
-            })
-            .collect();
+        let labelled: BTreeMap<String, String> =
+            nodes.iter().filter_map(|n| n.labels.get(RESERVED_FOR).map(|a| (n.name.clone(), a.clone()))).collect();
         let grants = grants::plan(&GrantInput {
             nodes: &nodes,
             pools: &pools,
             allocations: &allocations,
             labelled: &labelled,
             busy: &busy,
-            node_grace: SignedDuration::try_from(node_grace)
-                .unwrap_or(SignedDuration::from_secs(300)),
+            node_grace: SignedDuration::try_from(node_grace).unwrap_or(SignedDuration::from_secs(300)),
             now,
         });
-        let namespaces = stores
-            .namespaces
-            .store
-            .state()
-            .iter()
-            .map(|n| n.name_any())
-            .collect();
-        Self {
-            now,
-            nodes,
-            membership,
-            pools,
-            totals,
-            allocations,
-            grants,
-            usage,
-            labelled,
-            programs,
-            namespaces,
-        }
+        let namespaces = stores.namespaces.store.state().iter().map(|n| n.name_any()).collect();
+        Self { now, nodes, membership, pools, totals, allocations, grants, usage, labelled, programs, namespaces }
     }
 
     pub fn pool(&self, name: &str) -> Option<&PoolState> {
@@ -143,26 +87,13 @@ impl View {
     /// Publishes the pool, allocation and domestic-share gauges.
     pub fn record(&self, metrics: &Metrics) {
         metrics.clear_views();
-        let (
-            mut dom_alloc,
-            mut all_alloc,
-            mut dom_granted,
-            mut all_granted,
-            mut dom_use,
-            mut all_use,
-        ) = (0, 0, 0, 0, 0, 0);
+        let (mut dom_alloc, mut all_alloc, mut dom_granted, mut all_granted, mut dom_use, mut all_use) =
+            (0, 0, 0, 0, 0, 0);
         for p in &self.pools {
             let plan = self.grants.pools.get(&p.name).cloned().unwrap_or_default();
             let in_use = self.usage.by_pool.get(&p.name).copied().unwrap_or(0);
             let t = self.totals.get(&p.name).cloned().unwrap_or_default();
-            metrics.pool(
-                &p.name,
-                t.capacity,
-                t.allocatable,
-                plan.granted,
-                plan.reserved,
-                in_use,
-            );
+            metrics.pool(&p.name, t.capacity, t.allocatable, plan.granted, plan.reserved, in_use);
             all_alloc += t.allocatable;
             all_granted += plan.granted;
             all_use += in_use;
@@ -175,18 +106,8 @@ impl View {
         for a in &self.allocations {
             let plan = &self.grants.allocations[&a.name];
             let granted: i64 = plan.pools.values().map(|g| g.granted).sum();
-            let program = self
-                .programs
-                .get(&a.name)
-                .map(String::as_str)
-                .unwrap_or_default();
-            metrics.allocation(
-                &a.name,
-                program,
-                granted,
-                a.hours_used,
-                plan.phase == Phase::Active,
-            );
+            let program = self.programs.get(&a.name).map(String::as_str).unwrap_or_default();
+            metrics.allocation(&a.name, program, granted, a.hours_used, plan.phase == Phase::Active);
         }
         let share = |d: i64, t: i64| if t > 0 { d as f64 / t as f64 } else { 0.0 };
         metrics.domestic_share("capacity", share(dom_alloc, all_alloc));
@@ -204,11 +125,7 @@ pub struct ViewCache {
 
 impl ViewCache {
     pub fn new(node_grace: Duration, metrics: Arc<Metrics>) -> Self {
-        Self {
-            latest: Mutex::new(None),
-            node_grace,
-            metrics,
-        }
+        Self { latest: Mutex::new(None), node_grace, metrics }
     }
 
     pub fn get(&self, stores: &Stores) -> Arc<View> {

@@ -123,25 +123,13 @@ impl Blocker {
             Blocker::PoolNotFound { pools } => {
                 format!("grants name pools that do not exist: {}", pools.join(", "))
             }
-            Blocker::DomesticShareShort {
-                share,
-                min,
-                domestic,
-                total,
-            } => format!(
+            Blocker::DomesticShareShort { share, min, domestic, total } => format!(
                 "{domestic} of {total} granted accelerators ({:.0}%) are in domestic pools; minDomesticShare needs {:.0}%: add {} domestic accelerators",
                 share * 100.0,
                 min * 100.0,
-                ((min * *total as f64 - *domestic as f64) / (1.0 - min))
-                    .ceil()
-                    .max(1.0) as i64
+                ((min * *total as f64 - *domestic as f64) / (1.0 - min)).ceil().max(1.0) as i64
             ),
-            Blocker::Capacity {
-                pool,
-                free,
-                needs,
-                allocatable,
-            } => format!(
+            Blocker::Capacity { pool, free, needs, allocatable } => format!(
                 "pool {pool} is short by {} accelerators: {allocatable} allocatable, {free} not granted to others, this grant needs {needs}",
                 needs - free
             ),
@@ -218,8 +206,7 @@ pub struct GrantInput<'a> {
 }
 
 pub fn plan(input: &GrantInput<'_>) -> GrantPlan {
-    let pools: BTreeMap<&str, &PoolState> =
-        input.pools.iter().map(|p| (p.name.as_str(), p)).collect();
+    let pools: BTreeMap<&str, &PoolState> = input.pools.iter().map(|p| (p.name.as_str(), p)).collect();
     let mut out = GrantPlan::default();
     for p in input.pools {
         out.pools.insert(p.name.clone(), PoolPlan::default());
@@ -241,30 +228,13 @@ pub fn plan(input: &GrantInput<'_>) -> GrantPlan {
         };
         out.allocations.insert(
             a.name.clone(),
-            AllocationPlan {
-                phase,
-                blocker,
-                pools: BTreeMap::new(),
-                domestic_granted_share,
-                wake_at,
-            },
+            AllocationPlan { phase, blocker, pools: BTreeMap::new(), domestic_granted_share, wake_at },
         );
     }
 
     // 2 and 3. Holders first, then the queue, each by priority, age and name.
-    eligible.sort_by_key(|a| {
-        (
-            Reverse(a.was_active),
-            Reverse(a.priority),
-            a.created,
-            a.name.clone(),
-        )
-    });
-    let mut free: BTreeMap<&str, i64> = input
-        .pools
-        .iter()
-        .map(|p| (p.name.as_str(), p.allocatable))
-        .collect();
+    eligible.sort_by_key(|a| (Reverse(a.was_active), Reverse(a.priority), a.created, a.name.clone()));
+    let mut free: BTreeMap<&str, i64> = input.pools.iter().map(|p| (p.name.as_str(), p.allocatable)).collect();
     // Nodes no one may take: held by allocations that are not planned this pass
     // are released, so only this pass's choices block.
     let mut taken: BTreeSet<String> = BTreeSet::new();
@@ -277,21 +247,14 @@ pub fn plan(input: &GrantInput<'_>) -> GrantPlan {
             let plan = if g.dedicated {
                 reserve(input, a, g, pool, &taken)
             } else {
-                PoolGrantPlan {
-                    granted: g.accelerators,
-                    ..Default::default()
-                }
+                PoolGrantPlan { granted: g.accelerators, ..Default::default() }
             };
             let fits = left >= plan.granted && !(g.dedicated && plan.short_of_nodes);
             if !fits && !a.was_active && blocker.is_none() {
                 blocker = Some(Blocker::Capacity {
                     pool: g.pool.clone(),
                     free: left.max(0),
-                    needs: if g.dedicated {
-                        plan.granted.max(g.accelerators)
-                    } else {
-                        g.accelerators
-                    },
+                    needs: if g.dedicated { plan.granted.max(g.accelerators) } else { g.accelerators },
                     allocatable: pool.allocatable,
                 });
             }
@@ -324,23 +287,16 @@ pub fn plan(input: &GrantInput<'_>) -> GrantPlan {
     }
 
     // 4. Quotas.
-    let resources: BTreeSet<&str> = input
-        .pools
-        .iter()
-        .map(|p| p.resource_name.as_str())
-        .collect();
+    let resources: BTreeSet<&str> = input.pools.iter().map(|p| p.resource_name.as_str()).collect();
     for a in input.allocations.iter().filter(|a| !a.deleting) {
         let active = out.allocations[&a.name].phase == Phase::Active;
         for ns in &a.namespaces {
-            let q = out
-                .quotas
-                .entry(ns.clone())
-                .or_insert_with(|| resources.iter().map(|r| (r.to_string(), 0)).collect());
+            let q =
+                out.quotas.entry(ns.clone()).or_insert_with(|| resources.iter().map(|r| (r.to_string(), 0)).collect());
             if active {
                 for g in &a.grants {
                     let r = &pools[g.pool.as_str()].resource_name;
-                    *q.get_mut(r.as_str()).expect("every resource listed") +=
-                        g.accelerators + g.borrowing_limit;
+                    *q.get_mut(r.as_str()).expect("every resource listed") += g.accelerators + g.borrowing_limit;
                 }
             }
         }
@@ -368,46 +324,19 @@ fn eligibility(
         return (Some(Blocker::WindowClosed { end }), None);
     }
     if let Some(budget) = a.budget_hours.filter(|b| a.hours_used >= *b) {
-        return (
-            Some(Blocker::BudgetUsedUp {
-                used: a.hours_used,
-                budget,
-            }),
-            wake_at,
-        );
+        return (Some(Blocker::BudgetUsedUp { used: a.hours_used, budget }), wake_at);
     }
-    let missing: Vec<String> = a
-        .grants
-        .iter()
-        .filter(|g| !pools.contains_key(g.pool.as_str()))
-        .map(|g| g.pool.clone())
-        .collect();
+    let missing: Vec<String> =
+        a.grants.iter().filter(|g| !pools.contains_key(g.pool.as_str())).map(|g| g.pool.clone()).collect();
     if !missing.is_empty() {
         return (Some(Blocker::PoolNotFound { pools: missing }), wake_at);
     }
     if let Some(min) = a.min_domestic_share {
         let total: i64 = a.grants.iter().map(|g| g.accelerators).sum();
-        let domestic: i64 = a
-            .grants
-            .iter()
-            .filter(|g| pools[g.pool.as_str()].domestic)
-            .map(|g| g.accelerators)
-            .sum();
-        let share = if total > 0 {
-            domestic as f64 / total as f64
-        } else {
-            0.0
-        };
+        let domestic: i64 = a.grants.iter().filter(|g| pools[g.pool.as_str()].domestic).map(|g| g.accelerators).sum();
+        let share = if total > 0 { domestic as f64 / total as f64 } else { 0.0 };
         if share + 1e-9 < min {
-            return (
-                Some(Blocker::DomesticShareShort {
-                    share,
-                    min,
-                    domestic,
-                    total,
-                }),
-                wake_at,
-            );
+            return (Some(Blocker::DomesticShareShort { share, min, domestic, total }), wake_at);
         }
     }
     (None, wake_at)
@@ -433,9 +362,7 @@ fn reserve<'a>(
     taken: &BTreeSet<String>,
 ) -> PoolGrantPlan {
     let candidate = |n: &'a NodeInfo| Candidate {
-        devices: n
-            .allocatable_of(&pool.resource_name)
-            .max(n.capacity_of(&pool.resource_name)),
+        devices: n.allocatable_of(&pool.resource_name).max(n.capacity_of(&pool.resource_name)),
         busy: input.busy.contains(&n.name),
         node: n,
     };
@@ -445,14 +372,9 @@ fn reserve<'a>(
     for &n in &members {
         let holder = input.labelled.get(&n.name);
         if holder == Some(&a.name) {
-            let valid = n.ready
-                || n.not_ready_since
-                    .is_some_and(|t| input.now.duration_since(t) < input.node_grace);
+            let valid = n.ready || n.not_ready_since.is_some_and(|t| input.now.duration_since(t) < input.node_grace);
             held.push((candidate(n), valid && !taken.contains(&n.name)));
-        } else if n.ready
-            && !taken.contains(&n.name)
-            && holder.is_none_or(|h| !holder_is_live(h, input))
-        {
+        } else if n.ready && !taken.contains(&n.name) && holder.is_none_or(|h| !holder_is_live(h, input)) {
             free.push(candidate(n));
         }
     }
@@ -479,10 +401,7 @@ fn reserve<'a>(
 /// allocation exists and is not being deleted; labels of gone allocations are
 /// stale and the node is free.
 fn holder_is_live(holder: &str, input: &GrantInput<'_>) -> bool {
-    input
-        .allocations
-        .iter()
-        .any(|a| a.name == holder && !a.deleting)
+    input.allocations.iter().any(|a| a.name == holder && !a.deleting)
 }
 
 #[cfg(test)]
@@ -531,10 +450,7 @@ mod tests {
             atom.members.push(nodes.len() - 1);
             atom.allocatable += 8;
         }
-        World {
-            nodes,
-            pools: vec![h200, atom],
-        }
+        World { nodes, pools: vec![h200, atom] }
     }
 
     fn alloc(name: &str, grants: &[(&str, i64, bool)]) -> AllocationState {
@@ -562,11 +478,7 @@ mod tests {
         }
     }
 
-    fn run(
-        w: &World,
-        allocs: &[AllocationState],
-        labelled: &BTreeMap<String, String>,
-    ) -> GrantPlan {
+    fn run(w: &World, allocs: &[AllocationState], labelled: &BTreeMap<String, String>) -> GrantPlan {
         plan(&GrantInput {
             nodes: &w.nodes,
             pools: &w.pools,
@@ -586,11 +498,7 @@ mod tests {
         let young = alloc("young", &[("h200", 16, false)]);
         let mut urgent = alloc("urgent", &[("h200", 16, false)]);
         urgent.priority = 10;
-        let p = run(
-            &w,
-            &[young.clone(), old.clone(), urgent.clone()],
-            &BTreeMap::new(),
-        );
+        let p = run(&w, &[young.clone(), old.clone(), urgent.clone()], &BTreeMap::new());
         assert_eq!(p.allocations["urgent"].phase, Phase::Active);
         assert_eq!(p.allocations["old"].phase, Phase::Active);
         assert_eq!(p.allocations["young"].phase, Phase::Pending);
@@ -628,9 +536,7 @@ mod tests {
         let p = run(&w, &[a], &BTreeMap::new());
         assert_eq!(p.allocations["a"].phase, Phase::Pending);
         assert_eq!(p.pools["h200"].granted, 0, "no partial grant");
-        assert!(
-            matches!(&p.allocations["a"].blocker, Some(Blocker::Capacity { pool, .. }) if pool == "atom")
-        );
+        assert!(matches!(&p.allocations["a"].blocker, Some(Blocker::Capacity { pool, .. }) if pool == "atom"));
     }
 
     #[test]
@@ -643,22 +549,17 @@ mod tests {
         assert_eq!(plan.granted, 16);
         assert_eq!(p.pools["h200"].reserved_nodes, 2);
         // Next pass, with labels on h2 and h4 (from an earlier choice): kept.
-        let labelled: BTreeMap<String, String> =
-            [("h2".into(), "a".into()), ("h4".into(), "a".into())].into();
+        let labelled: BTreeMap<String, String> = [("h2".into(), "a".into()), ("h4".into(), "a".into())].into();
         let mut held = a;
         held.was_active = true;
         let p = run(&w, &[held], &labelled);
-        assert_eq!(
-            p.allocations["a"].pools["h200"].reserved_nodes,
-            vec!["h2", "h4"]
-        );
+        assert_eq!(p.allocations["a"].pools["h200"].reserved_nodes, vec!["h2", "h4"]);
     }
 
     #[test]
     fn a_reserved_node_that_is_gone_or_not_ready_too_long_is_replaced() {
         let mut w = world(4, 0);
-        let labelled: BTreeMap<String, String> =
-            [("h0".into(), "a".into()), ("h1".into(), "a".into())].into();
+        let labelled: BTreeMap<String, String> = [("h0".into(), "a".into()), ("h1".into(), "a".into())].into();
         let mut a = alloc("a", &[("h200", 16, true)]);
         a.was_active = true;
         // h0 NotReady for 10 s: within grace, kept.
@@ -666,10 +567,7 @@ mod tests {
         w.nodes[0].not_ready_since = Some(t(90));
         w.pools[0].allocatable = 24;
         let p = run(&w, &[a.clone()], &labelled);
-        assert_eq!(
-            p.allocations["a"].pools["h200"].reserved_nodes,
-            vec!["h0", "h1"]
-        );
+        assert_eq!(p.allocations["a"].pools["h200"].reserved_nodes, vec!["h0", "h1"]);
         // NotReady for 1000 s: replaced, preferring the same... any free node.
         w.nodes[0].not_ready_since = Some(t(-900));
         let p = run(&w, &[a.clone()], &labelled);
@@ -692,10 +590,7 @@ mod tests {
         other.was_active = true;
         let a = alloc("a", &[("h200", 8, true)]);
         let p = run(&w, &[other.clone(), a.clone()], &labelled);
-        assert_eq!(
-            p.allocations["other"].pools["h200"].reserved_nodes,
-            vec!["h0"]
-        );
+        assert_eq!(p.allocations["other"].pools["h200"].reserved_nodes, vec!["h0"]);
         assert_eq!(p.allocations["a"].pools["h200"].reserved_nodes, vec!["h1"]);
         // Once `other` is deleted, its label is stale and h0 is free again.
         other.deleting = true;
@@ -722,26 +617,15 @@ mod tests {
         let mut open = alloc("open", &[("h200", 8, false)]);
         open.window_start = Some(t(0));
         open.window_end = Some(t(500));
-        let p = run(
-            &w,
-            &[early, late, broke, ghost, patriot, open],
-            &BTreeMap::new(),
-        );
+        let p = run(&w, &[early, late, broke, ghost, patriot, open], &BTreeMap::new());
         assert_eq!(p.allocations["early"].phase, Phase::Pending);
         assert_eq!(p.allocations["early"].wake_at, Some(t(200)));
         assert_eq!(p.allocations["late"].phase, Phase::Expired);
         assert_eq!(p.allocations["broke"].phase, Phase::Exhausted);
-        assert_eq!(
-            p.allocations["ghost"].blocker.as_ref().unwrap().reason(),
-            "PoolNotFound"
-        );
+        assert_eq!(p.allocations["ghost"].blocker.as_ref().unwrap().reason(), "PoolNotFound");
         let b = p.allocations["patriot"].blocker.as_ref().unwrap();
         assert_eq!(b.reason(), "DomesticShareNotMet");
-        assert!(
-            b.message().contains("8 of 32 granted accelerators (25%)"),
-            "{}",
-            b.message()
-        );
+        assert!(b.message().contains("8 of 32 granted accelerators (25%)"), "{}", b.message());
         assert!(b.message().contains("add 16 domestic"), "{}", b.message());
         assert_eq!(p.allocations["patriot"].domestic_granted_share, Some(0.25));
         assert_eq!(p.allocations["open"].phase, Phase::Active);
@@ -757,10 +641,7 @@ mod tests {
         b200.members.clear();
         b200.allocatable = 16;
         w.pools.push(b200);
-        let mut a = alloc(
-            "a",
-            &[("h200", 8, false), ("b200", 8, false), ("atom", 8, false)],
-        );
+        let mut a = alloc("a", &[("h200", 8, false), ("b200", 8, false), ("atom", 8, false)]);
         a.grants[0].borrowing_limit = 4;
         a.namespaces = vec!["team".into()];
         let mut b = alloc("b", &[("h200", 8, false)]);
@@ -776,14 +657,8 @@ mod tests {
         assert_eq!(p.quotas["team"][ATOM], 8);
         assert_eq!(p.quotas["other"][GPU], 8);
         assert_eq!(p.quotas["other"][ATOM], 0);
-        assert_eq!(
-            p.quotas["waiting"][GPU], 0,
-            "no accelerators without an active grant"
-        );
-        assert!(
-            !p.quotas.contains_key("forgotten"),
-            "no allocation lists it any more"
-        );
+        assert_eq!(p.quotas["waiting"][GPU], 0, "no accelerators without an active grant");
+        assert!(!p.quotas.contains_key("forgotten"), "no allocation lists it any more");
     }
 
     proptest! {

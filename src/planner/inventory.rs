@@ -48,10 +48,7 @@ pub struct Membership {
 impl Membership {
     /// Conflicting nodes that `pool` selects, by name.
     pub fn conflicts_of<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.conflicts
-            .iter()
-            .filter(move |(_, pools)| pools.iter().any(|p| p == pool))
-            .map(|(node, _)| node.as_str())
+        self.conflicts.iter().filter(move |(_, pools)| pools.iter().any(|p| p == pool)).map(|(node, _)| node.as_str())
     }
 }
 
@@ -63,22 +60,12 @@ pub fn membership(pools: &[PoolInfo], nodes: &[NodeInfo]) -> Membership {
         out.nodes_by_pool.entry(pool.name.clone()).or_default();
     }
     for (idx, node) in nodes.iter().enumerate() {
-        let matching: Vec<&PoolInfo> = pools
-            .iter()
-            .filter(|p| p.selector.matches(&node.labels))
-            .collect();
+        let matching: Vec<&PoolInfo> = pools.iter().filter(|p| p.selector.matches(&node.labels)).collect();
         match matching.as_slice() {
             [] => {}
-            [only] => out
-                .nodes_by_pool
-                .entry(only.name.clone())
-                .or_default()
-                .push(idx),
+            [only] => out.nodes_by_pool.entry(only.name.clone()).or_default().push(idx),
             many => {
-                out.conflicts.insert(
-                    node.name.clone(),
-                    many.iter().map(|p| p.name.clone()).collect(),
-                );
+                out.conflicts.insert(node.name.clone(), many.iter().map(|p| p.name.clone()).collect());
             }
         }
     }
@@ -114,20 +101,11 @@ pub(crate) mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     use proptest::prelude::*;
 
-    pub fn node(
-        name: &str,
-        labels: &[(&str, &str)],
-        resource: &str,
-        devices: i64,
-        ready: bool,
-    ) -> NodeInfo {
+    pub fn node(name: &str, labels: &[(&str, &str)], resource: &str, devices: i64, ready: bool) -> NodeInfo {
         let res: BTreeMap<String, i64> = [(resource.to_string(), devices)].into();
         NodeInfo {
             name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ready,
             not_ready_since: None,
             capacity: res.clone(),
@@ -140,24 +118,14 @@ pub(crate) mod tests {
             match_labels: Some([(label.0.to_string(), label.1.to_string())].into()),
             ..Default::default()
         };
-        PoolInfo {
-            name: name.into(),
-            resource_name: resource.into(),
-            selector: sel.try_into().unwrap(),
-        }
+        PoolInfo { name: name.into(), resource_name: resource.into(), selector: sel.try_into().unwrap() }
     }
 
     #[test]
     fn nodes_are_assigned_and_conflicts_counted_in_no_pool() {
         let nodes = vec![
             node("h1", &[("gpu", "h200")], "nvidia.com/gpu", 8, true),
-            node(
-                "h2",
-                &[("gpu", "h200"), ("rack", "r1")],
-                "nvidia.com/gpu",
-                8,
-                false,
-            ),
+            node("h2", &[("gpu", "h200"), ("rack", "r1")], "nvidia.com/gpu", 8, false),
             node("a1", &[("npu", "atom")], "rebellions.ai/ATOM", 8, true),
             node("cpu", &[], "cpu", 64, true),
         ];
@@ -170,41 +138,19 @@ pub(crate) mod tests {
         assert_eq!(m.nodes_by_pool["h200"], vec![0]);
         assert!(m.nodes_by_pool["r1"].is_empty());
         assert_eq!(m.nodes_by_pool["atom"], vec![2]);
-        assert_eq!(
-            m.conflicts["h2"],
-            vec!["h200".to_string(), "r1".to_string()]
-        );
+        assert_eq!(m.conflicts["h2"], vec!["h200".to_string(), "r1".to_string()]);
         assert_eq!(m.conflicts_of("r1").collect::<Vec<_>>(), vec!["h2"]);
         assert_eq!(m.conflicts_of("atom").count(), 0);
 
         let t = pool_totals("nvidia.com/gpu", &m.nodes_by_pool["h200"], &nodes);
-        assert_eq!(
-            t,
-            PoolTotals {
-                nodes: 1,
-                ready_nodes: 1,
-                capacity: 8,
-                allocatable: 8
-            }
-        );
+        assert_eq!(t, PoolTotals { nodes: 1, ready_nodes: 1, capacity: 8, allocatable: 8 });
     }
 
     #[test]
     fn not_ready_nodes_add_capacity_but_not_allocatable() {
-        let nodes = vec![
-            node("a", &[], "x.io/d", 8, true),
-            node("b", &[], "x.io/d", 8, false),
-        ];
+        let nodes = vec![node("a", &[], "x.io/d", 8, true), node("b", &[], "x.io/d", 8, false)];
         let t = pool_totals("x.io/d", &[0, 1], &nodes);
-        assert_eq!(
-            t,
-            PoolTotals {
-                nodes: 2,
-                ready_nodes: 1,
-                capacity: 16,
-                allocatable: 8
-            }
-        );
+        assert_eq!(t, PoolTotals { nodes: 2, ready_nodes: 1, capacity: 16, allocatable: 8 });
     }
 
     proptest! {

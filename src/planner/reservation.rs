@@ -58,11 +58,7 @@ pub fn choose_nodes(
             out.dropped.push(c.node.name.clone());
         }
     }
-    keep.sort_by(|a, b| {
-        b.devices
-            .cmp(&a.devices)
-            .then_with(|| a.node.name.cmp(&b.node.name))
-    });
+    keep.sort_by(|a, b| b.devices.cmp(&a.devices).then_with(|| a.node.name.cmp(&b.node.name)));
     let mut chosen: Vec<&Candidate<'_>> = Vec::new();
     let mut devices = 0;
     for c in keep {
@@ -88,10 +84,7 @@ pub fn choose_nodes(
 /// The domain of a node at a level: the values of every key down to that level,
 /// so that rack "r1" of block "b1" differs from rack "r1" of block "b2".
 fn domain(node: &NodeInfo, levels: &[String], depth: usize) -> Vec<String> {
-    levels[..=depth]
-        .iter()
-        .map(|k| node.labels.get(k).cloned().unwrap_or_default())
-        .collect()
+    levels[..=depth].iter().map(|k| node.labels.get(k).cloned().unwrap_or_default()).collect()
 }
 
 /// Picks free nodes worth `needed` devices, as tight as the topology allows.
@@ -105,23 +98,14 @@ fn choose_free<'a, 'b>(
         return Vec::new();
     }
     // Idle nodes first, then by name: deterministic and disturbs no running pod.
-    let order = |a: &&Candidate<'_>, b: &&Candidate<'_>| {
-        a.busy
-            .cmp(&b.busy)
-            .then_with(|| a.node.name.cmp(&b.node.name))
-    };
+    let order =
+        |a: &&Candidate<'_>, b: &&Candidate<'_>| a.busy.cmp(&b.busy).then_with(|| a.node.name.cmp(&b.node.name));
     // Finest level first: one rack, then one block.
     for depth in (0..levels.len()).rev() {
-        let held_domains: BTreeSet<Vec<String>> = already
-            .iter()
-            .map(|c| domain(c.node, levels, depth))
-            .collect();
+        let held_domains: BTreeSet<Vec<String>> = already.iter().map(|c| domain(c.node, levels, depth)).collect();
         let mut by_domain: BTreeMap<Vec<String>, Vec<&Candidate<'a>>> = BTreeMap::new();
         for c in free {
-            by_domain
-                .entry(domain(c.node, levels, depth))
-                .or_default()
-                .push(c);
+            by_domain.entry(domain(c.node, levels, depth)).or_default().push(c);
         }
         let mut fitting: Vec<(Vec<String>, Vec<&Candidate<'a>>)> = by_domain
             .into_iter()
@@ -151,10 +135,7 @@ fn choose_free<'a, 'b>(
     let deepest = levels.len() - 1;
     let mut by_domain: BTreeMap<Vec<String>, Vec<&Candidate<'a>>> = BTreeMap::new();
     for c in all {
-        by_domain
-            .entry(domain(c.node, levels, deepest))
-            .or_default()
-            .push(c);
+        by_domain.entry(domain(c.node, levels, deepest)).or_default().push(c);
     }
     let mut groups: Vec<Vec<&Candidate<'a>>> = by_domain.into_values().collect();
     groups.sort_by_key(|cs| std::cmp::Reverse(cs.iter().map(|c| c.devices).sum::<i64>()));
@@ -198,14 +179,7 @@ mod tests {
     }
 
     fn cands<'a>(nodes: &'a [NodeInfo], busy: &[&str]) -> Vec<Candidate<'a>> {
-        nodes
-            .iter()
-            .map(|n| Candidate {
-                node: n,
-                devices: 8,
-                busy: busy.contains(&n.name.as_str()),
-            })
-            .collect()
+        nodes.iter().map(|n| Candidate { node: n, devices: 8, busy: busy.contains(&n.name.as_str()) }).collect()
     }
 
     #[test]
@@ -218,11 +192,7 @@ mod tests {
         ];
         let free = cands(&nodes, &[]);
         let r = choose_nodes(16, &[], &free, &levels());
-        assert_eq!(
-            r.nodes,
-            vec!["b1", "b2"],
-            "r2 holds two nodes: both go there"
-        );
+        assert_eq!(r.nodes, vec!["b1", "b2"], "r2 holds two nodes: both go there");
         assert_eq!(r.devices, 16);
     }
 
@@ -236,40 +206,21 @@ mod tests {
         ];
         let free = cands(&nodes, &["a1"]);
         let r = choose_nodes(8, &[], &free, &levels());
-        assert_eq!(
-            r.nodes,
-            vec!["b1"],
-            "best fit: the rack with exactly one node"
-        );
+        assert_eq!(r.nodes, vec!["b1"], "best fit: the rack with exactly one node");
         let r = choose_nodes(16, &[], &free, &levels());
-        assert_eq!(
-            r.nodes,
-            vec!["a2", "a3"],
-            "idle nodes before busy ones in the rack"
-        );
+        assert_eq!(r.nodes, vec!["a2", "a3"], "idle nodes before busy ones in the rack");
     }
 
     #[test]
     fn falls_back_to_a_block_then_to_several() {
-        let nodes = vec![
-            rack_node("a1", "b1", "r1"),
-            rack_node("b1", "b1", "r2"),
-            rack_node("c1", "b2", "r3"),
-        ];
+        let nodes = vec![rack_node("a1", "b1", "r1"), rack_node("b1", "b1", "r2"), rack_node("c1", "b2", "r3")];
         let free = cands(&nodes, &[]);
         let r = choose_nodes(16, &[], &free, &levels());
-        assert_eq!(
-            r.nodes,
-            vec!["a1", "b1"],
-            "block b1 has two racks of one node"
-        );
+        assert_eq!(r.nodes, vec!["a1", "b1"], "block b1 has two racks of one node");
         let r = choose_nodes(24, &[], &free, &levels());
         assert_eq!(r.nodes.len(), 3);
         let r = choose_nodes(32, &[], &free, &levels());
-        assert!(
-            !r.satisfies(32),
-            "not enough nodes: a partial choice that does not satisfy"
-        );
+        assert!(!r.satisfies(32), "not enough nodes: a partial choice that does not satisfy");
     }
 
     #[test]
@@ -284,11 +235,7 @@ mod tests {
         let held = vec![(all[0].clone(), true), (all[1].clone(), false)];
         let free = vec![all[2].clone(), all[3].clone()];
         let r = choose_nodes(16, &held, &free, &levels());
-        assert_eq!(
-            r.nodes,
-            vec!["a1", "a3"],
-            "a2 replaced by a node in the same rack"
-        );
+        assert_eq!(r.nodes, vec!["a1", "a3"], "a2 replaced by a node in the same rack");
         assert_eq!(r.dropped, vec!["a2"]);
     }
 

@@ -88,20 +88,11 @@ pub fn attribute(
         let Some(candidates) = by_ns.get(pod.namespace.as_str()) else {
             continue;
         };
-        let labelled = pod
-            .allocation
-            .as_deref()
-            .and_then(|l| candidates.iter().find(|a| a.name == l));
+        let labelled = pod.allocation.as_deref().and_then(|l| candidates.iter().find(|a| a.name == l));
         let chosen = labelled.or_else(|| {
             candidates.iter().min_by_key(|a| {
                 let has_grant = a.grants.iter().any(|g| g.pool == pool.name);
-                (
-                    Reverse(active(&a.name)),
-                    Reverse(has_grant),
-                    Reverse(a.priority),
-                    a.created,
-                    a.name.as_str(),
-                )
+                (Reverse(active(&a.name)), Reverse(has_grant), Reverse(a.priority), a.created, a.name.as_str())
             })
         });
         if let Some(a) = chosen {
@@ -132,8 +123,7 @@ pub fn exhausted_at(budget: f64, hours: f64, now: Timestamp, rate: f64) -> Optio
         return None;
     }
     let secs = ((budget - hours) / rate * 3600.0).ceil() as i64;
-    now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs.max(1)))
-        .ok()
+    now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs.max(1))).ok()
 }
 
 #[cfg(test)]
@@ -153,12 +143,7 @@ mod tests {
             namespaces: vec![ns.into()],
             window_start: None,
             window_end: None,
-            grants: vec![GrantState {
-                pool: pool.into(),
-                accelerators: 8,
-                dedicated: false,
-                borrowing_limit: 0,
-            }],
+            grants: vec![GrantState { pool: pool.into(), accelerators: 8, dedicated: false, borrowing_limit: 0 }],
             budget_hours: None,
             hours_used: 0.0,
             min_domestic_share: None,
@@ -198,11 +183,8 @@ mod tests {
     #[test]
     fn pods_are_charged_by_label_then_by_grant_then_priority() {
         let (pools, nodes) = pools();
-        let allocs = vec![
-            alloc("gpu", "team", "h200", 0),
-            alloc("npu", "team", "atom", 0),
-            alloc("vip", "team", "atom", 5),
-        ];
+        let allocs =
+            vec![alloc("gpu", "team", "h200", 0), alloc("npu", "team", "atom", 0), alloc("vip", "team", "atom", 5)];
         let pods = vec![
             pod("team", "h0", "nvidia.com/gpu", 8, None), // the one with an h200 grant
             pod("team", "a0", "rebellions.ai/ATOM", 4, None), // atom grant, higher priority
@@ -223,17 +205,9 @@ mod tests {
     #[test]
     fn active_allocations_are_charged_before_inactive_ones() {
         let (pools, nodes) = pools();
-        let allocs = vec![
-            alloc("expired", "team", "h200", 9),
-            alloc("current", "team", "h200", 0),
-        ];
-        let u = attribute(
-            &[pod("team", "h0", "nvidia.com/gpu", 8, None)],
-            &nodes,
-            &pools,
-            &allocs,
-            &|a| a == "current",
-        );
+        let allocs = vec![alloc("expired", "team", "h200", 9), alloc("current", "team", "h200", 0)];
+        let u =
+            attribute(&[pod("team", "h0", "nvidia.com/gpu", 8, None)], &nodes, &pools, &allocs, &|a| a == "current");
         assert_eq!(u.by_allocation.keys().collect::<Vec<_>>(), vec!["current"]);
     }
 
@@ -243,12 +217,7 @@ mod tests {
         assert_eq!(charge(1.0, Some(t(100)), t(0), 16.0), 1.0);
         assert_eq!(charge(1.0, None, t(0), 16.0), 1.0);
         // Charging in two steps equals charging once.
-        let two = charge(
-            charge(0.0, Some(t(0)), t(1800), 8.0),
-            Some(t(1800)),
-            t(3600),
-            8.0,
-        );
+        let two = charge(charge(0.0, Some(t(0)), t(1800), 8.0), Some(t(1800)), t(3600), 8.0);
         assert!((two - charge(0.0, Some(t(0)), t(3600), 8.0)).abs() < 1e-9);
     }
 
