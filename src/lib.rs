@@ -15,3 +15,4 @@ pub mod crdgen;
 pub mod planner;
 pub mod snapshot;
 pub mod telemetry;
+pub mod workload;

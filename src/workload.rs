@@ -1,0 +1,257 @@
+//! Desired objects of an admitted ModelProject: the headless Service that gives
+//! worker 0 a DNS name, and the worker pods (placement, accelerators, and the
+//! torchrun environment added to the user's template). Pure: no client.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, Pod, PodSpec, ResourceRequirements, Service, ServicePort, ServiceSpec, Toleration,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+
+use crate::api::{AcceleratorPool, HOSTNAME_KEY, ModelProject};
+use crate::snapshot::{ALLOCATION_LABEL, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, WORKER_INDEX_LABEL};
+
+/// Where an admitted gang runs.
+#[derive(Clone, Debug)]
+pub struct Placement<'a> {
+    pub pool: &'a AcceleratorPool,
+    /// Node of worker i.
+    pub nodes: &'a [String],
+    /// The allocation holds these nodes by a dedicated grant: tolerate its taint.
+    pub dedicated: bool,
+}
+
+pub fn worker_name(project: &str, index: usize) -> String {
+    format!("{project}-worker-{index}")
+}
+
+fn owner(project: &ModelProject) -> Vec<OwnerReference> {
+    project.controller_owner_ref(&()).into_iter().collect()
+}
+
+fn labels(project: &ModelProject, pool: &str) -> BTreeMap<String, String> {
+    [
+        (PROJECT_LABEL.to_string(), project.name_any()),
+        (ALLOCATION_LABEL.to_string(), project.spec.allocation.clone()),
+        (POOL_LABEL.to_string(), pool.to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), "sovereign-operator".to_string()),
+    ]
+    .into()
+}
+
+/// The headless Service named after the project: `<project>-worker-<i>.<project>`
+/// resolves to worker i.
+pub fn service(project: &ModelProject, pool: &str) -> Service {
+    let name = project.name_any();
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: project.namespace(),
+            labels: Some(labels(project, pool)),
+            owner_references: Some(owner(project)),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some([(PROJECT_LABEL.to_string(), name)].into()),
+            publish_not_ready_addresses: Some(true),
+            ports: Some(vec![ServicePort {
+                name: Some("rendezvous".into()),
+                port: project.spec.run_policy.master_port,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The torchrun / Kubeflow PyTorchJob environment of worker `index`.
+pub fn torchrun_env(project: &ModelProject, index: usize) -> Vec<EnvVar> {
+    let name = project.name_any();
+    let master = format!("{}.{name}", worker_name(&name, 0));
+    let port = project.spec.run_policy.master_port.to_string();
+    let (workers, per) = (project.spec.workers.to_string(), project.spec.accelerators_per_worker.to_string());
+    let rank = index.to_string();
+    [
+        ("MASTER_ADDR", master.as_str()),
+        ("MASTER_PORT", port.as_str()),
+        ("WORLD_SIZE", workers.as_str()),
+        ("RANK", rank.as_str()),
+        ("NODE_RANK", rank.as_str()),
+        ("NNODES", workers.as_str()),
+        ("NPROC_PER_NODE", per.as_str()),
+        ("PET_MASTER_ADDR", master.as_str()),
+        ("PET_MASTER_PORT", port.as_str()),
+        ("PET_NNODES", workers.as_str()),
+        ("PET_NPROC_PER_NODE", per.as_str()),
+        ("PET_NODE_RANK", rank.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| EnvVar { name: k.into(), value: Some(v.into()), value_from: None })
+    .collect()
+}
+
+/// Worker pod `index` of an admitted project.
+pub fn worker_pod(project: &ModelProject, placement: &Placement<'_>, index: usize) -> Pod {
+    let t = &project.spec.template;
+    let pool = placement.pool;
+    let pool_name = pool.name_any();
+    let name = worker_name(&project.name_any(), index);
+
+    // The user's env wins: ours only fill names the user did not set.
+    let mut env = t.env.clone();
+    for var in torchrun_env(project, index) {
+        if !env.iter().any(|e| e.name == var.name) {
+            env.push(var);
+        }
+    }
+    let devices = Quantity(project.spec.accelerators_per_worker.to_string());
+    let mut resources = t.resources.clone().unwrap_or_default();
+    resources.requests.get_or_insert_with(Default::default).insert(pool.spec.resource_name.clone(), devices.clone());
+    resources.limits.get_or_insert_with(Default::default).insert(pool.spec.resource_name.clone(), devices);
+
+    let mut tolerations: Vec<Toleration> = pool.spec.tolerations.clone();
+    if placement.dedicated {
+        tolerations.push(Toleration {
+            key: Some(RESERVED_FOR.into()),
+            operator: Some("Equal".into()),
+            value: Some(project.spec.allocation.clone()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        });
+    }
+    let mut pod_labels = t.labels.clone();
+    pod_labels.extend(labels(project, &pool_name));
+    pod_labels.insert(WORKER_INDEX_LABEL.into(), index.to_string());
+    let node = placement.nodes.get(index).cloned().unwrap_or_default();
+
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: project.namespace(),
+            labels: Some(pod_labels),
+            annotations: (!t.annotations.is_empty()).then(|| t.annotations.clone()),
+            owner_references: Some(owner(project)),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            hostname: Some(name),
+            subdomain: Some(project.name_any()),
+            // Pinned to the node the plan chose; the scheduler still binds and checks.
+            node_selector: Some([(HOSTNAME_KEY.to_string(), node)].into()),
+            tolerations: (!tolerations.is_empty()).then_some(tolerations),
+            restart_policy: Some("Never".into()),
+            termination_grace_period_seconds: Some(t.termination_grace_period_seconds.unwrap_or(30)),
+            service_account_name: t.service_account_name.clone(),
+            image_pull_secrets: (!t.image_pull_secrets.is_empty()).then(|| t.image_pull_secrets.clone()),
+            priority_class_name: t.priority_class_name.clone(),
+            volumes: (!t.volumes.is_empty()).then(|| t.volumes.clone()),
+            containers: vec![Container {
+                name: "trainer".into(),
+                image: Some(t.image.clone()),
+                image_pull_policy: t.image_pull_policy.clone(),
+                command: (!t.command.is_empty()).then(|| t.command.clone()),
+                args: (!t.args.is_empty()).then(|| t.args.clone()),
+                working_dir: t.working_dir.clone(),
+                env: Some(env),
+                env_from: (!t.env_from.is_empty()).then(|| t.env_from.clone()),
+                resources: Some(ResourceRequirements { ..resources }),
+                volume_mounts: (!t.volume_mounts.is_empty()).then(|| t.volume_mounts.clone()),
+                ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
+                    name: Some("rendezvous".into()),
+                    container_port: project.spec.run_policy.master_port,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn project() -> ModelProject {
+        let mut p: ModelProject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sovereign.ai/v1alpha1", "kind": "ModelProject",
+            "metadata": {"name": "llm", "namespace": "team", "uid": "u1"},
+            "spec": {"allocation": "grant", "placement": {"pools": ["atom"]}, "workers": 4, "acceleratorsPerWorker": 8,
+                     "template": {"image": "trainer:1", "env": [{"name": "MASTER_PORT", "value": "1234"}],
+                                  "labels": {"team": "a"}, "resources": {"requests": {"cpu": "8"}}}}
+        }))
+        .unwrap();
+        p.metadata.uid = Some("u1".into());
+        p
+    }
+
+    fn pool() -> AcceleratorPool {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "sovereign.ai/v1alpha1", "kind": "AcceleratorPool", "metadata": {"name": "atom"},
+            "spec": {"resourceName": "rebellions.ai/ATOM", "kind": "NPU", "vendor": "Rebellions", "model": "ATOM",
+                     "nodeSelector": {"matchLabels": {"a": "b"}},
+                     "tolerations": [{"key": "npu", "operator": "Exists", "effect": "NoSchedule"}]}
+        }))
+        .unwrap()
+    }
+
+    fn env_of(pod: &Pod) -> BTreeMap<String, String> {
+        pod.spec.as_ref().unwrap().containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect()
+    }
+
+    #[test]
+    fn every_worker_gets_its_rank_and_the_shared_rendezvous() {
+        let (p, pool) = (project(), pool());
+        let nodes: Vec<String> = (0..4).map(|i| format!("atom-0{i}")).collect();
+        let placement = Placement { pool: &pool, nodes: &nodes, dedicated: false };
+        for i in 0..4 {
+            let pod = worker_pod(&p, &placement, i);
+            let env = env_of(&pod);
+            assert_eq!(env["RANK"], i.to_string());
+            assert_eq!(env["PET_NODE_RANK"], i.to_string());
+            assert_eq!(env["WORLD_SIZE"], "4");
+            assert_eq!(env["PET_NPROC_PER_NODE"], "8");
+            assert_eq!(env["MASTER_ADDR"], "llm-worker-0.llm");
+            assert_eq!(env["MASTER_PORT"], "1234", "the user's value wins");
+            assert_eq!(env["PET_MASTER_PORT"], "23456");
+            let spec = pod.spec.as_ref().unwrap();
+            assert_eq!(spec.hostname.as_deref(), Some(format!("llm-worker-{i}").as_str()));
+            assert_eq!(spec.subdomain.as_deref(), Some("llm"));
+            assert_eq!(spec.node_selector.as_ref().unwrap()[HOSTNAME_KEY], nodes[i]);
+            let res = spec.containers[0].resources.as_ref().unwrap();
+            assert_eq!(res.requests.as_ref().unwrap()["rebellions.ai/ATOM"], Quantity("8".into()));
+            assert_eq!(res.limits.as_ref().unwrap()["rebellions.ai/ATOM"], Quantity("8".into()));
+            assert_eq!(res.requests.as_ref().unwrap()["cpu"], Quantity("8".into()), "the user's requests are kept");
+            let labels = pod.metadata.labels.as_ref().unwrap();
+            assert_eq!(labels[WORKER_INDEX_LABEL], i.to_string());
+            assert_eq!(labels["team"], "a");
+            assert_eq!(labels[POOL_LABEL], "atom");
+            assert_eq!(pod.metadata.owner_references.as_ref().unwrap()[0].name, "llm");
+            assert_eq!(spec.tolerations.as_ref().unwrap().len(), 1, "only the pool's toleration");
+        }
+    }
+
+    #[test]
+    fn dedicated_workers_tolerate_the_reservation_and_the_service_is_headless() {
+        let (p, pool) = (project(), pool());
+        let nodes = vec!["n".to_string(); 4];
+        let pod = worker_pod(&p, &Placement { pool: &pool, nodes: &nodes, dedicated: true }, 0);
+        let tol = pod.spec.unwrap().tolerations.unwrap();
+        assert!(tol.iter().any(|t| t.key.as_deref() == Some(RESERVED_FOR) && t.value.as_deref() == Some("grant")));
+        let svc = service(&p, "atom");
+        assert_eq!(svc.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("None"));
+        assert_eq!(svc.metadata.name.as_deref(), Some("llm"));
+    }
+}
