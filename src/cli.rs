@@ -74,6 +74,11 @@ pub struct RunArgs {
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
 
+    /// Seconds the first queued project of an allocation may wait before later,
+    /// smaller projects of the same allocation stop being admitted ahead of it.
+    #[arg(long, default_value_t = 900, env = "SOVEREIGN_STARVATION_SECONDS")]
+    pub starvation_seconds: u64,
+
     /// Seconds a reserved node may stay NotReady before it is replaced.
     #[arg(long, default_value_t = 300, env = "SOVEREIGN_NODE_GRACE_SECONDS")]
     pub node_grace_seconds: u64,

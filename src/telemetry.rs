@@ -1,6 +1,8 @@
 //! Logs and metrics. Metric labels are bounded: controller, pool, allocation,
 //! phase and error category, never one series per pod or node.
 
+use std::collections::BTreeMap;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -67,6 +69,21 @@ pub struct Metrics {
     allocation_hours: Family<AllocationLabels, FloatGauge>,
     allocation_active: Family<AllocationLabels, Gauge>,
     domestic_share: Family<ShareLabels, FloatGauge>,
+    admission_wait: Histogram,
+    projects: Family<ProjectLabels, Gauge>,
+    queue_depth: Family<AllocationLabels, Gauge>,
+    gang_restarts: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProjectLabels {
+    pub phase: String,
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -114,7 +131,27 @@ impl Default for Metrics {
             "Fraction of accelerators on domestic pools, by measure (capacity, granted, in_use)",
             domestic_share.clone(),
         );
+        let admission_wait = Histogram::new(exponential_buckets(1.0, 2.0, 16));
+        registry.register(
+            "project_admission_wait_seconds",
+            "Time from a project's creation to its admission",
+            admission_wait.clone(),
+        );
+        let gang_restarts = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "gang_stops",
+            "Gangs stopped, by reason (restarts, timeouts, failures)",
+            gang_restarts.clone(),
+        );
+        let projects = Family::<ProjectLabels, Gauge>::default();
+        registry.register("projects", "ModelProjects by phase and pool", projects.clone());
+        let queue_depth = Family::<AllocationLabels, Gauge>::default();
+        registry.register("queue_depth", "Projects waiting for admission, by allocation", queue_depth.clone());
         Self {
+            projects,
+            queue_depth,
+            admission_wait,
+            gang_restarts,
             registry,
             reconciliations,
             reconcile_errors,
@@ -160,6 +197,29 @@ impl Metrics {
         self.allocation_granted.get_or_create(&l).set(granted);
         self.allocation_hours.get_or_create(&l).set(hours);
         self.allocation_active.get_or_create(&l).set(active as i64);
+    }
+
+    /// Replaces the project gauges: counts by (phase, pool) and queue depth by
+    /// (allocation, program).
+    pub fn projects(&self, by_phase: &BTreeMap<(String, String), i64>, queued: &BTreeMap<(String, String), i64>) {
+        self.projects.clear();
+        for ((phase, pool), n) in by_phase {
+            self.projects.get_or_create(&ProjectLabels { phase: phase.clone(), pool: pool.clone() }).set(*n);
+        }
+        self.queue_depth.clear();
+        for ((allocation, program), n) in queued {
+            self.queue_depth
+                .get_or_create(&AllocationLabels { allocation: allocation.clone(), program: program.clone() })
+                .set(*n);
+        }
+    }
+
+    pub fn observe_admission_wait(&self, seconds: f64) {
+        self.admission_wait.observe(seconds);
+    }
+
+    pub fn count_gang_restart(&self, reason: &'static str) {
+        self.gang_restarts.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub fn domestic_share(&self, measure: &'static str, share: f64) {

@@ -310,6 +310,10 @@ pub struct ModelProjectStatus {
     /// 1-based position in the allocation's queue while Queued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<i32>,
+    /// Not admitted again before this time (backoff after a gang could not be
+    /// placed in time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<Time>,
     /// When the project was last admitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admitted_at: Option<Time>,

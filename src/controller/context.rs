@@ -6,6 +6,7 @@ use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 use super::Error;
+use super::queue::{Queue, QueueCache};
 use super::stores::Stores;
 use super::view::{View, ViewCache};
 use crate::cli::RunArgs;
@@ -17,7 +18,10 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
+    /// After waiting this long, the head of an allocation's queue stops backfill.
+    pub starvation_after: k8s_openapi::jiff::SignedDuration,
     views: ViewCache,
+    queues: QueueCache,
 }
 
 impl Context {
@@ -29,12 +33,19 @@ impl Context {
             views: ViewCache::new(Duration::from_secs(args.node_grace_seconds), metrics.clone()),
             metrics,
             stores,
+            starvation_after: k8s_openapi::jiff::SignedDuration::from_secs(args.starvation_seconds as i64),
+            queues: QueueCache::default(),
         })
     }
 
     /// The planned cluster of this moment (shared, rebuilt after changes).
     pub fn view(&self) -> Arc<View> {
         self.views.get(&self.stores)
+    }
+
+    /// The admission pass of this moment (shared, rebuilt after changes).
+    pub fn queue(&self, build: impl FnOnce() -> Queue) -> Arc<Queue> {
+        self.queues.get(self.stores.epoch(), build)
     }
 
     /// Publishes an Event; a failure to publish is logged, never fatal.

@@ -6,6 +6,8 @@ mod context;
 mod error;
 mod nodes;
 mod pool;
+mod project;
+mod queue;
 mod quota;
 mod stores;
 mod view;
@@ -59,6 +61,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             pool::run(ctx.clone(), stopped(stop_rx.clone())),
             allocation::run(ctx.clone(), stopped(stop_rx.clone())),
             quota::run(ctx.clone(), stopped(stop_rx.clone())),
+            project::run(ctx.clone(), stopped(stop_rx.clone())),
         );
         anyhow::Ok(())
     };

@@ -35,6 +35,8 @@ pub struct View {
     pub programs: BTreeMap<String, String>,
     /// Names of the namespaces that exist.
     pub namespaces: BTreeSet<String>,
+    /// Allocations whose admins let projects be non-preemptible.
+    pub allocation_allows_non_preemptible: BTreeSet<String>,
 }
 
 impl View {
@@ -60,6 +62,8 @@ impl View {
         }
         let alloc_objs = stores.allocations.store.state();
         let allocations: Vec<AllocationState> = alloc_objs.iter().map(|a| snapshot::allocation_state(a, now)).collect();
+        let allocation_allows_non_preemptible =
+            alloc_objs.iter().filter(|a| a.spec.allow_non_preemptible).map(|a| a.name_any()).collect();
         let programs = alloc_objs.iter().map(|a| (a.name_any(), a.spec.program.clone().unwrap_or_default())).collect();
         let pods: Vec<PodUse> = stores.pods.store.state().iter().filter_map(|p| snapshot::pod_use(p)).collect();
         let was_active: BTreeSet<&str> = allocations.iter().filter(|a| a.was_active).map(|a| a.name.as_str()).collect();
@@ -77,7 +81,20 @@ impl View {
             now,
         });
         let namespaces = stores.namespaces.store.state().iter().map(|n| n.name_any()).collect();
-        Self { now, nodes, membership, pools, totals, allocations, grants, usage, labelled, programs, namespaces }
+        Self {
+            now,
+            nodes,
+            membership,
+            pools,
+            totals,
+            allocations,
+            grants,
+            usage,
+            labelled,
+            programs,
+            namespaces,
+            allocation_allows_non_preemptible,
+        }
     }
 
     pub fn pool(&self, name: &str) -> Option<&PoolState> {

@@ -3,7 +3,9 @@
 //! scale. Reconcilers build the snapshot from their reflector stores, call the
 //! planner, and apply what it returns.
 
+pub mod gang;
 pub mod grants;
 pub mod inventory;
+pub mod placement;
 pub mod reservation;
 pub mod usage;

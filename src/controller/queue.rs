@@ -1,0 +1,220 @@
+//! The admission pass over every waiting gang, built from the cluster view and
+//! the projects, planned once per change of any store and shared by every
+//! project reconcile of that moment.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::jiff::SignedDuration;
+use kube::ResourceExt;
+
+use super::stores::Stores;
+use super::view::View;
+use crate::api::{ModelProject, ProjectPhase, TopologyMode};
+use crate::planner::grants::Phase;
+use crate::planner::placement::{
+    self, AllocationQuota, GangRequest, NodeFree, Outcome, PlacementInput, PlacementPool, TopologyRequest,
+};
+use crate::snapshot::{PROJECT_LABEL, pod_use};
+use crate::telemetry::Metrics;
+
+/// Restarting gangs go ahead of every fresh one (priorities are within ±1000).
+const RESTART_BOOST: i32 = 10_000;
+
+/// Phases whose gang holds its devices.
+pub fn holds_devices(phase: Option<ProjectPhase>) -> bool {
+    matches!(phase, Some(ProjectPhase::Admitted | ProjectPhase::Running))
+}
+
+/// Phases that take part in admission.
+pub fn wants_admission(p: &ModelProject, now: k8s_openapi::jiff::Timestamp) -> bool {
+    let phase = p.status.as_ref().and_then(|s| s.phase);
+    let backing_off = p.status.as_ref().and_then(|s| s.retry_after.as_ref()).is_some_and(|t| t.0 > now);
+    !p.spec.run_policy.suspend
+        && !backing_off
+        && p.metadata.deletion_timestamp.is_none()
+        && matches!(phase, None | Some(ProjectPhase::Queued | ProjectPhase::Restarting))
+}
+
+pub fn key(p: &ModelProject) -> String {
+    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
+}
+
+pub struct Queue {
+    pub outcomes: BTreeMap<String, Outcome>,
+    /// Devices admitted per (allocation, pool), before this pass.
+    pub admitted: BTreeMap<(String, String), i64>,
+}
+
+pub fn plan(
+    view: &View,
+    projects: &[Arc<ModelProject>],
+    stores: &Stores,
+    starvation_after: SignedDuration,
+    metrics: &Metrics,
+) -> Queue {
+    // Devices held on each node: running pods that are not ours, plus every
+    // admitted gang's planned workers (bound or not yet).
+    let node_index: BTreeMap<&str, usize> = view.nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect();
+    let mut used: Vec<BTreeMap<String, i64>> = vec![BTreeMap::new(); view.nodes.len()];
+    for pod in stores.pods.store.state() {
+        if pod.labels().contains_key(PROJECT_LABEL) {
+            continue;
+        }
+        if let Some(u) = pod_use(&pod)
+            && let Some(&i) = node_index.get(u.node.as_str())
+        {
+            for (r, v) in u.requests {
+                *used[i].entry(r).or_default() += v;
+            }
+        }
+    }
+    let mut admitted: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for p in projects {
+        let status = p.status.clone().unwrap_or_default();
+        if !holds_devices(status.phase) {
+            continue;
+        }
+        let Some(pool) = status.pool.as_deref().and_then(|n| view.pool(n)) else { continue };
+        let per = p.spec.accelerators_per_worker as i64;
+        for node in &status.nodes {
+            if let Some(&i) = node_index.get(node.as_str()) {
+                *used[i].entry(pool.resource_name.clone()).or_default() += per;
+            }
+        }
+        *admitted.entry((p.spec.allocation.clone(), pool.name.clone())).or_default() += per * p.spec.workers as i64;
+    }
+
+    let pools: Vec<PlacementPool> = view
+        .pools
+        .iter()
+        .map(|p| {
+            let mut pp = PlacementPool {
+                name: p.name.clone(),
+                resource_name: p.resource_name.clone(),
+                levels: p.levels.clone(),
+                ..Default::default()
+            };
+            for &i in &p.members {
+                let n = &view.nodes[i];
+                if !n.ready {
+                    continue;
+                }
+                let free = n.allocatable_of(&p.resource_name) - used[i].get(&p.resource_name).copied().unwrap_or(0);
+                let slot = NodeFree { node: i, free: free.max(0) };
+                match view.grants.reserved_for.get(&n.name) {
+                    Some(a) => pp.reserved_nodes.entry(a.clone()).or_default().push(slot),
+                    None if !view.labelled.contains_key(&n.name) => pp.shared_nodes.push(slot),
+                    None => {}
+                }
+            }
+            pp
+        })
+        .collect();
+
+    let allocations: Vec<AllocationQuota> = view
+        .allocations
+        .iter()
+        .map(|a| {
+            let plan = &view.grants.allocations[&a.name];
+            let blocked = (plan.phase != Phase::Active).then(|| {
+                let why = plan.blocker.as_ref().map(|b| b.message()).unwrap_or_else(|| "not admitted yet".into());
+                format!("allocation {} is {:?}: {why}", a.name, plan.phase)
+            });
+            let headroom = a
+                .grants
+                .iter()
+                .map(|g| {
+                    let used = admitted.get(&(a.name.clone(), g.pool.clone())).copied().unwrap_or(0);
+                    (g.pool.clone(), g.accelerators + g.borrowing_limit - used)
+                })
+                .collect();
+            let dedicated: BTreeSet<String> = a.grants.iter().filter(|g| g.dedicated).map(|g| g.pool.clone()).collect();
+            AllocationQuota { name: a.name.clone(), blocked, headroom, dedicated }
+        })
+        .collect();
+
+    let queue: Vec<GangRequest> = projects
+        .iter()
+        .filter(|p| wants_admission(p, view.now))
+        .map(|p| {
+            let restarting = p.status.as_ref().and_then(|s| s.phase) == Some(ProjectPhase::Restarting);
+            GangRequest {
+                key: key(p),
+                allocation: p.spec.allocation.clone(),
+                pools: p.spec.placement.pools.clone(),
+                workers: p.spec.workers as u32,
+                per_worker: p.spec.accelerators_per_worker as i64,
+                priority: p.spec.priority + if restarting { RESTART_BOOST } else { 0 },
+                queued_since: p.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(view.now),
+                topology: p
+                    .spec
+                    .placement
+                    .topology
+                    .as_ref()
+                    .map(|t| TopologyRequest { key: t.key.clone(), required: t.mode == TopologyMode::Required }),
+            }
+        })
+        .collect();
+
+    let outcomes = placement::admit(&PlacementInput {
+        nodes: &view.nodes,
+        pools: &pools,
+        allocations: &allocations,
+        queue: &queue,
+        now: view.now,
+        starvation_after,
+    });
+    record(view, projects, &outcomes, metrics);
+    Queue { outcomes, admitted }
+}
+
+fn record(view: &View, projects: &[Arc<ModelProject>], outcomes: &BTreeMap<String, Outcome>, metrics: &Metrics) {
+    let mut by_phase: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut queued: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for p in projects {
+        let status = p.status.clone().unwrap_or_default();
+        let phase = format!("{:?}", status.phase.unwrap_or_default());
+        *by_phase.entry((phase, status.pool.unwrap_or_default())).or_default() += 1;
+        if matches!(outcomes.get(&key(p)), Some(Outcome::Waiting { .. })) {
+            let program = view.programs.get(&p.spec.allocation).cloned().unwrap_or_default();
+            *queued.entry((p.spec.allocation.clone(), program)).or_default() += 1;
+        }
+    }
+    metrics.projects(&by_phase, &queued);
+}
+
+/// Whether the allocation's grant in `pool` is dedicated.
+pub fn is_dedicated(view: &View, allocation: &str, pool: &str) -> bool {
+    view.allocations.iter().any(|a| a.name == allocation && a.grants.iter().any(|g| g.pool == pool && g.dedicated))
+}
+
+/// The grant (accelerators, without borrowing) of an allocation in a pool.
+pub fn granted(view: &View, allocation: &str, pool: &str) -> i64 {
+    view.allocations
+        .iter()
+        .find(|a| a.name == allocation)
+        .and_then(|a| a.grants.iter().find(|g| g.pool == pool))
+        .map(|g| g.accelerators)
+        .unwrap_or(0)
+}
+
+/// The latest admission pass, rebuilt when any store changed.
+#[derive(Default)]
+pub struct QueueCache {
+    latest: Mutex<Option<(u64, Arc<Queue>)>>,
+}
+
+impl QueueCache {
+    pub fn get(&self, epoch: u64, build: impl FnOnce() -> Queue) -> Arc<Queue> {
+        let mut latest = self.latest.lock().expect("queue cache lock");
+        if let Some((e, q)) = latest.as_ref()
+            && *e == epoch
+        {
+            return q.clone();
+        }
+        let q = Arc::new(build());
+        *latest = Some((epoch, q.clone()));
+        q
+    }
+}
