@@ -17,6 +17,7 @@ use sovereign_e2e::{Env, Operator, TestNamespace, free_port, http_get, wait_for}
 use sovereign_operator::api::{AcceleratorPool, find_condition};
 
 mod grants;
+mod projects;
 
 type TestFn = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
@@ -60,6 +61,14 @@ fn main() -> anyhow::Result<()> {
         grants::a_tiny_budget_is_used_up_by_a_running_pod,
         grants::a_deleted_reserved_node_is_replaced,
         grants::a_killed_operator_converges_and_a_restart_writes_nothing,
+        projects::a_gang_lands_whole_on_the_npu_pool_and_falls_back_whole_to_gpus,
+        projects::a_gang_larger_than_any_rack_waits_with_the_reason,
+        projects::a_failing_worker_restarts_the_gang_until_max_restarts,
+        projects::a_finished_run_frees_its_devices_for_the_next,
+        projects::suspend_gives_back_devices_and_resume_requeues,
+        projects::losing_a_node_restarts_the_gang_without_counting_it,
+        projects::an_expired_allocation_stops_its_runs,
+        projects::a_killed_operator_mid_admission_leaves_no_duplicate_or_orphan,
     ]
     .into_iter()
     .map(|(name, test)| {

@@ -16,7 +16,7 @@ use sovereign_operator::api::{AcceleratorPool, AllocationPhase, GpuAllocation, G
 const QUOTA: &str = "sovereign-accelerators";
 const RESERVED: &str = "sovereign.ai/reserved-for";
 
-fn pool_yaml(name: &str, resource: &str, label: (&str, &str), charge: f64) -> String {
+pub fn pool_yaml(name: &str, resource: &str, label: (&str, &str), charge: f64) -> String {
     format!(
         "apiVersion: sovereign.ai/v1alpha1\nkind: AcceleratorPool\nmetadata: {{name: {name}}}\nspec:\n  resourceName: {resource}\n  kind: GPU\n  vendor: V\n  model: M\n  chargeFactor: {charge}\n  nodeSelector: {{matchLabels: {{\"{}\": \"{}\"}}}}\n  topologyKeys: [topology.sovereign.ai/block, topology.sovereign.ai/rack, kubernetes.io/hostname]\n  tolerations: [{{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}}]\n",
         label.0, label.1
@@ -27,7 +27,7 @@ fn h200(name: &str) -> String {
     pool_yaml(name, "nvidia.com/gpu", ("nvidia.com/gpu.product", "NVIDIA-H200"), 1.0)
 }
 
-fn alloc_yaml(name: &str, namespaces: &[&str], grants: &str, extra: &str) -> String {
+pub fn alloc_yaml(name: &str, namespaces: &[&str], grants: &str, extra: &str) -> String {
     format!(
         "apiVersion: sovereign.ai/v1alpha1\nkind: GpuAllocation\nmetadata: {{name: {name}}}\nspec:\n  tenant: {{displayName: E2E, namespaces: [{}]}}\n  grants: {grants}\n{extra}",
         namespaces.join(", ")
@@ -39,7 +39,7 @@ async fn allocation_status(env: &Env, name: &str) -> Result<GpuAllocationStatus,
     Ok(a.status.unwrap_or_default())
 }
 
-async fn wait_phase(
+pub async fn wait_phase(
     env: &Env,
     name: &str,
     phase: AllocationPhase,
@@ -307,7 +307,7 @@ pub async fn a_deleted_reserved_node_is_replaced(env: Arc<Env>) -> anyhow::Resul
 }
 
 /// Puts a deleted simulated node back, without the operator's reservation.
-async fn restore_node(env: &Env, mut node: Node) -> anyhow::Result<()> {
+pub async fn restore_node(env: &Env, mut node: Node) -> anyhow::Result<()> {
     let name = node.name_any();
     node.metadata = kube::api::ObjectMeta {
         name: Some(name.clone()),
