@@ -216,7 +216,7 @@ mod tests {
         let (p, pool) = (project(), pool());
         let nodes: Vec<String> = (0..4).map(|i| format!("atom-0{i}")).collect();
         let placement = Placement { pool: &pool, nodes: &nodes, dedicated: false };
-        for i in 0..4 {
+        for (i, node) in nodes.iter().enumerate() {
             let pod = worker_pod(&p, &placement, i);
             let env = env_of(&pod);
             assert_eq!(env["RANK"], i.to_string());
@@ -229,7 +229,7 @@ mod tests {
             let spec = pod.spec.as_ref().unwrap();
             assert_eq!(spec.hostname.as_deref(), Some(format!("llm-worker-{i}").as_str()));
             assert_eq!(spec.subdomain.as_deref(), Some("llm"));
-            assert_eq!(spec.node_selector.as_ref().unwrap()[HOSTNAME_KEY], nodes[i]);
+            assert_eq!(&spec.node_selector.as_ref().unwrap()[HOSTNAME_KEY], node);
             let res = spec.containers[0].resources.as_ref().unwrap();
             assert_eq!(res.requests.as_ref().unwrap()["rebellions.ai/ATOM"], Quantity("8".into()));
             assert_eq!(res.limits.as_ref().unwrap()["rebellions.ai/ATOM"], Quantity("8".into()));

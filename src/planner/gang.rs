@@ -156,10 +156,13 @@ mod tests {
     const UNBOUND: PodState = PodState::Pending { bound: false };
     const BOUND: PodState = PodState::Pending { bound: true };
 
+    /// A case: name, the pods seen, a change to the default view, the expected step.
+    type Case = (&'static str, Vec<WorkerObs>, fn(&mut GangView<'_>), Next);
+
     #[test]
     fn table() {
         let fail = PodState::Failed { exit_code: Some(3) };
-        let cases: Vec<(&str, Vec<WorkerObs>, fn(&mut GangView<'_>), Next)> = vec![
+        let cases: Vec<Case> = vec![
             ("nothing yet: create all", vec![], |_| {}, Next::Create(vec![0, 1])),
             ("one missing: create it", vec![w(0, RUN)], |_| {}, Next::Create(vec![1])),
             ("all running", vec![w(0, RUN), w(1, RUN)], |_| {}, Next::Running),

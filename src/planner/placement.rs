@@ -155,21 +155,20 @@ pub fn admit(input: &PlacementInput<'_>) -> BTreeMap<String, Outcome> {
     let mut stopper: HashMap<&str, &GangRequest> = HashMap::new();
     // Allocations that already have a waiting gang in this pass.
     let mut has_waiting: BTreeSet<&str> = BTreeSet::new();
-    let mut decided: Vec<(&GangRequest, Result<(String, Vec<String>), String>)> = Vec::with_capacity(order.len());
+    let mut decided: Vec<(&GangRequest, Decision)> = Vec::with_capacity(order.len());
 
     for g in order {
         let alloc = g.allocation.as_str();
-        let decision = if let Some(head) = stopper.get(alloc) {
-            Err(format!(
-                "waiting behind {}, which has waited since {} (no backfill past a gang waiting longer than {:#})",
-                head.key, head.queued_since, input.starvation_after
-            ))
-        } else {
-            match allocations.get(alloc) {
-                None => Err(format!("allocation {alloc} not found")),
-                Some(AllocationQuota { blocked: Some(why), .. }) => Err(why.clone()),
-                Some(a) => world.try_pools(g, a, &mut headroom),
-            }
+        let decision = match allocations.get(alloc) {
+            None => Err(format!("allocation {alloc} not found")),
+            Some(AllocationQuota { blocked: Some(why), .. }) => Err(why.clone()),
+            Some(a) => match stopper.get(alloc) {
+                Some(head) => Err(format!(
+                    "waiting behind {}, which has waited since {} (no backfill past a gang waiting longer than {:#})",
+                    head.key, head.queued_since, input.starvation_after
+                )),
+                None => world.try_pools(g, a, &mut headroom),
+            },
         };
         if decision.is_err() && has_waiting.insert(alloc) {
             // The first waiting gang of its allocation: the head of its queue.
@@ -195,6 +194,13 @@ pub fn admit(input: &PlacementInput<'_>) -> BTreeMap<String, Outcome> {
     }
     out
 }
+
+/// Admitted (pool, node per worker) or the reason to wait.
+type Decision = Result<(String, Vec<String>), String>;
+
+/// Sort key of a fitting node when a gang spreads: (fullness rank, domain) per
+/// tried level coarse to fine, leftover devices, name rank, set position.
+type SpreadKey = (Vec<(Reverse<u32>, u32)>, i64, u32, u32);
 
 /// The mutable state of one pass: free devices per node, and candidate sets
 /// indexed by topology domain, built once per pool (and reserving allocation)
@@ -281,7 +287,7 @@ impl<'a> World<'a> {
         g: &'a GangRequest,
         a: &'a AllocationQuota,
         headroom: &mut HashMap<(&'a str, &'a str), i64>,
-    ) -> Result<(String, Vec<String>), String> {
+    ) -> Decision {
         if g.workers == 0 {
             return Err("the gang has no workers".into());
         }
@@ -296,20 +302,30 @@ impl<'a> World<'a> {
                 continue;
             }
             let Some(&left) = headroom.get(&(a.name.as_str(), pool_name.as_str())) else {
-                parts.push(format!("no grant in pool {pool_name}"));
+                // The first pool's part reads as a sentence, fallbacks as "pool: detail".
+                parts.push(if parts.is_empty() {
+                    format!("no grant in pool {pool_name}")
+                } else {
+                    format!("{pool_name}: no grant")
+                });
                 continue;
             };
             let Some(&pi) = self.pool_by_name.get(pool_name.as_str()) else {
-                parts.push(format!("pool {pool_name} does not exist"));
+                parts.push(if parts.is_empty() {
+                    format!("pool {pool_name} does not exist")
+                } else {
+                    format!("{pool_name}: no such pool")
+                });
                 continue;
             };
             let pool = &self.input.pools[pi];
             if left < need {
-                parts.push(format!(
-                    "needs {need} {} in pool {pool_name}: grant has {} free",
-                    pool.resource_name,
-                    left.max(0)
-                ));
+                let (res, free) = (&pool.resource_name, left.max(0));
+                parts.push(if parts.is_empty() {
+                    format!("needs {need} {res} in pool {pool_name}: grant has {free} free")
+                } else {
+                    format!("{pool_name}: grant has {free} free, needs {need} {res}")
+                });
                 continue;
             }
             let reserved_for = a.dedicated.contains(pool_name).then_some(a.name.as_str());
@@ -368,11 +384,11 @@ impl<'a> World<'a> {
         });
         let wanted = g.topology.as_ref();
         let level_of_key = wanted.and_then(|t| p.levels.iter().position(|l| *l == t.key));
-        if let (Some(t), None) = (wanted, level_of_key) {
-            if !set.extra.contains_key(&t.key) {
-                let idx = LevelIndex::new(input.nodes, &set.nodes, std::slice::from_ref(&t.key));
-                set.extra.insert(t.key.clone(), idx);
-            }
+        if let (Some(t), None) = (wanted, level_of_key)
+            && !set.extra.contains_key(&t.key)
+        {
+            let idx = LevelIndex::new(input.nodes, &set.nodes, std::slice::from_ref(&t.key));
+            set.extra.insert(t.key.clone(), idx);
         }
         let set: &CandidateSet = set;
         let free = &self.free;
@@ -436,7 +452,7 @@ impl<'a> World<'a> {
             });
         }
         // Spread: coarsest tried level first, fullest domains first.
-        let mut keyed: Vec<(Vec<(Reverse<u32>, u32)>, i64, u32, u32)> = (0..set.nodes.len())
+        let mut keyed: Vec<SpreadKey> = (0..set.nodes.len())
             .filter(|&m| fits[m])
             .map(|m| {
                 let n = set.nodes[m];
@@ -679,13 +695,17 @@ mod tests {
             reason_of(&out["ns/run"]),
             "needs 128 rebellions.ai/ATOM in pool atom: grant has 64 free; \
              falls back to h200: 40 free devices in rack r3, needs 128 (5 of 16 nodes with 8 free in one rack); \
-             falls back to no grant in pool b200"
+             falls back to b200: no grant"
         );
         // Blocked and unknown allocations wait with their own words.
         w.allocs[0].blocked = Some("allocation lgai is Pending: window opens at 2027-02-01T00:00:00Z".into());
         let out = w.run(&[gang("ns/a", "lgai", &["h200"], 1, 8), gang("ns/b", "ghost", &["h200"], 1, 8)]);
         assert_eq!(reason_of(&out["ns/a"]), "allocation lgai is Pending: window opens at 2027-02-01T00:00:00Z");
         assert_eq!(reason_of(&out["ns/b"]), "allocation ghost not found");
+        // However long they wait: the blocker is the reason, not the anti-starvation rule.
+        w.now = t(100_000);
+        let out = w.run(&[gang("ns/a", "lgai", &["h200"], 1, 8), gang("ns/c", "lgai", &["h200"], 1, 8)]);
+        assert_eq!(reason_of(&out["ns/c"]), "allocation lgai is Pending: window opens at 2027-02-01T00:00:00Z");
     }
 
     #[test]
@@ -917,6 +937,9 @@ mod tests {
         assert_eq!(nodes_of(&out["ns/run"]).1, vec!["r5-0", "r9-0", "r9-1"], "block b1 before b2");
     }
 
+    /// (allocation, pools, workers, per_worker, priority, queued at, topology key and required)
+    type GangSpec = (usize, Vec<usize>, u32, i64, i32, i64, Option<(u8, bool)>);
+
     /// A random world: nodes in two pools and four racks (two blocks), some
     /// reserved for a0 or a1; three allocations; a queue over them and one
     /// unknown allocation.
@@ -924,7 +947,7 @@ mod tests {
     struct Case {
         nodes: Vec<(usize, u8, i64, u8)>,
         allocs: Vec<(Option<i64>, Option<i64>, bool, bool)>,
-        gangs: Vec<(usize, Vec<usize>, u32, i64, i32, i64, Option<(u8, bool)>)>,
+        gangs: Vec<GangSpec>,
         starvation_secs: i64,
     }
 
