@@ -44,8 +44,17 @@ impl Context {
     }
 
     /// The admission pass of this moment (shared, rebuilt after changes).
-    pub fn queue(&self, build: impl FnOnce() -> Queue) -> Arc<Queue> {
-        self.queues.get(self.stores.epoch(), build)
+    pub fn queue(
+        &self,
+        projects: &[Arc<crate::api::ModelProject>],
+        build: impl FnOnce(&super::queue::InFlight) -> Queue,
+    ) -> Arc<Queue> {
+        self.queues.get(self.stores.epoch(), projects, build)
+    }
+
+    /// Remembers an admission until the store shows it.
+    pub fn admitted(&self, key: String, pool: String, nodes: Vec<String>) {
+        self.queues.admitted(key, pool, nodes);
     }
 
     /// Publishes an Event; a failure to publish is logged, never fatal.

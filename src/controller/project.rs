@@ -190,7 +190,9 @@ fn validate(project: &ModelProject, view: &super::view::View) -> Result<(), Stri
 
 fn admit_or_wait(ctx: &Context, project: &ModelProject, view: &super::view::View, out: &mut Decision) {
     let projects = ctx.stores.projects.store.state();
-    let q = ctx.queue(|| queue::plan(view, &projects, &ctx.stores, ctx.starvation_after, &ctx.metrics));
+    let q = ctx.queue(&projects, |in_flight| {
+        queue::plan(view, &projects, &ctx.stores, in_flight, ctx.starvation_after, &ctx.metrics)
+    });
     let key = queue::key(project);
     let g = project.metadata.generation;
     let now = Time(view.now);
@@ -200,6 +202,7 @@ fn admit_or_wait(ctx: &Context, project: &ModelProject, view: &super::view::View
     }
     match q.outcomes.get(&key) {
         Some(Outcome::Admitted { pool, nodes }) => {
+            ctx.admitted(key.clone(), pool.clone(), nodes.clone());
             let total = project.spec.workers as i64 * project.spec.accelerators_per_worker as i64;
             let before = q.admitted.get(&(project.spec.allocation.clone(), pool.clone())).copied().unwrap_or(0);
             out.status.borrowed = before + total > queue::granted(view, &project.spec.allocation, pool);

@@ -46,10 +46,16 @@ pub struct Queue {
     pub admitted: BTreeMap<(String, String), i64>,
 }
 
+/// Admissions written but not yet seen in the project store: key -> (pool,
+/// nodes). They hold their devices, so that a plan built from a store that
+/// lags behind never gives the same devices to another gang.
+pub type InFlight = BTreeMap<String, (String, Vec<String>)>;
+
 pub fn plan(
     view: &View,
     projects: &[Arc<ModelProject>],
     stores: &Stores,
+    in_flight: &InFlight,
     starvation_after: SignedDuration,
     metrics: &Metrics,
 ) -> Queue {
@@ -72,12 +78,14 @@ pub fn plan(
     let mut admitted: BTreeMap<(String, String), i64> = BTreeMap::new();
     for p in projects {
         let status = p.status.clone().unwrap_or_default();
-        if !holds_devices(status.phase) {
-            continue;
-        }
-        let Some(pool) = status.pool.as_deref().and_then(|n| view.pool(n)) else { continue };
+        let (pool, nodes) = match in_flight.get(&key(p)) {
+            Some((pool, nodes)) => (Some(pool.as_str()), nodes.as_slice()),
+            None if holds_devices(status.phase) => (status.pool.as_deref(), status.nodes.as_slice()),
+            None => continue,
+        };
+        let Some(pool) = pool.and_then(|n| view.pool(n)) else { continue };
         let per = p.spec.accelerators_per_worker as i64;
-        for node in &status.nodes {
+        for node in nodes {
             if let Some(&i) = node_index.get(node.as_str()) {
                 *used[i].entry(pool.resource_name.clone()).or_default() += per;
             }
@@ -136,7 +144,7 @@ pub fn plan(
 
     let queue: Vec<GangRequest> = projects
         .iter()
-        .filter(|p| wants_admission(p, view.now))
+        .filter(|p| wants_admission(p, view.now) && !in_flight.contains_key(&key(p)))
         .map(|p| {
             let restarting = p.status.as_ref().and_then(|s| s.phase) == Some(ProjectPhase::Restarting);
             GangRequest {
@@ -199,22 +207,55 @@ pub fn granted(view: &View, allocation: &str, pool: &str) -> i64 {
         .unwrap_or(0)
 }
 
-/// The latest admission pass, rebuilt when any store changed.
+/// The latest admission pass, rebuilt when any store changed or an admission
+/// was made, and the admissions still in flight.
 #[derive(Default)]
 pub struct QueueCache {
-    latest: Mutex<Option<(u64, Arc<Queue>)>>,
+    latest: Mutex<Option<(PlanKey, Arc<Queue>)>>,
+    in_flight: Mutex<BTreeMap<String, Admission>>,
+    /// Bumped by every admission: a plan made before it is stale.
+    admissions: std::sync::atomic::AtomicU64,
 }
 
+/// (store epoch, admissions made): a plan is reused only while both hold.
+type PlanKey = (u64, u64);
+/// An admission not yet visible in the store: pool, nodes, when.
+type Admission = (String, Vec<String>, std::time::Instant);
+
+/// How long an admission may stay unseen in the store before it is forgotten
+/// (its status write failed; the project is planned again).
+const IN_FLIGHT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl QueueCache {
-    pub fn get(&self, epoch: u64, build: impl FnOnce() -> Queue) -> Arc<Queue> {
+    pub fn get(&self, epoch: u64, projects: &[Arc<ModelProject>], build: impl FnOnce(&InFlight) -> Queue) -> Arc<Queue> {
+        let in_flight: InFlight = {
+            let mut f = self.in_flight.lock().expect("in-flight lock");
+            // Seen in the store with the same placement, gone, or too old: done.
+            f.retain(|k, (pool, nodes, at)| {
+                let seen = projects.iter().find(|p| &key(p) == k).map(|p| {
+                    let s = p.status.clone().unwrap_or_default();
+                    !wants_admission(p, k8s_openapi::jiff::Timestamp::now())
+                        || (s.pool.as_deref() == Some(pool.as_str()) && &s.nodes == nodes)
+                });
+                seen == Some(false) && at.elapsed() < IN_FLIGHT_TTL
+            });
+            f.iter().map(|(k, (p, n, _))| (k.clone(), (p.clone(), n.clone()))).collect()
+        };
         let mut latest = self.latest.lock().expect("queue cache lock");
+        let key = (epoch, self.admissions.load(std::sync::atomic::Ordering::Acquire));
         if let Some((e, q)) = latest.as_ref()
-            && *e == epoch
+            && *e == key
         {
             return q.clone();
         }
-        let q = Arc::new(build());
-        *latest = Some((epoch, q.clone()));
+        let q = Arc::new(build(&in_flight));
+        *latest = Some((key, q.clone()));
         q
+    }
+
+    /// Records an admission about to be written to status.
+    pub fn admitted(&self, key: String, pool: String, nodes: Vec<String>) {
+        self.in_flight.lock().expect("in-flight lock").insert(key, (pool, nodes, std::time::Instant::now()));
+        self.admissions.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
