@@ -278,6 +278,12 @@ async fn run_gang(
         requeue_gang(out, ProjectPhase::Queued);
         return Ok(());
     };
+    if pods.iter().any(|p| !owned(project, p)) {
+        // An earlier project's pods still hold the names: wait until they are gone.
+        stop_workers(ctx, &ns, &name).await?;
+        out.requeue = Some(Duration::from_secs(2));
+        return Ok(());
+    }
     let observed: Vec<WorkerObs> = pods.iter().filter_map(|p| observe(p)).collect();
     let gv = GangView {
         workers: project.spec.workers as usize,
@@ -440,6 +446,13 @@ fn code(c: Option<i32>) -> String {
 
 fn until(now: Timestamp, t: Timestamp) -> Duration {
     Duration::from_secs_f64(t.duration_since(now).as_secs_f64().max(0.0)) + Duration::from_millis(100)
+}
+
+/// Whether this incarnation of the project owns the pod: pods of an earlier
+/// project of the same name (still terminating) carry its label too.
+fn owned(project: &ModelProject, pod: &Pod) -> bool {
+    let uid = project.metadata.uid.as_deref();
+    pod.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid)
 }
 
 /// The project's worker pods, from the store.

@@ -227,7 +227,12 @@ type Admission = (String, Vec<String>, std::time::Instant);
 const IN_FLIGHT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl QueueCache {
-    pub fn get(&self, epoch: u64, projects: &[Arc<ModelProject>], build: impl FnOnce(&InFlight) -> Queue) -> Arc<Queue> {
+    pub fn get(
+        &self,
+        epoch: u64,
+        projects: &[Arc<ModelProject>],
+        build: impl FnOnce(&InFlight) -> Queue,
+    ) -> Arc<Queue> {
         let in_flight: InFlight = {
             let mut f = self.in_flight.lock().expect("in-flight lock");
             // Seen in the store with the same placement, gone, or too old: done.
