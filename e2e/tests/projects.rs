@@ -94,6 +94,18 @@ where
         let grants = format!("[{{pool: e2e-atom, accelerators: {grant}}}, {{pool: e2e-h200, accelerators: {grant}}}]");
         scope.apply(&alloc_yaml("e2e-train", &[&ns.name], &grants, ""))
     })();
+    // Given an Active grant (the allocation's status says so, not only the plan).
+    let setup = match setup {
+        Ok(()) => crate::grants::wait_phase(
+            env,
+            "e2e-train",
+            sovereign_operator::api::AllocationPhase::Active,
+            Duration::from_secs(60),
+        )
+        .await
+        .map(|_| ()),
+        Err(e) => Err(e),
+    };
     let (scope, res) = match setup {
         Ok(()) => body(ns.name.clone(), scope).await,
         Err(e) => (scope, Err(e)),

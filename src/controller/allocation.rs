@@ -362,7 +362,8 @@ fn next_wake(
     status: &GpuAllocationStatus,
     usage: &AllocationUse,
 ) -> Duration {
-    let mut wake = Duration::from_secs(600);
+    // A safety net: the plan is cluster-wide, so look again at least every minute.
+    let mut wake = Duration::from_secs(60);
     let until = |t: Timestamp| {
         Duration::from_secs_f64(t.duration_since(view.now).as_secs_f64().max(0.0)) + Duration::from_millis(200)
     };

@@ -52,6 +52,11 @@ impl Context {
         self.queues.get(self.stores.epoch(), projects, build)
     }
 
+    /// Forgets an admission once the project shows it.
+    pub fn settled(&self, key: &str) {
+        self.queues.settled(key);
+    }
+
     /// Remembers an admission until the store shows it.
     pub fn admitted(&self, key: String, pool: String, nodes: Vec<String>) {
         self.queues.admitted(key, pool, nodes);

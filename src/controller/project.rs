@@ -85,6 +85,11 @@ async fn reconcile(project: Arc<ModelProject>, ctx: Arc<Context>) -> Result<Acti
     let pods = worker_pods(&ctx, &ns, &name);
     out.status.worker_states = count_states(&pods);
     let phase = old.phase.unwrap_or(ProjectPhase::Queued);
+    if !matches!(phase, ProjectPhase::Queued | ProjectPhase::Restarting) {
+        // The admission (if any) is visible now; a later return to the queue
+        // must not find it still in flight.
+        ctx.settled(&queue::key(&project));
+    }
 
     // The allocation must exist, list the namespace and grant the pools.
     if let Err(msg) = validate(&project, &view) {

@@ -258,6 +258,11 @@ impl QueueCache {
         q
     }
 
+    /// The store shows the project past admission: its entry is done.
+    pub fn settled(&self, key: &str) {
+        self.in_flight.lock().expect("in-flight lock").remove(key);
+    }
+
     /// Records an admission about to be written to status.
     pub fn admitted(&self, key: String, pool: String, nodes: Vec<String>) {
         self.in_flight.lock().expect("in-flight lock").insert(key, (pool, nodes, std::time::Instant::now()));
