@@ -125,10 +125,18 @@ pub fn plan(
         .iter()
         .map(|a| {
             let plan = &view.grants.allocations[&a.name];
-            let blocked = (plan.phase != Phase::Active).then(|| {
+            // Gangs run only on grants in force: Active in the plan AND in the
+            // allocation's status. Otherwise a gang admitted before the grant's
+            // first status write would run on a grant that a capacity drop can
+            // still take back (only grants Active in status are never revoked).
+            let blocked = if plan.phase != Phase::Active {
                 let why = plan.blocker.as_ref().map(|b| b.message()).unwrap_or_else(|| "not admitted yet".into());
-                format!("allocation {} is {:?}: {why}", a.name, plan.phase)
-            });
+                Some(format!("allocation {} is {:?}: {why}", a.name, plan.phase))
+            } else if !a.was_active {
+                Some(format!("allocation {} is being activated", a.name))
+            } else {
+                None
+            };
             let headroom = a
                 .grants
                 .iter()
