@@ -11,16 +11,14 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 
 use super::quota::QUOTA_NAME;
 use super::view::View;
-use super::{Context, Error, FIELD_MANAGER, nodes};
+use super::{Context, Error, nodes};
 use crate::api::{
     AllocationPhase, DomesticShare, GpuAllocation, GpuAllocationStatus, GrantMode, PoolGrantStatus, condition,
     find_condition, set_condition,
@@ -64,10 +62,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .await;
 }
 
-fn error_policy(_a: Arc<GpuAllocation>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.count_error(CONTROLLER, error);
-    tracing::warn!(error = %error, "allocation reconcile failed");
-    if error.is_transient() { Action::requeue(Duration::from_secs(5)) } else { Action::await_change() }
+fn error_policy(_obj: Arc<GpuAllocation>, error: &Error, ctx: Arc<Context>) -> Action {
+    super::on_error(&ctx, CONTROLLER, error)
 }
 
 async fn reconcile(alloc: Arc<GpuAllocation>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -120,14 +116,7 @@ async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
     let status = build_status(alloc, &old, &view, &usage, state.hours_used);
     publish_transitions(ctx, alloc, &old, &status, plan).await;
     if status != old {
-        let patch = json!({
-            "apiVersion": GpuAllocation::api_version(&()),
-            "kind": GpuAllocation::kind(&()),
-            "status": status,
-        });
-        Api::<GpuAllocation>::all(ctx.client.clone())
-            .patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
-            .await?;
+        super::apply_status(&Api::<GpuAllocation>::all(ctx.client.clone()), &name, &status).await?;
     }
     Ok(Action::requeue(next_wake(&view, plan.wake_at, alloc, &status, &usage)))
 }

@@ -30,6 +30,34 @@ use crate::telemetry::Metrics;
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "sovereign-operator";
 
+/// Writes `status` of the object by server-side apply with the operator's field
+/// manager (the one status writer of every kind).
+pub(crate) async fn apply_status<K>(api: &Api<K>, name: &str, status: &impl serde::Serialize) -> Result<(), Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(name, &kube::api::PatchParams::apply(FIELD_MANAGER).force(), &kube::api::Patch::Apply(patch))
+        .await?;
+    Ok(())
+}
+
+/// Error policy of every controller: count, log, then retry a transient error
+/// with backoff or wait for a change of an invalid object.
+pub(crate) fn on_error(ctx: &Context, controller: &'static str, error: &Error) -> kube::runtime::controller::Action {
+    ctx.count_error(controller, error);
+    tracing::warn!(error = %error, controller, "reconcile failed");
+    if error.is_transient() {
+        kube::runtime::controller::Action::requeue(Duration::from_secs(5))
+    } else {
+        kube::runtime::controller::Action::await_change()
+    }
+}
+
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = client(&args).await?;

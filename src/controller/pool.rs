@@ -6,14 +6,12 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
 use kube::core::SelectorExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 
-use super::{Context, Error, FIELD_MANAGER};
+use super::{Context, Error};
 use crate::api::{AcceleratorPool, AcceleratorPoolStatus, condition, find_condition, set_condition};
 use crate::snapshot;
 
@@ -53,10 +51,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .await;
 }
 
-fn error_policy(_pool: Arc<AcceleratorPool>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.count_error(CONTROLLER, error);
-    tracing::warn!(error = %error, "pool reconcile failed");
-    if error.is_transient() { Action::requeue(Duration::from_secs(5)) } else { Action::await_change() }
+fn error_policy(_obj: Arc<AcceleratorPool>, error: &Error, ctx: Arc<Context>) -> Action {
+    super::on_error(&ctx, CONTROLLER, error)
 }
 
 async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -148,13 +144,7 @@ async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Acti
 
     publish_transitions(&ctx, &pool, &old, &status).await;
     if status != old {
-        let api: Api<AcceleratorPool> = Api::all(ctx.client.clone());
-        let patch = json!({
-            "apiVersion": AcceleratorPool::api_version(&()),
-            "kind": AcceleratorPool::kind(&()),
-            "status": status,
-        });
-        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await?;
+        super::apply_status(&Api::<AcceleratorPool>::all(ctx.client.clone()), &name, &status).await?;
     }
     ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
     Ok(Action::requeue(Duration::from_secs(300)))

@@ -13,7 +13,6 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 
 use super::queue::{self, holds_devices};
 use super::{Context, Error, FIELD_MANAGER};
@@ -52,10 +51,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .await;
 }
 
-fn error_policy(_p: Arc<ModelProject>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.count_error(CONTROLLER, error);
-    tracing::warn!(error = %error, "project reconcile failed");
-    if error.is_transient() { Action::requeue(Duration::from_secs(3)) } else { Action::await_change() }
+fn error_policy(_obj: Arc<ModelProject>, error: &Error, ctx: Arc<Context>) -> Action {
+    super::on_error(&ctx, CONTROLLER, error)
 }
 
 /// What a reconcile decided, applied at the end.
@@ -534,14 +531,8 @@ async fn finish(
         ctx.event(&on, warning, reason, note).await;
     }
     if out.status != old {
-        let patch = json!({
-            "apiVersion": ModelProject::api_version(&()),
-            "kind": ModelProject::kind(&()),
-            "status": out.status,
-        });
-        Api::<ModelProject>::namespaced(ctx.client.clone(), &project.namespace().unwrap_or_default())
-            .patch_status(&project.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
-            .await?;
+        let api = Api::<ModelProject>::namespaced(ctx.client.clone(), &project.namespace().unwrap_or_default());
+        super::apply_status(&api, &project.name_any(), &out.status).await?;
     }
     ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
     Ok(out.requeue.map(Action::requeue).unwrap_or_else(|| Action::requeue(Duration::from_secs(300))))

@@ -42,10 +42,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .await;
 }
 
-fn error_policy(_ns: Arc<Namespace>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.count_error(CONTROLLER, error);
-    tracing::warn!(error = %error, "quota reconcile failed");
-    Action::requeue(Duration::from_secs(5))
+fn error_policy(_obj: Arc<Namespace>, error: &Error, ctx: Arc<Context>) -> Action {
+    super::on_error(&ctx, CONTROLLER, error)
 }
 
 /// The `hard` map of a quota from resource name -> devices.
