@@ -66,6 +66,15 @@ async fn workers(env: &Env, ns: &str, name: &str) -> anyhow::Result<Vec<Pod>> {
     Ok(Api::<Pod>::namespaced(env.client.clone(), ns).list(&lp).await?.items)
 }
 
+/// Waits until the project has no worker pod left.
+async fn wait_no_workers(env: &Env, ns: &str, name: &str) -> anyhow::Result<()> {
+    wait_for(&format!("the workers of {name} to be gone"), Duration::from_secs(30), || async {
+        let n = workers(env, ns, name).await.map_err(|e| e.to_string())?.len();
+        if n == 0 { Ok(()) } else { Err(format!("{n} pods")) }
+    })
+    .await
+}
+
 /// The pool label values of the nodes the gang's pods run on.
 async fn pools_of(env: &Env, pods: &[Pod]) -> anyhow::Result<BTreeSet<String>> {
     let nodes: Api<Node> = Api::all(env.client.clone());
@@ -226,11 +235,7 @@ pub async fn a_failing_worker_restarts_the_gang_until_max_restarts(env: Arc<Env>
                     .is_some_and(|c| c.reason == "BackoffLimitExceeded" && c.message.contains("exit code 3")),
                 "{finished:?}"
             );
-            wait_for("the failed gang's pods to be gone", Duration::from_secs(30), || async {
-                let n = workers(&env, &ns, "crashy").await.map_err(|e| e.to_string())?.len();
-                if n == 0 { Ok(()) } else { Err(format!("{n} pods")) }
-            })
-            .await?;
+            wait_no_workers(&env, &ns, "crashy").await?;
             anyhow::Ok(())
         }
         .await;
@@ -279,11 +284,7 @@ pub async fn suspend_gives_back_devices_and_resume_requeues(env: Arc<Env>) -> an
                 None,
             )?;
             wait_project(&env, &ns, "pausable", ProjectPhase::Suspended, Duration::from_secs(30)).await?;
-            wait_for("workers gone", Duration::from_secs(30), || async {
-                let n = workers(&env, &ns, "pausable").await.map_err(|e| e.to_string())?.len();
-                if n == 0 { Ok(()) } else { Err(format!("{n} pods")) }
-            })
-            .await?;
+            wait_no_workers(&env, &ns, "pausable").await?;
             env.kubectl_ok(
                 &[
                     "-n",
@@ -358,11 +359,7 @@ pub async fn an_expired_allocation_stops_its_runs(env: Arc<Env>) -> anyhow::Resu
         let s = wait_project(&env, &n, "doomed", ProjectPhase::Queued, Duration::from_secs(40)).await?;
         let c = find_condition(&s.conditions, "Queued").cloned();
         ensure!(c.as_ref().is_some_and(|c| c.reason == "AllocationInactive" && c.message.contains("Expired")), "{c:?}");
-        wait_for("workers stopped", Duration::from_secs(30), || async {
-            let k = workers(&env, &n, "doomed").await.map_err(|e| e.to_string())?.len();
-            if k == 0 { Ok(()) } else { Err(format!("{k} pods")) }
-        })
-        .await?;
+        wait_no_workers(&env, &n, "doomed").await?;
         anyhow::Ok(())
     }
     .await;
