@@ -116,7 +116,7 @@ async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
     let status = build_status(alloc, &old, &view, &usage, state.hours_used);
     publish_transitions(ctx, alloc, &old, &status, plan).await;
     if status != old {
-        super::apply_status(&Api::<GpuAllocation>::all(ctx.client.clone()), &name, &status).await?;
+        super::apply_status(&Api::<GpuAllocation>::all(ctx.client.clone()), &name, None, &status).await?;
     }
     Ok(Action::requeue(next_wake(&view, plan.wake_at, alloc, &status, &usage)))
 }

@@ -31,16 +31,25 @@ use crate::telemetry::Metrics;
 pub const FIELD_MANAGER: &str = "sovereign-operator";
 
 /// Writes `status` of the object by server-side apply with the operator's field
-/// manager (the one status writer of every kind).
-pub(crate) async fn apply_status<K>(api: &Api<K>, name: &str, status: &impl serde::Serialize) -> Result<(), Error>
+/// manager (the one status writer of every kind). With `resource_version`, the
+/// write is refused (409) if the object changed since that version.
+pub(crate) async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    resource_version: Option<&str>,
+    status: &impl serde::Serialize,
+) -> Result<(), Error>
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let patch = serde_json::json!({
+    let mut patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
         "status": status,
     });
+    if let Some(rv) = resource_version {
+        patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
+    }
     api.patch_status(name, &kube::api::PatchParams::apply(FIELD_MANAGER).force(), &kube::api::Patch::Apply(patch))
         .await?;
     Ok(())

@@ -144,7 +144,7 @@ async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Acti
 
     publish_transitions(&ctx, &pool, &old, &status).await;
     if status != old {
-        super::apply_status(&Api::<AcceleratorPool>::all(ctx.client.clone()), &name, &status).await?;
+        super::apply_status(&Api::<AcceleratorPool>::all(ctx.client.clone()), &name, None, &status).await?;
     }
     ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
     Ok(Action::requeue(Duration::from_secs(300)))

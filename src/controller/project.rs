@@ -31,17 +31,20 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let s = &ctx.stores;
     // Capacity moves with nodes, pools, allocations and other projects: every
     // waiting project may be admitted. A worker pod's change concerns its project.
-    let everything = futures::stream::select_all([
+    // The first item reconciles every project already in the store at start.
+    let everything = futures::stream::once(async {}).chain(futures::stream::select_all([
         s.nodes.changes().boxed(),
         s.pools.changes().boxed(),
         s.allocations.changes().boxed(),
         s.projects.changes().boxed(),
-    ]);
+    ]));
     let worker_projects = s.workers.events().filter_map(|pod| async move {
         let project = pod.labels().get(PROJECT_LABEL)?.clone();
         Some(ObjectRef::<ModelProject>::new(&project).within(&pod.namespace()?))
     });
-    Controller::new(Api::<ModelProject>::all(ctx.client.clone()), Default::default())
+    // The same store the admission plan reads: a reconcile never sees an older
+    // project than the plan did (a second watch could lag and undo an admission).
+    Controller::for_shared_stream(s.projects.events(), s.projects.store.clone())
         .reconcile_all_on(everything)
         .reconcile_on(worker_projects)
         .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)))
@@ -238,7 +241,11 @@ fn admit_or_wait(ctx: &Context, project: &ModelProject, view: &super::view::View
             out.status.phase = Some(out.status.phase.unwrap_or(ProjectPhase::Queued));
             out.status.queue_position = Some(*position as i32);
             let first = !out.status.conditions.iter().any(|c| c.type_ == "Queued" && c.status == "True");
-            set_condition(&mut out.status.conditions, condition("Queued", true, "Waiting", reason.clone(), g), &now);
+            // The same reason whether the run was stopped by its grant or never started.
+            let inactive =
+                view.grants.allocations.get(&project.spec.allocation).is_some_and(|p| p.phase != Phase::Active);
+            let why = if inactive { "AllocationInactive" } else { "Waiting" };
+            set_condition(&mut out.status.conditions, condition("Queued", true, why, reason.clone(), g), &now);
             if first {
                 out.events.push((false, "Queued", reason.clone()));
             }
@@ -526,13 +533,24 @@ async fn finish(
     out: Decision,
     started: Instant,
 ) -> Result<Action, Error> {
+    if out.status != old {
+        let api = Api::<ModelProject>::namespaced(ctx.client.clone(), &project.namespace().unwrap_or_default());
+        // Decided on this version only: if the project moved on, the write is
+        // refused and the newer version is reconciled instead.
+        let rv = project.resource_version();
+        match super::apply_status(&api, &project.name_any(), rv.as_deref(), &out.status).await {
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
+                if out.status.phase == Some(ProjectPhase::Admitted) && old.phase != out.status.phase {
+                    ctx.settled(&queue::key(project)); // the admission was not written
+                }
+                return Ok(Action::requeue(Duration::from_millis(200)));
+            }
+            r => r?,
+        }
+    }
     let on = project.object_ref(&());
     for (warning, reason, note) in out.events {
         ctx.event(&on, warning, reason, note).await;
-    }
-    if out.status != old {
-        let api = Api::<ModelProject>::namespaced(ctx.client.clone(), &project.namespace().unwrap_or_default());
-        super::apply_status(&api, &project.name_any(), &out.status).await?;
     }
     ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
     Ok(out.requeue.map(Action::requeue).unwrap_or_else(|| Action::requeue(Duration::from_secs(300))))

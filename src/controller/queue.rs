@@ -15,7 +15,7 @@ use crate::planner::grants::Phase;
 use crate::planner::placement::{
     self, AllocationQuota, GangRequest, NodeFree, Outcome, PlacementInput, PlacementPool, TopologyRequest,
 };
-use crate::snapshot::{PROJECT_LABEL, pod_use};
+use crate::snapshot::{ALLOCATION_LABEL, POOL_LABEL, PROJECT_LABEL, pod_requests, pod_use};
 use crate::telemetry::Metrics;
 
 /// Restarting gangs go ahead of every fresh one (priorities are within ±1000).
@@ -76,6 +76,7 @@ pub fn plan(
         }
     }
     let mut admitted: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut holding: BTreeSet<String> = BTreeSet::new();
     for p in projects {
         let status = p.status.clone().unwrap_or_default();
         let (pool, nodes) = match in_flight.get(&key(p)) {
@@ -91,6 +92,25 @@ pub fn plan(
             }
         }
         *admitted.entry((p.spec.allocation.clone(), pool.name.clone())).or_default() += per * p.spec.workers as i64;
+        holding.insert(key(p));
+    }
+    // Pods of a gang that gave its devices back but are still terminating keep
+    // their node's devices and count in the namespace quota until they are gone.
+    for pod in stores.workers.store.state() {
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        let project = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.labels()[PROJECT_LABEL]);
+        if matches!(phase, Some("Succeeded" | "Failed")) || holding.contains(&project) {
+            continue;
+        }
+        let (Some(allocation), Some(pool)) = (pod.labels().get(ALLOCATION_LABEL), pod.labels().get(POOL_LABEL)) else {
+            continue;
+        };
+        let Some(resource) = view.pool(pool).map(|p| p.resource_name.clone()) else { continue };
+        let devices = pod_requests(&pod).get(&resource).copied().unwrap_or(0);
+        if let Some(&i) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).and_then(|n| node_index.get(n)) {
+            *used[i].entry(resource).or_default() += devices;
+        }
+        *admitted.entry((allocation.clone(), pool.clone())).or_default() += devices;
     }
 
     let pools: Vec<PlacementPool> = view
