@@ -8,7 +8,7 @@ CARGO ?= cargo
 CHART := charts/sovereign-operator
 TOOLS = eval "$$(e2e/cluster tools)"
 
-.PHONY: all build test lint unit crds check-crds chart e2e demo demo-down cluster-up cluster-down clean
+.PHONY: all build test lint unit crds check-crds chart e2e demo demo-contention demo-down cluster-up cluster-down clean
 
 all: build
 
@@ -64,6 +64,11 @@ cluster-down:
 ## demo: dev cluster, chart, operator, examples, and what the operator made of them.
 demo: build
 	e2e/demo
+
+## demo-contention: after make demo, one oversubscribed pool shared by two teams (borrowing,
+## reclaim, priority preemption, fair share), told by kubectl get and Events.
+demo-contention: build
+	e2e/demo-contention
 
 demo-down:
 	e2e/demo stop

@@ -13,8 +13,9 @@ use criterion::{BenchmarkGroup, BenchmarkId, Criterion, criterion_group, criteri
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use sovereign_operator::planner::inventory::NodeInfo;
 use sovereign_operator::planner::placement::{
-    AllocationQuota, GangRequest, NodeFree, Outcome, PlacementInput, PlacementPool, TopologyRequest, admit,
+    AllocationQuota, GangRequest, NodeFree, Outcome, PlacementInput, PlacementPool, TopologyRequest, admit, admit_pass,
 };
+use sovereign_operator::planner::preemption::RunningGang;
 
 const BLOCK: &str = "topology.sovereign.ai/block";
 const RACK: &str = "topology.sovereign.ai/rack";
@@ -55,6 +56,7 @@ struct Snapshot {
     queue: Vec<GangRequest>,
     now: Timestamp,
     starvation_after: SignedDuration,
+    running: Vec<RunningGang>,
 }
 
 impl Snapshot {
@@ -66,6 +68,8 @@ impl Snapshot {
             queue: &self.queue,
             now: self.now,
             starvation_after: self.starvation_after,
+            running: &self.running,
+            releasing: &[],
         }
     }
 }
@@ -153,24 +157,64 @@ fn snapshot(total_nodes: usize, gangs: usize) -> Snapshot {
                 _ => None,
             };
             let team = rng.below(40);
+            let priority = if rng.below(10) == 0 { 100 } else { 0 };
             GangRequest {
                 key: format!("team{team:02}/run-{i:04}"),
                 allocation: format!("team{team:02}"),
                 pools: pools.iter().map(|p| p.to_string()).collect(),
                 workers,
                 per_worker,
-                priority: if rng.below(10) == 0 { 100 } else { 0 },
+                priority,
                 queued_since: now - SignedDuration::from_secs(rng.below(8 * 3600) as i64),
                 topology,
+                preemptible: true,
+                preemption_priority: priority,
             }
         })
         .collect();
     // Queued over the last 8 hours: the anti-starvation rule holds some queues.
-    Snapshot { nodes, pools, allocations, queue, now, starvation_after: SignedDuration::from_hours(6) }
+    Snapshot { nodes, pools, allocations, queue, now, starvation_after: SignedDuration::from_hours(6), running: vec![] }
+}
+
+/// The national snapshot with every shared node busy: running gangs of 1 to 8
+/// nodes (priority 0 to 49, one in five borrowed) fill the shared nodes, and a
+/// tenth of the queue has priority 100. Every waiting gang looks for victims.
+fn contended(gangs: usize) -> Snapshot {
+    let mut s = snapshot(FULL_NODES, gangs);
+    let mut rng = Lcg(0xc0ffee);
+    for pool in &mut s.pools {
+        let granted: Vec<&AllocationQuota> =
+            s.allocations.iter().filter(|a| a.headroom.contains_key(&pool.name)).collect();
+        let mut i = 0;
+        while i < pool.shared_nodes.len() {
+            let size = (1 + rng.below(8) as usize).min(pool.shared_nodes.len() - i);
+            let per_worker = s.nodes[pool.shared_nodes[i].node].allocatable_of(&pool.resource_name);
+            let owner = granted[rng.below(granted.len() as u64) as usize];
+            let members = &mut pool.shared_nodes[i..i + size];
+            s.running.push(RunningGang {
+                key: format!("{}/busy-{}-{i}", owner.name, pool.name),
+                allocation: owner.name.clone(),
+                pool: pool.name.clone(),
+                nodes: members.iter().map(|nf| nf.node).collect(),
+                per_worker,
+                priority: rng.below(50) as i32,
+                started: s.now - SignedDuration::from_secs(rng.below(86_400) as i64),
+                borrowed: rng.below(5) == 0,
+                preemptible: true,
+                protected_until: None,
+            });
+            for nf in members {
+                nf.free = 0;
+            }
+            i += size;
+        }
+    }
+    s
 }
 
 fn describe(label: &str, s: &Snapshot) {
-    let out = admit(&s.input());
+    let pass = admit_pass(&s.input());
+    let out = pass.outcomes;
     let mut admitted = 0;
     let mut behind = 0;
     let mut blocked = 0;
@@ -183,10 +227,14 @@ fn describe(label: &str, s: &Snapshot) {
         }
     }
     eprintln!(
-        "{label}: {} nodes, {} gangs: {admitted} admitted, {} waiting for capacity, {behind} behind a starving gang, {blocked} of blocked allocations",
+        "{label}: {} nodes, {} gangs: {admitted} admitted, {} waiting for capacity, {behind} behind a starving gang, \
+         {blocked} of blocked allocations; {} running gangs, {} preemptions of {} victims",
         s.nodes.len(),
         s.queue.len(),
-        out.len() - admitted - behind - blocked
+        out.len() - admitted - behind - blocked,
+        s.running.len(),
+        pass.preemptions.len(),
+        pass.preemptions.iter().map(|p| p.victims.len()).sum::<usize>()
     );
 }
 
@@ -209,6 +257,12 @@ fn national(c: &mut Criterion) {
     g.bench_function("national_1000_gangs_2750_nodes", |b| b.iter(|| admit(black_box(&s.input()))));
     g.bench_function("national_1000_gangs_2750_nodes_no_starvation", |b| {
         b.iter(|| admit(black_box(&all_tried.input())))
+    });
+    // Preemption and reclaim searched for every waiting gang (ratio to the first).
+    let full = contended(1_000);
+    describe("national, every shared node busy", &full);
+    g.bench_function("national_1000_gangs_2750_nodes_all_busy_preempting", |b| {
+        b.iter(|| admit_pass(black_box(&full.input())))
     });
     g.finish();
 }

@@ -79,6 +79,11 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 900, env = "SOVEREIGN_STARVATION_SECONDS")]
     pub starvation_seconds: u64,
 
+    /// Seconds a run admitted by preempting others is itself protected from
+    /// preemption and reclaim (no preemption back and forth).
+    #[arg(long, default_value_t = 600, env = "SOVEREIGN_MIN_RUN_SECONDS")]
+    pub min_run_seconds: u64,
+
     /// Seconds a reserved node may stay NotReady before it is replaced.
     #[arg(long, default_value_t = 300, env = "SOVEREIGN_NODE_GRACE_SECONDS")]
     pub node_grace_seconds: u64,

@@ -18,6 +18,7 @@ use sovereign_operator::api::{AcceleratorPool, find_condition};
 
 mod grants;
 mod projects;
+mod sharing;
 
 type TestFn = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
@@ -69,13 +70,20 @@ fn main() -> anyhow::Result<()> {
         projects::losing_a_node_restarts_the_gang_without_counting_it,
         projects::an_expired_allocation_stops_its_runs,
         projects::a_killed_operator_mid_admission_leaves_no_duplicate_or_orphan,
+        sharing::a_higher_priority_run_preempts_exactly_the_gang_it_needs,
+        sharing::an_equal_priority_run_never_preempts,
+        sharing::a_borrower_runs_on_idle_capacity_and_is_reclaimed_by_the_owner,
+        sharing::a_hard_budget_stops_runs_and_an_admission_budget_does_not,
+        sharing::contention_over_minutes_never_thrashes,
     ]
     .into_iter()
     .map(|(name, test)| {
         let (env, rt) = (env.clone(), rt.clone());
+        // The contention scenario runs for minutes by design.
+        let limit = if name.starts_with("contention_over_minutes") { 420 } else { 180 };
         Trial::test(name, move || {
-            rt.block_on(async { tokio::time::timeout(Duration::from_secs(180), test(env)).await })
-                .map_err(|_| Failed::from("timed out after 180s"))?
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(limit), test(env)).await })
+                .map_err(|_| Failed::from(format!("timed out after {limit}s")))?
                 .map_err(|e| Failed::from(format!("{e:#}")))
         })
     })

@@ -16,7 +16,7 @@ use sovereign_operator::api::{ModelProject, ModelProjectStatus, ProjectPhase, fi
 
 use crate::grants::{alloc_yaml, pool_yaml, restore_node};
 
-fn atom() -> String {
+pub fn atom() -> String {
     pool_yaml("e2e-atom", "rebellions.ai/ATOM", ("rebellions.ai/npu.family", "ATOM"), 1.0)
 }
 
@@ -24,7 +24,7 @@ fn h200() -> String {
     pool_yaml("e2e-h200", "nvidia.com/gpu", ("nvidia.com/gpu.product", "NVIDIA-H200"), 1.0)
 }
 
-fn project_yaml(
+pub fn project_yaml(
     name: &str,
     ns: &str,
     alloc: &str,
@@ -38,12 +38,12 @@ fn project_yaml(
     )
 }
 
-async fn status(env: &Env, ns: &str, name: &str) -> Result<ModelProjectStatus, String> {
+pub async fn status(env: &Env, ns: &str, name: &str) -> Result<ModelProjectStatus, String> {
     let p = Api::<ModelProject>::namespaced(env.client.clone(), ns).get(name).await.map_err(|e| e.to_string())?;
     Ok(p.status.unwrap_or_default())
 }
 
-async fn wait_project(
+pub async fn wait_project(
     env: &Env,
     ns: &str,
     name: &str,
@@ -61,13 +61,13 @@ async fn wait_project(
     .await
 }
 
-async fn workers(env: &Env, ns: &str, name: &str) -> anyhow::Result<Vec<Pod>> {
+pub async fn workers(env: &Env, ns: &str, name: &str) -> anyhow::Result<Vec<Pod>> {
     let lp = ListParams::default().labels(&format!("sovereign.ai/project={name}"));
     Ok(Api::<Pod>::namespaced(env.client.clone(), ns).list(&lp).await?.items)
 }
 
 /// Waits until the project has no worker pod left.
-async fn wait_no_workers(env: &Env, ns: &str, name: &str) -> anyhow::Result<()> {
+pub async fn wait_no_workers(env: &Env, ns: &str, name: &str) -> anyhow::Result<()> {
     wait_for(&format!("the workers of {name} to be gone"), Duration::from_secs(30), || async {
         let n = workers(env, ns, name).await.map_err(|e| e.to_string())?.len();
         if n == 0 { Ok(()) } else { Err(format!("{n} pods")) }
@@ -90,7 +90,7 @@ async fn pools_of(env: &Env, pods: &[Pod]) -> anyhow::Result<BTreeSet<String>> {
 
 /// Runs `body` with the two test pools, an allocation granting 32 of each to a
 /// fresh namespace, and cleans everything up.
-async fn with_grant<F, Fut>(env: &Env, test: &str, grant: i64, body: F) -> anyhow::Result<()>
+pub async fn with_grant<F, Fut>(env: &Env, test: &str, grant: i64, body: F) -> anyhow::Result<()>
 where
     F: FnOnce(String, Scope) -> Fut,
     Fut: std::future::Future<Output = (Scope, anyhow::Result<()>)>,

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
     printcolumn(name = "Granted", type_ = "integer", json_path = ".status.granted"),
     printcolumn(name = "In-Use", type_ = "integer", json_path = ".status.inUse"),
+    printcolumn(name = "Share", type_ = "number", json_path = ".status.dominantShare"),
     printcolumn(name = "Hours-Used", type_ = "number", json_path = ".status.acceleratorHoursUsed"),
     printcolumn(name = "Budget", type_ = "integer", json_path = ".spec.budget.acceleratorHours"),
     printcolumn(name = "Domestic", type_ = "number", json_path = ".status.domesticShare.granted", priority = 1),
@@ -203,6 +204,11 @@ pub struct GpuAllocationStatus {
     /// Per-pool state of the grants.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pools: Vec<PoolGrantStatus>,
+    /// The largest, over the granted pools, of accelerators held by admitted runs
+    /// divided by the grant (above 1 when borrowing). Idle capacity beyond grants
+    /// goes to the allocation with the smallest share first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dominant_share: Option<f64>,
     /// Accelerator-hours used so far (charge-factor weighted).
     #[serde(default)]
     pub accelerator_hours_used: f64,

@@ -31,6 +31,8 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Per-Worker", type_ = "integer", json_path = ".spec.acceleratorsPerWorker"),
     printcolumn(name = "Running", type_ = "integer", json_path = ".status.workerStates.running"),
     printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts"),
+    printcolumn(name = "Preempted", type_ = "integer", json_path = ".status.preemptions"),
+    printcolumn(name = "Borrowed", type_ = "boolean", json_path = ".status.borrowed", priority = 1),
     printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queuePosition", priority = 1),
     printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -304,9 +306,18 @@ pub struct ModelProjectStatus {
     /// Gang restarts after node loss or eviction (not counted against maxRestarts).
     #[serde(default)]
     pub disruptions: i32,
-    /// Times the run was preempted back to the queue.
+    /// Times the run was preempted (or its borrowed capacity reclaimed) back to
+    /// the queue; never counted against maxRestarts.
     #[serde(default)]
     pub preemptions: i32,
+    /// Runs ("namespace/name") stopped to make room for this one, while it waits
+    /// for them and after it is admitted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preempted: Vec<String>,
+    /// Neither preempted nor reclaimed before this time: a run admitted by
+    /// preempting others keeps its place for the operator's minimum run time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected_until: Option<Time>,
     /// 1-based position in the allocation's queue while Queued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<i32>,
@@ -326,7 +337,7 @@ pub struct ModelProjectStatus {
     /// Generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Conditions: Queued, Admitted, Running, Finished, Valid.
+    /// Conditions: Queued, Admitted, Running, Finished, Valid, Preempted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -3,7 +3,7 @@
 //! on nodes are not garbage-collected), accelerator-hour accounting, and Events
 //! on transitions. Quotas are the quota reconciler's.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use crate::api::{
     find_condition, set_condition,
 };
 use crate::planner::grants::{Blocker, Phase};
+use crate::planner::preemption;
 use crate::planner::usage::{self, AllocationUse};
 
 const CONTROLLER: &str = "gpuallocation";
@@ -181,6 +182,12 @@ fn build_status(
             }
         })
         .collect();
+
+    // The fair-share order of idle capacity, over the grant as written (a
+    // Pending grant has none in force yet).
+    let used: BTreeMap<String, i64> = s.pools.iter().map(|p| (p.pool.clone(), p.in_use)).collect();
+    let granted: BTreeMap<String, i64> = alloc.spec.grants.iter().map(|g| (g.pool.clone(), g.accelerators)).collect();
+    s.dominant_share = Some(round(preemption::dominant_share(&used, &granted)));
 
     // Accounting: write the integral when the rate or phase changes, or at
     // least every USAGE_INTERVAL; otherwise keep the last sample, so that an

@@ -20,6 +20,8 @@ pub struct Context {
     pub stores: Stores,
     /// After waiting this long, the head of an allocation's queue stops backfill.
     pub starvation_after: k8s_openapi::jiff::SignedDuration,
+    /// How long a run admitted by preemption cannot itself be preempted.
+    pub min_run_time: k8s_openapi::jiff::SignedDuration,
     views: ViewCache,
     queues: QueueCache,
 }
@@ -34,6 +36,7 @@ impl Context {
             metrics,
             stores,
             starvation_after: k8s_openapi::jiff::SignedDuration::from_secs(args.starvation_seconds as i64),
+            min_run_time: k8s_openapi::jiff::SignedDuration::from_secs(args.min_run_seconds as i64),
             queues: QueueCache::default(),
         })
     }

@@ -217,6 +217,11 @@ fn admit_or_wait(ctx: &Context, project: &ModelProject, view: &super::view::View
             out.status.queue_position = None;
             out.status.admitted_at = Some(now.clone());
             out.status.retry_after = None;
+            if !out.status.preempted.is_empty() {
+                // It displaced others: they may not displace it back right away.
+                let until = view.now.checked_add(ctx.min_run_time).unwrap_or(view.now);
+                out.status.protected_until = Some(Time(until));
+            }
             let wait = project
                 .metadata
                 .creation_timestamp
@@ -244,9 +249,16 @@ fn admit_or_wait(ctx: &Context, project: &ModelProject, view: &super::view::View
             // The same reason whether the run was stopped by its grant or never started.
             let inactive =
                 view.grants.allocations.get(&project.spec.allocation).is_some_and(|p| p.phase != Phase::Active);
-            let why = if inactive { "AllocationInactive" } else { "Waiting" };
+            let mut why = if inactive { "AllocationInactive" } else { "Waiting" };
+            if let Some(p) = q.preempting.get(&key) {
+                why = "Preempting";
+                if out.status.preempted != p.victims {
+                    out.status.preempted = p.victims.clone();
+                    out.events.push((false, "Preempting", reason.clone()));
+                }
+            }
             set_condition(&mut out.status.conditions, condition("Queued", true, why, reason.clone(), g), &now);
-            if first {
+            if first && why != "Preempting" {
                 out.events.push((false, "Queued", reason.clone()));
             }
         }
@@ -265,9 +277,15 @@ async fn run_gang(
     let name = project.name_any();
     let g = project.metadata.generation;
     let now = Time(view.now);
-    // An allocation that stops being Active stops its runs, gracefully.
-    let alloc_plan = view.grants.allocations.get(&project.spec.allocation);
-    if let Some(plan) = alloc_plan.filter(|p| p.phase != Phase::Active) {
+    // An allocation that stops being Active stops its runs, gracefully; a used-up
+    // budget only does when its enforcement is Hard.
+    let alloc = &project.spec.allocation;
+    let stops = |p: &&crate::planner::grants::AllocationPlan| match p.phase {
+        Phase::Active => false,
+        Phase::Exhausted => view.hard_budget.contains(alloc),
+        Phase::Pending | Phase::Expired => true,
+    };
+    if let Some(plan) = view.grants.allocations.get(alloc).filter(stops) {
         stop_workers(ctx, &ns, &name).await?;
         let why = plan.blocker.as_ref().map(|b| b.message()).unwrap_or_default();
         let msg = format!(
@@ -281,6 +299,37 @@ async fn run_gang(
             &now,
         );
         out.events.push((true, "AllocationInactive", msg));
+        return Ok(());
+    }
+    let key = queue::key(project);
+    let projects = ctx.stores.projects.store.state();
+    let q = ctx.queue(&projects, |in_flight| {
+        queue::plan(view, &projects, &ctx.stores, in_flight, ctx.starvation_after, &ctx.metrics)
+    });
+    if let Some(p) = q.victims.get(&key) {
+        stop_workers(ctx, &ns, &name).await?;
+        let by = find(&projects, &p.preemptor);
+        let (reason, msg) = if p.reclaimed.contains(&key) {
+            let owner = by.map(|b| b.spec.allocation.as_str()).unwrap_or_default();
+            let msg = format!(
+                "reclaimed: {} of allocation {owner} needs its guaranteed share of pool {} back; \
+                 this run was on borrowed capacity and is queued again",
+                p.preemptor, p.pool
+            );
+            ("Reclaimed", msg)
+        } else {
+            let over = by.map(|b| b.spec.priority).unwrap_or_default();
+            let msg = format!(
+                "preempted by {} (priority {over} over {}) to make room in pool {}; queued again",
+                p.preemptor, project.spec.priority, p.pool
+            );
+            ("Preempted", msg)
+        };
+        requeue_gang(out, ProjectPhase::Queued);
+        out.status.preemptions += 1;
+        set_condition(&mut out.status.conditions, condition("Preempted", true, reason, msg.clone(), g), &now);
+        set_condition(&mut out.status.conditions, condition("Queued", true, reason, msg.clone(), g), &now);
+        out.events.push((true, reason, msg));
         return Ok(());
     }
     let Some(pool) = out.status.pool.as_deref().and_then(|p| ctx.stores.pools.store.get(&ObjectRef::new(p))) else {
@@ -415,6 +464,8 @@ fn requeue_gang(out: &mut Decision, phase: ProjectPhase) {
     out.status.pool = None;
     out.status.nodes.clear();
     out.status.borrowed = false;
+    out.status.preempted.clear();
+    out.status.protected_until = None;
     out.requeue = Some(Duration::from_secs(1));
 }
 
@@ -465,6 +516,10 @@ fn owned(project: &ModelProject, pod: &Pod) -> bool {
 }
 
 /// The project's worker pods, from the store.
+fn find<'p>(projects: &'p [Arc<ModelProject>], key: &str) -> Option<&'p ModelProject> {
+    projects.iter().find(|p| queue::key(p) == key).map(|p| p.as_ref())
+}
+
 fn worker_pods(ctx: &Context, ns: &str, name: &str) -> Vec<Arc<Pod>> {
     ctx.stores
         .workers

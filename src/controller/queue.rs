@@ -15,6 +15,7 @@ use crate::planner::grants::Phase;
 use crate::planner::placement::{
     self, AllocationQuota, GangRequest, NodeFree, Outcome, PlacementInput, PlacementPool, TopologyRequest,
 };
+use crate::planner::preemption::{Preemption, Releasing, RunningGang};
 use crate::snapshot::{ALLOCATION_LABEL, POOL_LABEL, PROJECT_LABEL, pod_requests, pod_use};
 use crate::telemetry::Metrics;
 
@@ -44,6 +45,10 @@ pub struct Queue {
     pub outcomes: BTreeMap<String, Outcome>,
     /// Devices admitted per (allocation, pool), before this pass.
     pub admitted: BTreeMap<(String, String), i64>,
+    /// Preemptions decided by this pass, by preemptor.
+    pub preempting: BTreeMap<String, Arc<Preemption>>,
+    /// The same, by victim.
+    pub victims: BTreeMap<String, Arc<Preemption>>,
 }
 
 /// Admissions written but not yet seen in the project store: key -> (pool,
@@ -77,23 +82,43 @@ pub fn plan(
     }
     let mut admitted: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut holding: BTreeSet<String> = BTreeSet::new();
+    let mut running: Vec<RunningGang> = Vec::new();
     for p in projects {
         let status = p.status.clone().unwrap_or_default();
-        let (pool, nodes) = match in_flight.get(&key(p)) {
+        let flying = in_flight.get(&key(p));
+        let (pool, nodes) = match flying {
             Some((pool, nodes)) => (Some(pool.as_str()), nodes.as_slice()),
             None if holds_devices(status.phase) => (status.pool.as_deref(), status.nodes.as_slice()),
             None => continue,
         };
         let Some(pool) = pool.and_then(|n| view.pool(n)) else { continue };
         let per = p.spec.accelerators_per_worker as i64;
+        let mut at: Vec<usize> = Vec::with_capacity(nodes.len());
         for node in nodes {
             if let Some(&i) = node_index.get(node.as_str()) {
                 *used[i].entry(pool.resource_name.clone()).or_default() += per;
+                at.push(i);
             }
+        }
+        if flying.is_none() {
+            // Admissions in flight are not victims: their status is not written yet.
+            running.push(RunningGang {
+                key: key(p),
+                allocation: p.spec.allocation.clone(),
+                pool: pool.name.clone(),
+                nodes: at,
+                per_worker: per,
+                priority: p.spec.priority,
+                started: status.admitted_at.as_ref().map(|t| t.0).unwrap_or(view.now),
+                borrowed: status.borrowed,
+                preemptible: p.spec.preemptible,
+                protected_until: status.protected_until.as_ref().map(|t| t.0),
+            });
         }
         *admitted.entry((p.spec.allocation.clone(), pool.name.clone())).or_default() += per * p.spec.workers as i64;
         holding.insert(key(p));
     }
+    let mut releasing: Vec<Releasing> = Vec::new();
     // Pods of a gang that gave its devices back but are still terminating keep
     // their node's devices and count in the namespace quota until they are gone.
     for pod in stores.workers.store.state() {
@@ -107,10 +132,12 @@ pub fn plan(
         };
         let Some(resource) = view.pool(pool).map(|p| p.resource_name.clone()) else { continue };
         let devices = pod_requests(&pod).get(&resource).copied().unwrap_or(0);
-        if let Some(&i) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).and_then(|n| node_index.get(n)) {
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).and_then(|n| node_index.get(n)).copied();
+        if let Some(i) = node {
             *used[i].entry(resource).or_default() += devices;
         }
         *admitted.entry((allocation.clone(), pool.clone())).or_default() += devices;
+        releasing.push(Releasing { node, allocation: allocation.clone(), pool: pool.clone(), devices });
     }
 
     let pools: Vec<PlacementPool> = view
@@ -166,7 +193,11 @@ pub fn plan(
                 })
                 .collect();
             let dedicated: BTreeSet<String> = a.grants.iter().filter(|g| g.dedicated).map(|g| g.pool.clone()).collect();
-            AllocationQuota { name: a.name.clone(), blocked, headroom, dedicated }
+            // Dedicated (reserved) nodes are never lent, so never borrowed either.
+            let borrowing =
+                a.grants.iter().filter(|g| !g.dedicated).map(|g| (g.pool.clone(), g.borrowing_limit)).collect();
+            let granted = a.grants.iter().map(|g| (g.pool.clone(), g.accelerators)).collect();
+            AllocationQuota { name: a.name.clone(), blocked, headroom, dedicated, borrowing, granted }
         })
         .collect();
 
@@ -189,20 +220,33 @@ pub fn plan(
                     .topology
                     .as_ref()
                     .map(|t| TopologyRequest { key: t.key.clone(), required: t.mode == TopologyMode::Required }),
+                preemptible: p.spec.preemptible,
+                preemption_priority: p.spec.priority,
             }
         })
         .collect();
 
-    let outcomes = placement::admit(&PlacementInput {
+    let pass = placement::admit_pass(&PlacementInput {
         nodes: &view.nodes,
         pools: &pools,
         allocations: &allocations,
         queue: &queue,
         now: view.now,
         starvation_after,
+        running: &running,
+        releasing: &releasing,
     });
-    record(view, projects, &outcomes, metrics);
-    Queue { outcomes, admitted }
+    record(view, projects, &pass.outcomes, metrics);
+    let mut preempting = BTreeMap::new();
+    let mut victims = BTreeMap::new();
+    for p in pass.preemptions {
+        let p = Arc::new(p);
+        for v in &p.victims {
+            victims.insert(v.clone(), p.clone());
+        }
+        preempting.insert(p.preemptor.clone(), p);
+    }
+    Queue { outcomes: pass.outcomes, admitted, preempting, victims }
 }
 
 fn record(view: &View, projects: &[Arc<ModelProject>], outcomes: &BTreeMap<String, Outcome>, metrics: &Metrics) {

@@ -9,6 +9,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
 use super::stores::Stores;
+use crate::api::BudgetEnforcement;
 use crate::planner::grants::{self, AllocationState, GrantInput, GrantPlan, Phase, PoolState};
 use crate::planner::inventory::{self, Membership, NodeInfo, PoolTotals};
 use crate::planner::usage::{self, PodUse, PoolRate, Usage};
@@ -37,6 +38,8 @@ pub struct View {
     pub namespaces: BTreeSet<String>,
     /// Allocations whose admins let projects be non-preemptible.
     pub allocation_allows_non_preemptible: BTreeSet<String>,
+    /// Allocations whose budget enforcement is Hard (runs stop when it is used up).
+    pub hard_budget: BTreeSet<String>,
 }
 
 impl View {
@@ -64,6 +67,11 @@ impl View {
         let allocations: Vec<AllocationState> = alloc_objs.iter().map(|a| snapshot::allocation_state(a, now)).collect();
         let allocation_allows_non_preemptible =
             alloc_objs.iter().filter(|a| a.spec.allow_non_preemptible).map(|a| a.name_any()).collect();
+        let hard_budget = alloc_objs
+            .iter()
+            .filter(|a| a.spec.budget.as_ref().is_some_and(|b| b.enforcement == BudgetEnforcement::Hard))
+            .map(|a| a.name_any())
+            .collect();
         let programs = alloc_objs.iter().map(|a| (a.name_any(), a.spec.program.clone().unwrap_or_default())).collect();
         let pods: Vec<PodUse> = stores.pods.store.state().iter().filter_map(|p| snapshot::pod_use(p)).collect();
         let was_active: BTreeSet<&str> = allocations.iter().filter(|a| a.was_active).map(|a| a.name.as_str()).collect();
@@ -94,6 +102,7 @@ impl View {
             programs,
             namespaces,
             allocation_allows_non_preemptible,
+            hard_budget,
         }
     }
 

@@ -7,5 +7,6 @@ pub mod gang;
 pub mod grants;
 pub mod inventory;
 pub mod placement;
+pub mod preemption;
 pub mod reservation;
 pub mod usage;

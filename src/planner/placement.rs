@@ -51,6 +51,16 @@
 //!    allocation is admitted in this pass, so the capacity it frees over time
 //!    is not taken by a stream of smaller gangs. Other allocations backfill
 //!    as before: they have their own headroom.
+//! 8. Rounds: first every gang within its allocation's own grant (the
+//!    headroom without the borrowing limit), in the order of rule 1. Then
+//!    the gangs still waiting whose allocation may borrow in one of their
+//!    pools, on idle capacity up to the limit: the allocation with the lowest
+//!    dominant share first (see [`super::preemption`]). Non-preemptible gangs
+//!    never borrow: borrowed capacity must always be reclaimable.
+//! 9. Then preemption and reclaim for the gangs still waiting, in the order
+//!    of rule 1, by the rules of [`super::preemption`]. A gang that chose
+//!    victims waits ("preempting ...") until their workers are gone, and is
+//!    admitted by a later pass like any other.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -58,6 +68,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::inventory::NodeInfo;
+use super::preemption::{self, Preemption, Releasing, RunningGang};
 
 /// Free devices on one node that a gang may use.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,6 +102,18 @@ pub struct AllocationQuota {
     pub headroom: BTreeMap<String, i64>,
     /// Pools where its grant is Dedicated: gangs there use only its reserved nodes.
     pub dedicated: BTreeSet<String>,
+    /// Per pool: the borrowing limit, the part of `headroom` beyond the grant
+    /// (absent: 0). Only preemptible gangs borrow, after every gang that fits
+    /// within its own grant.
+    pub borrowing: BTreeMap<String, i64>,
+    /// Per pool: the grant, for the dominant share (absent: not counted).
+    pub granted: BTreeMap<String, i64>,
+}
+
+impl AllocationQuota {
+    fn borrowing_in(&self, pool: &str) -> i64 {
+        self.borrowing.get(pool).copied().unwrap_or(0).max(0)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -111,6 +134,11 @@ pub struct GangRequest {
     pub priority: i32,
     pub queued_since: Timestamp,
     pub topology: Option<TopologyRequest>,
+    /// May borrow (and so be reclaimed); false also protects it once running.
+    pub preemptible: bool,
+    /// Compared with running gangs' priorities: the project's own priority
+    /// (`priority` may carry a boost for ordering).
+    pub preemption_priority: i32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -130,11 +158,28 @@ pub struct PlacementInput<'a> {
     /// After waiting this long, the head of an allocation's queue stops
     /// backfill (the anti-starvation rule).
     pub starvation_after: SignedDuration,
+    /// Gangs that hold devices now (candidates for preemption and reclaim).
+    pub running: &'a [RunningGang],
+    /// Devices of stopped gangs still being released.
+    pub releasing: &'a [Releasing],
+}
+
+/// The result of one pass: every queued gang's outcome, and the running gangs
+/// to stop so that waiting ones fit.
+#[derive(Debug, Default)]
+pub struct Pass {
+    pub outcomes: BTreeMap<String, Outcome>,
+    pub preemptions: Vec<Preemption>,
 }
 
 /// Decides every queued gang in one pass: admitted (pool and a node per
 /// worker) or waiting (position and reason). See the module rules.
 pub fn admit(input: &PlacementInput<'_>) -> BTreeMap<String, Outcome> {
+    admit_pass(input).outcomes
+}
+
+/// [`admit`], with the preemptions that the pass decided (rules 8 and 9).
+pub fn admit_pass(input: &PlacementInput<'_>) -> Pass {
     let mut order: Vec<&GangRequest> = input.queue.iter().collect();
     order.sort_by(|a, b| {
         b.priority.cmp(&a.priority).then(a.queued_since.cmp(&b.queued_since)).then_with(|| a.key.cmp(&b.key))
@@ -155,19 +200,25 @@ pub fn admit(input: &PlacementInput<'_>) -> BTreeMap<String, Outcome> {
     let mut stopper: HashMap<&str, &GangRequest> = HashMap::new();
     // Allocations that already have a waiting gang in this pass.
     let mut has_waiting: BTreeSet<&str> = BTreeSet::new();
-    let mut decided: Vec<(&GangRequest, Decision)> = Vec::with_capacity(order.len());
+    // Each gang's decision, and whether it may still borrow or preempt (its
+    // allocation may admit and no starving head stops it).
+    let mut decided: Vec<(&GangRequest, Decision, bool)> = Vec::with_capacity(order.len());
 
+    // Round 1: within each allocation's own grant.
     for g in order {
         let alloc = g.allocation.as_str();
-        let decision = match allocations.get(alloc) {
-            None => Err(format!("allocation {alloc} not found")),
-            Some(AllocationQuota { blocked: Some(why), .. }) => Err(why.clone()),
+        let (decision, open) = match allocations.get(alloc) {
+            None => (Err(format!("allocation {alloc} not found")), false),
+            Some(AllocationQuota { blocked: Some(why), .. }) => (Err(why.clone()), false),
             Some(a) => match stopper.get(alloc) {
-                Some(head) => Err(format!(
-                    "waiting behind {}, which has waited since {} (no backfill past a gang waiting longer than {:#})",
-                    head.key, head.queued_since, input.starvation_after
-                )),
-                None => world.try_pools(g, a, &mut headroom),
+                Some(head) => (
+                    Err(format!(
+                        "waiting behind {}, which has waited since {} (no backfill past a gang waiting longer than {:#})",
+                        head.key, head.queued_since, input.starvation_after
+                    )),
+                    false,
+                ),
+                None => (world.try_pools(g, a, &mut headroom, false), true),
             },
         };
         if decision.is_err() && has_waiting.insert(alloc) {
@@ -176,12 +227,66 @@ pub fn admit(input: &PlacementInput<'_>) -> BTreeMap<String, Outcome> {
                 stopper.insert(alloc, g);
             }
         }
-        decided.push((g, decision));
+        decided.push((g, decision, open));
+    }
+
+    // Round 2: idle capacity beyond the grants, lowest dominant share first.
+    let mut borrowers: BTreeMap<&str, std::collections::VecDeque<usize>> = BTreeMap::new();
+    for (i, (g, d, open)) in decided.iter().enumerate() {
+        let a = allocations.get(g.allocation.as_str());
+        let may_borrow = a.is_some_and(|a| g.pools.iter().any(|p| a.borrowing_in(p) > 0));
+        if d.is_err() && *open && g.preemptible && may_borrow {
+            borrowers.entry(g.allocation.as_str()).or_default().push_back(i);
+        }
+    }
+    while !borrowers.is_empty() {
+        let share = |alloc: &str| -> f64 {
+            let a = allocations[alloc];
+            let used = a
+                .granted
+                .iter()
+                .map(|(p, gr)| {
+                    let left = headroom.get(&(alloc, p.as_str())).copied().unwrap_or(0);
+                    (p.clone(), gr + a.borrowing_in(p) - left)
+                })
+                .collect();
+            preemption::dominant_share(&used, &a.granted)
+        };
+        let (&alloc, _) = borrowers
+            .iter()
+            .min_by(|(a, qa), (b, qb)| share(a).total_cmp(&share(b)).then(qa[0].cmp(&qb[0])))
+            .expect("not empty");
+        let queue = borrowers.get_mut(alloc).expect("present");
+        let i = queue.pop_front().expect("queues are never left empty");
+        if queue.is_empty() {
+            borrowers.remove(alloc);
+        }
+        let g = decided[i].0;
+        if let Ok(placed) = world.try_pools(g, allocations[alloc], &mut headroom, true) {
+            decided[i].1 = Ok(placed);
+        }
+    }
+
+    // Round 3: preemption and reclaim for the gangs still waiting, in order.
+    let mut preemptions = Vec::new();
+    for (g, decision, open) in decided.iter_mut() {
+        if decision.is_ok() || !*open {
+            continue;
+        }
+        let a = allocations[g.allocation.as_str()];
+        match world.try_preempt(g, a, &headroom) {
+            Some(Ok((p, why))) => {
+                *decision = Err(why);
+                preemptions.push(p);
+            }
+            Some(Err(why)) => *decision = Err(why),
+            None => {}
+        }
     }
 
     let mut positions: HashMap<&str, u32> = HashMap::new();
-    let mut out = BTreeMap::new();
-    for (g, decision) in decided {
+    let mut outcomes = BTreeMap::new();
+    for (g, decision, _) in decided {
         let outcome = match decision {
             Ok((pool, nodes)) => Outcome::Admitted { pool, nodes },
             Err(reason) => {
@@ -190,9 +295,9 @@ pub fn admit(input: &PlacementInput<'_>) -> BTreeMap<String, Outcome> {
                 Outcome::Waiting { position: *p, reason }
             }
         };
-        out.insert(g.key.clone(), outcome);
+        outcomes.insert(g.key.clone(), outcome);
     }
-    out
+    Pass { outcomes, preemptions }
 }
 
 /// Admitted (pool, node per worker) or the reason to wait.
@@ -214,6 +319,10 @@ struct World<'a> {
     rank: Vec<u32>,
     /// (pool index, reserving allocation or None for shared) -> candidate set.
     sets: HashMap<(usize, Option<&'a str>), CandidateSet>,
+    /// Running gangs (indexes into `input.running`) per pool.
+    running_in: HashMap<&'a str, Vec<usize>>,
+    /// Running gangs chosen as victims in this pass.
+    evicted: BTreeSet<usize>,
 }
 
 /// Candidate nodes of one pool for one kind of gang, with their domains.
@@ -278,7 +387,11 @@ impl<'a> World<'a> {
         for (r, i) in by_name.into_iter().enumerate() {
             rank[i] = r as u32;
         }
-        World { input, pool_by_name, free, rank, sets: HashMap::new() }
+        let mut running_in: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, r) in input.running.iter().enumerate() {
+            running_in.entry(r.pool.as_str()).or_default().push(i);
+        }
+        World { input, pool_by_name, free, rank, sets: HashMap::new(), running_in, evicted: BTreeSet::new() }
     }
 
     /// Rules 3 to 6 for one gang whose allocation may admit.
@@ -287,6 +400,7 @@ impl<'a> World<'a> {
         g: &'a GangRequest,
         a: &'a AllocationQuota,
         headroom: &mut HashMap<(&'a str, &'a str), i64>,
+        borrow: bool,
     ) -> Decision {
         if g.workers == 0 {
             return Err("the gang has no workers".into());
@@ -301,7 +415,7 @@ impl<'a> World<'a> {
             if !tried.insert(pool_name.as_str()) {
                 continue;
             }
-            let Some(&left) = headroom.get(&(a.name.as_str(), pool_name.as_str())) else {
+            let Some(&with_borrowing) = headroom.get(&(a.name.as_str(), pool_name.as_str())) else {
                 // The first pool's part reads as a sentence, fallbacks as "pool: detail".
                 parts.push(if parts.is_empty() {
                     format!("no grant in pool {pool_name}")
@@ -319,6 +433,7 @@ impl<'a> World<'a> {
                 continue;
             };
             let pool = &self.input.pools[pi];
+            let left = if borrow { with_borrowing } else { with_borrowing - a.borrowing_in(pool_name) };
             if left < need {
                 let (res, free) = (&pool.resource_name, left.max(0));
                 parts.push(if parts.is_empty() {
@@ -369,6 +484,141 @@ impl<'a> World<'a> {
             return Err("the gang names no pool".into());
         }
         Err(parts.join("; falls back to "))
+    }
+
+    /// Rule 9 for a gang that still waits: Some(Ok) with the victims
+    /// chosen and the reason to show, Some(Err) when devices already being
+    /// released will make room, None when preemption cannot help.
+    fn try_preempt(
+        &mut self,
+        g: &'a GangRequest,
+        a: &'a AllocationQuota,
+        headroom: &HashMap<(&'a str, &'a str), i64>,
+    ) -> Option<Result<(Preemption, String), String>> {
+        if g.workers == 0 || g.per_worker <= 0 {
+            return None;
+        }
+        let input = self.input;
+        let need = i64::from(g.workers).saturating_mul(g.per_worker);
+        let mut tried: BTreeSet<&str> = BTreeSet::new();
+        for pool_name in &g.pools {
+            if !tried.insert(pool_name.as_str()) {
+                continue;
+            }
+            let (Some(&with_borrowing), Some(&pi)) =
+                (headroom.get(&(a.name.as_str(), pool_name.as_str())), self.pool_by_name.get(pool_name.as_str()))
+            else {
+                continue;
+            };
+            let guaranteed = with_borrowing - a.borrowing_in(pool_name);
+            let reserved_for = a.dedicated.contains(pool_name).then_some(a.name.as_str());
+            let mut released: BTreeMap<usize, i64> = BTreeMap::new();
+            let mut released_quota = 0;
+            for r in input.releasing.iter().filter(|r| &r.pool == pool_name) {
+                if let Some(n) = r.node {
+                    *released.entry(n).or_default() += r.devices;
+                }
+                if r.allocation == a.name {
+                    released_quota += r.devices;
+                }
+            }
+            let now = input.now;
+            let evicted = &self.evicted;
+            let mut candidates: Vec<usize> = self
+                .running_in
+                .get(pool_name.as_str())
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|&i| {
+                    let r = &input.running[i];
+                    let eligible = if r.allocation == a.name {
+                        r.priority < g.preemption_priority
+                    } else {
+                        r.borrowed && guaranteed + released_quota >= need
+                    };
+                    eligible && !evicted.contains(&i) && !r.protected_at(now)
+                })
+                .collect();
+            candidates.sort_by_cached_key(|&i| preemption::victim_order(&input.running[i]));
+            let limit = if g.preemptible { with_borrowing } else { guaranteed };
+            let mut feasible = |set: &[usize]| -> bool {
+                let (mut own, mut reclaiming) = (0, false);
+                for &c in set {
+                    let r = &input.running[candidates[c]];
+                    if r.allocation == a.name {
+                        own += r.devices();
+                    } else {
+                        reclaiming = true;
+                    }
+                }
+                let quota = if reclaiming { guaranteed } else { limit } + own + released_quota;
+                if quota < need {
+                    return false;
+                }
+                let mut extra = released.clone();
+                for &c in set {
+                    let r = &input.running[candidates[c]];
+                    for &n in &r.nodes {
+                        *extra.entry(n).or_default() += r.per_worker;
+                    }
+                }
+                self.fits_with(pi, reserved_for, g, &extra)
+            };
+            if (!released.is_empty() || released_quota > 0) && feasible(&[]) {
+                return Some(Err(format!(
+                    "fits in pool {pool_name} once the workers of stopped runs are gone; waiting for them"
+                )));
+            }
+            let Some(chosen) = preemption::smallest_set(candidates.len(), &mut feasible) else {
+                continue;
+            };
+            let victims: Vec<&RunningGang> = chosen.iter().map(|&c| &input.running[candidates[c]]).collect();
+            for &c in &chosen {
+                self.evicted.insert(candidates[c]);
+            }
+            let keys = |reclaimed: bool| -> Vec<String> {
+                victims.iter().filter(|v| (v.allocation != a.name) == reclaimed).map(|v| v.key.clone()).collect()
+            };
+            let (preempted, reclaimed) = (keys(false), keys(true));
+            let mut parts = Vec::new();
+            if !preempted.is_empty() {
+                parts.push(format!("preempting lower-priority {}", preempted.join(", ")));
+            }
+            if !reclaimed.is_empty() {
+                parts.push(format!("reclaiming borrowed capacity from {}", reclaimed.join(", ")));
+            }
+            let res = &input.pools[pi].resource_name;
+            let why = format!(
+                "{} in pool {pool_name} to make room for {need} {res}; admitted once their workers have stopped",
+                parts.join(" and ")
+            );
+            let victims = victims.iter().map(|v| v.key.clone()).collect();
+            return Some(Ok((
+                Preemption { preemptor: g.key.clone(), pool: pool_name.clone(), victims, reclaimed },
+                why,
+            )));
+        }
+        None
+    }
+
+    /// Whether the gang could be placed in the pool with `extra` devices free
+    /// on some nodes (the state is left as it was).
+    fn fits_with(
+        &mut self,
+        pool: usize,
+        reserved_for: Option<&'a str>,
+        g: &GangRequest,
+        extra: &BTreeMap<usize, i64>,
+    ) -> bool {
+        for (&n, &d) in extra {
+            self.free[n] += d;
+        }
+        let ok = self.place(pool, reserved_for, g).is_ok();
+        for (&n, &d) in extra {
+            self.free[n] -= d;
+        }
+        ok
     }
 
     /// Rule 4: `workers` distinct nodes of the candidate set, in worker order.
@@ -553,12 +803,15 @@ mod tests {
 
     /// Pools `atom` (NPU) and `h200` (GPU), both with levels block and rack,
     /// empty until nodes are added.
+    #[derive(Clone)]
     struct World {
         nodes: Vec<NodeInfo>,
         pools: Vec<PlacementPool>,
         allocs: Vec<AllocationQuota>,
         now: Timestamp,
         starvation_after: SignedDuration,
+        running: Vec<RunningGang>,
+        releasing: Vec<Releasing>,
     }
 
     impl World {
@@ -575,6 +828,8 @@ mod tests {
                 allocs: vec![],
                 now: t(1000),
                 starvation_after: SignedDuration::from_hours(1),
+                running: vec![],
+                releasing: vec![],
             }
         }
 
@@ -605,6 +860,45 @@ mod tests {
             }
         }
 
+        /// A gang running on these nodes: their free devices drop by `per_worker`.
+        fn start(&mut self, key: &str, alloc: &str, pool: &str, nodes: &[&str], per_worker: i64, priority: i32) {
+            let idx: Vec<usize> =
+                nodes.iter().map(|n| self.nodes.iter().position(|x| x.name == *n).expect("node")).collect();
+            for p in &mut self.pools {
+                for nf in p.shared_nodes.iter_mut().chain(p.reserved_nodes.values_mut().flatten()) {
+                    if idx.contains(&nf.node) {
+                        nf.free -= per_worker;
+                    }
+                }
+            }
+            let started = t(900 + self.running.len() as i64);
+            self.running.push(RunningGang {
+                key: key.into(),
+                allocation: alloc.into(),
+                pool: pool.into(),
+                nodes: idx,
+                per_worker,
+                priority,
+                started,
+                borrowed: false,
+                preemptible: true,
+                protected_until: None,
+            });
+        }
+
+        fn pass(&self, queue: &[GangRequest]) -> Pass {
+            admit_pass(&PlacementInput {
+                nodes: &self.nodes,
+                pools: &self.pools,
+                allocations: &self.allocs,
+                queue,
+                now: self.now,
+                starvation_after: self.starvation_after,
+                running: &self.running,
+                releasing: &self.releasing,
+            })
+        }
+
         fn run(&self, queue: &[GangRequest]) -> BTreeMap<String, Outcome> {
             admit(&PlacementInput {
                 nodes: &self.nodes,
@@ -613,6 +907,8 @@ mod tests {
                 queue,
                 now: self.now,
                 starvation_after: self.starvation_after,
+                running: &self.running,
+                releasing: &self.releasing,
             })
         }
     }
@@ -627,7 +923,15 @@ mod tests {
             priority: 0,
             queued_since: t(0),
             topology: None,
+            preemptible: true,
+            preemption_priority: 0,
         }
+    }
+
+    fn prio(mut g: GangRequest, priority: i32) -> GangRequest {
+        g.priority = priority;
+        g.preemption_priority = priority;
+        g
     }
 
     fn topo(mut g: GangRequest, key: &str, required: bool) -> GangRequest {
@@ -937,6 +1241,144 @@ mod tests {
         assert_eq!(nodes_of(&out["ns/run"]).1, vec!["r5-0", "r9-0", "r9-1"], "block b1 before b2");
     }
 
+    fn victims_of<'p>(pass: &'p Pass, key: &str) -> Option<&'p Preemption> {
+        pass.preemptions.iter().find(|p| p.preemptor == key)
+    }
+
+    /// Four full h200 nodes, four low-priority 1-node gangs of one allocation.
+    fn full_world() -> World {
+        let mut w = World::new();
+        w.add("h200", "b1", "r1", &[8; 4], None);
+        w.grant("lg", "h200", 32, false);
+        for (i, p) in [(0, 10), (1, 0), (2, 5), (3, 0)] {
+            w.start(&format!("ns/low{i}"), "lg", "h200", &[&format!("r1-{i}")], 8, p);
+        }
+        w.allocs[0].headroom.insert("h200".into(), 0);
+        w
+    }
+
+    #[test]
+    fn a_higher_priority_gang_preempts_only_the_victims_it_needs() {
+        let w = full_world();
+        // Needs two nodes: the two priority-0 gangs, the later-started first.
+        let pass = w.pass(&[prio(gang("ns/urgent", "lg", &["h200"], 2, 8), 100)]);
+        let p = victims_of(&pass, "ns/urgent").expect("preempts");
+        assert_eq!(p.victims, vec!["ns/low3", "ns/low1"]);
+        assert!(p.reclaimed.is_empty());
+        assert!(
+            reason_of(&pass.outcomes["ns/urgent"])
+                .starts_with("preempting lower-priority ns/low3, ns/low1 in pool h200")
+        );
+        // One node's worth: one victim.
+        let pass = w.pass(&[prio(gang("ns/urgent", "lg", &["h200"], 1, 4), 100)]);
+        assert_eq!(victims_of(&pass, "ns/urgent").unwrap().victims, vec!["ns/low3"]);
+    }
+
+    #[test]
+    fn equal_or_lower_priority_never_preempts_and_neither_does_a_hopeless_one() {
+        let w = full_world();
+        let pass = w.pass(&[prio(gang("ns/peer", "lg", &["h200"], 1, 8), 0)]);
+        assert!(pass.preemptions.is_empty(), "{:?}", pass.preemptions);
+        // Priority 6 may take low1 and low3 (0) and low2 (5), not low0 (10): four nodes are out of reach.
+        let pass = w.pass(&[prio(gang("ns/big", "lg", &["h200"], 4, 8), 6)]);
+        assert!(pass.preemptions.is_empty(), "{:?}", pass.preemptions);
+        let pass = w.pass(&[prio(gang("ns/big", "lg", &["h200"], 3, 8), 6)]);
+        assert_eq!(victims_of(&pass, "ns/big").unwrap().victims, vec!["ns/low3", "ns/low1", "ns/low2"]);
+    }
+
+    #[test]
+    fn protected_and_non_preemptible_runs_are_never_victims() {
+        let mut w = full_world();
+        w.running[1].preemptible = false; // low1
+        w.running[3].protected_until = Some(t(2000)); // low3, until after now
+        let pass = w.pass(&[prio(gang("ns/urgent", "lg", &["h200"], 1, 8), 100)]);
+        assert_eq!(victims_of(&pass, "ns/urgent").unwrap().victims, vec!["ns/low2"]);
+        w.now = t(2000);
+        let pass = w.pass(&[prio(gang("ns/urgent", "lg", &["h200"], 1, 8), 100)]);
+        assert_eq!(victims_of(&pass, "ns/urgent").unwrap().victims, vec!["ns/low3"]);
+    }
+
+    #[test]
+    fn each_victim_serves_one_gang_and_stopping_runs_are_waited_for() {
+        let w = full_world();
+        let pass =
+            w.pass(&[prio(gang("ns/a", "lg", &["h200"], 1, 8), 100), prio(gang("ns/b", "lg", &["h200"], 1, 8), 100)]);
+        assert_eq!(victims_of(&pass, "ns/a").unwrap().victims, vec!["ns/low3"]);
+        assert_eq!(victims_of(&pass, "ns/b").unwrap().victims, vec!["ns/low1"]);
+        // low3 is stopping: its devices come back soon, so nobody else is preempted.
+        let mut w = full_world();
+        let r = w.running.remove(3);
+        w.releasing.push(Releasing {
+            node: Some(r.nodes[0]),
+            allocation: "lg".into(),
+            pool: "h200".into(),
+            devices: 8,
+        });
+        let pass = w.pass(&[prio(gang("ns/a", "lg", &["h200"], 1, 8), 100)]);
+        assert!(pass.preemptions.is_empty());
+        assert!(reason_of(&pass.outcomes["ns/a"]).contains("once the workers of stopped runs are gone"));
+    }
+
+    /// Shared h200 of 4 nodes: "own" has a grant of 16, "lender" 16 plus 16 it may borrow.
+    fn lending_world() -> World {
+        let mut w = World::new();
+        w.add("h200", "b1", "r1", &[8; 4], None);
+        w.grant("own", "h200", 16, false);
+        w.grant("lender", "h200", 32, false);
+        w.allocs[1].borrowing.insert("h200".into(), 16);
+        for a in &mut w.allocs {
+            a.granted.insert("h200".into(), 16);
+        }
+        w
+    }
+
+    #[test]
+    fn borrowers_use_idle_capacity_and_give_it_back_to_the_owner() {
+        let mut w = lending_world();
+        let out = w.run(&[gang("ns/borrow", "lender", &["h200"], 4, 8)]);
+        assert_eq!(nodes_of(&out["ns/borrow"]).1.len(), 4, "16 granted + 16 borrowed");
+        // It runs on all four nodes, two of them borrowed: the owner's gang reclaims.
+        w.start("ns/l0", "lender", "h200", &["r1-0", "r1-1"], 8, 50);
+        w.start("ns/l1", "lender", "h200", &["r1-2", "r1-3"], 8, 90);
+        w.running[1].borrowed = true;
+        w.allocs[1].headroom.insert("h200".into(), 0);
+        let pass = w.pass(&[gang("ns/mine", "own", &["h200"], 2, 8)]);
+        let p = victims_of(&pass, "ns/mine").expect("reclaims");
+        assert_eq!(p.victims, vec!["ns/l1"], "the borrowed gang, whatever its priority");
+        assert_eq!(p.reclaimed, vec!["ns/l1"]);
+        assert!(reason_of(&pass.outcomes["ns/mine"]).starts_with("reclaiming borrowed capacity from ns/l1"));
+        // Beyond its own grant the owner is a borrower too: it reclaims nothing.
+        let pass = w.pass(&[gang("ns/greedy", "own", &["h200"], 3, 8)]);
+        assert!(pass.preemptions.is_empty());
+    }
+
+    #[test]
+    fn non_preemptible_gangs_do_not_borrow() {
+        let w = lending_world();
+        let mut g = gang("ns/long", "lender", &["h200"], 3, 8);
+        g.preemptible = false;
+        assert!(reason_of(&w.run(&[g])["ns/long"]).contains("grant has 16 free"));
+    }
+
+    #[test]
+    fn idle_capacity_goes_to_the_lowest_dominant_share_first() {
+        let mut w = World::new();
+        w.add("h200", "b1", "r1", &[8; 4], None);
+        for (a, used) in [("busy", 8), ("idle", 0)] {
+            w.grant(a, "h200", 16 - used, false);
+            w.allocs.last_mut().unwrap().borrowing.insert("h200".into(), 32);
+            w.allocs.last_mut().unwrap().headroom.insert("h200".into(), 16 - used + 32);
+            w.allocs.last_mut().unwrap().granted.insert("h200".into(), 16);
+        }
+        // Both want three nodes; only four are free. "busy" is older and more
+        // urgent, but "idle" uses none of its grant: it borrows first.
+        let mut busy = prio(gang("ns/busy", "busy", &["h200"], 3, 8), 50);
+        busy.queued_since = t(-100);
+        let out = w.run(&[busy, gang("ns/idle", "idle", &["h200"], 3, 8)]);
+        assert_eq!(nodes_of(&out["ns/idle"]).1.len(), 3);
+        assert!(matches!(out["ns/busy"], Outcome::Waiting { .. }));
+    }
+
     /// (allocation, pools, workers, per_worker, priority, queued at, topology key and required)
     type GangSpec = (usize, Vec<usize>, u32, i64, i32, i64, Option<(u8, bool)>);
 
@@ -1031,9 +1473,106 @@ mod tests {
                 priority: *priority,
                 queued_since: t(*since),
                 topology: topology.map(|(k, required)| TopologyRequest { key: keys[k as usize].into(), required }),
+                preemptible: true,
+                preemption_priority: *priority,
             })
             .collect();
         (w, gangs)
+    }
+
+    /// (workers, per_worker, priority, preemptible, protected) of a running gang.
+    type RunSpec = (usize, i64, i32, bool, bool);
+
+    /// One allocation on up to six h200 nodes in two racks, full of running
+    /// gangs placed first-fit, and one queued gang.
+    fn crowded(runs: &[RunSpec], nodes: usize, grant: i64) -> World {
+        let mut w = World::new();
+        w.add("h200", "b1", "r1", &vec![8; nodes.div_ceil(2)], None);
+        w.add("h200", "b1", "r2", &vec![8; nodes / 2], None);
+        let mut used = 0;
+        for (i, (workers, per, p, preemptible, protected)) in runs.iter().enumerate() {
+            let free: Vec<(String, i64)> =
+                w.pools[1].shared_nodes.iter().map(|nf| (w.nodes[nf.node].name.clone(), nf.free)).collect();
+            let fit: Vec<&str> =
+                free.iter().filter(|(_, f)| f >= per).map(|(n, _)| n.as_str()).take(*workers).collect();
+            if fit.len() < *workers {
+                continue;
+            }
+            w.start(&format!("ns/run{i}"), "lg", "h200", &fit, *per, *p);
+            let r = w.running.last_mut().unwrap();
+            r.preemptible = *preemptible;
+            r.protected_until = protected.then(|| t(5000));
+            used += *per * *workers as i64;
+        }
+        w.grant("lg", "h200", grant - used, false);
+        w
+    }
+
+    /// The world without these running gangs: their devices and grant back.
+    fn without(w: &World, keys: &[String]) -> World {
+        let mut out = World { running: vec![], ..w.clone() };
+        for r in &w.running {
+            if !keys.contains(&r.key) {
+                out.running.push(r.clone());
+                continue;
+            }
+            for nf in out.pools.iter_mut().flat_map(|p| p.shared_nodes.iter_mut()) {
+                if r.nodes.contains(&nf.node) {
+                    nf.free += r.per_worker;
+                }
+            }
+            *out.allocs[0].headroom.get_mut("h200").unwrap() += r.devices();
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Priority preemption: victims are of lower priority, preemptible and
+        /// unprotected; stopping them admits the gang, and keeping any one of
+        /// them does not; when no victims are chosen, stopping every candidate
+        /// would not have admitted it either.
+        #[test]
+        fn preemption_takes_a_smallest_sufficient_set(
+            runs in proptest::collection::vec((1usize..=3, prop_oneof![Just(2i64), Just(4), Just(8)], 0i32..4, proptest::bool::weighted(0.85), proptest::bool::weighted(0.15)), 0..10),
+            nodes in 1usize..=6,
+            grant in 8i64..=64,
+            (workers, per, p, required) in (1u32..=4, prop_oneof![Just(2i64), Just(4), Just(8)], 0i32..5, any::<bool>()),
+        ) {
+            let w = crowded(&runs, nodes, grant);
+            let mut g = prio(gang("ns/new", "lg", &["h200"], workers, per), p);
+            if required {
+                g = topo(g, RACK, true);
+            }
+            let pass = w.pass(std::slice::from_ref(&g));
+            let admitted = |world: &World| matches!(world.run(std::slice::from_ref(&g))["ns/new"], Outcome::Admitted { .. });
+            match victims_of(&pass, "ns/new") {
+                Some(pre) => {
+                    let waits = matches!(pass.outcomes["ns/new"], Outcome::Waiting { .. });
+                    prop_assert!(waits, "a preempting gang waits for its victims");
+                    for v in &pre.victims {
+                        let r = w.running.iter().find(|r| &r.key == v).unwrap();
+                        prop_assert!(r.priority < p && r.preemptible && r.protected_until.is_none(), "{:?}", r);
+                    }
+                    prop_assert!(admitted(&without(&w, &pre.victims)), "victims {:?} do not make room", pre.victims);
+                    for v in &pre.victims {
+                        let rest: Vec<String> = pre.victims.iter().filter(|x| *x != v).cloned().collect();
+                        prop_assert!(!admitted(&without(&w, &rest)), "{} of {:?} was not needed", v, pre.victims);
+                    }
+                }
+                None => {
+                    let all: Vec<String> = w
+                        .running
+                        .iter()
+                        .filter(|r| r.priority < p && r.preemptible && r.protected_until.is_none())
+                        .map(|r| r.key.clone())
+                        .collect();
+                    let fits_now = matches!(pass.outcomes["ns/new"], Outcome::Admitted { .. });
+                    prop_assert!(fits_now || !admitted(&without(&w, &all)), "stopping {:?} would admit it", all);
+                }
+            }
+        }
     }
 
     proptest! {
