@@ -1451,6 +1451,10 @@ mod tests {
                     a.headroom.insert(pool.into(), *h);
                     if *dedicated {
                         a.dedicated.insert(pool.into());
+                    } else if i == 2 {
+                        // a2 may borrow: a third of its headroom is beyond its grant.
+                        a.borrowing.insert(pool.into(), h / 3);
+                        a.granted.insert(pool.into(), h - h / 3);
                     }
                 }
             }
@@ -1473,7 +1477,7 @@ mod tests {
                 priority: *priority,
                 queued_since: t(*since),
                 topology: topology.map(|(k, required)| TopologyRequest { key: keys[k as usize].into(), required }),
-                preemptible: true,
+                preemptible: *priority != -2,
                 preemption_priority: *priority,
             })
             .collect();
@@ -1580,7 +1584,8 @@ mod tests {
 
         /// Whatever the world and the queue: an entry per gang; admitted gangs
         /// have `workers` distinct candidate nodes of one pool of their list
-        /// (in one domain when required); no node and no grant is overdrawn;
+        /// (in one domain when required); no node and no grant is overdrawn
+        /// (borrowing only within its limit, never by non-preemptible gangs);
         /// positions count 1, 2, ... per allocation; the queue's input order
         /// does not matter.
         #[test]
@@ -1591,6 +1596,7 @@ mod tests {
             let index: BTreeMap<&str, usize> = w.nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect();
             let mut used: BTreeMap<usize, i64> = BTreeMap::new();
             let mut drawn: BTreeMap<(String, String), i64> = BTreeMap::new();
+            let mut drawn_fixed: BTreeMap<(String, String), i64> = BTreeMap::new();
             let mut positions: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
             for g in &queue {
                 match &out[&g.key] {
@@ -1618,6 +1624,9 @@ mod tests {
                             prop_assert!(domains.iter().all(Option::is_some));
                         }
                         *drawn.entry((g.allocation.clone(), pool.clone())).or_default() += i64::from(g.workers) * g.per_worker;
+                        if !g.preemptible {
+                            *drawn_fixed.entry((g.allocation.clone(), pool.clone())).or_default() += i64::from(g.workers) * g.per_worker;
+                        }
                     }
                     Outcome::Waiting { position, reason } => {
                         prop_assert!(!reason.is_empty());
@@ -1634,6 +1643,12 @@ mod tests {
             for ((alloc, pool), d) in &drawn {
                 let a = w.allocs.iter().find(|a| &a.name == alloc).unwrap();
                 prop_assert!(*d <= a.headroom[pool], "{} drew {} of {} in {}", alloc, d, a.headroom[pool], pool);
+            }
+            // Non-preemptible gangs never borrow.
+            for ((alloc, pool), d) in &drawn_fixed {
+                let a = w.allocs.iter().find(|a| &a.name == alloc).unwrap();
+                let own = a.headroom[pool] - a.borrowing_in(pool);
+                prop_assert!(*d <= own, "non-preemptible gangs of {} drew {} of its own {} in {}", alloc, d, own, pool);
             }
             for ps in positions.values_mut() {
                 ps.sort();
