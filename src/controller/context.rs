@@ -12,6 +12,10 @@ use super::view::{View, ViewCache};
 use crate::cli::RunArgs;
 use crate::telemetry::{ControllerLabels, ErrorLabels, Metrics};
 
+/// How stale a view or admission pass the project reconciler accepts during a
+/// burst of changes (it rebuilds a few times a second, not once per change).
+pub const BURST_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
@@ -46,13 +50,22 @@ impl Context {
         self.views.get(&self.stores)
     }
 
-    /// The admission pass of this moment (shared, rebuilt after changes).
-    pub fn queue(
-        &self,
-        projects: &[Arc<crate::api::ModelProject>],
-        build: impl FnOnce(&super::queue::InFlight) -> Queue,
-    ) -> Arc<Queue> {
-        self.queues.get(self.stores.epoch(), projects, build)
+    /// The view for project reconciles, which come in bursts: at most
+    /// [`BURST_INTERVAL`] old; true when a newer one is due (look again soon).
+    pub fn recent_view(&self) -> (Arc<View>, bool) {
+        self.views.get_recent(&self.stores, BURST_INTERVAL)
+    }
+
+    /// The admission pass of this moment (shared, rebuilt after an admission
+    /// and, at most every [`BURST_INTERVAL`], after changes); true when a newer
+    /// one is due.
+    pub fn queue(&self, build: impl FnOnce(&super::queue::InFlight) -> Queue) -> (Arc<Queue>, bool) {
+        let projects = &self.stores.projects.store;
+        let lookup = |key: &str| {
+            let (ns, name) = key.split_once('/')?;
+            projects.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))
+        };
+        self.queues.get(self.stores.epoch(), BURST_INTERVAL, lookup, build)
     }
 
     /// Forgets an admission once the project shows it.

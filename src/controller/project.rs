@@ -14,6 +14,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
+use super::context::BURST_INTERVAL;
 use super::queue::{self, holds_devices};
 use super::{Context, Error, FIELD_MANAGER};
 use crate::api::{ModelProject, ModelProjectStatus, ProjectPhase, WorkerStates, condition, set_condition};
@@ -63,6 +64,8 @@ struct Decision {
     status: ModelProjectStatus,
     events: Vec<(bool, &'static str, String)>,
     requeue: Option<Duration>,
+    /// Decided on a view or plan that a newer one replaces soon: look again then.
+    stale: bool,
 }
 
 async fn reconcile(project: Arc<ModelProject>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -74,13 +77,14 @@ async fn reconcile(project: Arc<ModelProject>, ctx: Arc<Context>) -> Result<Acti
     ctx.count_reconcile(CONTROLLER);
     let ns = project.namespace().unwrap_or_default();
     let name = project.name_any();
-    let view = ctx.view();
+    let (view, stale) = ctx.recent_view();
     let now = view.now;
     let old = project.status.clone().unwrap_or_default();
     let mut out = Decision {
         status: ModelProjectStatus { observed_generation: project.metadata.generation, ..old.clone() },
         events: Vec::new(),
         requeue: None,
+        stale,
     };
     let pods = worker_pods(&ctx, &ns, &name);
     out.status.worker_states = count_states(&pods);
@@ -194,10 +198,11 @@ fn validate(project: &ModelProject, view: &super::view::View) -> Result<(), Stri
 }
 
 fn admit_or_wait(ctx: &Context, project: &ModelProject, view: &super::view::View, out: &mut Decision) {
-    let projects = ctx.stores.projects.store.state();
-    let q = ctx.queue(&projects, |in_flight| {
+    let (q, stale) = ctx.queue(|in_flight| {
+        let projects = ctx.stores.projects.store.state();
         queue::plan(view, &projects, &ctx.stores, in_flight, ctx.starvation_after, &ctx.metrics)
     });
+    out.stale |= stale;
     let key = queue::key(project);
     let g = project.metadata.generation;
     let now = Time(view.now);
@@ -302,15 +307,19 @@ async fn run_gang(
         return Ok(());
     }
     let key = queue::key(project);
-    let projects = ctx.stores.projects.store.state();
-    let q = ctx.queue(&projects, |in_flight| {
+    let (q, stale) = ctx.queue(|in_flight| {
+        let projects = ctx.stores.projects.store.state();
         queue::plan(view, &projects, &ctx.stores, in_flight, ctx.starvation_after, &ctx.metrics)
     });
+    out.stale |= stale;
     if let Some(p) = q.victims.get(&key) {
         stop_workers(ctx, &ns, &name).await?;
-        let by = find(&projects, &p.preemptor);
+        let by = p
+            .preemptor
+            .split_once('/')
+            .and_then(|(ns, name)| ctx.stores.projects.store.get(&ObjectRef::new(name).within(ns)));
         let (reason, msg) = if p.reclaimed.contains(&key) {
-            let owner = by.map(|b| b.spec.allocation.as_str()).unwrap_or_default();
+            let owner = by.as_ref().map(|b| b.spec.allocation.clone()).unwrap_or_default();
             let msg = format!(
                 "reclaimed: {} of allocation {owner} needs its guaranteed share of pool {} back; \
                  this run was on borrowed capacity and is queued again",
@@ -516,10 +525,6 @@ fn owned(project: &ModelProject, pod: &Pod) -> bool {
 }
 
 /// The project's worker pods, from the store.
-fn find<'p>(projects: &'p [Arc<ModelProject>], key: &str) -> Option<&'p ModelProject> {
-    projects.iter().find(|p| queue::key(p) == key).map(|p| p.as_ref())
-}
-
 fn worker_pods(ctx: &Context, ns: &str, name: &str) -> Vec<Arc<Pod>> {
     ctx.stores
         .workers
@@ -608,5 +613,9 @@ async fn finish(
         ctx.event(&on, warning, reason, note).await;
     }
     ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
-    Ok(out.requeue.map(Action::requeue).unwrap_or_else(|| Action::requeue(Duration::from_secs(300))))
+    let mut requeue = out.requeue.unwrap_or(Duration::from_secs(300));
+    if out.stale {
+        requeue = requeue.min(2 * BURST_INTERVAL);
+    }
+    Ok(Action::requeue(requeue))
 }

@@ -283,7 +283,7 @@ pub fn granted(view: &View, allocation: &str, pool: &str) -> i64 {
 /// was made, and the admissions still in flight.
 #[derive(Default)]
 pub struct QueueCache {
-    latest: Mutex<Option<(PlanKey, Arc<Queue>)>>,
+    latest: Mutex<Option<(PlanKey, std::time::Instant, Arc<Queue>)>>,
     in_flight: Mutex<BTreeMap<String, Admission>>,
     /// Bumped by every admission: a plan made before it is stale.
     admissions: std::sync::atomic::AtomicU64,
@@ -299,35 +299,42 @@ type Admission = (String, Vec<String>, std::time::Instant);
 const IN_FLIGHT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl QueueCache {
+    /// The plan for this store epoch and these admissions. A plan younger than
+    /// `min_interval` is reused across store changes (never across an
+    /// admission), with the flag true: the caller looks again soon.
     pub fn get(
         &self,
         epoch: u64,
-        projects: &[Arc<ModelProject>],
+        min_interval: std::time::Duration,
+        project: impl Fn(&str) -> Option<Arc<ModelProject>>,
         build: impl FnOnce(&InFlight) -> Queue,
-    ) -> Arc<Queue> {
+    ) -> (Arc<Queue>, bool) {
         let in_flight: InFlight = {
             let mut f = self.in_flight.lock().expect("in-flight lock");
             // Seen in the store with the same placement, gone, or too old: done.
+            let now = k8s_openapi::jiff::Timestamp::now();
             f.retain(|k, (pool, nodes, at)| {
-                let seen = projects.iter().find(|p| &key(p) == k).map(|p| {
-                    let s = p.status.clone().unwrap_or_default();
-                    !wants_admission(p, k8s_openapi::jiff::Timestamp::now())
-                        || (s.pool.as_deref() == Some(pool.as_str()) && &s.nodes == nodes)
+                let seen = project(k).map(|p| {
+                    let s = p.status.as_ref();
+                    !wants_admission(&p, now)
+                        || (s.and_then(|s| s.pool.as_deref()) == Some(pool.as_str())
+                            && s.map(|s| &s.nodes) == Some(&*nodes))
                 });
                 seen == Some(false) && at.elapsed() < IN_FLIGHT_TTL
             });
             f.iter().map(|(k, (p, n, _))| (k.clone(), (p.clone(), n.clone()))).collect()
         };
         let mut latest = self.latest.lock().expect("queue cache lock");
-        let key = (epoch, self.admissions.load(std::sync::atomic::Ordering::Acquire));
-        if let Some((e, q)) = latest.as_ref()
-            && *e == key
+        let admissions = self.admissions.load(std::sync::atomic::Ordering::Acquire);
+        if let Some(((e, a), at, q)) = latest.as_ref()
+            && *a == admissions
+            && (*e == epoch || at.elapsed() < min_interval)
         {
-            return q.clone();
+            return (q.clone(), *e != epoch);
         }
         let q = Arc::new(build(&in_flight));
-        *latest = Some((key, q.clone()));
-        q
+        *latest = Some(((epoch, admissions), std::time::Instant::now(), q.clone()));
+        (q, false)
     }
 
     /// The store shows the project past admission: its entry is done.

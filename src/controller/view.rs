@@ -155,17 +155,25 @@ impl ViewCache {
     }
 
     pub fn get(&self, stores: &Stores) -> Arc<View> {
+        self.get_recent(stores, Duration::ZERO).0
+    }
+
+    /// Like [`Self::get`], but a view younger than `min_interval` is reused even
+    /// if a store changed since (then the flag is true: the caller looks again
+    /// soon). Under a burst of changes this rebuilds a few times a second
+    /// instead of once per change.
+    pub fn get_recent(&self, stores: &Stores, min_interval: Duration) -> (Arc<View>, bool) {
         let epoch = stores.epoch();
         let mut latest = self.latest.lock().expect("view cache lock");
-        if let Some((e, at, view)) = latest.as_ref()
-            && *e == epoch
-            && at.elapsed() < MAX_AGE
-        {
-            return view.clone();
+        if let Some((e, at, view)) = latest.as_ref() {
+            let age = at.elapsed();
+            if (*e == epoch && age < MAX_AGE) || age < min_interval {
+                return (view.clone(), *e != epoch);
+            }
         }
         let view = Arc::new(View::build(stores, self.node_grace, Timestamp::now()));
         view.record(&self.metrics);
         *latest = Some((epoch, Instant::now(), view.clone()));
-        view
+        (view, false)
     }
 }
