@@ -60,6 +60,7 @@ pub struct Metrics {
     pub reconciliations: Family<ControllerLabels, Counter>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
+    planning_duration: Family<StageLabels, Histogram>,
     pool_capacity: Family<PoolLabels, Gauge>,
     pool_allocatable: Family<PoolLabels, Gauge>,
     pool_granted: Family<PoolLabels, Gauge>,
@@ -79,6 +80,13 @@ pub struct Metrics {
 pub struct ProjectLabels {
     pub phase: String,
     pub pool: String,
+}
+
+/// A planning stage: "view" (cluster snapshot and grant plan) or "admission"
+/// (the queue pass).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +112,14 @@ impl Default for Metrics {
             "reconcile_duration_seconds",
             "Time one reconciliation took, by controller",
             reconcile_duration.clone(),
+        );
+        let planning_duration = Family::<StageLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+        });
+        registry.register(
+            "planning_duration_seconds",
+            "Time one planning stage took: view (snapshot and grant plan) or admission (queue pass)",
+            planning_duration.clone(),
         );
         let mut gauge = |name: &str, help: &str| {
             let f = Family::<PoolLabels, Gauge>::default();
@@ -156,6 +172,7 @@ impl Default for Metrics {
             reconciliations,
             reconcile_errors,
             reconcile_duration,
+            planning_duration,
             pool_capacity,
             pool_allocatable,
             pool_granted,
@@ -170,6 +187,10 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    pub fn observe_planning(&self, stage: &'static str, seconds: f64) {
+        self.planning_duration.get_or_create(&StageLabels { stage }).observe(seconds);
+    }
+
     /// Forgets the per-pool and per-allocation series before a new view is
     /// recorded, so deleted pools and allocations leave no stale series.
     pub fn clear_views(&self) {

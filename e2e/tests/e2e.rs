@@ -74,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         sharing::an_equal_priority_run_never_preempts,
         sharing::a_borrower_runs_on_idle_capacity_and_is_reclaimed_by_the_owner,
         sharing::a_hard_budget_stops_runs_and_an_admission_budget_does_not,
+        sharing::a_non_preemptible_run_needs_consent_and_is_then_never_preempted,
         sharing::contention_over_minutes_never_thrashes,
     ]
     .into_iter()

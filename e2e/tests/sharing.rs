@@ -249,3 +249,34 @@ pub async fn a_hard_budget_stops_runs_and_an_admission_budget_does_not(env: Arc<
     res?;
     cleaned
 }
+
+pub async fn a_non_preemptible_run_needs_consent_and_is_then_never_preempted(env: Arc<Env>) -> anyhow::Result<()> {
+    with_grant(&env.clone(), "protect", 32, |ns, mut scope| async move {
+        let res = async {
+            let long = format!("{}  preemptible: false\n", prio(0));
+            scope.apply(&project_yaml("long", &ns, "e2e-train", "[e2e-atom]", 4, &long, ""))?;
+            wait_for("long to be refused", MINUTE, || async {
+                let s = status(&env, &ns, "long").await?;
+                let c = find_condition(&s.conditions, "Valid").cloned();
+                match c {
+                    Some(c) if c.status == "False" && c.message.contains("allowNonPreemptible") => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            })
+            .await?;
+            // The admin consents on the allocation: the run is admitted.
+            let grants = "[{pool: e2e-atom, accelerators: 32}, {pool: e2e-h200, accelerators: 32}]";
+            scope.apply(&alloc_yaml("e2e-train", &[&ns], grants, "  allowNonPreemptible: true\n"))?;
+            wait_project(&env, &ns, "long", ProjectPhase::Running, MINUTE).await?;
+            scope.apply(&project_yaml("urgent", &ns, "e2e-train", "[e2e-atom]", 1, &prio(1000), ""))?;
+            let s = wait_project(&env, &ns, "urgent", ProjectPhase::Queued, MINUTE).await?;
+            ensure!(s.preempted.is_empty(), "urgent preempted {:?}", s.preempted);
+            let s = status(&env, &ns, "long").await.map_err(anyhow::Error::msg)?;
+            ensure!(s.phase == Some(ProjectPhase::Running) && s.preemptions == 0, "{s:?}");
+            anyhow::Ok(())
+        }
+        .await;
+        (scope, res)
+    })
+    .await
+}

@@ -16,6 +16,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
+use super::context::BURST_INTERVAL;
 use super::quota::QUOTA_NAME;
 use super::view::View;
 use super::{Context, Error, nodes};
@@ -96,7 +97,7 @@ async fn cleanup(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> 
 
 async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
     let name = alloc.name_any();
-    let view = ctx.view();
+    let (view, stale) = ctx.recent_view();
     let (Some(plan), Some(state)) =
         (view.grants.allocations.get(&name), view.allocations.iter().find(|a| a.name == name))
     else {
@@ -119,7 +120,8 @@ async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
     if status != old {
         super::apply_status(&Api::<GpuAllocation>::all(ctx.client.clone()), &name, None, &status).await?;
     }
-    Ok(Action::requeue(next_wake(&view, plan.wake_at, alloc, &status, &usage)))
+    let wake = next_wake(&view, plan.wake_at, alloc, &status, &usage);
+    Ok(Action::requeue(if stale { wake.min(2 * BURST_INTERVAL) } else { wake }))
 }
 
 /// Labels and taints `wanted`, clears every other node labelled for `name`.

@@ -12,8 +12,8 @@ use super::view::{View, ViewCache};
 use crate::cli::RunArgs;
 use crate::telemetry::{ControllerLabels, ErrorLabels, Metrics};
 
-/// How stale a view or admission pass the project reconciler accepts during a
-/// burst of changes (it rebuilds a few times a second, not once per change).
+/// How stale a view or admission pass a reconcile accepts during a burst of
+/// changes (they are rebuilt a few times a second, not once per change).
 pub const BURST_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Shared by every reconcile.
@@ -45,13 +45,9 @@ impl Context {
         })
     }
 
-    /// The planned cluster of this moment (shared, rebuilt after changes).
-    pub fn view(&self) -> Arc<View> {
-        self.views.get(&self.stores)
-    }
-
-    /// The view for project reconciles, which come in bursts: at most
-    /// [`BURST_INTERVAL`] old; true when a newer one is due (look again soon).
+    /// The planned cluster of this moment, shared: at most [`BURST_INTERVAL`]
+    /// old during bursts of changes; true when a newer one is due (look again
+    /// soon).
     pub fn recent_view(&self) -> (Arc<View>, bool) {
         self.views.get_recent(&self.stores, BURST_INTERVAL)
     }
@@ -59,13 +55,24 @@ impl Context {
     /// The admission pass of this moment (shared, rebuilt after an admission
     /// and, at most every [`BURST_INTERVAL`], after changes); true when a newer
     /// one is due.
-    pub fn queue(&self, build: impl FnOnce(&super::queue::InFlight) -> Queue) -> (Arc<Queue>, bool) {
+    pub fn queue(
+        &self,
+        across_admissions: bool,
+        build: impl FnOnce(&super::queue::InFlight) -> Queue,
+    ) -> (Arc<Queue>, bool) {
         let projects = &self.stores.projects.store;
         let lookup = |key: &str| {
             let (ns, name) = key.split_once('/')?;
             projects.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))
         };
-        self.queues.get(self.stores.epoch(), BURST_INTERVAL, lookup, build)
+        let metrics = &self.metrics;
+        let timed = |in_flight: &super::queue::InFlight| {
+            let started = std::time::Instant::now();
+            let q = build(in_flight);
+            metrics.observe_planning("admission", started.elapsed().as_secs_f64());
+            q
+        };
+        self.queues.get(self.stores.epoch(), BURST_INTERVAL, across_admissions, lookup, timed)
     }
 
     /// Forgets an admission once the project shows it.

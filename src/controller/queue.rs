@@ -300,12 +300,14 @@ const IN_FLIGHT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl QueueCache {
     /// The plan for this store epoch and these admissions. A plan younger than
-    /// `min_interval` is reused across store changes (never across an
-    /// admission), with the flag true: the caller looks again soon.
+    /// `min_interval` is reused across store changes (across admissions only
+    /// if asked: a caller that only reads victims, whose devices no admission
+    /// can take), with the flag true: the caller looks again soon.
     pub fn get(
         &self,
         epoch: u64,
         min_interval: std::time::Duration,
+        across_admissions: bool,
         project: impl Fn(&str) -> Option<Arc<ModelProject>>,
         build: impl FnOnce(&InFlight) -> Queue,
     ) -> (Arc<Queue>, bool) {
@@ -327,10 +329,10 @@ impl QueueCache {
         let mut latest = self.latest.lock().expect("queue cache lock");
         let admissions = self.admissions.load(std::sync::atomic::Ordering::Acquire);
         if let Some(((e, a), at, q)) = latest.as_ref()
-            && *a == admissions
-            && (*e == epoch || at.elapsed() < min_interval)
+            && (*a == admissions || across_admissions)
+            && ((*e == epoch && *a == admissions) || at.elapsed() < min_interval)
         {
-            return (q.clone(), *e != epoch);
+            return (q.clone(), *e != epoch || *a != admissions);
         }
         let q = Arc::new(build(&in_flight));
         *latest = Some(((epoch, admissions), std::time::Instant::now(), q.clone()));

@@ -18,6 +18,7 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
+use super::context::BURST_INTERVAL;
 use super::stores::MANAGED_BY;
 use super::{Context, Error, FIELD_MANAGER};
 
@@ -64,7 +65,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
     }
     let started = Instant::now();
     ctx.count_reconcile(CONTROLLER);
-    let view = ctx.view();
+    let (view, stale) = ctx.recent_view();
     let api: Api<ResourceQuota> = Api::namespaced(ctx.client.clone(), &name);
     match view.grants.quotas.get(&name) {
         Some(limits) => {
@@ -104,7 +105,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
         }
     }
     ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
-    Ok(Action::await_change())
+    Ok(if stale { Action::requeue(2 * BURST_INTERVAL) } else { Action::await_change() })
 }
 
 #[cfg(test)]

@@ -154,12 +154,8 @@ impl ViewCache {
         Self { latest: Mutex::new(None), node_grace, metrics }
     }
 
-    pub fn get(&self, stores: &Stores) -> Arc<View> {
-        self.get_recent(stores, Duration::ZERO).0
-    }
-
-    /// Like [`Self::get`], but a view younger than `min_interval` is reused even
-    /// if a store changed since (then the flag is true: the caller looks again
+    /// The latest view; one younger than `min_interval` is reused even if a
+    /// store changed since (then the flag is true: the caller looks again
     /// soon). Under a burst of changes this rebuilds a few times a second
     /// instead of once per change.
     pub fn get_recent(&self, stores: &Stores, min_interval: Duration) -> (Arc<View>, bool) {
@@ -171,7 +167,9 @@ impl ViewCache {
                 return (view.clone(), *e != epoch);
             }
         }
+        let started = Instant::now();
         let view = Arc::new(View::build(stores, self.node_grace, Timestamp::now()));
+        self.metrics.observe_planning("view", started.elapsed().as_secs_f64());
         view.record(&self.metrics);
         *latest = Some((epoch, Instant::now(), view.clone()));
         (view, false)
