@@ -28,7 +28,18 @@ pub struct Context {
     pub min_run_time: k8s_openapi::jiff::SignedDuration,
     views: ViewCache,
     queues: QueueCache,
+    created: CreatedPods,
 }
+
+/// Worker pods created but not yet seen in the store, by "namespace/name". A
+/// second create would be refused (409) yet still charged to the namespace's
+/// ResourceQuota until the quota controller's next full resync, and enough
+/// such charges refuse real pods: so a pod is not created twice.
+#[derive(Default)]
+struct CreatedPods(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
+
+/// How long a created pod may stay unseen before it may be created again.
+const CREATED_TTL: Duration = Duration::from_secs(15);
 
 impl Context {
     pub fn new(client: Client, metrics: Arc<Metrics>, stores: Stores, args: &RunArgs) -> Arc<Self> {
@@ -42,6 +53,7 @@ impl Context {
             starvation_after: k8s_openapi::jiff::SignedDuration::from_secs(args.starvation_seconds as i64),
             min_run_time: k8s_openapi::jiff::SignedDuration::from_secs(args.min_run_seconds as i64),
             queues: QueueCache::default(),
+            created: CreatedPods::default(),
         })
     }
 
@@ -78,6 +90,23 @@ impl Context {
     /// Forgets an admission once the project shows it.
     pub fn settled(&self, key: &str) {
         self.queues.settled(key);
+    }
+
+    /// Whether the pod was created a moment ago and the store has not shown it yet.
+    pub fn recently_created(&self, key: &str) -> bool {
+        let created = self.created.0.lock().expect("created pods lock");
+        created.get(key).is_some_and(|at| at.elapsed() < CREATED_TTL)
+    }
+
+    /// Remembers pods just created; forgets those the store shows (and old ones).
+    pub fn pods_created(&self, created: impl IntoIterator<Item = String>, seen: impl IntoIterator<Item = String>) {
+        let mut map = self.created.0.lock().expect("created pods lock");
+        for k in seen {
+            map.remove(&k);
+        }
+        map.retain(|_, at| at.elapsed() < CREATED_TTL);
+        let now = std::time::Instant::now();
+        map.extend(created.into_iter().map(|k| (k, now)));
     }
 
     /// Remembers an admission until the store shows it.

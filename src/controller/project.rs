@@ -364,6 +364,7 @@ async fn run_gang(
         active_deadline: project.spec.run_policy.active_deadline_seconds.map(SignedDuration::from_secs),
         now: view.now,
     };
+    ctx.pods_created([], pods.iter().map(|p| format!("{ns}/{}", p.name_any())));
     match gang::next(&gv) {
         Next::Create(missing) => {
             let placement = Placement {
@@ -375,14 +376,28 @@ async fn run_gang(
             let svc = workload::service(project, &pool.name_any());
             svc_api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&svc)).await?;
             let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            let mut created = Vec::new();
+            let mut skipped = false;
             for i in missing {
-                match api.create(&PostParams::default(), &workload::worker_pod(project, &placement, i)).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 409 => {}
-                    Err(e) => return Err(e.into()),
+                let pod = workload::worker_pod(project, &placement, i);
+                let key = format!("{ns}/{}", pod.name_any());
+                if ctx.recently_created(&key) {
+                    skipped = true; // the store has not caught up with our create yet
+                    continue;
+                }
+                let res = api.create(&PostParams::default(), &pod).await;
+                match res {
+                    Ok(_) => created.push(key),
+                    Err(kube::Error::Api(e)) if e.code == 409 => created.push(key),
+                    Err(e) => {
+                        ctx.pods_created(created, []);
+                        return Err(e.into());
+                    }
                 }
             }
-            out.requeue = Some(Duration::from_secs(project.spec.run_policy.scheduling_timeout_seconds as u64));
+            ctx.pods_created(created, []);
+            let timeout = Duration::from_secs(project.spec.run_policy.scheduling_timeout_seconds as u64);
+            out.requeue = Some(if skipped { Duration::from_secs(2) } else { timeout });
         }
         Next::Wait => {
             let timeout = SignedDuration::from_secs(project.spec.run_policy.scheduling_timeout_seconds as i64);
