@@ -14,7 +14,7 @@ use crate::telemetry::{ControllerLabels, ErrorLabels, Metrics};
 
 /// How stale a view or admission pass a reconcile accepts during a burst of
 /// changes (they are rebuilt a few times a second, not once per change).
-pub const BURST_INTERVAL: Duration = Duration::from_millis(100);
+pub const BURST_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Shared by every reconcile.
 pub struct Context {

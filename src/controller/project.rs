@@ -48,7 +48,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     Controller::for_shared_stream(s.projects.events(), s.projects.store.clone())
         .reconcile_all_on(everything)
         .reconcile_on(worker_projects)
-        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)))
+        // Bounded concurrency: a burst of thousands of projects is worked through
+        // by a fixed number of reconciles, each holding a view, not all at once.
+        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)).concurrency(64))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
