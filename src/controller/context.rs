@@ -69,6 +69,7 @@ impl Context {
     /// one is due.
     pub fn queue(
         &self,
+        view: &View,
         across_admissions: bool,
         build: impl FnOnce(&super::queue::InFlight) -> Queue,
     ) -> (Arc<Queue>, bool) {
@@ -84,7 +85,8 @@ impl Context {
             metrics.observe_planning("admission", started.elapsed().as_secs_f64());
             q
         };
-        self.queues.get(self.stores.epoch(), BURST_INTERVAL, across_admissions, lookup, timed)
+        let epochs = (self.stores.epoch(), view.epoch);
+        self.queues.get(epochs, BURST_INTERVAL, across_admissions, lookup, timed)
     }
 
     /// Forgets an admission once the project shows it.

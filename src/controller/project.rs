@@ -200,7 +200,7 @@ fn validate(project: &ModelProject, view: &super::view::View) -> Result<(), Stri
 }
 
 fn admit_or_wait(ctx: &Context, project: &ModelProject, view: &super::view::View, out: &mut Decision) {
-    let (q, stale) = ctx.queue(false, |in_flight| {
+    let (q, stale) = ctx.queue(view, false, |in_flight| {
         let projects = ctx.stores.projects.store.state();
         queue::plan(view, &projects, &ctx.stores, in_flight, ctx.starvation_after, &ctx.metrics)
     });
@@ -309,7 +309,7 @@ async fn run_gang(
         return Ok(());
     }
     let key = queue::key(project);
-    let (q, stale) = ctx.queue(true, |in_flight| {
+    let (q, stale) = ctx.queue(view, true, |in_flight| {
         let projects = ctx.stores.projects.store.state();
         queue::plan(view, &projects, &ctx.stores, in_flight, ctx.starvation_after, &ctx.metrics)
     });

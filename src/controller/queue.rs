@@ -289,8 +289,8 @@ pub struct QueueCache {
     admissions: std::sync::atomic::AtomicU64,
 }
 
-/// (store epoch, admissions made): a plan is reused only while both hold.
-type PlanKey = (u64, u64);
+/// (store epoch, epoch of the view it was built from, admissions made).
+type PlanKey = (u64, u64, u64);
 /// An admission not yet visible in the store: pool, nodes, when.
 type Admission = (String, Vec<String>, std::time::Instant);
 
@@ -305,7 +305,7 @@ impl QueueCache {
     /// can take), with the flag true: the caller looks again soon.
     pub fn get(
         &self,
-        epoch: u64,
+        (epoch, view_epoch): (u64, u64),
         min_interval: std::time::Duration,
         across_admissions: bool,
         project: impl Fn(&str) -> Option<Arc<ModelProject>>,
@@ -328,15 +328,19 @@ impl QueueCache {
         };
         let mut latest = self.latest.lock().expect("queue cache lock");
         let admissions = self.admissions.load(std::sync::atomic::Ordering::Acquire);
-        if let Some(((e, a), at, q)) = latest.as_ref()
-            && (*a == admissions || across_admissions)
-            && ((*e == epoch && *a == admissions) || at.elapsed() < min_interval)
+        // A plan is current only if built at this epoch from a view of this
+        // epoch: one built from an older view is rebuilt once the view is new.
+        let key = (epoch, view_epoch, admissions);
+        let current = |k: &PlanKey| *k == key && view_epoch == epoch;
+        if let Some((k, at, q)) = latest.as_ref()
+            && (k.2 == admissions || across_admissions)
+            && (*k == key || at.elapsed() < min_interval)
         {
-            return (q.clone(), *e != epoch || *a != admissions);
+            return (q.clone(), !current(k));
         }
         let q = Arc::new(build(&in_flight));
-        *latest = Some(((epoch, admissions), std::time::Instant::now(), q.clone()));
-        (q, false)
+        *latest = Some((key, std::time::Instant::now(), q.clone()));
+        (q, !current(&key))
     }
 
     /// The store shows the project past admission: its entry is done.

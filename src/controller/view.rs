@@ -21,6 +21,8 @@ use crate::telemetry::Metrics;
 const MAX_AGE: Duration = Duration::from_secs(1);
 
 pub struct View {
+    /// The store epoch this view was built at (or after).
+    pub epoch: u64,
     pub now: Timestamp,
     pub nodes: Vec<NodeInfo>,
     pub membership: Membership,
@@ -44,6 +46,7 @@ pub struct View {
 
 impl View {
     pub fn build(stores: &Stores, node_grace: Duration, now: Timestamp) -> Self {
+        let epoch = stores.epoch();
         let nodes: Vec<NodeInfo> = stores.nodes.store.state().iter().map(|n| snapshot::node_info(n)).collect();
         let pool_objs = stores.pools.store.state();
         let valid: Vec<_> = pool_objs.iter().filter_map(|p| snapshot::pool_info(p).ok().map(|i| (p, i))).collect();
@@ -103,6 +106,7 @@ impl View {
             namespaces,
             allocation_allows_non_preemptible,
             hard_budget,
+            epoch,
         }
     }
 
