@@ -176,6 +176,29 @@ impl TestNamespace {
     }
 }
 
+/// Runs `body` in fresh namespaces (one per prefix) with a [`Scope`], then
+/// deletes what the scope applied and the namespaces, whatever the body
+/// returned; the body's error is reported first.
+pub async fn in_namespaces(
+    env: &Env,
+    prefixes: &[&str],
+    body: impl AsyncFnOnce(&[String], &mut Scope) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut namespaces = Vec::with_capacity(prefixes.len());
+    for prefix in prefixes {
+        namespaces.push(TestNamespace::create(&env.client, prefix).await?);
+    }
+    let names: Vec<String> = namespaces.iter().map(|n| n.name.clone()).collect();
+    let mut scope = Scope::new(env);
+    let res = body(&names, &mut scope).await;
+    let cleaned = scope.cleanup();
+    for ns in namespaces {
+        ns.cleanup().await?;
+    }
+    res?;
+    cleaned
+}
+
 /// The operator binary running on this host.
 pub struct Operator {
     child: tokio::process::Child,

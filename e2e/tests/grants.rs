@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, ResourceExt};
-use sovereign_e2e::{Env, Operator, Scope, TestNamespace, free_port, wait_for};
+use sovereign_e2e::{Env, Operator, Scope, free_port, in_namespaces, wait_for};
 use sovereign_operator::api::{AcceleratorPool, AllocationPhase, GpuAllocation, GpuAllocationStatus, find_condition};
 
 const QUOTA: &str = "sovereign-accelerators";
@@ -81,10 +81,8 @@ fn gpu_pod(name: &str, resource: &str, n: u32) -> anyhow::Result<Pod> {
 }
 
 pub async fn two_allocations_sum_in_one_quota_that_the_api_server_enforces(env: Arc<Env>) -> anyhow::Result<()> {
-    let ns = TestNamespace::create(&env.client, "quota").await?;
-    let mut scope = Scope::new(&env);
-    let n = ns.name.clone();
-    let body = async {
+    in_namespaces(&env, &["quota"], async |names, scope| {
+        let n = names[0].clone();
         scope.apply(&h200("e2e-h200"))?;
         scope.apply(&pool_yaml("e2e-rngd", "furiosa.ai/rngd", ("furiosa.ai/npu.family", "rngd"), 1.0))?;
         let q1 = alloc_yaml(
@@ -120,13 +118,9 @@ pub async fn two_allocations_sum_in_one_quota_that_the_api_server_enforces(env: 
             }
         })
         .await?;
-        anyhow::Ok(())
-    };
-    let res = body.await;
-    let cleaned = scope.cleanup();
-    ns.cleanup().await?;
-    res?;
-    cleaned
+        Ok(())
+    })
+    .await
 }
 
 pub async fn a_dedicated_grant_reserves_nodes_in_one_rack_and_releases_them(env: Arc<Env>) -> anyhow::Result<()> {
@@ -235,10 +229,8 @@ pub async fn a_window_opens_and_closes_on_time(env: Arc<Env>) -> anyhow::Result<
 }
 
 pub async fn a_tiny_budget_is_used_up_by_a_running_pod(env: Arc<Env>) -> anyhow::Result<()> {
-    let ns = TestNamespace::create(&env.client, "budget").await?;
-    let n = ns.name.clone();
-    let mut scope = Scope::new(&env);
-    let body = async {
+    in_namespaces(&env, &["budget"], async |names, scope| {
+        let n = names[0].clone();
         // 8 devices at charge factor 900: one accelerator-hour every half second.
         scope.apply(&pool_yaml("e2e-rngd", "furiosa.ai/rngd", ("furiosa.ai/npu.family", "rngd"), 900.0))?;
         let budget = "  budget: {acceleratorHours: 2}\n";
@@ -254,13 +246,9 @@ pub async fn a_tiny_budget_is_used_up_by_a_running_pod(env: Arc<Env>) -> anyhow:
         wait_quota(&env, &n, "furiosa.ai/rngd", "0").await?;
         let phase = pods.get("burner").await?.status.and_then(|s| s.phase);
         ensure!(phase.as_deref() == Some("Running"), "the running pod was not left alone: {phase:?}");
-        anyhow::Ok(())
-    };
-    let res = body.await;
-    let cleaned = scope.cleanup();
-    ns.cleanup().await?;
-    res?;
-    cleaned
+        Ok(())
+    })
+    .await
 }
 
 pub async fn a_deleted_reserved_node_is_replaced(env: Arc<Env>) -> anyhow::Result<()> {
@@ -357,12 +345,9 @@ async fn versions(env: &Env, allocations: &[&str], namespaces: &[&str]) -> anyho
 }
 
 pub async fn a_killed_operator_converges_and_a_restart_writes_nothing(env: Arc<Env>) -> anyhow::Result<()> {
-    let ns_a = TestNamespace::create(&env.client, "restart-a").await?;
-    let ns_b = TestNamespace::create(&env.client, "restart-b").await?;
-    let (a, b) = (ns_a.name.clone(), ns_b.name.clone());
-    let mut scope = Scope::new(&env);
     let kubeconfig = env.operator_kubeconfig()?;
-    let body = async {
+    in_namespaces(&env, &["restart-a", "restart-b"], async |names, scope| {
+        let (a, b) = (names[0].clone(), names[1].clone());
         scope.apply(&h200("e2e-h200"))?;
         scope.apply(&pool_yaml("e2e-atom", "rebellions.ai/ATOM", ("rebellions.ai/npu.family", "ATOM"), 1.0))?;
         // Kill the operator right after the objects land, mid-reconcile.
@@ -425,12 +410,7 @@ pub async fn a_killed_operator_converges_and_a_restart_writes_nothing(env: Arc<E
         let after = versions(&env, &["e2e-r1", "e2e-r2"], &[&a, &b]).await?;
         let changed: Vec<_> = before.iter().zip(&after).filter(|(x, y)| x != y).map(|(x, _)| x.0.clone()).collect();
         ensure!(changed.is_empty(), "a restart with nothing to do wrote {changed:?}");
-        anyhow::Ok(())
-    };
-    let res = body.await;
-    let cleaned = scope.cleanup();
-    ns_a.cleanup().await?;
-    ns_b.cleanup().await?;
-    res?;
-    cleaned
+        Ok(())
+    })
+    .await
 }

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
-use sovereign_e2e::{Env, Operator, Scope, TestNamespace, free_port, wait_for};
+use sovereign_e2e::{Env, Operator, Scope, free_port, in_namespaces, wait_for};
 use sovereign_operator::api::{ModelProject, ModelProjectStatus, ProjectPhase, find_condition};
 
 use crate::grants::{alloc_yaml, pool_yaml, restore_node};
@@ -88,221 +88,165 @@ async fn pools_of(env: &Env, pods: &[Pod]) -> anyhow::Result<BTreeSet<String>> {
     Ok(out)
 }
 
-/// Runs `body` with the two test pools, an allocation granting 32 of each to a
+/// Runs `body` with the two test pools, an allocation granting `grant` of each to a
 /// fresh namespace, and cleans everything up.
-pub async fn with_grant<F, Fut>(env: &Env, test: &str, grant: i64, body: F) -> anyhow::Result<()>
-where
-    F: FnOnce(String, Scope) -> Fut,
-    Fut: std::future::Future<Output = (Scope, anyhow::Result<()>)>,
-{
-    let ns = TestNamespace::create(&env.client, test).await?;
-    let mut scope = Scope::new(env);
-    let setup = (|| {
+pub async fn with_grant(
+    env: &Env,
+    test: &str,
+    grant: i64,
+    body: impl AsyncFnOnce(String, &mut Scope) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    in_namespaces(env, &[test], async |names, scope| {
+        let ns = names[0].clone();
         scope.apply(&atom())?;
         scope.apply(&h200())?;
         let grants = format!("[{{pool: e2e-atom, accelerators: {grant}}}, {{pool: e2e-h200, accelerators: {grant}}}]");
-        scope.apply(&alloc_yaml("e2e-train", &[&ns.name], &grants, ""))
-    })();
-    // Given an Active grant (the allocation's status says so, not only the plan).
-    let setup = match setup {
-        Ok(()) => crate::grants::wait_phase(
-            env,
-            "e2e-train",
-            sovereign_operator::api::AllocationPhase::Active,
-            Duration::from_secs(60),
-        )
-        .await
-        .map(|_| ()),
-        Err(e) => Err(e),
-    };
-    let (scope, res) = match setup {
-        Ok(()) => body(ns.name.clone(), scope).await,
-        Err(e) => (scope, Err(e)),
-    };
-    let cleaned = scope.cleanup();
-    ns.cleanup().await?;
-    res?;
-    cleaned
+        scope.apply(&alloc_yaml("e2e-train", &[&ns], &grants, ""))?;
+        // Given an Active grant (the allocation's status says so, not only the plan).
+        let active = sovereign_operator::api::AllocationPhase::Active;
+        crate::grants::wait_phase(env, "e2e-train", active, Duration::from_secs(60)).await?;
+        body(ns, scope).await
+    })
+    .await
 }
 
 pub async fn a_gang_lands_whole_on_the_npu_pool_and_falls_back_whole_to_gpus(env: Arc<Env>) -> anyhow::Result<()> {
-    with_grant(&env.clone(), "fallback", 32, |ns, mut scope| async move {
-        let res = async {
-            scope.apply(&project_yaml("first", &ns, "e2e-train", "[e2e-atom, e2e-h200]", 4, "", ""))?;
-            let s = wait_project(&env, &ns, "first", ProjectPhase::Running, Duration::from_secs(60)).await?;
-            ensure!(s.pool.as_deref() == Some("e2e-atom"), "first went to {:?}", s.pool);
-            let pods = workers(&env, &ns, "first").await?;
-            ensure!(pods.len() == 4, "{} workers", pods.len());
-            ensure!(
-                pools_of(&env, &pods).await? == BTreeSet::from(["ATOM".to_string()]),
-                "first was split or misplaced"
-            );
+    with_grant(&env, "fallback", 32, async |ns, scope| {
+        scope.apply(&project_yaml("first", &ns, "e2e-train", "[e2e-atom, e2e-h200]", 4, "", ""))?;
+        let s = wait_project(&env, &ns, "first", ProjectPhase::Running, Duration::from_secs(60)).await?;
+        ensure!(s.pool.as_deref() == Some("e2e-atom"), "first went to {:?}", s.pool);
+        let pods = workers(&env, &ns, "first").await?;
+        ensure!(pods.len() == 4, "{} workers", pods.len());
+        ensure!(pools_of(&env, &pods).await? == BTreeSet::from(["ATOM".to_string()]), "first was split or misplaced");
 
-            // The NPU pool is now full: the second gang falls back, whole, to H200.
-            scope.apply(&project_yaml("second", &ns, "e2e-train", "[e2e-atom, e2e-h200]", 4, "", ""))?;
-            let s = wait_project(&env, &ns, "second", ProjectPhase::Running, Duration::from_secs(60)).await?;
-            ensure!(s.pool.as_deref() == Some("e2e-h200"), "second went to {:?}", s.pool);
-            let pods = workers(&env, &ns, "second").await?;
-            ensure!(pools_of(&env, &pods).await? == BTreeSet::from(["NVIDIA-H200".to_string()]), "second was split");
+        // The NPU pool is now full: the second gang falls back, whole, to H200.
+        scope.apply(&project_yaml("second", &ns, "e2e-train", "[e2e-atom, e2e-h200]", 4, "", ""))?;
+        let s = wait_project(&env, &ns, "second", ProjectPhase::Running, Duration::from_secs(60)).await?;
+        ensure!(s.pool.as_deref() == Some("e2e-h200"), "second went to {:?}", s.pool);
+        let pods = workers(&env, &ns, "second").await?;
+        ensure!(pools_of(&env, &pods).await? == BTreeSet::from(["NVIDIA-H200".to_string()]), "second was split");
 
-            // Every worker has the torchrun environment, with its own rank.
-            for p in &pods {
-                let env_vars: BTreeMap<String, String> = p.spec.as_ref().unwrap().containers[0]
-                    .env
-                    .iter()
-                    .flatten()
-                    .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
-                    .collect();
-                let rank = p.labels()["sovereign.ai/worker-index"].clone();
-                for (k, v) in [
-                    ("RANK", rank.as_str()),
-                    ("PET_NODE_RANK", rank.as_str()),
-                    ("WORLD_SIZE", "4"),
-                    ("PET_NNODES", "4"),
-                    ("NPROC_PER_NODE", "8"),
-                    ("MASTER_ADDR", "second-worker-0.second"),
-                    ("MASTER_PORT", "23456"),
-                    ("DATASET", "web-ko"),
-                ] {
-                    ensure!(
-                        env_vars.get(k).map(String::as_str) == Some(v),
-                        "{}: {k}={:?}, want {v}",
-                        p.name_any(),
-                        env_vars.get(k)
-                    );
-                }
-                ensure!(p.spec.as_ref().unwrap().hostname.as_deref() == Some(format!("second-worker-{rank}").as_str()));
+        // Every worker has the torchrun environment, with its own rank.
+        for p in &pods {
+            let env_vars: BTreeMap<String, String> = p.spec.as_ref().unwrap().containers[0]
+                .env
+                .iter()
+                .flatten()
+                .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+                .collect();
+            let rank = p.labels()["sovereign.ai/worker-index"].clone();
+            for (k, v) in [
+                ("RANK", rank.as_str()),
+                ("PET_NODE_RANK", rank.as_str()),
+                ("WORLD_SIZE", "4"),
+                ("PET_NNODES", "4"),
+                ("NPROC_PER_NODE", "8"),
+                ("MASTER_ADDR", "second-worker-0.second"),
+                ("MASTER_PORT", "23456"),
+                ("DATASET", "web-ko"),
+            ] {
+                ensure!(
+                    env_vars.get(k).map(String::as_str) == Some(v),
+                    "{}: {k}={:?}, want {v}",
+                    p.name_any(),
+                    env_vars.get(k)
+                );
             }
-
-            // A third gang fits nowhere: it waits, saying why in numbers.
-            scope.apply(&project_yaml("third", &ns, "e2e-train", "[e2e-atom, e2e-h200]", 4, "", ""))?;
-            let msg = wait_for("third queued with a reason", Duration::from_secs(30), || async {
-                let s = status(&env, &ns, "third").await?;
-                match find_condition(&s.conditions, "Queued") {
-                    Some(c) if c.status == "True" && s.queue_position == Some(1) => Ok(c.message.clone()),
-                    c => Err(format!("{:?} {c:?}", s.phase)),
-                }
-            })
-            .await?;
-            ensure!(
-                msg.contains("e2e-atom") && msg.contains("falls back to") && msg.contains("e2e-h200"),
-                "unclear reason: {msg}"
-            );
-            anyhow::Ok(())
+            ensure!(p.spec.as_ref().unwrap().hostname.as_deref() == Some(format!("second-worker-{rank}").as_str()));
         }
-        .await;
-        (scope, res)
+
+        // A third gang fits nowhere: it waits, saying why in numbers.
+        scope.apply(&project_yaml("third", &ns, "e2e-train", "[e2e-atom, e2e-h200]", 4, "", ""))?;
+        let msg = wait_for("third queued with a reason", Duration::from_secs(30), || async {
+            let s = status(&env, &ns, "third").await?;
+            match find_condition(&s.conditions, "Queued") {
+                Some(c) if c.status == "True" && s.queue_position == Some(1) => Ok(c.message.clone()),
+                c => Err(format!("{:?} {c:?}", s.phase)),
+            }
+        })
+        .await?;
+        ensure!(
+            msg.contains("e2e-atom") && msg.contains("falls back to") && msg.contains("e2e-h200"),
+            "unclear reason: {msg}"
+        );
+        Ok(())
     })
     .await
 }
 
 pub async fn a_gang_larger_than_any_rack_waits_with_the_reason(env: Arc<Env>) -> anyhow::Result<()> {
-    with_grant(&env.clone(), "topology", 32, |ns, mut scope| async move {
-        let res = async {
-            let required = "  placement:\n    pools: [e2e-atom]\n    topology: {key: topology.sovereign.ai/rack, mode: Required}\n";
-            let yaml = project_yaml("racked", &ns, "e2e-train", "[e2e-atom]", 3, "", "").replace("  placement: {pools: [e2e-atom]}\n", required);
-            scope.apply(&yaml)?;
-            let msg = wait_for("racked queued", Duration::from_secs(30), || async {
-                let s = status(&env, &ns, "racked").await?;
-                match find_condition(&s.conditions, "Queued") {
-                    Some(c) if c.status == "True" => Ok(c.message.clone()),
-                    c => Err(format!("{:?} {c:?}", s.phase)),
-                }
-            })
-            .await?;
-            ensure!(msg.contains("rack"), "reason does not name the rack: {msg}");
-            ensure!(workers(&env, &ns, "racked").await?.is_empty(), "a queued gang has pods");
-            anyhow::Ok(())
-        }
-        .await;
-        (scope, res)
+    with_grant(&env, "topology", 32, async |ns, scope| {
+        let required =
+            "  placement:\n    pools: [e2e-atom]\n    topology: {key: topology.sovereign.ai/rack, mode: Required}\n";
+        let yaml = project_yaml("racked", &ns, "e2e-train", "[e2e-atom]", 3, "", "")
+            .replace("  placement: {pools: [e2e-atom]}\n", required);
+        scope.apply(&yaml)?;
+        let msg = wait_for("racked queued", Duration::from_secs(30), || async {
+            let s = status(&env, &ns, "racked").await?;
+            match find_condition(&s.conditions, "Queued") {
+                Some(c) if c.status == "True" => Ok(c.message.clone()),
+                c => Err(format!("{:?} {c:?}", s.phase)),
+            }
+        })
+        .await?;
+        ensure!(msg.contains("rack"), "reason does not name the rack: {msg}");
+        ensure!(workers(&env, &ns, "racked").await?.is_empty(), "a queued gang has pods");
+        Ok(())
     })
     .await
 }
 
 pub async fn a_failing_worker_restarts_the_gang_until_max_restarts(env: Arc<Env>) -> anyhow::Result<()> {
-    with_grant(&env.clone(), "restarts", 32, |ns, mut scope| async move {
-        let res = async {
-            let annotations = "sim.sovereign.ai/complete-after: 2s, sim.sovereign.ai/exit-code: \"3\"";
-            let policy = "  runPolicy: {maxRestarts: 1}\n";
-            scope.apply(&project_yaml("crashy", &ns, "e2e-train", "[e2e-atom]", 2, policy, annotations))?;
-            let s = wait_project(&env, &ns, "crashy", ProjectPhase::Failed, Duration::from_secs(90)).await?;
-            ensure!(s.restarts == 1, "restarts {}", s.restarts);
-            let finished = find_condition(&s.conditions, "Finished").cloned();
-            ensure!(
-                finished
-                    .as_ref()
-                    .is_some_and(|c| c.reason == "BackoffLimitExceeded" && c.message.contains("exit code 3")),
-                "{finished:?}"
-            );
-            wait_no_workers(&env, &ns, "crashy").await?;
-            anyhow::Ok(())
-        }
-        .await;
-        (scope, res)
+    with_grant(&env, "restarts", 32, async |ns, scope| {
+        let annotations = "sim.sovereign.ai/complete-after: 2s, sim.sovereign.ai/exit-code: \"3\"";
+        let policy = "  runPolicy: {maxRestarts: 1}\n";
+        scope.apply(&project_yaml("crashy", &ns, "e2e-train", "[e2e-atom]", 2, policy, annotations))?;
+        let s = wait_project(&env, &ns, "crashy", ProjectPhase::Failed, Duration::from_secs(90)).await?;
+        ensure!(s.restarts == 1, "restarts {}", s.restarts);
+        let finished = find_condition(&s.conditions, "Finished").cloned();
+        ensure!(
+            finished.as_ref().is_some_and(|c| c.reason == "BackoffLimitExceeded" && c.message.contains("exit code 3")),
+            "{finished:?}"
+        );
+        wait_no_workers(&env, &ns, "crashy").await?;
+        Ok(())
     })
     .await
 }
 
 pub async fn a_finished_run_frees_its_devices_for_the_next(env: Arc<Env>) -> anyhow::Result<()> {
-    with_grant(&env.clone(), "succeed", 16, |ns, mut scope| async move {
-        let res = async {
-            let quick = "sim.sovereign.ai/complete-after: 3s";
-            scope.apply(&project_yaml("quick", &ns, "e2e-train", "[e2e-atom]", 2, "", quick))?;
-            wait_project(&env, &ns, "quick", ProjectPhase::Running, Duration::from_secs(60)).await?;
-            scope.apply(&project_yaml("next", &ns, "e2e-train", "[e2e-atom]", 2, "", ""))?;
-            let s = wait_project(&env, &ns, "next", ProjectPhase::Queued, Duration::from_secs(30)).await?;
-            ensure!(s.queue_position == Some(1), "queue position {:?}", s.queue_position);
-            let done = wait_project(&env, &ns, "quick", ProjectPhase::Succeeded, Duration::from_secs(60)).await?;
-            ensure!(done.finished_at.is_some());
-            wait_project(&env, &ns, "next", ProjectPhase::Running, Duration::from_secs(60)).await?;
-            anyhow::Ok(())
-        }
-        .await;
-        (scope, res)
+    with_grant(&env, "succeed", 16, async |ns, scope| {
+        let quick = "sim.sovereign.ai/complete-after: 3s";
+        scope.apply(&project_yaml("quick", &ns, "e2e-train", "[e2e-atom]", 2, "", quick))?;
+        wait_project(&env, &ns, "quick", ProjectPhase::Running, Duration::from_secs(60)).await?;
+        scope.apply(&project_yaml("next", &ns, "e2e-train", "[e2e-atom]", 2, "", ""))?;
+        let s = wait_project(&env, &ns, "next", ProjectPhase::Queued, Duration::from_secs(30)).await?;
+        ensure!(s.queue_position == Some(1), "queue position {:?}", s.queue_position);
+        let done = wait_project(&env, &ns, "quick", ProjectPhase::Succeeded, Duration::from_secs(60)).await?;
+        ensure!(done.finished_at.is_some());
+        wait_project(&env, &ns, "next", ProjectPhase::Running, Duration::from_secs(60)).await?;
+        Ok(())
     })
     .await
 }
 
+fn suspend(env: &Env, ns: &str, name: &str, on: bool) -> anyhow::Result<()> {
+    let patch = format!(r#"{{"spec":{{"runPolicy":{{"suspend":{on}}}}}}}"#);
+    env.kubectl_ok(&["-n", ns, "patch", "modelproject", name, "--type=merge", "-p", &patch], None)?;
+    Ok(())
+}
+
 pub async fn suspend_gives_back_devices_and_resume_requeues(env: Arc<Env>) -> anyhow::Result<()> {
-    with_grant(&env.clone(), "suspend", 32, |ns, mut scope| async move {
-        let res = async {
-            let yaml = project_yaml("pausable", &ns, "e2e-train", "[e2e-atom]", 2, "", "");
-            scope.apply(&yaml)?;
-            wait_project(&env, &ns, "pausable", ProjectPhase::Running, Duration::from_secs(60)).await?;
-            env.kubectl_ok(
-                &[
-                    "-n",
-                    &ns,
-                    "patch",
-                    "modelproject",
-                    "pausable",
-                    "--type=merge",
-                    "-p",
-                    r#"{"spec":{"runPolicy":{"suspend":true}}}"#,
-                ],
-                None,
-            )?;
-            wait_project(&env, &ns, "pausable", ProjectPhase::Suspended, Duration::from_secs(30)).await?;
-            wait_no_workers(&env, &ns, "pausable").await?;
-            env.kubectl_ok(
-                &[
-                    "-n",
-                    &ns,
-                    "patch",
-                    "modelproject",
-                    "pausable",
-                    "--type=merge",
-                    "-p",
-                    r#"{"spec":{"runPolicy":{"suspend":false}}}"#,
-                ],
-                None,
-            )?;
-            wait_project(&env, &ns, "pausable", ProjectPhase::Running, Duration::from_secs(60)).await?;
-            anyhow::Ok(())
-        }
-        .await;
-        (scope, res)
+    with_grant(&env, "suspend", 32, async |ns, scope| {
+        let yaml = project_yaml("pausable", &ns, "e2e-train", "[e2e-atom]", 2, "", "");
+        scope.apply(&yaml)?;
+        wait_project(&env, &ns, "pausable", ProjectPhase::Running, Duration::from_secs(60)).await?;
+        suspend(&env, &ns, "pausable", true)?;
+        wait_project(&env, &ns, "pausable", ProjectPhase::Suspended, Duration::from_secs(30)).await?;
+        wait_no_workers(&env, &ns, "pausable").await?;
+        suspend(&env, &ns, "pausable", false)?;
+        wait_project(&env, &ns, "pausable", ProjectPhase::Running, Duration::from_secs(60)).await?;
+        Ok(())
     })
     .await
 }
@@ -310,33 +254,24 @@ pub async fn suspend_gives_back_devices_and_resume_requeues(env: Arc<Env>) -> an
 pub async fn losing_a_node_restarts_the_gang_without_counting_it(env: Arc<Env>) -> anyhow::Result<()> {
     let nodes: Api<Node> = Api::all(env.client.clone());
     let mut saved = None;
-    let res = with_grant(&env.clone(), "nodeloss", 32, |ns, mut scope| {
-        let saved = &mut saved;
-        let nodes = nodes.clone();
-        let env = env.clone();
-        async move {
-            let res = async {
-                scope.apply(&project_yaml("sturdy", &ns, "e2e-train", "[e2e-atom]", 2, "", ""))?;
-                let s = wait_project(&env, &ns, "sturdy", ProjectPhase::Running, Duration::from_secs(60)).await?;
-                let victim = s.nodes[1].clone();
-                *saved = Some(nodes.get(&victim).await?);
-                nodes.delete(&victim, &DeleteParams::default()).await?;
-                let s = wait_for("a restart after the node loss", Duration::from_secs(90), || async {
-                    let s = status(&env, &ns, "sturdy").await?;
-                    if s.disruptions >= 1 && s.phase == Some(ProjectPhase::Running) {
-                        Ok(s)
-                    } else {
-                        Err(format!("{:?} {}", s.phase, s.disruptions))
-                    }
-                })
-                .await?;
-                ensure!(s.restarts == 0, "a node loss was counted as a failure");
-                ensure!(!s.nodes.contains(&victim), "placed again on the deleted node");
-                anyhow::Ok(())
+    let res = with_grant(&env, "nodeloss", 32, async |ns, scope| {
+        scope.apply(&project_yaml("sturdy", &ns, "e2e-train", "[e2e-atom]", 2, "", ""))?;
+        let s = wait_project(&env, &ns, "sturdy", ProjectPhase::Running, Duration::from_secs(60)).await?;
+        let victim = s.nodes[1].clone();
+        saved = Some(nodes.get(&victim).await?);
+        nodes.delete(&victim, &DeleteParams::default()).await?;
+        let s = wait_for("a restart after the node loss", Duration::from_secs(90), || async {
+            let s = status(&env, &ns, "sturdy").await?;
+            if s.disruptions >= 1 && s.phase == Some(ProjectPhase::Running) {
+                Ok(s)
+            } else {
+                Err(format!("{:?} {}", s.phase, s.disruptions))
             }
-            .await;
-            (scope, res)
-        }
+        })
+        .await?;
+        ensure!(s.restarts == 0, "a node loss was counted as a failure");
+        ensure!(!s.nodes.contains(&victim), "placed again on the deleted node");
+        Ok(())
     })
     .await;
     if let Some(node) = saved {
@@ -346,10 +281,8 @@ pub async fn losing_a_node_restarts_the_gang_without_counting_it(env: Arc<Env>) 
 }
 
 pub async fn an_expired_allocation_stops_its_runs(env: Arc<Env>) -> anyhow::Result<()> {
-    let ns = TestNamespace::create(&env.client, "expiry").await?;
-    let mut scope = Scope::new(&env);
-    let n = ns.name.clone();
-    let res = async {
+    in_namespaces(&env, &["expiry"], async |names, scope| {
+        let n = names[0].clone();
         scope.apply(&atom())?;
         let end = Timestamp::from_second(Timestamp::now().as_second() + 12)?;
         let window = format!("  window: {{end: \"{end}\"}}\n");
@@ -360,42 +293,34 @@ pub async fn an_expired_allocation_stops_its_runs(env: Arc<Env>) -> anyhow::Resu
         let c = find_condition(&s.conditions, "Queued").cloned();
         ensure!(c.as_ref().is_some_and(|c| c.reason == "AllocationInactive" && c.message.contains("Expired")), "{c:?}");
         wait_no_workers(&env, &n, "doomed").await?;
-        anyhow::Ok(())
-    }
-    .await;
-    let cleaned = scope.cleanup();
-    ns.cleanup().await?;
-    res?;
-    cleaned
+        Ok(())
+    })
+    .await
 }
 
 pub async fn a_killed_operator_mid_admission_leaves_no_duplicate_or_orphan(env: Arc<Env>) -> anyhow::Result<()> {
     let kubeconfig = env.operator_kubeconfig()?;
-    with_grant(&env.clone(), "crash", 32, |ns, mut scope| async move {
-        let res = async {
-            for i in 0..3 {
-                scope.apply(&project_yaml(&format!("p{i}"), &ns, "e2e-train", "[e2e-atom, e2e-h200]", 2, "", ""))?;
-            }
-            let old = env.operator.lock().await.take().context("no shared operator")?;
-            old.kill().await?;
-            let mut op = Operator::start(&env, &kubeconfig, free_port()?, "operator-crash.log")?;
-            op.wait_ready(Duration::from_secs(60)).await?;
-            *env.operator.lock().await = Some(op);
-            for i in 0..3 {
-                wait_project(&env, &ns, &format!("p{i}"), ProjectPhase::Running, Duration::from_secs(60)).await?;
-            }
-            let pods = Api::<Pod>::namespaced(env.client.clone(), &ns).list(&ListParams::default()).await?.items;
-            ensure!(pods.len() == 6, "{} pods for 3 gangs of 2", pods.len());
-            let names: BTreeSet<String> = pods.iter().map(|p| p.name_any()).collect();
-            for i in 0..3 {
-                for w in 0..2 {
-                    ensure!(names.contains(&format!("p{i}-worker-{w}")), "missing p{i}-worker-{w}: {names:?}");
-                }
-            }
-            anyhow::Ok(())
+    with_grant(&env, "crash", 32, async |ns, scope| {
+        for i in 0..3 {
+            scope.apply(&project_yaml(&format!("p{i}"), &ns, "e2e-train", "[e2e-atom, e2e-h200]", 2, "", ""))?;
         }
-        .await;
-        (scope, res)
+        let old = env.operator.lock().await.take().context("no shared operator")?;
+        old.kill().await?;
+        let mut op = Operator::start(&env, &kubeconfig, free_port()?, "operator-crash.log")?;
+        op.wait_ready(Duration::from_secs(60)).await?;
+        *env.operator.lock().await = Some(op);
+        for i in 0..3 {
+            wait_project(&env, &ns, &format!("p{i}"), ProjectPhase::Running, Duration::from_secs(60)).await?;
+        }
+        let pods = Api::<Pod>::namespaced(env.client.clone(), &ns).list(&ListParams::default()).await?.items;
+        ensure!(pods.len() == 6, "{} pods for 3 gangs of 2", pods.len());
+        let names: BTreeSet<String> = pods.iter().map(|p| p.name_any()).collect();
+        for i in 0..3 {
+            for w in 0..2 {
+                ensure!(names.contains(&format!("p{i}-worker-{w}")), "missing p{i}-worker-{w}: {names:?}");
+            }
+        }
+        Ok(())
     })
     .await
 }

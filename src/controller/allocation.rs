@@ -16,7 +16,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
-use super::context::BURST_INTERVAL;
+use super::context::requeue;
 use super::quota::QUOTA_NAME;
 use super::view::View;
 use super::{Context, Error, nodes};
@@ -121,7 +121,7 @@ async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
         super::apply_status(&Api::<GpuAllocation>::all(ctx.client.clone()), &name, None, &status).await?;
     }
     let wake = next_wake(&view, plan.wake_at, alloc, &status, &usage);
-    Ok(Action::requeue(if stale { wake.min(2 * BURST_INTERVAL) } else { wake }))
+    Ok(requeue(stale, Some(wake)))
 }
 
 /// Labels and taints `wanted`, clears every other node labelled for `name`.

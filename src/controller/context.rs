@@ -16,6 +16,18 @@ use crate::telemetry::{ControllerLabels, ErrorLabels, Metrics};
 /// changes (they are rebuilt a few times a second, not once per change).
 pub const BURST_INTERVAL: Duration = Duration::from_millis(250);
 
+/// When to reconcile again: after `wait`, or sooner if the view or plan used
+/// was out of date (a newer one is due within [`BURST_INTERVAL`]).
+pub fn requeue(stale: bool, wait: Option<Duration>) -> kube::runtime::controller::Action {
+    match (stale, wait) {
+        (true, wait) => {
+            kube::runtime::controller::Action::requeue(wait.unwrap_or(Duration::MAX).min(2 * BURST_INTERVAL))
+        }
+        (false, Some(wait)) => kube::runtime::controller::Action::requeue(wait),
+        (false, None) => kube::runtime::controller::Action::await_change(),
+    }
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
@@ -73,11 +85,7 @@ impl Context {
         across_admissions: bool,
         build: impl FnOnce(&super::queue::InFlight) -> Queue,
     ) -> (Arc<Queue>, bool) {
-        let projects = &self.stores.projects.store;
-        let lookup = |key: &str| {
-            let (ns, name) = key.split_once('/')?;
-            projects.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))
-        };
+        let lookup = |key: &str| self.project(key);
         let metrics = &self.metrics;
         let timed = |in_flight: &super::queue::InFlight| {
             let started = std::time::Instant::now();
@@ -87,6 +95,12 @@ impl Context {
         };
         let epochs = (self.stores.epoch(), view.epoch);
         self.queues.get(epochs, BURST_INTERVAL, across_admissions, lookup, timed)
+    }
+
+    /// The project of a queue key ("namespace/name") in the store.
+    pub fn project(&self, key: &str) -> Option<Arc<crate::api::ModelProject>> {
+        let (ns, name) = key.split_once('/')?;
+        self.stores.projects.store.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))
     }
 
     /// Forgets an admission once the project shows it.
@@ -100,15 +114,18 @@ impl Context {
         created.get(key).is_some_and(|at| at.elapsed() < CREATED_TTL)
     }
 
-    /// Remembers pods just created; forgets those the store shows (and old ones).
-    pub fn pods_created(&self, created: impl IntoIterator<Item = String>, seen: impl IntoIterator<Item = String>) {
+    /// Remembers a pod just created (or found to exist already).
+    pub fn pod_created(&self, key: String) {
+        self.created.0.lock().expect("created pods lock").insert(key, std::time::Instant::now());
+    }
+
+    /// Forgets the pods the store shows, and those remembered too long.
+    pub fn pods_seen(&self, seen: impl IntoIterator<Item = String>) {
         let mut map = self.created.0.lock().expect("created pods lock");
         for k in seen {
             map.remove(&k);
         }
         map.retain(|_, at| at.elapsed() < CREATED_TTL);
-        let now = std::time::Instant::now();
-        map.extend(created.into_iter().map(|k| (k, now)));
     }
 
     /// Remembers an admission until the store shows it.

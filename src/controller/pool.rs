@@ -11,7 +11,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
-use super::context::BURST_INTERVAL;
+use super::context::requeue;
 use super::{Context, Error};
 use crate::api::{AcceleratorPool, AcceleratorPoolStatus, condition, find_condition, set_condition};
 use crate::snapshot;
@@ -148,7 +148,7 @@ async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Acti
         super::apply_status(&Api::<AcceleratorPool>::all(ctx.client.clone()), &name, None, &status).await?;
     }
     ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
-    Ok(Action::requeue(if stale { 2 * BURST_INTERVAL } else { Duration::from_secs(300) }))
+    Ok(requeue(stale, Some(Duration::from_secs(300))))
 }
 
 /// Warning Events when a problem condition turns on, never on every pass.

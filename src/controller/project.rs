@@ -14,7 +14,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
-use super::context::BURST_INTERVAL;
+use super::context::requeue;
 use super::queue::{self, holds_devices};
 use super::{Context, Error, FIELD_MANAGER};
 use crate::api::{ModelProject, ModelProjectStatus, ProjectPhase, WorkerStates, condition, set_condition};
@@ -316,10 +316,7 @@ async fn run_gang(
     out.stale |= stale;
     if let Some(p) = q.victims.get(&key) {
         stop_workers(ctx, &ns, &name).await?;
-        let by = p
-            .preemptor
-            .split_once('/')
-            .and_then(|(ns, name)| ctx.stores.projects.store.get(&ObjectRef::new(name).within(ns)));
+        let by = ctx.project(&p.preemptor);
         let (reason, msg) = if p.reclaimed.contains(&key) {
             let owner = by.as_ref().map(|b| b.spec.allocation.clone()).unwrap_or_default();
             let msg = format!(
@@ -366,7 +363,7 @@ async fn run_gang(
         active_deadline: project.spec.run_policy.active_deadline_seconds.map(SignedDuration::from_secs),
         now: view.now,
     };
-    ctx.pods_created([], pods.iter().map(|p| format!("{ns}/{}", p.name_any())));
+    ctx.pods_seen(pods.iter().map(|p| format!("{ns}/{}", p.name_any())));
     match gang::next(&gv) {
         Next::Create(missing) => {
             let placement = Placement {
@@ -378,7 +375,6 @@ async fn run_gang(
             let svc = workload::service(project, &pool.name_any());
             svc_api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&svc)).await?;
             let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-            let mut created = Vec::new();
             let mut skipped = false;
             for i in missing {
                 let pod = workload::worker_pod(project, &placement, i);
@@ -387,17 +383,12 @@ async fn run_gang(
                     skipped = true; // the store has not caught up with our create yet
                     continue;
                 }
-                let res = api.create(&PostParams::default(), &pod).await;
-                match res {
-                    Ok(_) => created.push(key),
-                    Err(kube::Error::Api(e)) if e.code == 409 => created.push(key),
-                    Err(e) => {
-                        ctx.pods_created(created, []);
-                        return Err(e.into());
-                    }
+                match api.create(&PostParams::default(), &pod).await {
+                    Ok(_) => ctx.pod_created(key),
+                    Err(kube::Error::Api(e)) if e.code == 409 => ctx.pod_created(key),
+                    Err(e) => return Err(e.into()),
                 }
             }
-            ctx.pods_created(created, []);
             let timeout = Duration::from_secs(project.spec.run_policy.scheduling_timeout_seconds as u64);
             out.requeue = Some(if skipped { Duration::from_secs(2) } else { timeout });
         }
@@ -630,9 +621,5 @@ async fn finish(
         ctx.event(&on, warning, reason, note).await;
     }
     ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
-    let mut requeue = out.requeue.unwrap_or(Duration::from_secs(300));
-    if out.stale {
-        requeue = requeue.min(2 * BURST_INTERVAL);
-    }
-    Ok(Action::requeue(requeue))
+    Ok(requeue(out.stale, Some(out.requeue.unwrap_or(Duration::from_secs(300)))))
 }

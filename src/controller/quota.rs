@@ -18,7 +18,7 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::context::BURST_INTERVAL;
+use super::context::requeue;
 use super::stores::MANAGED_BY;
 use super::{Context, Error, FIELD_MANAGER};
 
@@ -105,7 +105,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
         }
     }
     ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
-    Ok(if stale { Action::requeue(2 * BURST_INTERVAL) } else { Action::await_change() })
+    Ok(requeue(stale, None))
 }
 
 #[cfg(test)]
