@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
@@ -54,23 +54,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             .collect();
         futures::stream::iter(hits)
     });
-    Controller::new(Api::<GpuAllocation>::all(ctx.client.clone()), Default::default())
+    let controller = Controller::new(Api::<GpuAllocation>::all(ctx.client.clone()), Default::default())
         .reconcile_all_on(everything)
         .reconcile_on(pod_allocations)
-        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(300)))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {})
-        .await;
-}
-
-fn error_policy(_obj: Arc<GpuAllocation>, error: &Error, ctx: Arc<Context>) -> Action {
-    super::on_error(&ctx, CONTROLLER, error)
+        .with_config(super::controller_config(Duration::from_millis(300)));
+    super::drive(controller, CONTROLLER, ctx.clone(), shutdown, reconcile).await;
 }
 
 async fn reconcile(alloc: Arc<GpuAllocation>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    ctx.count_reconcile(CONTROLLER);
     let api: Api<GpuAllocation> = Api::all(ctx.client.clone());
     let res = finalizer(&api, FINALIZER, alloc, |event| async {
         match event {
@@ -80,7 +71,6 @@ async fn reconcile(alloc: Arc<GpuAllocation>, ctx: Arc<Context>) -> Result<Actio
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
     res
 }
 

@@ -6,7 +6,6 @@ use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 use super::Error;
-use super::queue::{Queue, QueueCache};
 use super::stores::Stores;
 use super::view::{View, ViewCache};
 use crate::cli::RunArgs;
@@ -39,8 +38,31 @@ pub struct Context {
     /// How long a run admitted by preemption cannot itself be preempted.
     pub min_run_time: k8s_openapi::jiff::SignedDuration,
     views: ViewCache,
-    queues: QueueCache,
     created: CreatedPods,
+    backoff: Backoff,
+}
+
+/// Per-object retry delays after transient errors: doubling from
+/// [`BACKOFF_BASE`] to [`BACKOFF_MAX`], reset by a successful reconcile.
+#[derive(Default)]
+struct Backoff(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Counts and times one reconcile when dropped, so error paths are measured too.
+pub struct Measure<'a> {
+    ctx: &'a Context,
+    controller: &'static str,
+    started: std::time::Instant,
+}
+
+impl Drop for Measure<'_> {
+    fn drop(&mut self) {
+        let labels = ControllerLabels { controller: self.controller };
+        self.ctx.metrics.reconciliations.get_or_create(&labels).inc();
+        self.ctx.metrics.reconcile_duration.get_or_create(&labels).observe(self.started.elapsed().as_secs_f64());
+    }
 }
 
 /// Worker pods created but not yet seen in the store, by "namespace/name". A
@@ -64,8 +86,8 @@ impl Context {
             stores,
             starvation_after: k8s_openapi::jiff::SignedDuration::from_secs(args.starvation_seconds as i64),
             min_run_time: k8s_openapi::jiff::SignedDuration::from_secs(args.min_run_seconds as i64),
-            queues: QueueCache::default(),
             created: CreatedPods::default(),
+            backoff: Backoff::default(),
         })
     }
 
@@ -76,36 +98,16 @@ impl Context {
         self.views.get_recent(&self.stores, BURST_INTERVAL)
     }
 
-    /// The admission pass of this moment (shared, rebuilt after an admission
-    /// and, at most every [`BURST_INTERVAL`], after changes); true when a newer
-    /// one is due.
-    pub fn queue(
-        &self,
-        view: &View,
-        across_admissions: bool,
-        build: impl FnOnce(&super::queue::InFlight) -> Queue,
-    ) -> (Arc<Queue>, bool) {
-        let lookup = |key: &str| self.project(key);
-        let metrics = &self.metrics;
-        let timed = |in_flight: &super::queue::InFlight| {
-            let started = std::time::Instant::now();
-            let q = build(in_flight);
-            metrics.observe_planning("admission", started.elapsed().as_secs_f64());
-            q
-        };
-        let epochs = (self.stores.epoch(), view.epoch);
-        self.queues.get(epochs, BURST_INTERVAL, across_admissions, lookup, timed)
+    /// The planned cluster of this moment, rebuilt if any store changed: what
+    /// the admission loop decides on.
+    pub fn fresh_view(&self) -> Arc<View> {
+        self.views.get_recent(&self.stores, Duration::ZERO).0
     }
 
     /// The project of a queue key ("namespace/name") in the store.
     pub fn project(&self, key: &str) -> Option<Arc<crate::api::ModelProject>> {
         let (ns, name) = key.split_once('/')?;
         self.stores.projects.store.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))
-    }
-
-    /// Forgets an admission once the project shows it.
-    pub fn settled(&self, key: &str) {
-        self.queues.settled(key);
     }
 
     /// Whether the pod was created a moment ago and the store has not shown it yet.
@@ -128,11 +130,6 @@ impl Context {
         map.retain(|_, at| at.elapsed() < CREATED_TTL);
     }
 
-    /// Remembers an admission until the store shows it.
-    pub fn admitted(&self, key: String, pool: String, nodes: Vec<String>) {
-        self.queues.admitted(key, pool, nodes);
-    }
-
     /// Publishes an Event; a failure to publish is logged, never fatal.
     pub async fn event(&self, on: &ObjectReference, warning: bool, reason: &str, note: String) {
         let ev = Event {
@@ -147,16 +144,30 @@ impl Context {
         }
     }
 
-    pub fn count_reconcile(&self, controller: &'static str) {
-        self.metrics.reconciliations.get_or_create(&ControllerLabels { controller }).inc();
+    /// Counts and times the reconcile that holds the guard.
+    pub fn measure(&self, controller: &'static str) -> Measure<'_> {
+        Measure { ctx: self, controller, started: std::time::Instant::now() }
     }
 
     pub fn count_error(&self, controller: &'static str, error: &Error) {
         self.metrics.reconcile_errors.get_or_create(&ErrorLabels { controller, category: error.category() }).inc();
     }
 
-    pub fn observe_duration(&self, controller: &'static str, seconds: f64) {
-        self.metrics.reconcile_duration.get_or_create(&ControllerLabels { controller }).observe(seconds);
+    /// The next retry delay of an object after a transient error.
+    pub fn backoff_next(&self, key: &str) -> Duration {
+        let mut map = self.backoff.0.lock().expect("backoff lock");
+        let n = map.entry(key.to_string()).or_insert(0);
+        let delay = BACKOFF_BASE.saturating_mul(1u32 << (*n).min(16)).min(BACKOFF_MAX);
+        *n += 1;
+        delay
+    }
+
+    /// A reconcile succeeded: its next error starts the backoff again.
+    pub fn backoff_reset(&self, key: &str) {
+        let mut map = self.backoff.0.lock().expect("backoff lock");
+        if !map.is_empty() {
+            map.remove(key);
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Wiring of the running operator: client, admin server, CRD check, leader
 //! election, shared reflectors and the reconcilers.
 
+mod admission;
 mod allocation;
 mod context;
 mod error;
@@ -18,8 +19,10 @@ pub use error::Error;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::runtime::controller::{Action, Controller};
+use kube::{Api, Client, Config, Resource};
 use tokio::sync::watch;
 
 use crate::admin::{self, Readiness};
@@ -32,13 +35,14 @@ pub const FIELD_MANAGER: &str = "sovereign-operator";
 
 /// Writes `status` of the object by server-side apply with the operator's field
 /// manager (the one status writer of every kind). With `resource_version`, the
-/// write is refused (409) if the object changed since that version.
+/// write is refused (409) if the object changed since that version. Returns
+/// the object as written.
 pub(crate) async fn apply_status<K>(
     api: &Api<K>,
     name: &str,
     resource_version: Option<&str>,
     status: &impl serde::Serialize,
-) -> Result<(), Error>
+) -> Result<K, Error>
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -50,21 +54,69 @@ where
     if let Some(rv) = resource_version {
         patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
     }
-    api.patch_status(name, &kube::api::PatchParams::apply(FIELD_MANAGER).force(), &kube::api::Patch::Apply(patch))
-        .await?;
-    Ok(())
+    Ok(api
+        .patch_status(name, &kube::api::PatchParams::apply(FIELD_MANAGER).force(), &kube::api::Patch::Apply(patch))
+        .await?)
+}
+
+/// "namespace/name" (or "name" for cluster-scoped objects): the key of
+/// per-object backoff and of log lines.
+pub(crate) fn object_key<K: Resource>(obj: &K) -> String {
+    match obj.meta().namespace.as_deref() {
+        Some(ns) => format!("{ns}/{}", obj.meta().name.as_deref().unwrap_or_default()),
+        None => obj.meta().name.clone().unwrap_or_default(),
+    }
+}
+
+/// Controller settings shared by every reconciler: a debounce that folds a
+/// burst of events on one object into one reconcile.
+pub(crate) fn controller_config(debounce: Duration) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().debounce(debounce)
+}
+
+/// The one wiring of every reconciler: each reconcile counted and timed
+/// (error paths included), transient errors retried with per-object
+/// exponential backoff, invalid objects left until they change.
+pub(crate) async fn drive<K, F, Fut>(
+    controller: Controller<K>,
+    name: &'static str,
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    reconcile: F,
+) where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    let reconcile = Arc::new(reconcile);
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(
+            move |obj: Arc<K>, ctx: Arc<Context>| {
+                let reconcile = reconcile.clone();
+                async move {
+                    let key = object_key(obj.as_ref());
+                    let _measure = ctx.measure(name);
+                    let res = reconcile(obj, ctx.clone()).await;
+                    if res.is_ok() {
+                        ctx.backoff_reset(&key);
+                    }
+                    res
+                }
+            },
+            move |obj: Arc<K>, error: &Error, ctx: Arc<Context>| on_error(&ctx, name, &object_key(obj.as_ref()), error),
+            ctx,
+        )
+        .for_each(|_| async {})
+        .await;
 }
 
 /// Error policy of every controller: count, log, then retry a transient error
 /// with backoff or wait for a change of an invalid object.
-pub(crate) fn on_error(ctx: &Context, controller: &'static str, error: &Error) -> kube::runtime::controller::Action {
+fn on_error(ctx: &Context, controller: &'static str, key: &str, error: &Error) -> Action {
     ctx.count_error(controller, error);
-    tracing::warn!(error = %error, controller, "reconcile failed");
-    if error.is_transient() {
-        kube::runtime::controller::Action::requeue(Duration::from_secs(5))
-    } else {
-        kube::runtime::controller::Action::await_change()
-    }
+    tracing::warn!(error = %error, controller, object = key, "reconcile failed");
+    if error.is_transient() { Action::requeue(ctx.backoff_next(key)) } else { Action::await_change() }
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -99,6 +151,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             allocation::run(ctx.clone(), stopped(stop_rx.clone())),
             quota::run(ctx.clone(), stopped(stop_rx.clone())),
             project::run(ctx.clone(), stopped(stop_rx.clone())),
+            admission::run(ctx.clone(), stopped(stop_rx.clone())),
         );
         anyhow::Ok(())
     };

@@ -2,7 +2,7 @@
 //! grants in force and the pods that run there.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -42,23 +42,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             .collect();
         futures::stream::iter(hits)
     });
-    Controller::new(Api::<AcceleratorPool>::all(ctx.client.clone()), Default::default())
+    let controller = Controller::new(Api::<AcceleratorPool>::all(ctx.client.clone()), Default::default())
         .reconcile_all_on(everything)
         .reconcile_on(pod_pools)
-        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(300)))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {})
-        .await;
-}
-
-fn error_policy(_obj: Arc<AcceleratorPool>, error: &Error, ctx: Arc<Context>) -> Action {
-    super::on_error(&ctx, CONTROLLER, error)
+        .with_config(super::controller_config(Duration::from_millis(300)));
+    super::drive(controller, CONTROLLER, ctx.clone(), shutdown, reconcile).await;
 }
 
 async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    ctx.count_reconcile(CONTROLLER);
     let name = pool.name_any();
     let (view, stale) = ctx.recent_view();
     let now = Time(view.now);
@@ -147,7 +138,6 @@ async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Acti
     if status != old {
         super::apply_status(&Api::<AcceleratorPool>::all(ctx.client.clone()), &name, None, &status).await?;
     }
-    ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
     Ok(requeue(stale, Some(Duration::from_secs(300))))
 }
 

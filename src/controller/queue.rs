@@ -1,13 +1,13 @@
 //! The admission pass over every waiting gang, built from the cluster view and
-//! the projects, planned once per change of any store and shared by every
-//! project reconcile of that moment.
+//! the projects: the planner's input, made by the admission loop once a cycle.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use k8s_openapi::jiff::SignedDuration;
 use kube::ResourceExt;
 
+use super::project::holds_devices;
 use super::stores::Stores;
 use super::view::View;
 use crate::api::{ModelProject, ProjectPhase, TopologyMode};
@@ -21,11 +21,6 @@ use crate::telemetry::Metrics;
 
 /// Restarting gangs go ahead of every fresh one (priorities are within ±1000).
 const RESTART_BOOST: i32 = 10_000;
-
-/// Phases whose gang holds its devices.
-pub fn holds_devices(phase: Option<ProjectPhase>) -> bool {
-    matches!(phase, Some(ProjectPhase::Admitted | ProjectPhase::Running))
-}
 
 /// Phases that take part in admission.
 pub fn wants_admission(p: &ModelProject, now: k8s_openapi::jiff::Timestamp) -> bool {
@@ -51,18 +46,13 @@ pub struct Queue {
     pub victims: BTreeMap<String, Arc<Preemption>>,
 }
 
-/// Admissions written but not yet seen in the project store: key -> (pool,
-/// nodes). They hold their devices, so that a plan built from a store that
-/// lags behind never gives the same devices to another gang.
-pub type InFlight = BTreeMap<String, (String, Vec<String>)>;
-
 pub fn plan(
     view: &View,
     projects: &[Arc<ModelProject>],
     stores: &Stores,
-    in_flight: &InFlight,
     starvation_after: SignedDuration,
     metrics: &Metrics,
+    valid: &dyn Fn(&ModelProject) -> bool,
 ) -> Queue {
     // Devices held on each node: running pods that are not ours, plus every
     // admitted gang's planned workers (bound or not yet).
@@ -85,36 +75,30 @@ pub fn plan(
     let mut running: Vec<RunningGang> = Vec::new();
     for p in projects {
         let status = p.status.clone().unwrap_or_default();
-        let flying = in_flight.get(&key(p));
-        let (pool, nodes) = match flying {
-            Some((pool, nodes)) => (Some(pool.as_str()), nodes.as_slice()),
-            None if holds_devices(status.phase) => (status.pool.as_deref(), status.nodes.as_slice()),
-            None => continue,
-        };
-        let Some(pool) = pool.and_then(|n| view.pool(n)) else { continue };
+        if !holds_devices(status.phase) {
+            continue;
+        }
+        let Some(pool) = status.pool.as_deref().and_then(|n| view.pool(n)) else { continue };
         let per = p.spec.accelerators_per_worker as i64;
-        let mut at: Vec<usize> = Vec::with_capacity(nodes.len());
-        for node in nodes {
+        let mut at: Vec<usize> = Vec::with_capacity(status.nodes.len());
+        for node in &status.nodes {
             if let Some(&i) = node_index.get(node.as_str()) {
                 *used[i].entry(pool.resource_name.clone()).or_default() += per;
                 at.push(i);
             }
         }
-        if flying.is_none() {
-            // Admissions in flight are not victims: their status is not written yet.
-            running.push(RunningGang {
-                key: key(p),
-                allocation: p.spec.allocation.clone(),
-                pool: pool.name.clone(),
-                nodes: at,
-                per_worker: per,
-                priority: p.spec.priority,
-                started: status.admitted_at.as_ref().map(|t| t.0).unwrap_or(view.now),
-                borrowed: status.borrowed,
-                preemptible: p.spec.preemptible,
-                protected_until: status.protected_until.as_ref().map(|t| t.0),
-            });
-        }
+        running.push(RunningGang {
+            key: key(p),
+            allocation: p.spec.allocation.clone(),
+            pool: pool.name.clone(),
+            nodes: at,
+            per_worker: per,
+            priority: p.spec.priority,
+            started: status.admitted_at.as_ref().map(|t| t.0).unwrap_or(view.now),
+            borrowed: status.borrowed,
+            preemptible: p.spec.preemptible,
+            protected_until: status.protected_until.as_ref().map(|t| t.0),
+        });
         *admitted.entry((p.spec.allocation.clone(), pool.name.clone())).or_default() += per * p.spec.workers as i64;
         holding.insert(key(p));
     }
@@ -203,7 +187,7 @@ pub fn plan(
 
     let queue: Vec<GangRequest> = projects
         .iter()
-        .filter(|p| wants_admission(p, view.now) && !in_flight.contains_key(&key(p)))
+        .filter(|p| wants_admission(p, view.now) && valid(p))
         .map(|p| {
             let restarting = p.status.as_ref().and_then(|s| s.phase) == Some(ProjectPhase::Restarting);
             GangRequest {
@@ -264,11 +248,6 @@ fn record(view: &View, projects: &[Arc<ModelProject>], outcomes: &BTreeMap<Strin
     metrics.projects(&by_phase, &queued);
 }
 
-/// Whether the allocation's grant in `pool` is dedicated.
-pub fn is_dedicated(view: &View, allocation: &str, pool: &str) -> bool {
-    view.allocations.iter().any(|a| a.name == allocation && a.grants.iter().any(|g| g.pool == pool && g.dedicated))
-}
-
 /// The grant (accelerators, without borrowing) of an allocation in a pool.
 pub fn granted(view: &View, allocation: &str, pool: &str) -> i64 {
     view.allocations
@@ -277,80 +256,4 @@ pub fn granted(view: &View, allocation: &str, pool: &str) -> i64 {
         .and_then(|a| a.grants.iter().find(|g| g.pool == pool))
         .map(|g| g.accelerators)
         .unwrap_or(0)
-}
-
-/// The latest admission pass, rebuilt when any store changed or an admission
-/// was made, and the admissions still in flight.
-#[derive(Default)]
-pub struct QueueCache {
-    latest: Mutex<Option<(PlanKey, std::time::Instant, Arc<Queue>)>>,
-    in_flight: Mutex<BTreeMap<String, Admission>>,
-    /// Bumped by every admission: a plan made before it is stale.
-    admissions: std::sync::atomic::AtomicU64,
-}
-
-/// (store epoch, epoch of the view it was built from, admissions made).
-type PlanKey = (u64, u64, u64);
-/// An admission not yet visible in the store: pool, nodes, when.
-type Admission = (String, Vec<String>, std::time::Instant);
-
-/// How long an admission may stay unseen in the store before it is forgotten
-/// (its status write failed; the project is planned again).
-const IN_FLIGHT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
-
-impl QueueCache {
-    /// The plan for this store epoch and these admissions. A plan younger than
-    /// `min_interval` is reused across store changes (across admissions only
-    /// if asked: a caller that only reads victims, whose devices no admission
-    /// can take), with the flag true: the caller looks again soon.
-    pub fn get(
-        &self,
-        (epoch, view_epoch): (u64, u64),
-        min_interval: std::time::Duration,
-        across_admissions: bool,
-        project: impl Fn(&str) -> Option<Arc<ModelProject>>,
-        build: impl FnOnce(&InFlight) -> Queue,
-    ) -> (Arc<Queue>, bool) {
-        let in_flight: InFlight = {
-            let mut f = self.in_flight.lock().expect("in-flight lock");
-            // Seen in the store with the same placement, gone, or too old: done.
-            let now = k8s_openapi::jiff::Timestamp::now();
-            f.retain(|k, (pool, nodes, at)| {
-                let seen = project(k).map(|p| {
-                    let s = p.status.as_ref();
-                    !wants_admission(&p, now)
-                        || (s.and_then(|s| s.pool.as_deref()) == Some(pool.as_str())
-                            && s.map(|s| &s.nodes) == Some(&*nodes))
-                });
-                seen == Some(false) && at.elapsed() < IN_FLIGHT_TTL
-            });
-            f.iter().map(|(k, (p, n, _))| (k.clone(), (p.clone(), n.clone()))).collect()
-        };
-        let mut latest = self.latest.lock().expect("queue cache lock");
-        let admissions = self.admissions.load(std::sync::atomic::Ordering::Acquire);
-        // A plan is current only if built at this epoch from a view of this
-        // epoch: one built from an older view is rebuilt once the view is new.
-        let key = (epoch, view_epoch, admissions);
-        let current = |k: &PlanKey| *k == key && view_epoch == epoch;
-        if let Some((k, at, q)) = latest.as_ref()
-            && (k.2 == admissions || across_admissions)
-            && (*k == key || at.elapsed() < min_interval)
-        {
-            return (q.clone(), !current(k));
-        }
-        let q = Arc::new(build(&in_flight));
-        *latest = Some((key, std::time::Instant::now(), q.clone()));
-        (q, !current(&key))
-    }
-
-    /// The store shows the project past admission: its entry is done.
-    pub fn settled(&self, key: &str) {
-        self.in_flight.lock().expect("in-flight lock").remove(key);
-    }
-
-    /// Records an admission about to be written to status.
-    pub fn admitted(&self, key: String, pool: String, nodes: Vec<String>) {
-        self.in_flight.lock().expect("in-flight lock").insert(key, (pool, nodes, std::time::Instant::now()));
-        self.admissions.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, ResourceQuota};
@@ -30,21 +30,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let s = &ctx.stores;
     let grants_changed = futures::stream::select_all([s.pools.changes().boxed(), s.allocations.changes().boxed()]);
     let managed = watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
-    Controller::new(Api::<Namespace>::all(ctx.client.clone()), Default::default())
+    let controller = Controller::new(Api::<Namespace>::all(ctx.client.clone()), Default::default())
         .reconcile_all_on(grants_changed)
         // Someone edited or deleted a managed quota: put it back.
         .watches(Api::<ResourceQuota>::all(ctx.client.clone()), managed, |q| {
             q.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns))
         })
-        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(300)))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {})
-        .await;
-}
-
-fn error_policy(_obj: Arc<Namespace>, error: &Error, ctx: Arc<Context>) -> Action {
-    super::on_error(&ctx, CONTROLLER, error)
+        .with_config(super::controller_config(Duration::from_millis(300)));
+    super::drive(controller, CONTROLLER, ctx.clone(), shutdown, reconcile).await;
 }
 
 /// The `hard` map of a quota from resource name -> devices.
@@ -63,8 +56,6 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
     if !listed && existing.is_none() {
         return Ok(Action::await_change());
     }
-    let started = Instant::now();
-    ctx.count_reconcile(CONTROLLER);
     let (view, stale) = ctx.recent_view();
     let api: Api<ResourceQuota> = Api::namespaced(ctx.client.clone(), &name);
     match view.grants.quotas.get(&name) {
@@ -104,7 +95,6 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
             }
         }
     }
-    ctx.observe_duration(CONTROLLER, started.elapsed().as_secs_f64());
     Ok(requeue(stale, None))
 }
 

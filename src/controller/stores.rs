@@ -81,6 +81,8 @@ pub struct Stores {
     pub projects: Shared<ModelProject>,
     /// Worker pods of every project, in any phase.
     pub workers: Shared<Pod>,
+    /// Worker pods by project ("namespace/project"), kept per watch event.
+    pub workers_by_project: WorkerIndex,
     /// Bumped on every change of any store: the key of cached cluster views.
     pub epoch: Arc<AtomicU64>,
 }
@@ -139,7 +141,9 @@ pub fn start(client: Client) -> Stores {
     let projects = shared(Api::<ModelProject>::all(client.clone()), all.clone(), &epoch, |p: &mut ModelProject| {
         p.metadata.managed_fields = None;
     });
-    let workers = shared(Api::<Pod>::all(client), all.labels(PROJECT_LABEL), &epoch, |pod: &mut Pod| {
+    let workers_by_project = WorkerIndex::default();
+    let index = workers_by_project.clone();
+    let workers = shared_with(Api::<Pod>::all(client), all.labels(PROJECT_LABEL), &epoch, move |ev| index.apply(ev), |pod: &mut Pod| {
         pod.metadata.managed_fields = None;
         if let Some(spec) = pod.spec.as_mut() {
             spec.volumes = None;
@@ -150,7 +154,7 @@ pub fn start(client: Client) -> Stores {
             }
         }
     });
-    Stores { nodes, pools, allocations, pods, namespaces, quotas, projects, workers, epoch }
+    Stores { nodes, pools, allocations, pods, namespaces, quotas, projects, workers, workers_by_project, epoch }
 }
 
 /// Keeps of a pod only what accounting and placement read: identity, labels,
@@ -192,12 +196,30 @@ where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
+    shared_with(api, config, epoch, |_| {}, strip)
+}
+
+/// [`shared`], with `index` called on every watch event (after the store).
+fn shared_with<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    epoch: &Arc<AtomicU64>,
+    mut index: impl FnMut(&watcher::Event<K>) + Send + 'static,
+    strip: impl FnMut(&mut K) + Send + 'static,
+) -> Shared<K>
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
     let (store, writer) = reflector::store();
     let (tx, changed) = watch::channel(());
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let stream = watcher(api, config).default_backoff().modify(strip).reflect(writer);
     let (epoch, sender) = (epoch.clone(), events.clone());
     tokio::spawn(stream.for_each(move |event| {
+        if let Ok(ev) = &event {
+            index(ev);
+        }
         match event {
             Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
                 epoch.fetch_add(1, Ordering::AcqRel);
@@ -214,4 +236,62 @@ where
         futures::future::ready(())
     }));
     Shared { store, changed, events }
+}
+
+/// Worker pod names by "namespace/project", updated per watch event so that a
+/// project reconcile reads its own pods without scanning every worker.
+#[derive(Clone, Default)]
+pub struct WorkerIndex(Arc<std::sync::RwLock<IndexState>>);
+
+#[derive(Default)]
+struct IndexState {
+    by_project: std::collections::HashMap<String, std::collections::BTreeSet<String>>,
+    /// Built during a relist, swapped in when it is done.
+    relisting: Option<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
+}
+
+fn project_key(pod: &Pod) -> Option<(String, String)> {
+    let ns = pod.metadata.namespace.as_deref()?;
+    let project = pod.metadata.labels.as_ref()?.get(PROJECT_LABEL)?;
+    Some((format!("{ns}/{project}"), pod.metadata.name.clone()?))
+}
+
+impl WorkerIndex {
+    fn apply(&self, event: &watcher::Event<Pod>) {
+        let mut s = self.0.write().expect("worker index lock");
+        match event {
+            watcher::Event::Apply(pod) => {
+                if let Some((k, name)) = project_key(pod) {
+                    s.by_project.entry(k).or_default().insert(name);
+                }
+            }
+            watcher::Event::Delete(pod) => {
+                if let Some((k, name)) = project_key(pod)
+                    && let Some(set) = s.by_project.get_mut(&k)
+                {
+                    set.remove(&name);
+                    if set.is_empty() {
+                        s.by_project.remove(&k);
+                    }
+                }
+            }
+            watcher::Event::Init => s.relisting = Some(Default::default()),
+            watcher::Event::InitApply(pod) => {
+                if let (Some((k, name)), Some(next)) = (project_key(pod), s.relisting.as_mut()) {
+                    next.entry(k).or_default().insert(name);
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(next) = s.relisting.take() {
+                    s.by_project = next;
+                }
+            }
+        }
+    }
+
+    /// Names of the worker pods of a project ("namespace/project").
+    pub fn names(&self, project: &str) -> Vec<String> {
+        let s = self.0.read().expect("worker index lock");
+        s.by_project.get(project).map(|set| set.iter().cloned().collect()).unwrap_or_default()
+    }
 }

@@ -1,0 +1,323 @@
+//! The admission loop: the one task that decides which gangs hold devices.
+//!
+//! It wakes on changes (a burst of watch events is coalesced into one cycle),
+//! takes the cluster view of that moment, runs the pure planner over every
+//! queue at once and writes what it decided to the projects' status:
+//! admissions (pool and nodes), preemption and reclaim of victims, runs
+//! stopped because their grant is no longer in force, and the queue's reasons.
+//! Everything that fits is admitted in the same cycle, however deep the queue.
+//!
+//! Each write is *assumed* at once: the written project stands in for the
+//! store's copy until the store shows a newer version, so the next cycle never
+//! gives the same devices twice even before the watch catches up. A write
+//! that fails is forgotten, and the project is planned again.
+//!
+//! The project reconcilers then materialize what status says (pods, Service)
+//! and observe the run; they never plan.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+
+use super::project::{Note, holds_devices, requeue_gang, validate};
+use super::queue::{self, Queue};
+use super::view::View;
+use super::{Context, Error};
+use crate::api::{ModelProject, ModelProjectStatus, ProjectPhase, condition, set_condition};
+use crate::planner::grants::Phase;
+use crate::planner::placement::Outcome;
+
+/// A burst of events arriving within this pause is one cycle.
+const COALESCE: Duration = Duration::from_millis(20);
+/// A cycle runs at least this often, for what moves with time alone.
+const IDLE_CYCLE: Duration = Duration::from_secs(5);
+/// Status writes in flight at once.
+const WRITE_CONCURRENCY: usize = 32;
+/// Queue reasons (positions, numbers) rewritten per cycle at most, and per
+/// project at most this often: admissions come first, a deep queue's reasons
+/// are refreshed without flooding the API server.
+const WAITING_WRITES_PER_CYCLE: usize = 200;
+const WAITING_REFRESH: Duration = Duration::from_secs(10);
+/// An assumed write the store never showed is dropped after this long.
+const ASSUME_TTL: Duration = Duration::from_secs(60);
+
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let s = &ctx.stores;
+    let mut changes = futures::stream::select_all([
+        s.nodes.changes().boxed(),
+        s.pools.changes().boxed(),
+        s.allocations.changes().boxed(),
+        s.projects.changes().boxed(),
+        s.pods.changes().boxed(),
+        s.workers.changes().boxed(),
+    ]);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut state = LoopState::default();
+    loop {
+        let wake = cycle(&ctx, &mut state).await;
+        tokio::select! {
+            _ = changes.next() => {}
+            _ = tokio::time::sleep(wake) => {}
+            _ = &mut shutdown => return,
+        }
+        tokio::time::sleep(COALESCE).await;
+        while let Some(Some(())) = changes.next().now_or_never() {}
+    }
+}
+
+/// What the loop remembers between cycles: its writes the store has not shown
+/// yet, and when it last wrote each waiting project's reason.
+#[derive(Default)]
+struct LoopState {
+    /// key -> (resourceVersion the write was decided on, the written project, when).
+    assumed: HashMap<String, (String, Arc<ModelProject>, Instant)>,
+    waiting_written: HashMap<String, Instant>,
+}
+
+/// One write decided by a cycle.
+struct Write {
+    project: Arc<ModelProject>,
+    status: ModelProjectStatus,
+    events: Vec<Note>,
+    /// An admission: counted in the wait histogram once written.
+    admission_wait: Option<f64>,
+}
+
+/// One cycle: plan everything, write the decisions; returns when to run again
+/// if nothing changes.
+async fn cycle(ctx: &Context, state: &mut LoopState) -> Duration {
+    let started = Instant::now();
+    let view = ctx.fresh_view();
+    let projects = assume(ctx, state);
+    let valid = |p: &ModelProject| {
+        let a = ctx.stores.allocations.store.get(&ObjectRef::new(&p.spec.allocation));
+        validate(p, a.as_deref()).is_ok()
+    };
+    let plan_started = Instant::now();
+    let q = queue::plan(&view, &projects, &ctx.stores, ctx.starvation_after, &ctx.metrics, &valid);
+    ctx.metrics.observe_planning("admission", plan_started.elapsed().as_secs_f64());
+
+    let (mut urgent, mut waiting) = (Vec::new(), Vec::new());
+    let mut wake = IDLE_CYCLE;
+    for p in &projects {
+        if p.metadata.deletion_timestamp.is_some() || !valid(p) {
+            continue;
+        }
+        let status = p.status.clone().unwrap_or_default();
+        if let Some(t) = status.retry_after.as_ref().filter(|t| t.0 > view.now) {
+            wake = wake.min(super::project::until(view.now, t.0));
+        }
+        if holds_devices(status.phase) {
+            if let Some(w) = stop_inactive(&view, p).or_else(|| preempt(ctx, &q, p)) {
+                urgent.push(w);
+            }
+            continue;
+        }
+        match q.outcomes.get(&queue::key(p)) {
+            Some(Outcome::Admitted { pool, nodes }) => urgent.push(admit(ctx, &view, &q, p, pool, nodes)),
+            Some(Outcome::Waiting { position, reason }) => {
+                if let Some(w) = wait(&view, &q, p, *position, reason) {
+                    waiting.push(w);
+                }
+            }
+            None => {}
+        }
+    }
+    // Waiting reasons: never-written ones first, each refreshed at most every
+    // WAITING_REFRESH unless its reason changed, a bounded number per cycle.
+    let keys: std::collections::HashSet<String> = projects.iter().map(|p| queue::key(p)).collect();
+    state.waiting_written.retain(|k, _| keys.contains(k));
+    waiting.retain(|w| {
+        let old = w.project.status.as_ref();
+        let same_reason = old.and_then(|s| crate::api::find_condition(&s.conditions, "Queued")).map(|c| &c.reason)
+            == crate::api::find_condition(&w.status.conditions, "Queued").map(|c| &c.reason);
+        let recent = state.waiting_written.get(&queue::key(&w.project)).is_some_and(|t| t.elapsed() < WAITING_REFRESH);
+        !(same_reason && recent && old.is_some())
+    });
+    waiting.sort_by_key(|w| w.project.status.is_some());
+    if waiting.len() > WAITING_WRITES_PER_CYCLE {
+        waiting.truncate(WAITING_WRITES_PER_CYCLE);
+        wake = wake.min(Duration::from_millis(500));
+    }
+    let decided = urgent.len() + waiting.len();
+    for w in &waiting {
+        state.waiting_written.insert(queue::key(&w.project), Instant::now());
+    }
+    for batch in [urgent, waiting] {
+        let results: Vec<_> =
+            futures::stream::iter(batch).map(|w| write(ctx, w)).buffer_unordered(WRITE_CONCURRENCY).collect().await;
+        for (key, rv, written) in results.into_iter().flatten() {
+            state.assumed.insert(key, (rv, written, Instant::now()));
+        }
+    }
+    if decided > 0 {
+        tracing::debug!(decided, elapsed_ms = started.elapsed().as_millis() as u64, "admission cycle");
+    }
+    wake
+}
+
+/// The projects of the store, with the loop's own writes standing in for
+/// copies the store has not caught up with.
+fn assume(ctx: &Context, state: &mut LoopState) -> Vec<Arc<ModelProject>> {
+    let store = &ctx.stores.projects.store;
+    state.assumed.retain(|key, (rv, _, at)| {
+        let Some((ns, name)) = key.split_once('/') else { return false };
+        let current = store.get(&ObjectRef::new(name).within(ns));
+        at.elapsed() < ASSUME_TTL && current.is_some_and(|p| p.resource_version().as_deref() == Some(rv.as_str()))
+    });
+    store
+        .state()
+        .into_iter()
+        .map(|p| match state.assumed.get(&queue::key(&p)) {
+            Some((_, written, _)) => written.clone(),
+            None => p,
+        })
+        .collect()
+}
+
+/// Writes one decision (guarded by the version it was decided on) and its
+/// Events; returns what to assume, or nothing if the write failed.
+async fn write(ctx: &Context, w: Write) -> Option<(String, String, Arc<ModelProject>)> {
+    let ns = w.project.namespace().unwrap_or_default();
+    let name = w.project.name_any();
+    let rv = w.project.resource_version()?;
+    let api = Api::<ModelProject>::namespaced(ctx.client.clone(), &ns);
+    match super::apply_status(&api, &name, Some(&rv), &w.status).await {
+        Ok(written) => {
+            if let Some(wait) = w.admission_wait {
+                ctx.metrics.observe_admission_wait(wait);
+            }
+            let on = w.project.object_ref(&());
+            for note in w.events {
+                ctx.event(&on, note.warning, note.reason, note.message).await;
+            }
+            Some((format!("{ns}/{name}"), rv, Arc::new(written)))
+        }
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 || e.code == 404 => None,
+        Err(e) => {
+            tracing::warn!(project = %format!("{ns}/{name}"), error = %e, "cannot write an admission decision");
+            None
+        }
+    }
+}
+
+fn base_status(p: &ModelProject, view: &View) -> ModelProjectStatus {
+    let mut s = ModelProjectStatus { observed_generation: p.metadata.generation, ..p.status.clone().unwrap_or_default() };
+    let valid = condition("Valid", true, "Valid", "allocation and pools resolve", p.metadata.generation);
+    set_condition(&mut s.conditions, valid, &Time(view.now));
+    s
+}
+
+fn admit(ctx: &Context, view: &View, q: &Queue, p: &Arc<ModelProject>, pool: &str, nodes: &[String]) -> Write {
+    let g = p.metadata.generation;
+    let now = Time(view.now);
+    let mut s = base_status(p, view);
+    let total = p.spec.workers as i64 * p.spec.accelerators_per_worker as i64;
+    let before = q.admitted.get(&(p.spec.allocation.clone(), pool.to_string())).copied().unwrap_or(0);
+    s.borrowed = before + total > queue::granted(view, &p.spec.allocation, pool);
+    s.phase = Some(ProjectPhase::Admitted);
+    s.pool = Some(pool.to_string());
+    s.nodes = nodes.to_vec();
+    s.queue_position = None;
+    s.admitted_at = Some(now.clone());
+    s.retry_after = None;
+    if !s.preempted.is_empty() {
+        // It displaced others: they may not displace it back right away.
+        s.protected_until = Some(Time(view.now.checked_add(ctx.min_run_time).unwrap_or(view.now)));
+    }
+    set_condition(&mut s.conditions, condition("Queued", false, "Admitted", format!("admitted to pool {pool}"), g), &now);
+    let borrowed = if s.borrowed { " on borrowed capacity" } else { "" };
+    let message = format!("admitted to pool {pool}{borrowed} on nodes {}", nodes.join(", "));
+    let wait = p.metadata.creation_timestamp.as_ref().map(|c| view.now.duration_since(c.0).as_secs_f64());
+    Write {
+        project: p.clone(),
+        status: s,
+        events: vec![Note { warning: false, reason: "Admitted", message }],
+        admission_wait: Some(wait.unwrap_or(0.0)),
+    }
+}
+
+fn wait(view: &View, q: &Queue, p: &Arc<ModelProject>, position: u32, reason: &str) -> Option<Write> {
+    let g = p.metadata.generation;
+    let mut s = base_status(p, view);
+    let key = queue::key(p);
+    s.phase = Some(s.phase.unwrap_or(ProjectPhase::Queued));
+    s.queue_position = Some(position as i32);
+    let first = !s.conditions.iter().any(|c| c.type_ == "Queued" && c.status == "True");
+    // The same reason whether the run was stopped by its grant or never started.
+    let inactive = view.grants.allocations.get(&p.spec.allocation).is_some_and(|a| a.phase != Phase::Active);
+    let mut why = if inactive { "AllocationInactive" } else { "Waiting" };
+    let mut events = Vec::new();
+    if let Some(pre) = q.preempting.get(&key) {
+        why = "Preempting";
+        if s.preempted != pre.victims {
+            s.preempted = pre.victims.clone();
+            events.push(Note { warning: false, reason: "Preempting", message: reason.to_string() });
+        }
+    }
+    set_condition(&mut s.conditions, condition("Queued", true, why, reason.to_string(), g), &Time(view.now));
+    if first && why != "Preempting" {
+        events.push(Note { warning: false, reason: "Queued", message: reason.to_string() });
+    }
+    (Some(&s) != p.status.as_ref()).then(|| Write { project: p.clone(), status: s, events, admission_wait: None })
+}
+
+/// A run whose allocation stopped being in force is stopped, gracefully; a
+/// used-up budget stops it only when its enforcement is Hard.
+fn stop_inactive(view: &View, p: &Arc<ModelProject>) -> Option<Write> {
+    let alloc = &p.spec.allocation;
+    let plan = view.grants.allocations.get(alloc)?;
+    let stops = match plan.phase {
+        Phase::Active => false,
+        Phase::Exhausted => view.hard_budget.contains(alloc),
+        Phase::Pending | Phase::Expired => true,
+    };
+    if !stops {
+        return None;
+    }
+    let why = plan.blocker.as_ref().map(|b| b.message()).unwrap_or_default();
+    let message = format!("allocation {alloc} is {:?} ({why}): workers stopped with their grace period", plan.phase);
+    let mut s = base_status(p, view);
+    requeue_gang(&mut s, ProjectPhase::Queued);
+    let c = condition("Queued", true, "AllocationInactive", message.clone(), p.metadata.generation);
+    set_condition(&mut s.conditions, c, &Time(view.now));
+    let events = vec![Note { warning: true, reason: "AllocationInactive", message }];
+    Some(Write { project: p.clone(), status: s, events, admission_wait: None })
+}
+
+/// A running gang chosen as a victim by this cycle's preemption or reclaim.
+fn preempt(ctx: &Context, q: &Queue, p: &Arc<ModelProject>) -> Option<Write> {
+    let key = queue::key(p);
+    let pre = q.victims.get(&key)?;
+    let by = ctx.project(&pre.preemptor);
+    let (reason, message) = if pre.reclaimed.contains(&key) {
+        let owner = by.as_ref().map(|b| b.spec.allocation.clone()).unwrap_or_default();
+        let msg = format!(
+            "reclaimed: {} of allocation {owner} needs its guaranteed share of pool {} back; \
+             this run was on borrowed capacity and is queued again",
+            pre.preemptor, pre.pool
+        );
+        ("Reclaimed", msg)
+    } else {
+        let over = by.map(|b| b.spec.priority).unwrap_or_default();
+        let msg = format!(
+            "preempted by {} (priority {over} over {}) to make room in pool {}; queued again",
+            pre.preemptor, p.spec.priority, pre.pool
+        );
+        ("Preempted", msg)
+    };
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let g = p.metadata.generation;
+    let mut s = ModelProjectStatus { observed_generation: g, ..p.status.clone().unwrap_or_default() };
+    requeue_gang(&mut s, ProjectPhase::Queued);
+    s.preemptions += 1;
+    set_condition(&mut s.conditions, condition("Preempted", true, reason, message.clone(), g), &now);
+    set_condition(&mut s.conditions, condition("Queued", true, reason, message.clone(), g), &now);
+    let events = vec![Note { warning: true, reason, message }];
+    Some(Write { project: p.clone(), status: s, events, admission_wait: None })
+}

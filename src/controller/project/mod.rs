@@ -1,0 +1,142 @@
+//! ModelProject reconciler: materializes and observes, never plans. It reads
+//! the project, its worker pods, its allocation and pool from the stores
+//! (dereference), asks the pure [`decide`] what comes next, and applies that:
+//! stop or create workers (and the headless Service), write status, publish
+//! Events. Admission, preemption and stopped grants are the admission loop's
+//! (`super::admission`), which writes them to status.
+
+mod decide;
+#[cfg(test)]
+mod tests;
+
+pub use decide::{Decision, Note, Observed, decide, holds_devices, requeue_gang, until, validate};
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+
+use super::{Context, Error, FIELD_MANAGER};
+use crate::api::{GrantMode, ModelProject};
+use crate::snapshot::PROJECT_LABEL;
+use crate::workload::{self, Placement};
+
+const CONTROLLER: &str = "modelproject";
+
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let s = &ctx.stores;
+    // A project is reconciled on its own changes (the admission loop's writes
+    // included) and its worker pods' changes; nothing cluster-wide. The first
+    // item reconciles every project already in the store at start.
+    let worker_projects = s.workers.events().filter_map(|pod| async move {
+        let project = pod.labels().get(PROJECT_LABEL)?.clone();
+        Some(ObjectRef::<ModelProject>::new(&project).within(&pod.namespace()?))
+    });
+    let controller = Controller::for_shared_stream(s.projects.events(), s.projects.store.clone())
+        .reconcile_all_on(futures::stream::once(async {}))
+        .reconcile_on(worker_projects)
+        .with_config(super::controller_config(Duration::from_millis(100)));
+    super::drive(controller, CONTROLLER, ctx.clone(), shutdown, reconcile).await;
+}
+
+async fn reconcile(project: Arc<ModelProject>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if project.metadata.deletion_timestamp.is_some() {
+        // Owner references take the pods and the Service with it.
+        return Ok(Action::await_change());
+    }
+    let ns = project.namespace().unwrap_or_default();
+    let name = project.name_any();
+    let s = &ctx.stores;
+    let pods: Vec<Arc<Pod>> = s
+        .workers_by_project
+        .names(&format!("{ns}/{name}"))
+        .iter()
+        .filter_map(|n| s.workers.store.get(&ObjectRef::new(n).within(&ns)))
+        .collect();
+    ctx.pods_seen(pods.iter().map(|p| format!("{ns}/{}", p.name_any())));
+    let allocation = s.allocations.store.get(&ObjectRef::new(&project.spec.allocation));
+    let pool = project.status.as_ref().and_then(|st| st.pool.as_deref()).and_then(|p| s.pools.store.get(&ObjectRef::new(p)));
+    let recently_created: BTreeSet<String> = (0..project.spec.workers.max(0) as usize)
+        .map(|i| workload::worker_name(&name, i))
+        .filter(|n| ctx.recently_created(&format!("{ns}/{n}")))
+        .collect();
+    let obs = Observed {
+        now: Timestamp::now(),
+        pods: &pods,
+        allocation: allocation.as_deref(),
+        pool: pool.as_deref(),
+        recently_created: &recently_created,
+    };
+    let d = decide(&project, &obs);
+    apply(&ctx, &project, &obs, d).await
+}
+
+async fn apply(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: Decision) -> Result<Action, Error> {
+    let ns = project.namespace().unwrap_or_default();
+    let name = project.name_any();
+    if d.stop_workers {
+        stop_workers(ctx, &ns, &name).await?;
+    }
+    if d.delete_project {
+        Api::<ModelProject>::namespaced(ctx.client.clone(), &ns).delete(&name, &DeleteParams::background()).await?;
+        return Ok(Action::await_change());
+    }
+    if let (false, Some(pool)) = (d.create.is_empty(), obs.pool) {
+        let pool_name = pool.name_any();
+        let dedicated = obs.allocation.is_some_and(|a| {
+            a.spec.grants.iter().any(|g| g.pool == pool_name && g.mode == GrantMode::Dedicated)
+        });
+        let placement = Placement { pool, nodes: &d.status.nodes, dedicated };
+        let svc: Service = workload::service(project, &pool_name);
+        Api::<Service>::namespaced(ctx.client.clone(), &ns)
+            .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&svc))
+            .await?;
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        for &i in &d.create {
+            let pod = workload::worker_pod(project, &placement, i);
+            let key = format!("{ns}/{}", pod.name_any());
+            match api.create(&PostParams::default(), &pod).await {
+                Ok(_) => ctx.pod_created(key),
+                Err(kube::Error::Api(e)) if e.code == 409 => ctx.pod_created(key),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    if let Some(reason) = d.gang_stop {
+        ctx.metrics.count_gang_restart(reason);
+    }
+    let old = project.status.clone().unwrap_or_default();
+    if d.status != old {
+        let api = Api::<ModelProject>::namespaced(ctx.client.clone(), &ns);
+        // Decided on this version only: if the project moved on (the admission
+        // loop wrote it, say), the write is refused and the newer version is
+        // reconciled instead.
+        match super::apply_status(&api, &name, project.resource_version().as_deref(), &d.status).await {
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
+                return Ok(Action::requeue(Duration::from_millis(200)));
+            }
+            r => drop(r?),
+        }
+    }
+    let on = project.object_ref(&());
+    for note in d.events {
+        ctx.event(&on, note.warning, note.reason, note.message).await;
+    }
+    Ok(Action::requeue(d.requeue))
+}
+
+/// Deletes every worker pod of the project, each with its grace period so the
+/// trainer can checkpoint.
+pub(super) async fn stop_workers(ctx: &Context, ns: &str, name: &str) -> Result<(), Error> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("{PROJECT_LABEL}={name}"));
+    api.delete_collection(&DeleteParams::default(), &lp).await?;
+    Ok(())
+}
