@@ -81,6 +81,8 @@ struct LoopState {
 
 /// One write decided by a cycle.
 struct Write {
+    /// What was decided, for the log: admit, wait, preempt, stop.
+    kind: &'static str,
     project: Arc<ModelProject>,
     status: ModelProjectStatus,
     events: Vec<Note>,
@@ -189,6 +191,7 @@ async fn write(ctx: &Context, w: Write) -> Option<(String, String, Arc<ModelProj
     let api = Api::<ModelProject>::namespaced(ctx.client.clone(), &ns);
     match super::apply_status(&api, &name, Some(&rv), &w.status).await {
         Ok(written) => {
+            tracing::debug!(project = %format!("{ns}/{name}"), decision = w.kind, pool = ?w.status.pool, nodes = ?w.status.nodes, "written");
             if let Some(wait) = w.admission_wait {
                 ctx.metrics.observe_admission_wait(wait);
             }
@@ -198,7 +201,10 @@ async fn write(ctx: &Context, w: Write) -> Option<(String, String, Arc<ModelProj
             }
             Some((format!("{ns}/{name}"), rv, Arc::new(written)))
         }
-        Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 || e.code == 404 => None,
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 || e.code == 404 => {
+            tracing::debug!(project = %format!("{ns}/{name}"), decision = w.kind, code = e.code, "decided on an old version; planned again");
+            None
+        }
         Err(e) => {
             tracing::warn!(project = %format!("{ns}/{name}"), error = %e, "cannot write an admission decision");
             None
@@ -207,7 +213,8 @@ async fn write(ctx: &Context, w: Write) -> Option<(String, String, Arc<ModelProj
 }
 
 fn base_status(p: &ModelProject, view: &View) -> ModelProjectStatus {
-    let mut s = ModelProjectStatus { observed_generation: p.metadata.generation, ..p.status.clone().unwrap_or_default() };
+    let mut s =
+        ModelProjectStatus { observed_generation: p.metadata.generation, ..p.status.clone().unwrap_or_default() };
     let valid = condition("Valid", true, "Valid", "allocation and pools resolve", p.metadata.generation);
     set_condition(&mut s.conditions, valid, &Time(view.now));
     s
@@ -230,11 +237,16 @@ fn admit(ctx: &Context, view: &View, q: &Queue, p: &Arc<ModelProject>, pool: &st
         // It displaced others: they may not displace it back right away.
         s.protected_until = Some(Time(view.now.checked_add(ctx.min_run_time).unwrap_or(view.now)));
     }
-    set_condition(&mut s.conditions, condition("Queued", false, "Admitted", format!("admitted to pool {pool}"), g), &now);
+    set_condition(
+        &mut s.conditions,
+        condition("Queued", false, "Admitted", format!("admitted to pool {pool}"), g),
+        &now,
+    );
     let borrowed = if s.borrowed { " on borrowed capacity" } else { "" };
     let message = format!("admitted to pool {pool}{borrowed} on nodes {}", nodes.join(", "));
     let wait = p.metadata.creation_timestamp.as_ref().map(|c| view.now.duration_since(c.0).as_secs_f64());
     Write {
+        kind: "admit",
         project: p.clone(),
         status: s,
         events: vec![Note { warning: false, reason: "Admitted", message }],
@@ -264,7 +276,13 @@ fn wait(view: &View, q: &Queue, p: &Arc<ModelProject>, position: u32, reason: &s
     if first && why != "Preempting" {
         events.push(Note { warning: false, reason: "Queued", message: reason.to_string() });
     }
-    (Some(&s) != p.status.as_ref()).then(|| Write { project: p.clone(), status: s, events, admission_wait: None })
+    (Some(&s) != p.status.as_ref()).then(|| Write {
+        kind: "wait",
+        project: p.clone(),
+        status: s,
+        events,
+        admission_wait: None,
+    })
 }
 
 /// A run whose allocation stopped being in force is stopped, gracefully; a
@@ -287,7 +305,7 @@ fn stop_inactive(view: &View, p: &Arc<ModelProject>) -> Option<Write> {
     let c = condition("Queued", true, "AllocationInactive", message.clone(), p.metadata.generation);
     set_condition(&mut s.conditions, c, &Time(view.now));
     let events = vec![Note { warning: true, reason: "AllocationInactive", message }];
-    Some(Write { project: p.clone(), status: s, events, admission_wait: None })
+    Some(Write { kind: "stop", project: p.clone(), status: s, events, admission_wait: None })
 }
 
 /// A running gang chosen as a victim by this cycle's preemption or reclaim.
@@ -319,5 +337,5 @@ fn preempt(ctx: &Context, q: &Queue, p: &Arc<ModelProject>) -> Option<Write> {
     set_condition(&mut s.conditions, condition("Preempted", true, reason, message.clone(), g), &now);
     set_condition(&mut s.conditions, condition("Queued", true, reason, message.clone(), g), &now);
     let events = vec![Note { warning: true, reason, message }];
-    Some(Write { project: p.clone(), status: s, events, admission_wait: None })
+    Some(Write { kind: "preempt", project: p.clone(), status: s, events, admission_wait: None })
 }

@@ -143,17 +143,23 @@ pub fn start(client: Client) -> Stores {
     });
     let workers_by_project = WorkerIndex::default();
     let index = workers_by_project.clone();
-    let workers = shared_with(Api::<Pod>::all(client), all.labels(PROJECT_LABEL), &epoch, move |ev| index.apply(ev), |pod: &mut Pod| {
-        pod.metadata.managed_fields = None;
-        if let Some(spec) = pod.spec.as_mut() {
-            spec.volumes = None;
-            for c in spec.containers.iter_mut() {
-                c.env = None;
-                c.env_from = None;
-                c.volume_mounts = None;
+    let workers = shared_with(
+        Api::<Pod>::all(client),
+        all.labels(PROJECT_LABEL),
+        &epoch,
+        move |ev| index.apply(ev),
+        |pod: &mut Pod| {
+            pod.metadata.managed_fields = None;
+            if let Some(spec) = pod.spec.as_mut() {
+                spec.volumes = None;
+                for c in spec.containers.iter_mut() {
+                    c.env = None;
+                    c.env_from = None;
+                    c.volume_mounts = None;
+                }
             }
-        }
-    });
+        },
+    );
     Stores { nodes, pools, allocations, pods, namespaces, quotas, projects, workers, workers_by_project, epoch }
 }
 

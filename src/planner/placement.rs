@@ -61,6 +61,11 @@
 //!    of rule 1, by the rules of [`super::preemption`]. A gang that chose
 //!    victims waits ("preempting ...") until their workers are gone, and is
 //!    admitted by a later pass like any other.
+//! 10. Waiting for release: in round 1, a gang that does not fit now but will
+//!    once the devices of stopped runs are released (its victims' workers
+//!    still terminating) holds the nodes and grant it will take. Gangs later
+//!    in the order cannot backfill the part already free (which would make it
+//!    preempt again), and it neither borrows nor preempts meanwhile.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -218,7 +223,14 @@ pub fn admit_pass(input: &PlacementInput<'_>) -> Pass {
                     )),
                     false,
                 ),
-                None => (world.try_pools(g, a, &mut headroom, false), true),
+                None => match world.try_pools(g, a, &mut headroom, false) {
+                    Err(why) => match world.hold_for_release(g, a, &mut headroom) {
+                        // Waiting for released devices: neither borrowing nor preemption.
+                        Some(pool) => (Err(releasing_reason(pool)), false),
+                        None => (Err(why), true),
+                    },
+                    admitted => (admitted, true),
+                },
             },
         };
         if decision.is_err() && has_waiting.insert(alloc) {
@@ -298,6 +310,10 @@ pub fn admit_pass(input: &PlacementInput<'_>) -> Pass {
         outcomes.insert(g.key.clone(), outcome);
     }
     Pass { outcomes, preemptions }
+}
+
+fn releasing_reason(pool: &str) -> String {
+    format!("fits in pool {pool} once the workers of stopped runs are gone; waiting for them")
 }
 
 /// Admitted (pool, node per worker) or the reason to wait.
@@ -566,9 +582,7 @@ impl<'a> World<'a> {
                 self.fits_with(pi, reserved_for, g, &extra)
             };
             if (!released.is_empty() || released_quota > 0) && feasible(&[]) {
-                return Some(Err(format!(
-                    "fits in pool {pool_name} once the workers of stopped runs are gone; waiting for them"
-                )));
+                return Some(Err(releasing_reason(pool_name)));
             }
             let Some(chosen) = preemption::smallest_set(candidates.len(), &mut feasible) else {
                 continue;
@@ -598,6 +612,65 @@ impl<'a> World<'a> {
                 Preemption { preemptor: g.key.clone(), pool: pool_name.clone(), victims, reclaimed },
                 why,
             )));
+        }
+        None
+    }
+
+    /// Rule 10: a gang that does not fit now but will once the devices of
+    /// stopped runs are released (its victims, typically) holds the nodes it
+    /// will take and the grant it will use, so that a gang later in the order
+    /// cannot backfill the part already free and make it preempt again.
+    /// Returns the pool it waits in.
+    fn hold_for_release(
+        &mut self,
+        g: &'a GangRequest,
+        a: &'a AllocationQuota,
+        headroom: &mut HashMap<(&'a str, &'a str), i64>,
+    ) -> Option<&'a str> {
+        if g.workers == 0 || g.per_worker <= 0 || self.input.releasing.is_empty() {
+            return None;
+        }
+        let need = i64::from(g.workers).saturating_mul(g.per_worker);
+        for pool_name in &g.pools {
+            let (Some(&with_borrowing), Some(&pi)) =
+                (headroom.get(&(a.name.as_str(), pool_name.as_str())), self.pool_by_name.get(pool_name.as_str()))
+            else {
+                continue;
+            };
+            let mut released: BTreeMap<usize, i64> = BTreeMap::new();
+            let mut released_quota = 0;
+            for r in self.input.releasing.iter().filter(|r| &r.pool == pool_name) {
+                if let Some(n) = r.node {
+                    *released.entry(n).or_default() += r.devices;
+                }
+                if r.allocation == a.name {
+                    released_quota += r.devices;
+                }
+            }
+            if released.is_empty() {
+                continue;
+            }
+            let guaranteed = with_borrowing - a.borrowing_in(pool_name);
+            if guaranteed + released_quota < need {
+                continue;
+            }
+            let reserved_for = a.dedicated.contains(pool_name).then_some(a.name.as_str());
+            for (&n, &d) in &released {
+                self.free[n] += d;
+            }
+            let placed = self.place(pi, reserved_for, g);
+            for (&n, &d) in &released {
+                self.free[n] -= d;
+            }
+            let Ok(chosen) = placed else { continue };
+            for &n in &chosen {
+                let coming = released.get(&n).copied().unwrap_or(0);
+                let held = (g.per_worker - coming).clamp(0, self.free[n].max(0));
+                self.free[n] -= held;
+            }
+            let key = (a.name.as_str(), pool_name.as_str());
+            *headroom.get_mut(&key).expect("looked up above") -= (need - released_quota).max(0);
+            return Some(pool_name.as_str());
         }
         None
     }
@@ -1317,6 +1390,47 @@ mod tests {
         let pass = w.pass(&[prio(gang("ns/a", "lg", &["h200"], 1, 8), 100)]);
         assert!(pass.preemptions.is_empty());
         assert!(reason_of(&pass.outcomes["ns/a"]).contains("once the workers of stopped runs are gone"));
+    }
+
+    #[test]
+    fn a_gang_waiting_for_its_victims_holds_what_is_already_free() {
+        // urgent (2 x 8) preempted low1 and low3: low3 is gone (its node free,
+        // its grant back), low1 is still stopping.
+        let mut w = full_world();
+        let low3 = w.running.remove(3);
+        let low1 = w.running.remove(1);
+        for p in &mut w.pools {
+            for nf in p.shared_nodes.iter_mut().filter(|nf| nf.node == low3.nodes[0]) {
+                nf.free = 8;
+            }
+        }
+        w.allocs[0].headroom.insert("h200".into(), 8);
+        w.releasing.push(Releasing {
+            node: Some(low1.nodes[0]),
+            allocation: "lg".into(),
+            pool: "h200".into(),
+            devices: 8,
+        });
+        let queue = [prio(gang("ns/urgent", "lg", &["h200"], 2, 8), 100), gang("ns/low3", "lg", &["h200"], 1, 8)];
+        let pass = w.pass(&queue);
+        assert!(pass.preemptions.is_empty(), "nobody is preempted again: {:?}", pass.preemptions);
+        assert!(reason_of(&pass.outcomes["ns/urgent"]).contains("once the workers of stopped runs are gone"));
+        assert!(
+            matches!(pass.outcomes["ns/low3"], Outcome::Waiting { .. }),
+            "the freed node is held for urgent, not backfilled: {:?}",
+            pass.outcomes["ns/low3"]
+        );
+        // Once low1's workers are gone too, urgent takes both nodes.
+        w.releasing.clear();
+        for p in &mut w.pools {
+            for nf in p.shared_nodes.iter_mut().filter(|nf| nf.node == low1.nodes[0]) {
+                nf.free = 8;
+            }
+        }
+        w.allocs[0].headroom.insert("h200".into(), 16);
+        let out = w.run(&queue);
+        assert_eq!(nodes_of(&out["ns/urgent"]).1, vec!["r1-1", "r1-3"]);
+        assert!(matches!(out["ns/low3"], Outcome::Waiting { .. }));
     }
 
     /// Shared h200 of 4 nodes: "own" has a grant of 16, "lender" 16 plus 16 it may borrow.

@@ -202,8 +202,12 @@ pub fn decide(project: &ModelProject, obs: &Observed<'_>) -> Decision {
 
 /// Worker counts are written with transitions and while running, not for
 /// every pod that starts: an admission costs one status write, and reaching
-/// Running one more.
+/// Running one more. A fresh project's first status is the admission loop's:
+/// a write here would only race with it.
 fn settle(mut d: Decision, old: &ModelProjectStatus) -> Decision {
+    if d.status.phase.is_none() {
+        d.status = old.clone();
+    }
     if d.status.phase == old.phase && d.status.phase != Some(ProjectPhase::Running) {
         d.status.worker_states = old.worker_states.clone();
     }
@@ -245,8 +249,9 @@ fn run_gang(project: &ModelProject, obs: &Observed<'_>, d: &mut Decision) {
     match gang::next(&gv) {
         Next::Create(missing) => {
             let name = project.name_any();
-            let (waiting, create): (Vec<usize>, Vec<usize>) =
-                missing.into_iter().partition(|i| obs.recently_created.contains(&crate::workload::worker_name(&name, *i)));
+            let (waiting, create): (Vec<usize>, Vec<usize>) = missing
+                .into_iter()
+                .partition(|i| obs.recently_created.contains(&crate::workload::worker_name(&name, *i)));
             d.create = create;
             if !waiting.is_empty() {
                 // The store has not caught up with our creates yet.
@@ -267,7 +272,11 @@ fn run_gang(project: &ModelProject, obs: &Observed<'_>, d: &mut Decision) {
                 d.status.started_at.get_or_insert(now.clone());
                 let msg = format!("{} workers running", project.spec.workers);
                 set_condition(&mut d.status.conditions, condition("Running", true, "AllWorkersRunning", msg, g), &now);
-                d.note(false, "Running", format!("all {} workers running in pool {}", project.spec.workers, pool.name_any()));
+                d.note(
+                    false,
+                    "Running",
+                    format!("all {} workers running in pool {}", project.spec.workers, pool.name_any()),
+                );
             }
             if let (Some(s), Some(deadline)) = (d.status.started_at.as_ref(), run_policy.active_deadline_seconds) {
                 d.requeue_within(until(obs.now, s.0.checked_add(SignedDuration::from_secs(deadline)).unwrap_or(s.0)));

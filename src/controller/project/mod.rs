@@ -62,7 +62,8 @@ async fn reconcile(project: Arc<ModelProject>, ctx: Arc<Context>) -> Result<Acti
         .collect();
     ctx.pods_seen(pods.iter().map(|p| format!("{ns}/{}", p.name_any())));
     let allocation = s.allocations.store.get(&ObjectRef::new(&project.spec.allocation));
-    let pool = project.status.as_ref().and_then(|st| st.pool.as_deref()).and_then(|p| s.pools.store.get(&ObjectRef::new(p)));
+    let pool =
+        project.status.as_ref().and_then(|st| st.pool.as_deref()).and_then(|p| s.pools.store.get(&ObjectRef::new(p)));
     let recently_created: BTreeSet<String> = (0..project.spec.workers.max(0) as usize)
         .map(|i| workload::worker_name(&name, i))
         .filter(|n| ctx.recently_created(&format!("{ns}/{n}")))
@@ -90,9 +91,9 @@ async fn apply(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: Dec
     }
     if let (false, Some(pool)) = (d.create.is_empty(), obs.pool) {
         let pool_name = pool.name_any();
-        let dedicated = obs.allocation.is_some_and(|a| {
-            a.spec.grants.iter().any(|g| g.pool == pool_name && g.mode == GrantMode::Dedicated)
-        });
+        let dedicated = obs
+            .allocation
+            .is_some_and(|a| a.spec.grants.iter().any(|g| g.pool == pool_name && g.mode == GrantMode::Dedicated));
         let placement = Placement { pool, nodes: &d.status.nodes, dedicated };
         let svc: Service = workload::service(project, &pool_name);
         Api::<Service>::namespaced(ctx.client.clone(), &ns)
