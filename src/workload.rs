@@ -43,8 +43,9 @@ fn labels(project: &ModelProject, pool: &str) -> BTreeMap<String, String> {
     .into()
 }
 
-/// The headless Service named after the project: `<project>-worker-<i>.<project>`
-/// resolves to worker i.
+/// The headless Service named after the project: `<project>-worker-0.<project>`
+/// resolves to worker 0, the rendezvous of every rank. It selects worker 0
+/// alone: its endpoints change once per attempt, not with every worker.
 pub fn service(project: &ModelProject, pool: &str) -> Service {
     let name = project.name_any();
     Service {
@@ -57,7 +58,7 @@ pub fn service(project: &ModelProject, pool: &str) -> Service {
         },
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
-            selector: Some([(PROJECT_LABEL.to_string(), name)].into()),
+            selector: Some([(PROJECT_LABEL.to_string(), name), (WORKER_INDEX_LABEL.to_string(), "0".into())].into()),
             publish_not_ready_addresses: Some(true),
             ports: Some(vec![ServicePort {
                 name: Some("rendezvous".into()),

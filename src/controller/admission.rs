@@ -94,7 +94,7 @@ struct Write {
 /// if nothing changes.
 async fn cycle(ctx: &Context, state: &mut LoopState) -> Duration {
     let started = Instant::now();
-    let view = ctx.fresh_view();
+    let view = ctx.fresh_view().await;
     let projects = assume(ctx, state);
     let valid = |p: &ModelProject| {
         let a = ctx.stores.allocations.store.get(&ObjectRef::new(&p.spec.allocation));

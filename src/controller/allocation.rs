@@ -87,7 +87,7 @@ async fn cleanup(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> 
 
 async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
     let name = alloc.name_any();
-    let (view, stale) = ctx.recent_view();
+    let (view, stale) = ctx.recent_view().await;
     let (Some(plan), Some(state)) =
         (view.grants.allocations.get(&name), view.allocations.iter().find(|a| a.name == name))
     else {

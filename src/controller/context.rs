@@ -94,14 +94,14 @@ impl Context {
     /// The planned cluster of this moment, shared: at most [`BURST_INTERVAL`]
     /// old during bursts of changes; true when a newer one is due (look again
     /// soon).
-    pub fn recent_view(&self) -> (Arc<View>, bool) {
-        self.views.get_recent(&self.stores, BURST_INTERVAL)
+    pub async fn recent_view(&self) -> (Arc<View>, bool) {
+        self.views.get_recent(&self.stores, BURST_INTERVAL).await
     }
 
     /// The planned cluster of this moment, rebuilt if any store changed: what
     /// the admission loop decides on.
-    pub fn fresh_view(&self) -> Arc<View> {
-        self.views.get_recent(&self.stores, Duration::ZERO).0
+    pub async fn fresh_view(&self) -> Arc<View> {
+        self.views.get_recent(&self.stores, Duration::ZERO).await.0
     }
 
     /// The project of a queue key ("namespace/name") in the store.

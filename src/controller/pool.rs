@@ -51,7 +51,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 
 async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = pool.name_any();
-    let (view, stale) = ctx.recent_view();
+    let (view, stale) = ctx.recent_view().await;
     let now = Time(view.now);
     let generation = pool.metadata.generation;
     let old = pool.status.clone().unwrap_or_default();

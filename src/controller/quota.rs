@@ -56,7 +56,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
     if !listed && existing.is_none() {
         return Ok(Action::await_change());
     }
-    let (view, stale) = ctx.recent_view();
+    let (view, stale) = ctx.recent_view().await;
     let api: Api<ResourceQuota> = Api::namespaced(ctx.client.clone(), &name);
     match view.grants.quotas.get(&name) {
         Some(limits) => {

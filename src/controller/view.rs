@@ -2,7 +2,7 @@
 //! once per change of any store, and shared by every reconciler of that moment.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -147,24 +147,26 @@ impl View {
 }
 
 /// The latest view, rebuilt when a store changed or it is older than [`MAX_AGE`].
+/// An async lock: callers wait for a build in progress without blocking a
+/// runtime thread, and the build itself runs on the blocking pool.
 pub struct ViewCache {
-    latest: Mutex<Option<(u64, Instant, Arc<View>)>>,
+    latest: tokio::sync::Mutex<Option<(u64, Instant, Arc<View>)>>,
     node_grace: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl ViewCache {
     pub fn new(node_grace: Duration, metrics: Arc<Metrics>) -> Self {
-        Self { latest: Mutex::new(None), node_grace, metrics }
+        Self { latest: tokio::sync::Mutex::new(None), node_grace, metrics }
     }
 
     /// The latest view; one younger than `min_interval` is reused even if a
     /// store changed since (then the flag is true: the caller looks again
     /// soon). Under a burst of changes this rebuilds a few times a second
     /// instead of once per change.
-    pub fn get_recent(&self, stores: &Stores, min_interval: Duration) -> (Arc<View>, bool) {
+    pub async fn get_recent(&self, stores: &Stores, min_interval: Duration) -> (Arc<View>, bool) {
         let epoch = stores.epoch();
-        let mut latest = self.latest.lock().expect("view cache lock");
+        let mut latest = self.latest.lock().await;
         if let Some((e, at, view)) = latest.as_ref() {
             let age = at.elapsed();
             if (*e == epoch && age < MAX_AGE) || age < min_interval {
@@ -172,7 +174,9 @@ impl ViewCache {
             }
         }
         let started = Instant::now();
-        let view = Arc::new(View::build(stores, self.node_grace, Timestamp::now()));
+        let (stores, grace) = (stores.clone(), self.node_grace);
+        let build = tokio::task::spawn_blocking(move || View::build(&stores, grace, Timestamp::now()));
+        let view = Arc::new(build.await.expect("building the view does not panic"));
         self.metrics.observe_planning("view", started.elapsed().as_secs_f64());
         view.record(&self.metrics);
         *latest = Some((epoch, Instant::now(), view.clone()));

@@ -95,10 +95,13 @@ async fn apply(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: Dec
             .allocation
             .is_some_and(|a| a.spec.grants.iter().any(|g| g.pool == pool_name && g.mode == GrantMode::Dedicated));
         let placement = Placement { pool, nodes: &d.status.nodes, dedicated };
-        let svc: Service = workload::service(project, &pool_name);
-        Api::<Service>::namespaced(ctx.client.clone(), &ns)
-            .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&svc))
-            .await?;
+        if d.create.contains(&0) {
+            // With the rendezvous worker: once per attempt, not per worker.
+            let svc: Service = workload::service(project, &pool_name);
+            Api::<Service>::namespaced(ctx.client.clone(), &ns)
+                .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&svc))
+                .await?;
+        }
         let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
         for &i in &d.create {
             let pod = workload::worker_pod(project, &placement, i);
