@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
@@ -34,6 +35,8 @@ use crate::planner::placement::Outcome;
 
 /// A burst of events arriving within this pause is one cycle.
 const COALESCE: Duration = Duration::from_millis(20);
+/// The shortest pause between two cycles.
+const MIN_GAP: Duration = Duration::from_millis(50);
 /// A cycle runs at least this often, for what moves with time alone.
 const IDLE_CYCLE: Duration = Duration::from_secs(5);
 /// Status writes in flight at once.
@@ -43,37 +46,71 @@ const WRITE_CONCURRENCY: usize = 32;
 /// are refreshed without flooding the API server.
 const WAITING_WRITES_PER_CYCLE: usize = 200;
 const WAITING_REFRESH: Duration = Duration::from_secs(10);
+/// How long a cycle reuses the view when only projects and pods changed: the
+/// planner reads pods from the stores, and the view's capacity, reservations
+/// and grant phases move with nodes, pools and allocations (or with time).
+const VIEW_REUSE: Duration = Duration::from_secs(2);
 /// An assumed write the store never showed is dropped after this long.
 const ASSUME_TTL: Duration = Duration::from_secs(60);
 
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let s = &ctx.stores;
+    // Capacity: nodes, pools and grants. Occupancy: projects and pods, which
+    // matter only while some project waits for admission.
+    let capacity = |c: futures::stream::BoxStream<'static, ()>| c.map(|_| true).boxed();
+    let occupancy = |c: futures::stream::BoxStream<'static, ()>| c.map(|_| false).boxed();
     let mut changes = futures::stream::select_all([
-        s.nodes.changes().boxed(),
-        s.pools.changes().boxed(),
-        s.allocations.changes().boxed(),
-        s.projects.changes().boxed(),
-        s.pods.changes().boxed(),
-        s.workers.changes().boxed(),
+        capacity(s.nodes.changes().boxed()),
+        capacity(s.pools.changes().boxed()),
+        capacity(s.allocations.changes().boxed()),
+        occupancy(s.projects.changes().boxed()),
+        occupancy(s.pods.changes().boxed()),
+        occupancy(s.workers.changes().boxed()),
     ]);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut state = LoopState::default();
+    let mut capacity_changed = true;
     loop {
-        let wake = cycle(&ctx, &mut state).await;
-        tokio::select! {
-            _ = changes.next() => {}
-            _ = tokio::time::sleep(wake) => {}
-            _ = &mut shutdown => return,
+        let started = Instant::now();
+        let wake = cycle(&ctx, &mut state, capacity_changed).await;
+        // A cycle costs O(cluster): wait at least as long as it took, so the
+        // loop never takes more than half of a core however busy the cluster.
+        let gap = started.elapsed().max(MIN_GAP);
+        let ready_at = tokio::time::Instant::now() + gap;
+        let next_tick = tokio::time::Instant::now() + wake;
+        capacity_changed = false;
+        loop {
+            tokio::select! {
+                c = changes.next() => capacity_changed |= c.unwrap_or(false),
+                _ = tokio::time::sleep_until(next_tick) => break,
+                _ = &mut shutdown => return,
+            }
+            tokio::time::sleep(COALESCE).await;
+            while let Some(Some(c)) = changes.next().now_or_never() {
+                capacity_changed |= c;
+            }
+            if capacity_changed || anyone_waits(&ctx) {
+                break;
+            }
         }
-        tokio::time::sleep(COALESCE).await;
-        while let Some(Some(())) = changes.next().now_or_never() {}
+        tokio::time::sleep_until(ready_at).await;
     }
+}
+
+/// Whether a project waits for admission: without one, a change of pods or
+/// projects decides nothing.
+fn anyone_waits(ctx: &Context) -> bool {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    ctx.stores.projects.store.state().iter().any(|p| queue::wants_admission(p, now))
 }
 
 /// What the loop remembers between cycles: its writes the store has not shown
 /// yet, and when it last wrote each waiting project's reason.
 #[derive(Default)]
 struct LoopState {
+    /// The view of the last capacity change (nodes, pools, grants), reused
+    /// for cycles that only projects and pods moved, up to [`VIEW_REUSE`].
+    view: Option<(Arc<View>, Instant)>,
     /// key -> (resourceVersion the write was decided on, the written project, when).
     assumed: HashMap<String, (String, Arc<ModelProject>, Instant)>,
     waiting_written: HashMap<String, Instant>,
@@ -92,16 +129,17 @@ struct Write {
 
 /// One cycle: plan everything, write the decisions; returns when to run again
 /// if nothing changes.
-async fn cycle(ctx: &Context, state: &mut LoopState) -> Duration {
+async fn cycle(ctx: &Context, state: &mut LoopState, capacity_changed: bool) -> Duration {
     let started = Instant::now();
-    let view = ctx.fresh_view().await;
+    let now = Timestamp::now();
+    let view = state.view(ctx, capacity_changed).await;
     let projects = assume(ctx, state);
     let valid = |p: &ModelProject| {
         let a = ctx.stores.allocations.store.get(&ObjectRef::new(&p.spec.allocation));
         validate(p, a.as_deref()).is_ok()
     };
     let plan_started = Instant::now();
-    let q = queue::plan(&view, &projects, &ctx.stores, ctx.starvation_after, &ctx.metrics, &valid);
+    let q = queue::plan(&view, now, &projects, &ctx.stores, ctx.starvation_after, &ctx.metrics, &valid);
     ctx.metrics.observe_planning("admission", plan_started.elapsed().as_secs_f64());
 
     let (mut urgent, mut waiting) = (Vec::new(), Vec::new());
@@ -111,19 +149,19 @@ async fn cycle(ctx: &Context, state: &mut LoopState) -> Duration {
             continue;
         }
         let status = p.status.clone().unwrap_or_default();
-        if let Some(t) = status.retry_after.as_ref().filter(|t| t.0 > view.now) {
-            wake = wake.min(super::project::until(view.now, t.0));
+        if let Some(t) = status.retry_after.as_ref().filter(|t| t.0 > now) {
+            wake = wake.min(super::project::until(now, t.0));
         }
         if holds_devices(status.phase) {
-            if let Some(w) = stop_inactive(&view, p).or_else(|| preempt(ctx, &q, p)) {
+            if let Some(w) = stop_inactive(&view, now, p).or_else(|| preempt(ctx, &q, p)) {
                 urgent.push(w);
             }
             continue;
         }
         match q.outcomes.get(&queue::key(p)) {
-            Some(Outcome::Admitted { pool, nodes }) => urgent.push(admit(ctx, &view, &q, p, pool, nodes)),
+            Some(Outcome::Admitted { pool, nodes }) => urgent.push(admit(ctx, &view, now, &q, p, pool, nodes)),
             Some(Outcome::Waiting { position, reason }) => {
-                if let Some(w) = wait(&view, &q, p, *position, reason) {
+                if let Some(w) = wait(&view, now, &q, p, *position, reason) {
                     waiting.push(w);
                 }
             }
@@ -161,6 +199,19 @@ async fn cycle(ctx: &Context, state: &mut LoopState) -> Duration {
         tracing::debug!(decided, elapsed_ms = started.elapsed().as_millis() as u64, "admission cycle");
     }
     wake
+}
+
+impl LoopState {
+    async fn view(&mut self, ctx: &Context, capacity_changed: bool) -> Arc<View> {
+        match &self.view {
+            Some((view, at)) if !capacity_changed && at.elapsed() < VIEW_REUSE => view.clone(),
+            _ => {
+                let view = ctx.fresh_view().await;
+                self.view = Some((view.clone(), Instant::now()));
+                view
+            }
+        }
+    }
 }
 
 /// The projects of the store, with the loop's own writes standing in for
@@ -212,18 +263,26 @@ async fn write(ctx: &Context, w: Write) -> Option<(String, String, Arc<ModelProj
     }
 }
 
-fn base_status(p: &ModelProject, view: &View) -> ModelProjectStatus {
+fn base_status(p: &ModelProject, now: Timestamp) -> ModelProjectStatus {
     let mut s =
         ModelProjectStatus { observed_generation: p.metadata.generation, ..p.status.clone().unwrap_or_default() };
     let valid = condition("Valid", true, "Valid", "allocation and pools resolve", p.metadata.generation);
-    set_condition(&mut s.conditions, valid, &Time(view.now));
+    set_condition(&mut s.conditions, valid, &Time(now));
     s
 }
 
-fn admit(ctx: &Context, view: &View, q: &Queue, p: &Arc<ModelProject>, pool: &str, nodes: &[String]) -> Write {
+fn admit(
+    ctx: &Context,
+    view: &View,
+    now: Timestamp,
+    q: &Queue,
+    p: &Arc<ModelProject>,
+    pool: &str,
+    nodes: &[String],
+) -> Write {
     let g = p.metadata.generation;
-    let now = Time(view.now);
-    let mut s = base_status(p, view);
+    let at = Time(now);
+    let mut s = base_status(p, now);
     let total = p.spec.workers as i64 * p.spec.accelerators_per_worker as i64;
     let before = q.admitted.get(&(p.spec.allocation.clone(), pool.to_string())).copied().unwrap_or(0);
     s.borrowed = before + total > queue::granted(view, &p.spec.allocation, pool);
@@ -231,20 +290,20 @@ fn admit(ctx: &Context, view: &View, q: &Queue, p: &Arc<ModelProject>, pool: &st
     s.pool = Some(pool.to_string());
     s.nodes = nodes.to_vec();
     s.queue_position = None;
-    s.admitted_at = Some(now.clone());
+    s.admitted_at = Some(at.clone());
     s.retry_after = None;
     if !s.preempted.is_empty() {
         // It displaced others: they may not displace it back right away.
-        s.protected_until = Some(Time(view.now.checked_add(ctx.min_run_time).unwrap_or(view.now)));
+        s.protected_until = Some(Time(now.checked_add(ctx.min_run_time).unwrap_or(now)));
     }
     set_condition(
         &mut s.conditions,
         condition("Queued", false, "Admitted", format!("admitted to pool {pool}"), g),
-        &now,
+        &at,
     );
     let borrowed = if s.borrowed { " on borrowed capacity" } else { "" };
     let message = format!("admitted to pool {pool}{borrowed} on nodes {}", nodes.join(", "));
-    let wait = p.metadata.creation_timestamp.as_ref().map(|c| view.now.duration_since(c.0).as_secs_f64());
+    let wait = p.metadata.creation_timestamp.as_ref().map(|c| now.duration_since(c.0).as_secs_f64());
     Write {
         kind: "admit",
         project: p.clone(),
@@ -254,9 +313,9 @@ fn admit(ctx: &Context, view: &View, q: &Queue, p: &Arc<ModelProject>, pool: &st
     }
 }
 
-fn wait(view: &View, q: &Queue, p: &Arc<ModelProject>, position: u32, reason: &str) -> Option<Write> {
+fn wait(view: &View, now: Timestamp, q: &Queue, p: &Arc<ModelProject>, position: u32, reason: &str) -> Option<Write> {
     let g = p.metadata.generation;
-    let mut s = base_status(p, view);
+    let mut s = base_status(p, now);
     let key = queue::key(p);
     s.phase = Some(s.phase.unwrap_or(ProjectPhase::Queued));
     s.queue_position = Some(position as i32);
@@ -272,7 +331,7 @@ fn wait(view: &View, q: &Queue, p: &Arc<ModelProject>, position: u32, reason: &s
             events.push(Note { warning: false, reason: "Preempting", message: reason.to_string() });
         }
     }
-    set_condition(&mut s.conditions, condition("Queued", true, why, reason.to_string(), g), &Time(view.now));
+    set_condition(&mut s.conditions, condition("Queued", true, why, reason.to_string(), g), &Time(now));
     if first && why != "Preempting" {
         events.push(Note { warning: false, reason: "Queued", message: reason.to_string() });
     }
@@ -287,7 +346,7 @@ fn wait(view: &View, q: &Queue, p: &Arc<ModelProject>, position: u32, reason: &s
 
 /// A run whose allocation stopped being in force is stopped, gracefully; a
 /// used-up budget stops it only when its enforcement is Hard.
-fn stop_inactive(view: &View, p: &Arc<ModelProject>) -> Option<Write> {
+fn stop_inactive(view: &View, now: Timestamp, p: &Arc<ModelProject>) -> Option<Write> {
     let alloc = &p.spec.allocation;
     let plan = view.grants.allocations.get(alloc)?;
     let stops = match plan.phase {
@@ -300,10 +359,10 @@ fn stop_inactive(view: &View, p: &Arc<ModelProject>) -> Option<Write> {
     }
     let why = plan.blocker.as_ref().map(|b| b.message()).unwrap_or_default();
     let message = format!("allocation {alloc} is {:?} ({why}): workers stopped with their grace period", plan.phase);
-    let mut s = base_status(p, view);
+    let mut s = base_status(p, now);
     requeue_gang(&mut s, ProjectPhase::Queued);
     let c = condition("Queued", true, "AllocationInactive", message.clone(), p.metadata.generation);
-    set_condition(&mut s.conditions, c, &Time(view.now));
+    set_condition(&mut s.conditions, c, &Time(now));
     let events = vec![Note { warning: true, reason: "AllocationInactive", message }];
     Some(Write { kind: "stop", project: p.clone(), status: s, events, admission_wait: None })
 }
@@ -329,13 +388,13 @@ fn preempt(ctx: &Context, q: &Queue, p: &Arc<ModelProject>) -> Option<Write> {
         );
         ("Preempted", msg)
     };
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let at = Time(Timestamp::now());
     let g = p.metadata.generation;
     let mut s = ModelProjectStatus { observed_generation: g, ..p.status.clone().unwrap_or_default() };
     requeue_gang(&mut s, ProjectPhase::Queued);
     s.preemptions += 1;
-    set_condition(&mut s.conditions, condition("Preempted", true, reason, message.clone(), g), &now);
-    set_condition(&mut s.conditions, condition("Queued", true, reason, message.clone(), g), &now);
+    set_condition(&mut s.conditions, condition("Preempted", true, reason, message.clone(), g), &at);
+    set_condition(&mut s.conditions, condition("Queued", true, reason, message.clone(), g), &at);
     let events = vec![Note { warning: true, reason, message }];
     Some(Write { kind: "preempt", project: p.clone(), status: s, events, admission_wait: None })
 }

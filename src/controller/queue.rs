@@ -48,6 +48,7 @@ pub struct Queue {
 
 pub fn plan(
     view: &View,
+    now: k8s_openapi::jiff::Timestamp,
     projects: &[Arc<ModelProject>],
     stores: &Stores,
     starvation_after: SignedDuration,
@@ -94,7 +95,7 @@ pub fn plan(
             nodes: at,
             per_worker: per,
             priority: p.spec.priority,
-            started: status.admitted_at.as_ref().map(|t| t.0).unwrap_or(view.now),
+            started: status.admitted_at.as_ref().map(|t| t.0).unwrap_or(now),
             borrowed: status.borrowed,
             preemptible: p.spec.preemptible,
             protected_until: status.protected_until.as_ref().map(|t| t.0),
@@ -187,7 +188,7 @@ pub fn plan(
 
     let queue: Vec<GangRequest> = projects
         .iter()
-        .filter(|p| wants_admission(p, view.now) && valid(p))
+        .filter(|p| wants_admission(p, now) && valid(p))
         .map(|p| {
             let restarting = p.status.as_ref().and_then(|s| s.phase) == Some(ProjectPhase::Restarting);
             GangRequest {
@@ -197,7 +198,7 @@ pub fn plan(
                 workers: p.spec.workers as u32,
                 per_worker: p.spec.accelerators_per_worker as i64,
                 priority: p.spec.priority + if restarting { RESTART_BOOST } else { 0 },
-                queued_since: p.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(view.now),
+                queued_since: p.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now),
                 topology: p
                     .spec
                     .placement
@@ -215,7 +216,7 @@ pub fn plan(
         pools: &pools,
         allocations: &allocations,
         queue: &queue,
-        now: view.now,
+        now,
         starvation_after,
         running: &running,
         releasing: &releasing,

@@ -62,10 +62,10 @@
 //!    victims waits ("preempting ...") until their workers are gone, and is
 //!    admitted by a later pass like any other.
 //! 10. Waiting for release: in round 1, a gang that does not fit now but will
-//!    once the devices of stopped runs are released (its victims' workers
-//!    still terminating) holds the nodes and grant it will take. Gangs later
-//!    in the order cannot backfill the part already free (which would make it
-//!    preempt again), and it neither borrows nor preempts meanwhile.
+//!     once the devices of stopped runs are released (its victims' workers
+//!     still terminating) holds the nodes and grant it will take. Gangs later
+//!     in the order cannot backfill the part already free (which would make
+//!     it preempt again), and it neither borrows nor preempts meanwhile.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
