@@ -63,15 +63,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 
 async fn reconcile(alloc: Arc<GpuAllocation>, ctx: Arc<Context>) -> Result<Action, Error> {
     let api: Api<GpuAllocation> = Api::all(ctx.client.clone());
-    let res = finalizer(&api, FINALIZER, alloc, |event| async {
+    finalizer(&api, FINALIZER, alloc, |event| async {
         match event {
             Finalizer::Apply(a) => apply(&a, &ctx).await,
             Finalizer::Cleanup(a) => cleanup(&a, &ctx).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
-    res
+    .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
 /// Releases every node labelled for the allocation; quotas follow by themselves.

@@ -62,10 +62,10 @@
 //!    victims waits ("preempting ...") until their workers are gone, and is
 //!    admitted by a later pass like any other.
 //! 10. Waiting for release: in round 1, a gang that does not fit now but will
-//!    once the devices of stopped runs are released (its victims' workers
-//!    still terminating) holds the nodes and grant it will take. Gangs later
-//!    in the order cannot backfill the part already free (which would make it
-//!    preempt again), and it neither borrows nor preempts meanwhile.
+//!     once the devices of stopped runs are released (its victims' workers
+//!     still terminating) holds the nodes and grant it will take. Gangs later
+//!     in the order cannot backfill the part already free (which would make it
+//!     preempt again), and it neither borrows nor preempts meanwhile.
 //!
 //! This file holds the pass types and the rounds (rules 1 to 3 and 5 to 8,
 //! and the hold of rule 10); topology packing (rule 4) is in `topology.rs`
