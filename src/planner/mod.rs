@@ -3,6 +3,7 @@
 //! scale. Reconcilers build the snapshot from their reflector stores, call the
 //! planner, and apply what it returns.
 
+pub mod fair;
 pub mod gang;
 pub mod grants;
 pub mod inventory;

@@ -28,11 +28,22 @@
 //!    devices used ÷ devices granted. Borrowing gangs are admitted lowest
 //!    dominant share first (then in queue order), and the share is updated
 //!    after each admission.
+//!
+//! This file holds the types of running and stopping gangs, the rules' order
+//! and smallest set, and the search of rule 9 of [`super::placement`] that
+//! applies them within a pass. The dominant share of rule 5 and the order it
+//! gives borrowers are in [`super::fair`].
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::jiff::Timestamp;
+
+pub use super::fair::dominant_share;
+use super::placement::{AllocationQuota, GangRequest, World, releasing_reason};
+
+#[cfg(test)]
+mod tests;
 
 /// A gang that holds devices now.
 #[derive(Clone, Debug)]
@@ -121,60 +132,118 @@ pub fn smallest_set(count: usize, mut feasible: impl FnMut(&[usize]) -> bool) ->
     Some(chosen)
 }
 
-/// Rule 5: used ÷ granted, the largest over the granted pools (0 without grants).
-pub fn dominant_share(used: &BTreeMap<String, i64>, granted: &BTreeMap<String, i64>) -> f64 {
-    granted
-        .iter()
-        .filter(|(_, g)| **g > 0)
-        .map(|(pool, g)| used.get(pool).copied().unwrap_or(0).max(0) as f64 / *g as f64)
-        .fold(0.0, f64::max)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn smallest_set_drops_victims_the_rest_can_do_without() {
-        // Devices freed by each candidate; room needs 8 from one of them, or 4+4 from 0 and 1.
-        let freed = [2, 2, 8, 1];
-        let feasible = |s: &[usize]| s.iter().any(|&i| freed[i] >= 8) || s.iter().map(|&i| freed[i]).sum::<i64>() >= 12;
-        assert_eq!(smallest_set(4, feasible), Some(vec![2]));
-        assert_eq!(smallest_set(2, |s: &[usize]| s.len() == 2), Some(vec![0, 1]));
-        assert_eq!(smallest_set(3, |_: &[usize]| false), None);
-        assert_eq!(smallest_set(0, |_: &[usize]| true), None);
-        // The most willing victims are kept when either would do.
-        assert_eq!(smallest_set(3, |s: &[usize]| !s.is_empty()), Some(vec![0]));
-    }
-
-    #[test]
-    fn dominant_share_is_the_largest_pool_share() {
-        let m = |v: &[(&str, i64)]| v.iter().map(|(k, n)| (k.to_string(), *n)).collect::<BTreeMap<_, _>>();
-        assert_eq!(dominant_share(&m(&[("a", 32), ("b", 8)]), &m(&[("a", 64), ("b", 8)])), 1.0);
-        assert_eq!(dominant_share(&m(&[("a", 16)]), &m(&[("a", 64), ("b", 0)])), 0.25);
-        assert_eq!(dominant_share(&m(&[]), &m(&[])), 0.0);
-    }
-
-    proptest! {
-        /// Victims free devices that add up; the result makes room and no
-        /// member can be spared.
-        #[test]
-        fn smallest_set_is_sufficient_and_every_victim_needed(
-            freed in proptest::collection::vec(1i64..20, 0..12),
-            need in 1i64..120,
-        ) {
-            let feasible = |s: &[usize]| s.iter().map(|&i| freed[i]).sum::<i64>() >= need;
-            match smallest_set(freed.len(), feasible) {
-                None => prop_assert!(freed.iter().sum::<i64>() < need),
-                Some(set) => {
-                    prop_assert!(feasible(&set));
-                    for &v in &set {
-                        let rest: Vec<usize> = set.iter().copied().filter(|&c| c != v).collect();
-                        prop_assert!(!feasible(&rest), "victim {v} of {set:?} was not needed");
-                    }
+impl<'a> World<'a> {
+    /// Rule 9 for a gang that still waits: Some(Ok) with the victims
+    /// chosen and the reason to show, Some(Err) when devices already being
+    /// released will make room, None when preemption cannot help.
+    pub(super) fn try_preempt(
+        &mut self,
+        g: &'a GangRequest,
+        a: &'a AllocationQuota,
+        headroom: &HashMap<(&'a str, &'a str), i64>,
+    ) -> Option<Result<(Preemption, String), String>> {
+        if g.workers == 0 || g.per_worker <= 0 {
+            return None;
+        }
+        let input = self.input;
+        let need = i64::from(g.workers).saturating_mul(g.per_worker);
+        let mut tried: BTreeSet<&str> = BTreeSet::new();
+        for pool_name in &g.pools {
+            if !tried.insert(pool_name.as_str()) {
+                continue;
+            }
+            let (Some(&with_borrowing), Some(&pi)) =
+                (headroom.get(&(a.name.as_str(), pool_name.as_str())), self.pool_by_name.get(pool_name.as_str()))
+            else {
+                continue;
+            };
+            let guaranteed = with_borrowing - a.borrowing_in(pool_name);
+            let reserved_for = a.dedicated.contains(pool_name).then_some(a.name.as_str());
+            let mut released: BTreeMap<usize, i64> = BTreeMap::new();
+            let mut released_quota = 0;
+            for r in input.releasing.iter().filter(|r| &r.pool == pool_name) {
+                if let Some(n) = r.node {
+                    *released.entry(n).or_default() += r.devices;
+                }
+                if r.allocation == a.name {
+                    released_quota += r.devices;
                 }
             }
+            let now = input.now;
+            let evicted = &self.evicted;
+            let mut candidates: Vec<usize> = self
+                .running_in
+                .get(pool_name.as_str())
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|&i| {
+                    let r = &input.running[i];
+                    let eligible = if r.allocation == a.name {
+                        r.priority < g.preemption_priority
+                    } else {
+                        r.borrowed && guaranteed + released_quota >= need
+                    };
+                    eligible && !evicted.contains(&i) && !r.protected_at(now)
+                })
+                .collect();
+            candidates.sort_by_cached_key(|&i| victim_order(&input.running[i]));
+            let limit = if g.preemptible { with_borrowing } else { guaranteed };
+            let mut feasible = |set: &[usize]| -> bool {
+                let (mut own, mut reclaiming) = (0, false);
+                for &c in set {
+                    let r = &input.running[candidates[c]];
+                    if r.allocation == a.name {
+                        own += r.devices();
+                    } else {
+                        reclaiming = true;
+                    }
+                }
+                let quota = if reclaiming { guaranteed } else { limit } + own + released_quota;
+                if quota < need {
+                    return false;
+                }
+                let mut extra = released.clone();
+                for &c in set {
+                    let r = &input.running[candidates[c]];
+                    for &n in &r.nodes {
+                        *extra.entry(n).or_default() += r.per_worker;
+                    }
+                }
+                self.fits_with(pi, reserved_for, g, &extra)
+            };
+            if (!released.is_empty() || released_quota > 0) && feasible(&[]) {
+                return Some(Err(releasing_reason(pool_name)));
+            }
+            let Some(chosen) = smallest_set(candidates.len(), &mut feasible) else {
+                continue;
+            };
+            let victims: Vec<&RunningGang> = chosen.iter().map(|&c| &input.running[candidates[c]]).collect();
+            for &c in &chosen {
+                self.evicted.insert(candidates[c]);
+            }
+            let keys = |reclaimed: bool| -> Vec<String> {
+                victims.iter().filter(|v| (v.allocation != a.name) == reclaimed).map(|v| v.key.clone()).collect()
+            };
+            let (preempted, reclaimed) = (keys(false), keys(true));
+            let mut parts = Vec::new();
+            if !preempted.is_empty() {
+                parts.push(format!("preempting lower-priority {}", preempted.join(", ")));
+            }
+            if !reclaimed.is_empty() {
+                parts.push(format!("reclaiming borrowed capacity from {}", reclaimed.join(", ")));
+            }
+            let res = &input.pools[pi].resource_name;
+            let why = format!(
+                "{} in pool {pool_name} to make room for {need} {res}; admitted once their workers have stopped",
+                parts.join(" and ")
+            );
+            let victims = victims.iter().map(|v| v.key.clone()).collect();
+            return Some(Ok((
+                Preemption { preemptor: g.key.clone(), pool: pool_name.clone(), victims, reclaimed },
+                why,
+            )));
         }
+        None
     }
 }

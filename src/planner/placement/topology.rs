@@ -1,0 +1,235 @@
+//! Topology packing (rule 4 of [`super`]): the candidate sets of a pool,
+//! indexed by topology domain, and the choice of nodes for one gang.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::{GangRequest, NodeFree, World};
+use crate::planner::inventory::NodeInfo;
+
+/// Sort key of a fitting node when a gang spreads: (fullness rank, domain) per
+/// tried level coarse to fine, leftover devices, name rank, set position.
+type SpreadKey = (Vec<(Reverse<u32>, u32)>, i64, u32, u32);
+/// Candidate nodes of one pool for one kind of gang, with their domains.
+pub(super) struct CandidateSet {
+    /// Node indexes.
+    nodes: Vec<usize>,
+    /// One index per pool level, coarse to fine.
+    levels: Vec<LevelIndex>,
+    /// Requested keys that are not pool levels.
+    extra: HashMap<String, LevelIndex>,
+}
+
+/// The domains of one topology key within a candidate set.
+struct LevelIndex {
+    /// Last segment of the key, for messages ("rack").
+    short: String,
+    /// Domain of each set member (by position), None without the label.
+    of: Vec<Option<u32>>,
+    /// Domains in name order (coarser values first).
+    domains: Vec<Domain>,
+}
+
+struct Domain {
+    /// The label value at this level.
+    value: String,
+    /// Positions in the candidate set.
+    members: Vec<u32>,
+}
+
+/// Why a pool's candidate set cannot hold the gang.
+pub(super) enum Shortfall {
+    /// Too few fitting nodes in the whole set.
+    Set { free: i64, fitting: usize },
+    /// Required topology: the best domain (most fitting nodes) is too small.
+    Domain { short: String, value: Option<String>, free: i64, fitting: usize },
+}
+impl<'a> World<'a> {
+    /// Whether the gang could be placed in the pool with `extra` devices free
+    /// on some nodes (the state is left as it was).
+    pub(in crate::planner) fn fits_with(
+        &mut self,
+        pool: usize,
+        reserved_for: Option<&'a str>,
+        g: &GangRequest,
+        extra: &BTreeMap<usize, i64>,
+    ) -> bool {
+        for (&n, &d) in extra {
+            self.free[n] += d;
+        }
+        let ok = self.place(pool, reserved_for, g).is_ok();
+        for (&n, &d) in extra {
+            self.free[n] -= d;
+        }
+        ok
+    }
+
+    /// Rule 4: `workers` distinct nodes of the candidate set, in worker order.
+    pub(super) fn place(
+        &mut self,
+        pool: usize,
+        reserved_for: Option<&'a str>,
+        g: &GangRequest,
+    ) -> Result<Vec<usize>, Shortfall> {
+        let input = self.input;
+        let p = &input.pools[pool];
+        let set = self.sets.entry((pool, reserved_for)).or_insert_with(|| {
+            let listed = match reserved_for {
+                Some(alloc) => p.reserved_nodes.get(alloc).map(Vec::as_slice),
+                None => Some(p.shared_nodes.as_slice()),
+            };
+            CandidateSet::new(input.nodes, listed.unwrap_or(&[]), &p.levels)
+        });
+        let wanted = g.topology.as_ref();
+        let level_of_key = wanted.and_then(|t| p.levels.iter().position(|l| *l == t.key));
+        if let (Some(t), None) = (wanted, level_of_key)
+            && !set.extra.contains_key(&t.key)
+        {
+            let idx = LevelIndex::new(input.nodes, &set.nodes, std::slice::from_ref(&t.key));
+            set.extra.insert(t.key.clone(), idx);
+        }
+        let set: &CandidateSet = set;
+        let free = &self.free;
+        let rank = &self.rank;
+        let q = g.per_worker;
+        let workers = g.workers as usize;
+
+        let fits: Vec<bool> = set.nodes.iter().map(|&n| free[n] >= q).collect();
+        let fitting = fits.iter().filter(|f| **f).count();
+        if fitting < workers {
+            let free = set.nodes.iter().map(|&n| free[n].max(0)).sum();
+            return Err(Shortfall::Set { free, fitting });
+        }
+        let requested: Option<&LevelIndex> = wanted.map(|t| match level_of_key {
+            Some(i) => &set.levels[i],
+            None => &set.extra[&t.key],
+        });
+        // Levels to try, fine to coarse.
+        let tried: Vec<&LevelIndex> = match (wanted, level_of_key) {
+            (Some(t), _) if t.required => vec![requested.expect("requested")],
+            (Some(_), Some(i)) => set.levels[..=i].iter().rev().collect(),
+            (Some(_), None) => vec![requested.expect("requested")],
+            (None, _) => set.levels.iter().rev().collect(),
+        };
+        let mut counts: Vec<Vec<u32>> = Vec::with_capacity(tried.len());
+        for level in &tried {
+            let c = level.fitting_counts(&fits);
+            let best = c
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n as usize >= workers)
+                .min_by_key(|(d, n)| (**n, *d))
+                .map(|(d, _)| d);
+            if let Some(d) = best {
+                let mut members: Vec<u32> =
+                    level.domains[d].members.iter().copied().filter(|&m| fits[m as usize]).collect();
+                members.sort_by_key(|&m| {
+                    let n = set.nodes[m as usize];
+                    (free[n] - q, rank[n])
+                });
+                members.truncate(workers);
+                return Ok(set.worker_order(members, rank));
+            }
+            counts.push(c);
+        }
+        if wanted.is_some_and(|t| t.required) {
+            let level = tried[0];
+            let c = &counts[0];
+            let domain_free = |d: usize| -> i64 {
+                level.domains[d].members.iter().map(|&m| free[set.nodes[m as usize]].max(0)).sum()
+            };
+            let best = (0..level.domains.len()).max_by_key(|&d| (c[d], domain_free(d), Reverse(d)));
+            return Err(match best {
+                Some(d) => Shortfall::Domain {
+                    short: level.short.clone(),
+                    value: Some(level.domains[d].value.clone()),
+                    free: domain_free(d),
+                    fitting: c[d] as usize,
+                },
+                None => Shortfall::Domain { short: level.short.clone(), value: None, free: 0, fitting: 0 },
+            });
+        }
+        // Spread: coarsest tried level first, fullest domains first.
+        let mut keyed: Vec<SpreadKey> = (0..set.nodes.len())
+            .filter(|&m| fits[m])
+            .map(|m| {
+                let n = set.nodes[m];
+                let path = tried
+                    .iter()
+                    .zip(&counts)
+                    .rev()
+                    .map(|(level, c)| match level.of[m] {
+                        Some(d) => (Reverse(c[d as usize]), d),
+                        None => (Reverse(0), u32::MAX),
+                    })
+                    .collect();
+                (path, free[n] - q, rank[n], m as u32)
+            })
+            .collect();
+        keyed.sort_unstable();
+        let members = keyed.into_iter().take(workers).map(|k| k.3).collect();
+        Ok(set.worker_order(members, rank))
+    }
+}
+
+impl CandidateSet {
+    fn new(nodes: &[NodeInfo], listed: &[NodeFree], levels: &[String]) -> Self {
+        let mut seen = BTreeSet::new();
+        let members: Vec<usize> =
+            listed.iter().map(|nf| nf.node).filter(|&n| n < nodes.len() && seen.insert(n)).collect();
+        let levels = (0..levels.len()).map(|d| LevelIndex::new(nodes, &members, &levels[..=d])).collect();
+        CandidateSet { nodes: members, levels, extra: HashMap::new() }
+    }
+
+    /// Node indexes of the chosen positions, in topology order (domains of
+    /// the pool levels coarse to fine, then node name).
+    fn worker_order(&self, mut members: Vec<u32>, rank: &[u32]) -> Vec<usize> {
+        members.sort_by_cached_key(|&m| {
+            let path: Vec<u32> = self.levels.iter().map(|l| l.of[m as usize].unwrap_or(u32::MAX)).collect();
+            (path, rank[self.nodes[m as usize]])
+        });
+        members.into_iter().map(|m| self.nodes[m as usize]).collect()
+    }
+}
+
+impl LevelIndex {
+    /// Domains of `path.last()` among `members`, told apart by the values of
+    /// every key of `path` (coarse to fine).
+    fn new(nodes: &[NodeInfo], members: &[usize], path: &[String]) -> Self {
+        let key = path.last().expect("a level has a key");
+        let mut by_path: BTreeMap<Vec<&str>, Vec<u32>> = BTreeMap::new();
+        for (m, &n) in members.iter().enumerate() {
+            let labels = &nodes[n].labels;
+            if !labels.contains_key(key) {
+                continue;
+            }
+            let values = path.iter().map(|k| labels.get(k).map_or("", String::as_str)).collect();
+            by_path.entry(values).or_default().push(m as u32);
+        }
+        let mut of = vec![None; members.len()];
+        let domains = by_path
+            .into_iter()
+            .enumerate()
+            .map(|(d, (values, ms))| {
+                for &m in &ms {
+                    of[m as usize] = Some(d as u32);
+                }
+                Domain { value: values.last().copied().unwrap_or_default().to_string(), members: ms }
+            })
+            .collect();
+        LevelIndex { short: key.rsplit('/').next().unwrap_or(key).to_string(), of, domains }
+    }
+
+    /// Fitting nodes per domain.
+    fn fitting_counts(&self, fits: &[bool]) -> Vec<u32> {
+        let mut c = vec![0u32; self.domains.len()];
+        for (m, d) in self.of.iter().enumerate() {
+            if let Some(d) = d
+                && fits[m]
+            {
+                c[*d as usize] += 1;
+            }
+        }
+        c
+    }
+}
