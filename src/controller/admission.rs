@@ -125,6 +125,8 @@ struct Write {
     events: Vec<Note>,
     /// An admission: counted in the wait histogram once written.
     admission_wait: Option<f64>,
+    /// A victim: written only once its preemptor has recorded it.
+    preemptor: Option<String>,
 }
 
 /// One cycle: plan everything, write the decisions; returns when to run again
@@ -168,6 +170,19 @@ async fn cycle(ctx: &Context, state: &mut LoopState, capacity_changed: bool) -> 
             None => {}
         }
     }
+    // A preemptor records its victims before they are stopped: if that write
+    // fails, nobody is stopped this cycle (else it could be admitted later
+    // without the protection that keeps its victims from preempting it back).
+    let (preemptors, mut waiting): (Vec<Write>, Vec<Write>) =
+        waiting.into_iter().partition(|w| q.preempting.contains_key(&queue::key(&w.project)));
+    let mut ready: std::collections::HashSet<String> = projects
+        .iter()
+        .filter(|p| {
+            let listed = p.status.as_ref().map(|s| &s.preempted);
+            q.preempting.get(&queue::key(p)).is_some_and(|pre| listed == Some(&pre.victims))
+        })
+        .map(|p| queue::key(p))
+        .collect();
     // Waiting reasons: never-written ones first, each refreshed at most every
     // WAITING_REFRESH unless its reason changed, a bounded number per cycle.
     let keys: std::collections::HashSet<String> = projects.iter().map(|p| queue::key(p)).collect();
@@ -184,17 +199,15 @@ async fn cycle(ctx: &Context, state: &mut LoopState, capacity_changed: bool) -> 
         waiting.truncate(WAITING_WRITES_PER_CYCLE);
         wake = wake.min(Duration::from_millis(500));
     }
-    let decided = urgent.len() + waiting.len();
+    let decided = preemptors.len() + urgent.len() + waiting.len();
     for w in &waiting {
         state.waiting_written.insert(queue::key(&w.project), Instant::now());
     }
-    for batch in [urgent, waiting] {
-        let results: Vec<_> =
-            futures::stream::iter(batch).map(|w| write(ctx, w)).buffer_unordered(WRITE_CONCURRENCY).collect().await;
-        for (key, rv, written) in results.into_iter().flatten() {
-            state.assumed.insert(key, (rv, written, Instant::now()));
-        }
-    }
+    let written = write_all(ctx, state, preemptors).await;
+    ready.extend(written);
+    urgent.retain(|w| w.preemptor.as_ref().is_none_or(|k| ready.contains(k)));
+    write_all(ctx, state, urgent).await;
+    write_all(ctx, state, waiting).await;
     if decided > 0 {
         tracing::debug!(decided, elapsed_ms = started.elapsed().as_millis() as u64, "admission cycle");
     }
@@ -212,6 +225,18 @@ impl LoopState {
             }
         }
     }
+}
+
+/// Writes a batch concurrently and assumes what was written; returns the keys written.
+async fn write_all(ctx: &Context, state: &mut LoopState, batch: Vec<Write>) -> Vec<String> {
+    let results: Vec<_> =
+        futures::stream::iter(batch).map(|w| write(ctx, w)).buffer_unordered(WRITE_CONCURRENCY).collect().await;
+    let mut keys = Vec::with_capacity(results.len());
+    for (key, rv, written) in results.into_iter().flatten() {
+        keys.push(key.clone());
+        state.assumed.insert(key, (rv, written, Instant::now()));
+    }
+    keys
 }
 
 /// The projects of the store, with the loop's own writes standing in for
@@ -310,6 +335,7 @@ fn admit(
         status: s,
         events: vec![Note { warning: false, reason: "Admitted", message }],
         admission_wait: Some(wait.unwrap_or(0.0)),
+        preemptor: None,
     }
 }
 
@@ -341,6 +367,7 @@ fn wait(view: &View, now: Timestamp, q: &Queue, p: &Arc<ModelProject>, position:
         status: s,
         events,
         admission_wait: None,
+        preemptor: None,
     })
 }
 
@@ -364,7 +391,7 @@ fn stop_inactive(view: &View, now: Timestamp, p: &Arc<ModelProject>) -> Option<W
     let c = condition("Queued", true, "AllocationInactive", message.clone(), p.metadata.generation);
     set_condition(&mut s.conditions, c, &Time(now));
     let events = vec![Note { warning: true, reason: "AllocationInactive", message }];
-    Some(Write { kind: "stop", project: p.clone(), status: s, events, admission_wait: None })
+    Some(Write { kind: "stop", project: p.clone(), status: s, events, admission_wait: None, preemptor: None })
 }
 
 /// A running gang chosen as a victim by this cycle's preemption or reclaim.
@@ -396,5 +423,6 @@ fn preempt(ctx: &Context, q: &Queue, p: &Arc<ModelProject>) -> Option<Write> {
     set_condition(&mut s.conditions, condition("Preempted", true, reason, message.clone(), g), &at);
     set_condition(&mut s.conditions, condition("Queued", true, reason, message.clone(), g), &at);
     let events = vec![Note { warning: true, reason, message }];
-    Some(Write { kind: "preempt", project: p.clone(), status: s, events, admission_wait: None })
+    let preemptor = Some(pre.preemptor.clone());
+    Some(Write { kind: "preempt", project: p.clone(), status: s, events, admission_wait: None, preemptor })
 }
