@@ -1,0 +1,222 @@
+//! The operator the way users run it: the image from `make image`, installed
+//! with Helm on the dev cluster's real node (kubelet + containerd + runc), in a
+//! namespace enforcing Pod Security `restricted`. These run last: the first of
+//! them stops the suite's host-run operator, so that only in-cluster operators
+//! act from then on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, ResourceExt};
+use sovereign_e2e::incluster::{RealNode, container_id, proc_status, root_is_read_only, with_release};
+use sovereign_e2e::{Env, wait_for};
+use sovereign_operator::api::ProjectPhase;
+
+use crate::projects::{project_yaml, wait_project, with_grant};
+
+/// Pools of the runs of the leader tests: 32 ATOM devices, then 32 H200.
+const BOTH: &str = "[e2e-atom, e2e-h200]";
+
+/// Stops the suite's shared host-run operator (once).
+async fn stop_host_operator(env: &Env) -> anyhow::Result<()> {
+    let operator = env.operator.lock().await.take();
+    if let Some(op) = operator {
+        let status = op.terminate(Duration::from_secs(30)).await?;
+        ensure!(status.success(), "the shared operator exited with {status} on SIGTERM");
+    }
+    Ok(())
+}
+
+/// Whether the in-cluster tests can run here (a dev cluster with its real node).
+pub fn available(env: &Env) -> bool {
+    matches!(RealNode::from_state(env), Ok(Some(_)))
+}
+
+fn holder(lease: &Lease) -> String {
+    lease.spec.as_ref().and_then(|s| s.holder_identity.clone()).unwrap_or_default()
+}
+
+pub async fn the_image_runs_on_the_real_node_in_a_restricted_namespace_and_finishes_a_run(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    stop_host_operator(&env).await?;
+    with_release(&env, "pod", &[], async |rel, node, _| {
+        let pod = rel.ready_pods(1, Duration::from_secs(60)).await?.remove(0);
+        let spec = pod.spec.clone().unwrap_or_default();
+        ensure!(spec.node_name.as_deref() == Some(node.name.as_str()), "scheduled on {:?}", spec.node_name);
+        // What runc enforces, read from the container's process on the node.
+        let pid = node.container_pid(&container_id(&pod)?)?;
+        let st = proc_status(pid)?;
+        for (field, want) in [
+            ("Uid", "65532\t65532\t65532\t65532"),
+            ("Gid", "65532\t65532\t65532\t65532"),
+            ("CapEff", "0000000000000000"),
+            ("CapBnd", "0000000000000000"),
+            ("NoNewPrivs", "1"),
+            ("Seccomp", "2"),
+        ] {
+            ensure!(st.get(field).map(String::as_str) == Some(want), "{field}: {:?}, want {want:?}", st.get(field));
+        }
+        ensure!(root_is_read_only(pid)?, "the container's root filesystem is writable");
+        // The probes the kubelet really ran.
+        let name = pod.name_any();
+        wait_for("successful liveness and readiness probes by the kubelet", Duration::from_secs(60), || async {
+            let live = node.probe_count(&rel.namespace, &name, "Liveness", "successful").map_err(|e| e.to_string())?;
+            let ready =
+                node.probe_count(&rel.namespace, &name, "Readiness", "successful").map_err(|e| e.to_string())?;
+            if live >= 1.0 && ready >= 1.0 { Ok(()) } else { Err(format!("liveness {live}, readiness {ready}")) }
+        })
+        .await?;
+        // The in-cluster ServiceAccount: the chart's, through its projected token.
+        ensure!(spec.service_account_name.as_deref() == Some(rel.fullname().as_str()));
+        let volumes = spec.volumes.unwrap_or_default();
+        ensure!(volumes.iter().any(|v| v.name.starts_with("kube-api-access-")), "no projected ServiceAccount token");
+        // It acts: a run queued behind another is admitted when that one succeeds, and succeeds.
+        with_grant(&env, "incluster", 16, async |ns, scope| {
+            let quick = "sim.sovereign.ai/complete-after: 3s";
+            scope.apply(&project_yaml("first", &ns, "e2e-train", "[e2e-atom]", 2, "", quick))?;
+            wait_project(&env, &ns, "first", ProjectPhase::Running, Duration::from_secs(60)).await?;
+            scope.apply(&project_yaml("second", &ns, "e2e-train", "[e2e-atom]", 2, "", quick))?;
+            let s = wait_project(&env, &ns, "second", ProjectPhase::Queued, Duration::from_secs(30)).await?;
+            ensure!(s.queue_position == Some(1), "queue position {:?}", s.queue_position);
+            wait_project(&env, &ns, "second", ProjectPhase::Succeeded, Duration::from_secs(90)).await?;
+            Ok(())
+        })
+        .await?;
+        let again = rel.ready_pods(1, Duration::from_secs(10)).await?.remove(0);
+        let restarts = again
+            .status
+            .clone()
+            .and_then(|s| s.container_statuses)
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.restart_count)
+            .sum::<i32>();
+        ensure!(again.name_any() == name && restarts == 0, "the operator pod restarted ({restarts})");
+        Ok(())
+    })
+    .await
+}
+
+pub async fn an_upgrade_to_another_tag_never_runs_two_operators(env: Arc<Env>) -> anyhow::Result<()> {
+    stop_host_operator(&env).await?;
+    with_release(&env, "upg", &[], async |rel, _, image| {
+        let before = rel.ready_pods(1, Duration::from_secs(60)).await?.remove(0);
+        let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &rel.namespace);
+        let strategy = deployments.get(&rel.fullname()).await?.spec.and_then(|s| s.strategy).and_then(|s| s.type_);
+        ensure!(strategy.as_deref() == Some("Recreate"), "strategy {strategy:?} without leader election");
+        // Sample the operator processes on the node while Helm upgrades.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let (stop, repo) = (stop.clone(), image.repository.clone());
+            let node = RealNode::from_state(&env)?.context("real node")?;
+            std::thread::spawn(move || -> anyhow::Result<(usize, usize)> {
+                let (mut most, mut samples) = (0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    most = most.max(node.running_containers_of(&repo)?.len());
+                    samples += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok((most, samples))
+            })
+        };
+        let next = format!("image.tag={}-next", image.tag);
+        let upgraded = rel.upgrade(&[&next]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (most, samples) = sampler.join().map_err(|_| anyhow::anyhow!("sampler panicked"))??;
+        upgraded?;
+        ensure!(samples > 10, "only {samples} samples");
+        ensure!(most == 1, "{most} operator processes ran at the same time during the upgrade");
+        let after = rel.ready_pods(1, Duration::from_secs(60)).await?.remove(0);
+        let image_now = after.spec.and_then(|s| s.containers.into_iter().next()).and_then(|c| c.image);
+        ensure!(image_now == Some(format!("{}:{}-next", image.repository, image.tag)), "image {image_now:?}");
+        ensure!(after.metadata.name != before.metadata.name, "the pod was not replaced");
+        Ok(())
+    })
+    .await
+}
+
+pub async fn two_replicas_roll_out_and_a_standby_takes_over_a_killed_or_deleted_leader(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    stop_host_operator(&env).await?;
+    let (lease_s, renew_s, retry_s) = (8u64, 5u64, 1u64);
+    let sets = [
+        "replicaCount=2".to_string(),
+        "leaderElection.enabled=true".into(),
+        format!("leaderElection.leaseDurationSeconds={lease_s}"),
+        format!("leaderElection.renewDeadlineSeconds={renew_s}"),
+        format!("leaderElection.retryPeriodSeconds={retry_s}"),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    with_release(&env, "ha", &sets, async |rel, node, _| {
+        // Standbys are ready (caches synced), so a rollout completes.
+        let deploy = format!("deployment/{}", rel.fullname());
+        env.kubectl_ok(&["-n", &rel.namespace, "rollout", "status", &deploy, "--timeout=90s"], None)?;
+        let pods = rel.ready_pods(2, Duration::from_secs(60)).await?;
+        let leases: Api<Lease> = Api::namespaced(env.client.clone(), &rel.namespace);
+        let lease_of = async || leases.get_opt("sovereign-operator-leader").await.map_err(|e| e.to_string());
+        let first = wait_for("a leader", Duration::from_secs(30), || async {
+            let l = lease_of().await?.ok_or("no lease")?;
+            let h = holder(&l);
+            if h.is_empty() { Err("no holder".to_string()) } else { Ok(h) }
+        })
+        .await?;
+        let pod_of =
+            |identity: &str| pods.iter().find(|p| identity.starts_with(&format!("{}_", p.name_any()))).cloned();
+        let leader = pod_of(&first).with_context(|| format!("holder {first} is none of the pods"))?;
+        with_grant(&env, "ha", 32, async |ns, scope| {
+            scope.apply(&project_yaml("one", &ns, "e2e-train", BOTH, 2, "", ""))?;
+            wait_project(&env, &ns, "one", ProjectPhase::Running, Duration::from_secs(60)).await?;
+
+            // kill -9 of the leader: a standby admits a new project within lease duration + 2 s.
+            let pid = node.container_pid(&container_id(&leader)?)?;
+            let killed = Instant::now();
+            let out = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
+            ensure!(out.success(), "kill -9 {pid} failed");
+            scope.apply(&project_yaml("two", &ns, "e2e-train", BOTH, 2, "", ""))?;
+            wait_project(&env, &ns, "two", ProjectPhase::Running, Duration::from_secs(lease_s + 10)).await?;
+            let took = killed.elapsed();
+            ensure!(
+                took <= Duration::from_secs(lease_s + 2),
+                "a new project was admitted {took:?} after kill -9 of the leader (lease {lease_s} s)"
+            );
+            let second = holder(&lease_of().await.map_err(anyhow::Error::msg)?.context("lease")?);
+            ensure!(!second.is_empty() && second != first, "the lease is still held by {second}");
+            eprintln!("    kill -9 of the leader: new project admitted after {took:?} (lease {lease_s} s)");
+
+            // Deleting the leader pod (SIGTERM): the lease is released and a standby acts within 2 s.
+            let pods_now = rel.ready_pods(2, Duration::from_secs(60)).await?;
+            let leader2 = pods_now
+                .iter()
+                .find(|p| second.starts_with(&format!("{}_", p.name_any())))
+                .cloned()
+                .with_context(|| format!("holder {second} is none of the pods"))?;
+            let deleted = Instant::now();
+            env.kubectl_ok(&["-n", &rel.namespace, "delete", "pod", &leader2.name_any(), "--wait=false"], None)?;
+            let third =
+                wait_for("a new holder after the leader's deletion", Duration::from_secs(lease_s + 5), || async {
+                    let h = holder(&lease_of().await?.ok_or("no lease")?);
+                    if !h.is_empty() && h != second { Ok(h) } else { Err(format!("holder {h:?}")) }
+                })
+                .await?;
+            let took = deleted.elapsed();
+            // Faster than the lease duration: only a release on shutdown allows that.
+            // Measured from the delete request, so SIGTERM handling is included: 2 s + 1 s.
+            ensure!(took <= Duration::from_secs(3), "new leader {third} {took:?} after the delete request");
+            scope.apply(&project_yaml("three", &ns, "e2e-train", BOTH, 2, "", ""))?;
+            let admitted = Instant::now();
+            wait_project(&env, &ns, "three", ProjectPhase::Running, Duration::from_secs(10)).await?;
+            eprintln!(
+                "    deleted leader: new holder after {took:?}, next project running after {:?}",
+                admitted.elapsed()
+            );
+            Ok(())
+        })
+        .await
+    })
+    .await
+}
