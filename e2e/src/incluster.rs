@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
 
@@ -313,4 +314,127 @@ pub async fn with_release(
     let cleaned = release.uninstall().await;
     res?;
     cleaned
+}
+
+/// The dev cluster's kube-apiserver process (`.e2e/pids/kube-apiserver`), to
+/// stop and start again with the same command line.
+pub struct ApiServer {
+    pids_file: PathBuf,
+    log: PathBuf,
+    bin: PathBuf,
+    args: Vec<String>,
+    pid: Option<u32>,
+    /// The process this test started (waited for, so that it leaves no zombie).
+    child: Option<std::process::Child>,
+}
+
+impl ApiServer {
+    pub fn from_state(env: &Env) -> anyhow::Result<Self> {
+        let pids_file = env.state.join("pids/kube-apiserver");
+        let text = std::fs::read_to_string(&pids_file).context("no kube-apiserver pid file")?;
+        let (pid, bin) = text.trim().split_once(' ').context("bad pid file")?;
+        let pid: u32 = pid.parse()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+        let args = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).skip(1);
+        let args = args.map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        Ok(Self {
+            pids_file,
+            log: env.state.join("logs/kube-apiserver.log"),
+            bin: bin.into(),
+            args,
+            pid: Some(pid),
+            child: None,
+        })
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s (a graceful shutdown drains watches for
+    /// a minute), and waits until the process is gone.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        let pid = self.pid.take().context("not running")?;
+        let child = std::sync::Mutex::new(self.child.take());
+        let gone = || async {
+            let mut child = child.lock().expect("child lock");
+            let reaped = match child.as_mut() {
+                Some(c) => c.try_wait().map_err(|e| e.to_string())?.is_some(),
+                None => !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            };
+            if reaped { Ok(()) } else { Err("running".to_string()) }
+        };
+        ensure!(Command::new("kill").args(["-TERM", &pid.to_string()]).status()?.success(), "kill {pid}");
+        if wait_for("kube-apiserver to exit on SIGTERM", Duration::from_secs(5), gone).await.is_err() {
+            ensure!(Command::new("kill").args(["-KILL", &pid.to_string()]).status()?.success(), "kill -9 {pid}");
+            wait_for("kube-apiserver to exit on SIGKILL", Duration::from_secs(10), gone).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts it again (same flags, log appended, pid file updated so that
+    /// `e2e/cluster down` stops it) and waits for `/readyz`.
+    pub async fn start(&mut self, env: &Env) -> anyhow::Result<()> {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new().append(true).create(true).open(&self.log)?;
+        let child = Command::new(&self.bin)
+            .args(&self.args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()?;
+        let pid = child.id();
+        std::fs::write(&self.pids_file, format!("{pid} {}\n", self.bin.display()))?;
+        self.pid = Some(pid);
+        self.child = Some(child);
+        wait_for("kube-apiserver /readyz", Duration::from_secs(90), || async {
+            match env.kubectl(&["get", "--raw", "/readyz"], None) {
+                Ok(o) if o.status.success() => Ok(()),
+                Ok(o) => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
+    }
+}
+
+/// When one operator process held the Lease, from its log: from "acquired the
+/// leader lease" to the line that says it stopped or released it (or `open_end`
+/// when it still leads). Timestamps are the container runtime's, per line.
+#[derive(Debug, Clone)]
+pub struct Term {
+    pub process: String,
+    pub from: Timestamp,
+    pub to: Timestamp,
+}
+
+/// The leader terms found in log lines (file, CRI log line) of the kubelet.
+pub fn leader_terms(lines: &[(String, String)], open_end: Timestamp) -> Vec<Term> {
+    let mut terms: Vec<Term> = Vec::new();
+    let mut open: BTreeMap<String, Timestamp> = BTreeMap::new();
+    for (file, line) in lines {
+        let Some(ts) = line.split_once(' ').and_then(|(ts, _)| ts.parse::<Timestamp>().ok()) else { continue };
+        if line.contains("acquired the leader lease") {
+            open.insert(file.clone(), ts);
+        } else if ((line.contains("stopping") && line.contains("lease")) || line.contains("released the leader lease"))
+            && let Some(from) = open.remove(file)
+        {
+            terms.push(Term { process: file.clone(), from, to: ts });
+        }
+    }
+    for (process, from) in open {
+        terms.push(Term { process, from, to: open_end });
+    }
+    terms.sort_by_key(|t| t.from);
+    terms
+}
+
+/// Pairs of terms of different processes that overlap in time.
+pub fn overlaps(terms: &[Term]) -> Vec<(Term, Term)> {
+    let mut out = Vec::new();
+    for (i, a) in terms.iter().enumerate() {
+        for b in &terms[i + 1..] {
+            if a.process != b.process && b.from < a.to && a.from < b.to {
+                out.push((a.clone(), b.clone()));
+            }
+        }
+    }
+    out
 }

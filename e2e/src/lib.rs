@@ -193,9 +193,11 @@ pub async fn in_namespaces(
     let names: Vec<String> = namespaces.iter().map(|n| n.name.clone()).collect();
     let mut scope = Scope::new(env);
     let res = body(&names, &mut scope).await;
-    let cleaned = scope.cleanup();
+    let mut cleaned = scope.cleanup();
     for ns in namespaces {
-        ns.cleanup().await?;
+        if let Err(e) = ns.cleanup().await {
+            cleaned = cleaned.and(Err(e));
+        }
     }
     res?;
     cleaned

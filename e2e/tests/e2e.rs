@@ -52,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         incluster::the_image_runs_on_the_real_node_in_a_restricted_namespace_and_finishes_a_run,
         incluster::an_upgrade_to_another_tag_never_runs_two_operators,
         incluster::two_replicas_roll_out_and_a_standby_takes_over_a_killed_or_deleted_leader,
+        incluster::api_server_outages_never_let_two_replicas_act_at_once,
     ];
     let in_cluster_count = in_cluster.len();
     let trials = tests![

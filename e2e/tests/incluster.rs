@@ -20,6 +20,20 @@ use crate::projects::{project_yaml, wait_project, with_grant};
 /// Pools of the runs of the leader tests: 32 ATOM devices, then 32 H200.
 const BOTH: &str = "[e2e-atom, e2e-h200]";
 
+/// Leader-election timings of the two-replica tests (short, so that they run fast).
+const LEASE_S: u64 = 8;
+const RENEW_S: u64 = 5;
+
+fn two_replicas_with_leader_election() -> Vec<String> {
+    vec![
+        "replicaCount=2".to_string(),
+        "leaderElection.enabled=true".into(),
+        format!("leaderElection.leaseDurationSeconds={LEASE_S}"),
+        format!("leaderElection.renewDeadlineSeconds={RENEW_S}"),
+        "leaderElection.retryPeriodSeconds=1".into(),
+    ]
+}
+
 /// Stops the suite's shared host-run operator (once).
 async fn stop_host_operator(env: &Env) -> anyhow::Result<()> {
     let operator = env.operator.lock().await.take();
@@ -143,14 +157,8 @@ pub async fn two_replicas_roll_out_and_a_standby_takes_over_a_killed_or_deleted_
     env: Arc<Env>,
 ) -> anyhow::Result<()> {
     stop_host_operator(&env).await?;
-    let (lease_s, renew_s, retry_s) = (8u64, 5u64, 1u64);
-    let sets = [
-        "replicaCount=2".to_string(),
-        "leaderElection.enabled=true".into(),
-        format!("leaderElection.leaseDurationSeconds={lease_s}"),
-        format!("leaderElection.renewDeadlineSeconds={renew_s}"),
-        format!("leaderElection.retryPeriodSeconds={retry_s}"),
-    ];
+    let lease_s = LEASE_S;
+    let sets = two_replicas_with_leader_election();
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     with_release(&env, "ha", &sets, async |rel, node, _| {
         // Standbys are ready (caches synced), so a rollout completes.
@@ -217,6 +225,67 @@ pub async fn two_replicas_roll_out_and_a_standby_takes_over_a_killed_or_deleted_
             Ok(())
         })
         .await
+    })
+    .await
+}
+
+pub async fn api_server_outages_never_let_two_replicas_act_at_once(env: Arc<Env>) -> anyhow::Result<()> {
+    stop_host_operator(&env).await?;
+    let (lease_s, renew_s) = (LEASE_S, RENEW_S);
+    let sets = two_replicas_with_leader_election();
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    with_release(&env, "outage", &sets, async |rel, node, _| {
+        rel.ready_pods(2, Duration::from_secs(60)).await?;
+        let leases: Api<Lease> = Api::namespaced(env.client.clone(), &rel.namespace);
+        let holder_now = async || -> Result<String, String> {
+            let l = leases.get_opt("sovereign-operator-leader").await.map_err(|e| e.to_string())?;
+            let h = l.as_ref().map(holder).unwrap_or_default();
+            if h.is_empty() { Err("no holder".into()) } else { Ok(h) }
+        };
+        let mut apiserver = sovereign_e2e::incluster::ApiServer::from_state(&env)?;
+        with_grant(&env, "outage", 32, async |ns, scope| {
+            for round in 1..=2 {
+                let before = wait_for("a leader", Duration::from_secs(60), || async { holder_now().await }).await?;
+                let pods = rel.ready_pods(2, Duration::from_secs(90)).await?;
+                let leader = pods
+                    .iter()
+                    .find(|p| before.starts_with(&format!("{}_", p.name_any())))
+                    .with_context(|| format!("holder {before} is none of the pods"))?;
+                let pid = node.container_pid(&container_id(leader)?)?;
+                // The outage lasts until the leader stopped by itself: its renew deadline passed.
+                let down = Instant::now();
+                apiserver.stop().await?;
+                let stopped = wait_for("the leader to stop without its API server", Duration::from_secs(renew_s + 10), || async move {
+                    if std::path::Path::new(&format!("/proc/{pid}")).exists() { Err("running".to_string()) } else { Ok(()) }
+                })
+                .await;
+                let leader_stopped_after = down.elapsed();
+                apiserver.start(&env).await?;
+                stopped?;
+                let after = wait_for("a new leader after the outage", Duration::from_secs(lease_s + 30), || async {
+                    let h = holder_now().await?;
+                    if h != before { Ok(h) } else { Err(format!("still {h}")) }
+                })
+                .await?;
+                eprintln!(
+                    "    outage {round}: leader stopped {leader_stopped_after:?} after the API server (renew deadline {renew_s} s); {after} leads"
+                );
+                // The new leader acts.
+                let name = format!("after-outage-{round}");
+                scope.apply(&project_yaml(&name, &ns, "e2e-train", BOTH, 2, "", ""))?;
+                wait_project(&env, &ns, &name, ProjectPhase::Running, Duration::from_secs(60)).await?;
+            }
+            Ok(())
+        })
+        .await?;
+        let terms = sovereign_e2e::incluster::leader_terms(&node.pod_logs(&rel.namespace)?, k8s_openapi::jiff::Timestamp::now());
+        ensure!(terms.len() >= 3, "expected at least 3 leader terms, found {terms:?}");
+        let both = sovereign_e2e::incluster::overlaps(&terms);
+        ensure!(both.is_empty(), "two replicas led at the same time: {both:?}");
+        let gaps: Vec<String> =
+            terms.windows(2).map(|w| format!("{:.1}s", w[1].from.duration_since(w[0].to).as_secs_f64())).collect();
+        eprintln!("    {} leader terms, none overlapping; gaps between them: {}", terms.len(), gaps.join(", "));
+        Ok(())
     })
     .await
 }
