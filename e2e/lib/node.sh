@@ -62,7 +62,8 @@ oci_image_from_files() {
   buildah_cache config --user "$user" --entrypoint "$entrypoint" --cmd '' "${labels[@]}" "$c"
   mkdir -p "$(dirname "$archive")"
   rm -f "${archive}.tmp"
-  buildah_cache commit --quiet --rm --format oci "$c" "oci-archive:${archive}.tmp:${name}" >/dev/null
+  # gzip-compressed layers (buildah commit stores them uncompressed by default)
+  buildah_cache commit --quiet --rm --format oci --disable-compression=false "$c" "oci-archive:${archive}.tmp:${name}" >/dev/null
   mv -f "${archive}.tmp" "$archive"
 }
 
