@@ -86,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         sharing::a_hard_budget_stops_runs_and_an_admission_budget_does_not,
         sharing::a_non_preemptible_run_needs_consent_and_is_then_never_preempted,
         sharing::contention_over_minutes_never_thrashes,
+        incluster::the_chart_roles_let_tenants_submit_runs_and_only_admins_grant,
     ]
     .into_iter()
     .map(|t| (t, false))

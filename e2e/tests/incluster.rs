@@ -176,6 +176,13 @@ pub async fn two_replicas_roll_out_and_a_standby_takes_over_a_killed_or_deleted_
         let pod_of =
             |identity: &str| pods.iter().find(|p| identity.starts_with(&format!("{}_", p.name_any()))).cloned();
         let leader = pod_of(&first).with_context(|| format!("holder {first} is none of the pods"))?;
+        // The standby is warm: its caches synced while it waits for the Lease.
+        let standby = pods.iter().find(|p| p.name_any() != leader.name_any()).context("no standby")?;
+        let logs = node.pod_logs(&rel.namespace)?;
+        let standby_dir = format!("{}_{}_", rel.namespace, standby.name_any());
+        let warm = logs.iter().any(|(f, l)| f.starts_with(&standby_dir) && l.contains("caches synced"));
+        let acting = logs.iter().any(|(f, l)| f.starts_with(&standby_dir) && l.contains("acquired the leader lease"));
+        ensure!(warm && !acting, "standby {}: caches synced {warm}, leading {acting}", standby.name_any());
         with_grant(&env, "ha", 32, async |ns, scope| {
             scope.apply(&project_yaml("one", &ns, "e2e-train", BOTH, 2, "", ""))?;
             wait_project(&env, &ns, "one", ProjectPhase::Running, Duration::from_secs(60)).await?;
@@ -285,6 +292,56 @@ pub async fn api_server_outages_never_let_two_replicas_act_at_once(env: Arc<Env>
         let gaps: Vec<String> =
             terms.windows(2).map(|w| format!("{:.1}s", w[1].from.duration_since(w[0].to).as_secs_f64())).collect();
         eprintln!("    {} leader terms, none overlapping; gaps between them: {}", terms.len(), gaps.join(", "));
+        Ok(())
+    })
+    .await
+}
+
+/// The chart's aggregated roles: a tenant with `edit` in its namespace submits
+/// and deletes runs there, but cannot touch grants or pools; the
+/// platform-admin role can. (RBAC answers through `kubectl auth can-i --as`.)
+pub async fn the_chart_roles_let_tenants_submit_runs_and_only_admins_grant(env: Arc<Env>) -> anyhow::Result<()> {
+    sovereign_e2e::in_namespaces(&env, &["roles"], async |names, scope| {
+        let ns = &names[0];
+        let admin = format!("{}-platform-admin", sovereign_e2e::RELEASE);
+        scope.apply(&format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: tenant-edit, namespace: {ns}}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: edit}}\n\
+             subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: e2e-tenant}}]\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: e2e-platform-{ns}}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {admin}}}\n\
+             subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: e2e-platform}}]\n"
+        ))?;
+        let can = |user: &str, verb: &str, what: &str, in_ns: bool| {
+            let mut args = vec!["auth", "can-i", verb, what, "--as", user];
+            if in_ns {
+                args.extend(["-n", ns.as_str()]);
+            }
+            env.kubectl(&args, None).map(|o| String::from_utf8_lossy(&o.stdout).trim() == "yes")
+        };
+        let cases = [
+            ("e2e-tenant", "create", "modelprojects.sovereign.ai", true, true),
+            ("e2e-tenant", "delete", "modelprojects.sovereign.ai", true, true),
+            ("e2e-tenant", "list", "modelprojects.sovereign.ai", true, true),
+            // cluster-scoped: only through <release>-tenant-reader bound cluster-wide
+            ("e2e-tenant", "list", "gpuallocations.sovereign.ai", false, false),
+            ("e2e-tenant", "create", "gpuallocations.sovereign.ai", false, false),
+            ("e2e-tenant", "patch", "acceleratorpools.sovereign.ai", false, false),
+            ("e2e-platform", "create", "gpuallocations.sovereign.ai", false, true),
+            ("e2e-platform", "patch", "acceleratorpools.sovereign.ai", false, true),
+        ];
+        // The aggregation controller fills `edit` asynchronously: wait for the first answer.
+        wait_for("the aggregated edit role", Duration::from_secs(30), || async {
+            if can("e2e-tenant", "create", "modelprojects.sovereign.ai", true).map_err(|e| e.to_string())? {
+                Ok(())
+            } else {
+                Err("no".to_string())
+            }
+        })
+        .await?;
+        for (user, verb, what, in_ns, want) in cases {
+            ensure!(can(user, verb, what, in_ns)? == want, "{user} {verb} {what}: want {want}");
+        }
         Ok(())
     })
     .await
