@@ -193,7 +193,14 @@ pub async fn two_replicas_roll_out_and_a_standby_takes_over_a_killed_or_deleted_
             let out = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
             ensure!(out.success(), "kill -9 {pid} failed");
             scope.apply(&project_yaml("two", &ns, "e2e-train", BOTH, 2, "", ""))?;
-            wait_project(&env, &ns, "two", ProjectPhase::Running, Duration::from_secs(lease_s + 10)).await?;
+            wait_for("project two to be admitted", Duration::from_secs(lease_s + 10), || async {
+                let phase = crate::projects::status(&env, &ns, "two").await?.phase;
+                match phase {
+                    Some(ProjectPhase::Admitted | ProjectPhase::Running) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            })
+            .await?;
             let took = killed.elapsed();
             ensure!(
                 took <= Duration::from_secs(lease_s + 2),
