@@ -8,12 +8,18 @@ CARGO ?= cargo
 CHART := charts/sovereign-operator
 TOOLS = eval "$$(e2e/cluster tools)"
 
-.PHONY: all build test lint unit crds check-crds chart e2e demo demo-contention demo-down cluster-up cluster-down clean
+.PHONY: all build image test lint unit crds check-crds chart e2e demo demo-contention demo-down cluster-up cluster-down clean
 
 all: build
 
 build:
 	$(CARGO) build --bin sovereign-operator
+
+## image: the operator image without Docker or a registry (e2e/image): the static binary the
+## e2e suite runs, in a FROM-scratch image built with buildah, as target/image/sovereign-operator.oci.tar;
+## loaded into the dev cluster's real node when that cluster runs. (Users: see the Dockerfile.)
+image:
+	e2e/image
 
 ## test: everything CI runs, in order of cost.
 test: lint unit check-crds chart e2e
@@ -45,13 +51,18 @@ chart:
 	"$$HELM" lint --strict $(CHART); \
 	"$$HELM" template t $(CHART) >/dev/null; \
 	"$$HELM" template t $(CHART) --set leaderElection.enabled=true,replicaCount=2 >/dev/null; \
+	"$$HELM" template t $(CHART) --set metrics.serviceMonitor.enabled=true,metrics.networkPolicy.enabled=true \
+	  | grep -q '^kind: ServiceMonitor' || { echo "chart did not render the ServiceMonitor" >&2; exit 1; }; \
+	if "$$HELM" template t $(CHART) --set leaderElection.renewDeadlineSeconds=15 >/dev/null 2>&1; then \
+	  echo "chart accepted a renew deadline not shorter than the lease duration" >&2; exit 1; fi; \
 	if "$$HELM" template t $(CHART) --set replicaCount=2 >/dev/null 2>&1; then \
 	  echo "chart accepted replicaCount=2 without leader election" >&2; exit 1; fi; \
 	if "$$HELM" template t $(CHART) --set logging.format=xml >/dev/null 2>&1; then \
 	  echo "chart accepted logging.format=xml" >&2; exit 1; fi; \
 	echo "chart: lint, template and values schema OK"
 
-## e2e: the real-cluster suite (brings the dev cluster up and down unless one runs).
+## e2e: the real-cluster suite (builds the image, brings the dev cluster up and down unless one
+## runs, loads the image into its real node).
 e2e:
 	e2e/run
 

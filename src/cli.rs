@@ -74,6 +74,19 @@ pub struct RunArgs {
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
 
+    /// Seconds a leader Lease that is not renewed keeps the standbys waiting.
+    #[arg(long, default_value_t = 15, env = "SOVEREIGN_LEASE_DURATION_SECONDS")]
+    pub lease_duration_seconds: u64,
+
+    /// Seconds the leader goes on without a successful renewal before it stops
+    /// acting (and exits); must be shorter than the lease duration.
+    #[arg(long, default_value_t = 10, env = "SOVEREIGN_RENEW_DEADLINE_SECONDS")]
+    pub renew_deadline_seconds: u64,
+
+    /// Seconds between renewals of the leader, and between standbys' attempts.
+    #[arg(long, default_value_t = 2, env = "SOVEREIGN_RETRY_PERIOD_SECONDS")]
+    pub retry_period_seconds: u64,
+
     /// Seconds the first queued project of an allocation may wait before later,
     /// smaller projects of the same allocation stop being admitted ahead of it.
     #[arg(long, default_value_t = 900, env = "SOVEREIGN_STARVATION_SECONDS")]

@@ -5,6 +5,7 @@
 //! - [`planner`]: pure decisions from plain snapshots (no client).
 //! - [`snapshot`]: Kubernetes objects to planner types.
 //! - [`controller`]: reflectors, reconcilers and the apply layer.
+//! - [`leader`]: leader election that never lets two replicas act at once.
 //! - [`admin`], [`telemetry`]: probes, metrics and logs.
 
 pub mod admin;
@@ -12,6 +13,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod crdgen;
+pub mod leader;
 pub mod planner;
 pub mod snapshot;
 pub mod telemetry;

@@ -23,6 +23,7 @@ KUBE_APISERVER="${K8S_BIN_DIR}/kube-apiserver"
 KUBE_CONTROLLER_MANAGER="${K8S_BIN_DIR}/kube-controller-manager"
 KUBE_SCHEDULER="${K8S_BIN_DIR}/kube-scheduler"
 KUBECTL="${K8S_BIN_DIR}/kubectl"
+KUBELET="${K8S_BIN_DIR}/kubelet"      # the real (system) node of the dev cluster
 KWOK="${KWOK_BIN_DIR}/kwok"
 HELM="${HELM_BIN_DIR}/helm"
 

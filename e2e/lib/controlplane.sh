@@ -95,8 +95,10 @@ stop() {
   for c in "$@"; do rm -f "${PIDS}/${c}"; done
 }
 
-# Clients first, then the apiserver, then etcd.
+# The real node first (its kubelet tears pods down through the apiserver), then the clients,
+# then the apiserver, then etcd.
 stop_all() {
+  node_down
   stop kwok kube-scheduler kube-controller-manager
   stop kube-apiserver
   stop etcd
@@ -247,6 +249,7 @@ healthy() {
   [[ "$(cat "${STATE_DIR}/mode" 2>/dev/null)" == kwok ]] || return 1
   local c
   for c in "${COMPONENTS[@]}"; do pid_of "$c" >/dev/null || return 1; done
+  (load_env && node_healthy) || return 1
   [[ "$("$KUBECTL" --kubeconfig "$KUBECONFIG_OUT" get --raw /readyz 2>/dev/null)" == ok ]]
 }
 
@@ -397,6 +400,11 @@ EOF
     kc -n default get serviceaccount default
   local n; n=$(profile_node_count "$profile")
   wait_nodes_ready "$n" 300
+  # The dev profile (what `make test` uses) adds one real node; E2E_REAL_NODE=0 leaves it out.
+  if [[ "$profile" == dev && "${E2E_REAL_NODE:-1}" != 0 ]]; then
+    node_up
+    n=$((n + 1))
+  fi
 
   cp "${PKI}/admin.kubeconfig" "${KUBECONFIG_OUT}.tmp"
   mv -f "${KUBECONFIG_OUT}.tmp" "$KUBECONFIG_OUT"
@@ -411,6 +419,8 @@ cmd_down() {
   fi
   if [[ -d "$PIDS" ]]; then
     stop_all
+  else
+    node_down   # nothing may stay mounted below .e2e/ when it is removed
   fi
   if [[ -d "$STATE_DIR" ]]; then
     rm -rf "$STATE_DIR"
@@ -432,7 +442,9 @@ cmd_status() {
   load_env || true
   echo "profile:    ${E2E_PROFILE:-?}"
   local c pid ok=1
-  for c in "${COMPONENTS[@]}"; do
+  local all=("${COMPONENTS[@]}")
+  [[ "${REAL_NODE:-0}" == 1 ]] && all+=("${NODE_COMPONENTS[@]}")
+  for c in "${all[@]}"; do
     if pid=$(pid_of "$c"); then
       printf '%-24s running  pid %s\n' "$c" "$pid"
     else

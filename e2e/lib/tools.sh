@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Builds the control plane, kwok and helm from Go modules into a cache outside the checkout.
+# Builds the control plane, the kubelet, kwok and helm from Go modules into a cache outside the checkout.
 # Sourced by e2e/cluster after common.sh. Every build is skipped when the cached binary runs
 # and reports the expected version.
 
@@ -19,13 +19,15 @@ binary_ok() {
   [[ "$out" == *"$pattern"* ]]
 }
 
-k8s_ok() {
+# k8s_missing: prints the Kubernetes binaries that are absent or report another version.
+k8s_missing() {
   local b
-  for b in kube-apiserver kube-controller-manager kube-scheduler; do
-    binary_ok "${K8S_BIN_DIR}/$b" "Kubernetes ${K8S_VERSION}" --version || return 1
+  for b in kube-apiserver kube-controller-manager kube-scheduler kubelet; do
+    binary_ok "${K8S_BIN_DIR}/$b" "Kubernetes ${K8S_VERSION}" --version || echo "$b"
   done
-  binary_ok "$KUBECTL" "Client Version: ${K8S_VERSION}" version --client
+  binary_ok "$KUBECTL" "Client Version: ${K8S_VERSION}" version --client || echo kubectl
 }
+k8s_ok() { [[ -z "$(k8s_missing)" ]]; }
 etcd_ok() { binary_ok "$ETCD" "etcd Version: ${ETCD_VERSION#v}" --version; }
 kwok_ok() { binary_ok "$KWOK" "${KWOK_VERSION#v}" --version; }
 helm_ok() { binary_ok "$HELM" "${HELM_VERSION}" version --short; }
@@ -64,8 +66,11 @@ build_k8s() {
     cp "${src}/go.mod.new" "${src}/go.mod.gen"
   fi
   rm -f "${src}/go.mod.new"
-  local pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
-              k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+  # Only what is missing: a cache from before the kubelet was added builds the kubelet alone.
+  local bins=() pkgs=() x
+  mapfile -t bins < <(k8s_missing)
+  for x in "${bins[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$x"); done
+  log "kubernetes ${K8S_VERSION}: building ${bins[*]}"
   local ldf="-s -w" p k
   for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     for k in "gitVersion=${K8S_VERSION}" "gitMajor=1" "gitMinor=${minor}" "gitTreeState=clean" \
@@ -76,12 +81,12 @@ build_k8s() {
   (
     cd "$src"
     go_env -mod=mod
-    local pv=() x
+    local pv=()
     for x in "${pkgs[@]}"; do pv+=("${x}@${K8S_VERSION}"); done
     go get "${pv[@]}" >&2
     local tmp; tmp=$(mktemp -d "${K8S_BIN_DIR}/.build.XXXXXX")
     go build -p 2 -trimpath -ldflags "$ldf" -o "$tmp/" "${pkgs[@]}" >&2
-    for x in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+    for x in "${bins[@]}"; do
       mv -f "$tmp/$x" "${K8S_BIN_DIR}/$x"
     done
     rmdir "$tmp"
@@ -160,6 +165,7 @@ KUBE_APISERVER=${KUBE_APISERVER}
 KUBE_CONTROLLER_MANAGER=${KUBE_CONTROLLER_MANAGER}
 KUBE_SCHEDULER=${KUBE_SCHEDULER}
 KUBECTL=${KUBECTL}
+KUBELET=${KUBELET}
 KWOK=${KWOK}
 HELM=${HELM}
 E2E_TOOLS_PATH=${K8S_BIN_DIR}:${ETCD_BIN_DIR}:${KWOK_BIN_DIR}:${HELM_BIN_DIR}

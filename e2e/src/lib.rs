@@ -14,6 +14,8 @@ use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod incluster;
+
 pub const RELEASE: &str = "sovereign-operator";
 pub const RELEASE_NAMESPACE: &str = "sovereign-system";
 
@@ -116,7 +118,7 @@ impl Env {
     }
 }
 
-fn run(cmd: &mut Command, stdin: Option<&str>) -> anyhow::Result<Output> {
+pub(crate) fn run(cmd: &mut Command, stdin: Option<&str>) -> anyhow::Result<Output> {
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -191,9 +193,11 @@ pub async fn in_namespaces(
     let names: Vec<String> = namespaces.iter().map(|n| n.name.clone()).collect();
     let mut scope = Scope::new(env);
     let res = body(&names, &mut scope).await;
-    let cleaned = scope.cleanup();
+    let mut cleaned = scope.cleanup();
     for ns in namespaces {
-        ns.cleanup().await?;
+        if let Err(e) = ns.cleanup().await {
+            cleaned = cleaned.and(Err(e));
+        }
     }
     res?;
     cleaned

@@ -17,6 +17,7 @@ use sovereign_e2e::{Env, Operator, TestNamespace, free_port, http_get, wait_for}
 use sovereign_operator::api::{AcceleratorPool, find_condition};
 
 mod grants;
+mod incluster;
 mod projects;
 mod sharing;
 
@@ -45,6 +46,15 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
 
+    let real_node = incluster::available(&env);
+    // Last: the first of these stops the shared host-run operator.
+    let in_cluster = tests![
+        incluster::the_image_runs_on_the_real_node_in_a_restricted_namespace_and_finishes_a_run,
+        incluster::an_upgrade_to_another_tag_never_runs_two_operators,
+        incluster::two_replicas_roll_out_and_a_standby_takes_over_a_killed_or_deleted_leader,
+        incluster::api_server_outages_never_let_two_replicas_act_at_once,
+    ];
+    let in_cluster_count = in_cluster.len();
     let trials = tests![
         crds_are_established,
         crds_folder_applies_on_its_own,
@@ -76,25 +86,35 @@ fn main() -> anyhow::Result<()> {
         sharing::a_hard_budget_stops_runs_and_an_admission_budget_does_not,
         sharing::a_non_preemptible_run_needs_consent_and_is_then_never_preempted,
         sharing::contention_over_minutes_never_thrashes,
+        incluster::the_chart_roles_let_tenants_submit_runs_and_only_admins_grant,
     ]
     .into_iter()
-    .map(|(name, test)| {
+    .map(|t| (t, false))
+    .chain(in_cluster.into_iter().map(|t| (t, true)))
+    .map(|((name, test), needs_node)| {
         let (env, rt) = (env.clone(), rt.clone());
         // The contention scenario runs for minutes by design.
         let limit = if name.starts_with("contention_over_minutes") { 420 } else { 180 };
-        Trial::test(name, move || {
+        let trial = Trial::test(name, move || {
             rt.block_on(async { tokio::time::timeout(Duration::from_secs(limit), test(env)).await })
                 .map_err(|_| Failed::from(format!("timed out after {limit}s")))?
                 .map_err(|e| Failed::from(format!("{e:#}")))
-        })
+        });
+        // Without the dev cluster's real node (kind) they are reported as ignored, never passed.
+        trial.with_ignored_flag(needs_node && !real_node)
     })
     .collect();
+    if !real_node {
+        eprintln!("no real node in this cluster: the {in_cluster_count} in-cluster tests are ignored");
+    }
 
     let conclusion = libtest_mimic::run(&args, trials);
-    let operator = env.operator.blocking_lock().take().context("the shared operator is gone")?;
-    let status = rt.block_on(operator.terminate(Duration::from_secs(30)))?;
-    if !status.success() {
-        bail!("the shared operator exited with {status} on SIGTERM");
+    // The in-cluster tests stop it earlier when they run.
+    if let Some(operator) = env.operator.blocking_lock().take() {
+        let status = rt.block_on(operator.terminate(Duration::from_secs(30)))?;
+        if !status.success() {
+            bail!("the shared operator exited with {status} on SIGTERM");
+        }
     }
     conclusion.exit()
 }

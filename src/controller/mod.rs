@@ -134,18 +134,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin =
         tokio::spawn(admin::serve(args.admin_address, readiness.clone(), metrics.clone(), stopped(stop_rx.clone())));
 
+    // Held outside `work`, so that it is released after the controllers stopped.
+    let leadership = std::sync::Mutex::new(None);
     let work = async {
         wait_for_crds(&client, &readiness).await;
-        if args.leader_elect {
-            lead(&client, &args, &readiness).await?;
-        }
         let stores = stores::start(client.clone());
         readiness.set_not_ready("waiting for the caches to sync");
         let synced = std::time::Instant::now();
         stores.wait_until_ready().await?;
-        let ctx = Context::new(client.clone(), metrics.clone(), stores, &args);
+        // A standby is ready too: caches synced, waiting warm for the Lease (see crate::leader).
         readiness.set_ready();
-        tracing::info!(elapsed_ms = synced.elapsed().as_millis() as u64, "caches synced, reconciling");
+        tracing::info!(elapsed_ms = synced.elapsed().as_millis() as u64, "caches synced");
+        if args.leader_elect {
+            let config = crate::leader::LeaderConfig::from_args(&args);
+            let held = crate::leader::acquire(client.clone(), config, crate::leader::exit_now).await?;
+            *leadership.lock().expect("leadership lock") = Some(held);
+        }
+        let ctx = Context::new(client.clone(), metrics.clone(), stores, &args);
+        tracing::info!("reconciling");
         tokio::join!(
             pool::run(ctx.clone(), stopped(stop_rx.clone())),
             allocation::run(ctx.clone(), stopped(stop_rx.clone())),
@@ -159,6 +165,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::select! {
         res = work => res?,
         _ = stopped(stop_rx.clone()) => {}
+    }
+    let held = leadership.lock().expect("leadership lock").take();
+    if let Some(held) = held {
+        held.release(Duration::from_secs(3)).await;
     }
     readiness.set_not_ready("shutting down");
     admin.await??;
@@ -230,29 +240,4 @@ async fn missing_crds(client: &Client) -> Result<Vec<&'static str>, kube::Error>
     probe!(GpuAllocation, "gpuallocations.sovereign.ai");
     probe!(ModelProject, "modelprojects.sovereign.ai");
     Ok(missing)
-}
-
-/// Blocks until this replica holds the leader Lease. Losing it later stops the
-/// process, so that a new leader never overlaps with a stale one.
-async fn lead(client: &Client, args: &RunArgs, readiness: &Readiness) -> anyhow::Result<()> {
-    let identity = args.identity.clone().unwrap_or_else(|| format!("sovereign-operator-{}", std::process::id()));
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "sovereign-operator-leader")
-        .with_namespace(&args.lease_namespace)
-        .with_identity(identity)
-        .with_duration(15)
-        .with_grace(5)
-        .build()
-        .await?;
-    readiness.set_not_ready("waiting for the leader lease");
-    let (mut channel, task) = manager.watch().await;
-    channel.wait_for(|leader| *leader).await?;
-    tracing::info!("acquired the leader lease");
-    tokio::spawn(async move {
-        if channel.wait_for(|leader| !*leader).await.is_ok() {
-            tracing::error!("lost the leader lease, exiting so a new leader takes over");
-            std::process::exit(1);
-        }
-        drop(task);
-    });
-    Ok(())
 }
