@@ -27,8 +27,36 @@ pub enum Command {
     /// Print the CustomResourceDefinitions as YAML (what `crds/` holds), or write
     /// one file per CRD into a folder.
     Crd(CrdArgs),
+    /// Report accelerator-hours and current use by program, tenant, pool and
+    /// domestic/non-domestic pools, grants against use, and the queue.
+    /// Read-only (view rights suffice); also `kubectl sovereign report` when
+    /// installed as `kubectl-sovereign`.
+    Report(ReportArgs),
     /// Print the version.
     Version,
+}
+
+/// Flags of `report`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// Kubeconfig file to use instead of the in-cluster config or $KUBECONFIG.
+    #[arg(long, env = "SOVEREIGN_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = ReportFormat::Table)]
+    pub output: ReportFormat,
+    /// Also write SVG charts into this folder: hours by program and by pool,
+    /// domestic share by program against the 50% target, grants against use.
+    #[arg(long, value_name = "DIR")]
+    pub svg: Option<PathBuf>,
+}
+
+/// Output format of `report`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportFormat {
+    Table,
+    Csv,
+    Json,
 }
 
 /// Flags of `crd`.
@@ -105,6 +133,14 @@ mod tests {
         let Command::Run(args) = cli.command else { panic!("expected run") };
         assert!(args.admin_address.ip().is_loopback());
         assert!(!args.leader_elect);
+    }
+
+    #[test]
+    fn report_takes_a_format_and_a_chart_folder() {
+        let cli = Cli::try_parse_from(["kubectl-sovereign", "report", "-o", "csv", "--svg", "charts"]).unwrap();
+        let Command::Report(args) = cli.command else { panic!("expected report") };
+        assert_eq!(args.output, ReportFormat::Csv);
+        assert_eq!(args.svg.as_deref(), Some(std::path::Path::new("charts")));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`planner`]: pure decisions from plain snapshots (no client).
 //! - [`snapshot`]: Kubernetes objects to planner types.
 //! - [`controller`]: reflectors, reconcilers and the apply layer.
+//! - [`report`]: the center's use, by program, tenant and pool (read-only).
 //! - [`admin`], [`telemetry`]: probes, metrics and logs.
 
 pub mod admin;
@@ -12,7 +13,9 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod crdgen;
+pub mod kubeclient;
 pub mod planner;
+pub mod report;
 pub mod snapshot;
 pub mod telemetry;
 pub mod workload;

@@ -18,8 +18,7 @@ pub use error::Error;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
 use tokio::sync::watch;
 
 use crate::admin::{self, Readiness};
@@ -114,15 +113,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn client(args: &RunArgs) -> anyhow::Result<Client> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
-                .map_err(|e| anyhow::anyhow!("cannot read kubeconfig {}: {e}", path.display()))?;
-            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?
-        }
-        None => Config::infer().await?,
-    };
-    Ok(Client::try_from(config)?)
+    crate::kubeclient::client(args.kubeconfig.as_deref()).await
 }
 
 /// Resolves once `stop` turns true.
