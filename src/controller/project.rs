@@ -334,6 +334,7 @@ async fn run_gang(
             ("Preempted", msg)
         };
         requeue_gang(out, ProjectPhase::Queued);
+        ctx.metrics.count_gang_restart(reason);
         out.status.preemptions += 1;
         set_condition(&mut out.status.conditions, condition("Preempted", true, reason, msg.clone(), g), &now);
         set_condition(&mut out.status.conditions, condition("Queued", true, reason, msg.clone(), g), &now);
