@@ -32,8 +32,52 @@ pub enum Command {
     /// Read-only (view rights suffice); also `kubectl sovereign report` when
     /// installed as `kubectl-sovereign`.
     Report(ReportArgs),
+    /// Show what the operator would do if the objects in FILE were applied
+    /// (or deleted with --delete): allocations Active or Pending and why,
+    /// quotas, reserved nodes, admissions, waits and preemptions, pool totals
+    /// and the domestic share. Reads the cluster once; never writes. Also
+    /// `kubectl sovereign plan`.
+    Plan(PlanArgs),
     /// Print the version.
     Version,
+}
+
+/// Flags of `plan`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlanArgs {
+    /// Kubeconfig file to use instead of the in-cluster config or $KUBECONFIG.
+    #[arg(long, env = "SOVEREIGN_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Files (or folders of .yaml files) with AcceleratorPools, GpuAllocations,
+    /// ModelProjects and Namespaces to plan.
+    #[arg(short = 'f', long = "filename", value_name = "FILE", required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
+    /// Plan deleting the objects of the files instead of applying them.
+    #[arg(long)]
+    pub delete: bool,
+    /// Plan for this moment (RFC 3339, e.g. 2027-01-01T09:00:00Z) instead of now:
+    /// windows open or close, budgets accrue at the current rates.
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = PlanFormat::Table)]
+    pub output: PlanFormat,
+    /// The operator's --starvation-seconds.
+    #[arg(long, default_value_t = 900, env = "SOVEREIGN_STARVATION_SECONDS")]
+    pub starvation_seconds: u64,
+    /// The operator's --min-run-seconds.
+    #[arg(long, default_value_t = 600, env = "SOVEREIGN_MIN_RUN_SECONDS")]
+    pub min_run_seconds: u64,
+    /// The operator's --node-grace-seconds.
+    #[arg(long, default_value_t = 300, env = "SOVEREIGN_NODE_GRACE_SECONDS")]
+    pub node_grace_seconds: u64,
+}
+
+/// Output format of `plan`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanFormat {
+    Table,
+    Json,
 }
 
 /// Flags of `report`.

@@ -5,6 +5,7 @@
 //! - [`planner`]: pure decisions from plain snapshots (no client).
 //! - [`snapshot`]: Kubernetes objects to planner types.
 //! - [`controller`]: reflectors, reconcilers and the apply layer.
+//! - [`plan`]: what the operator would do with proposed objects (read-only).
 //! - [`report`]: the center's use, by program, tenant and pool (read-only).
 //! - [`admin`], [`telemetry`]: probes, metrics and logs.
 
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod controller;
 pub mod crdgen;
 pub mod kubeclient;
+pub mod plan;
 pub mod planner;
 pub mod report;
 pub mod snapshot;

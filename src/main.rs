@@ -11,6 +11,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Crd(args) => sovereign_operator::crdgen::run(&args),
         Command::Report(args) => sovereign_operator::report::run(&args).await,
+        Command::Plan(args) => sovereign_operator::plan::run(&args).await,
         Command::Version => {
             println!("sovereign-operator {}", env!("CARGO_PKG_VERSION"));
             Ok(())

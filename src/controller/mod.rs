@@ -1,16 +1,16 @@
 //! Wiring of the running operator: client, admin server, CRD check, leader
 //! election, shared reflectors and the reconcilers.
 
-mod allocation;
+pub(crate) mod allocation;
 mod context;
 mod error;
 mod nodes;
 mod pool;
 mod project;
-mod queue;
-mod quota;
-mod stores;
-mod view;
+pub(crate) mod queue;
+pub(crate) mod quota;
+pub(crate) mod stores;
+pub(crate) mod view;
 
 pub use context::Context;
 pub use error::Error;
