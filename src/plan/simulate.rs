@@ -108,6 +108,18 @@ pub fn plan(live: &Cluster, proposals: &[Proposal], now: Timestamp, settings: &S
     })
 }
 
+/// Plays the reconciles on `c` until it settles (what applying for real does).
+#[cfg(test)]
+pub(super) fn settle(c: &mut Cluster, now: Timestamp, settings: &Settings) {
+    let (mut events, mut devices) = (BTreeMap::new(), BTreeMap::new());
+    for _ in 0..MAX_ROUNDS {
+        let d = decide(c, now, settings);
+        if !step(c, &d, now, settings, &mut events, &mut devices) {
+            break;
+        }
+    }
+}
+
 /// Writes one decision into the cluster as the reconcilers would; false when
 /// it changes nothing (the operator has settled).
 fn step(
@@ -174,7 +186,7 @@ fn step(
         changed = true;
     }
     // Runs of allocations no longer in force stop (a used-up budget only when Hard).
-    let inactive: BTreeMap<String, AllocationPhase> = d
+    let inactive: BTreeMap<String, String> = d
         .allocations
         .iter()
         .filter_map(|(name, s)| {
@@ -184,17 +196,17 @@ fn step(
                 AllocationPhase::Exhausted => d.hard_budget.contains(name),
                 _ => true,
             };
-            stops.then(|| (name.clone(), phase))
+            let why = find_condition(&s.conditions, "Ready").map(|c| c.message.clone()).unwrap_or_default();
+            // The project reconcile's words.
+            let msg = format!("allocation {name} is {phase:?} ({why}): workers stopped with their grace period");
+            stops.then_some((name.clone(), msg))
         })
         .collect();
     let stopping: Vec<(String, String)> = c
         .projects
         .iter()
         .filter(|p| holds_devices(p.status.as_ref().and_then(|s| s.phase)))
-        .filter_map(|p| {
-            let phase = inactive.get(&p.spec.allocation)?;
-            Some((key(p), format!("allocation {} is {phase:?}: its runs are stopped", p.spec.allocation)))
-        })
+        .filter_map(|p| Some((key(p), inactive.get(&p.spec.allocation)?.clone())))
         .collect();
     for (k, why) in stopping {
         changed |=
