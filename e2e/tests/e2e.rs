@@ -18,6 +18,7 @@ use sovereign_operator::api::{AcceleratorPool, find_condition};
 
 mod dashboard;
 mod grants;
+mod plan;
 mod projects;
 mod sharing;
 
@@ -78,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         sharing::a_non_preemptible_run_needs_consent_and_is_then_never_preempted,
         sharing::contention_over_minutes_never_thrashes,
         dashboard::every_dashboard_query_returns_series_from_a_real_prometheus,
+        plan::the_operator_does_what_plan_said,
     ]
     .into_iter()
     .map(|(name, test)| {
