@@ -12,7 +12,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp, Unit};
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use serde_json::Value;
-use sovereign_e2e::{Env, in_namespaces, wait_for};
+use sovereign_e2e::{Env, RELEASE, in_namespaces, wait_for};
 use sovereign_operator::api::{GpuAllocation, ProjectPhase, find_condition};
 
 use crate::grants::{alloc_yaml, pool_yaml};
@@ -20,10 +20,16 @@ use crate::projects::{atom, project_yaml, status, wait_project};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// Runs `plan` as a user would, and returns its JSON.
-fn run_plan(env: &Env, file: &std::path::Path, at: Option<&str>) -> anyhow::Result<Value> {
+/// Runs `plan` as a user with the chart's read-only planner role would, and
+/// returns its JSON.
+fn run_plan(
+    env: &Env,
+    kubeconfig: &std::path::Path,
+    file: &std::path::Path,
+    at: Option<&str>,
+) -> anyhow::Result<Value> {
     let mut cmd = std::process::Command::new(&env.operator_bin);
-    cmd.args(["plan", "-o", "json", "--kubeconfig"]).arg(&env.kubeconfig).arg("-f").arg(file);
+    cmd.args(["plan", "-o", "json", "--kubeconfig"]).arg(kubeconfig).arg("-f").arg(file);
     if let Some(at) = at {
         cmd.args(["--at", at]);
     }
@@ -90,8 +96,17 @@ pub async fn the_operator_does_what_plan_said(env: Arc<Env>) -> anyhow::Result<(
         .join("---\n");
         let file = env.state.join(format!("plan-{run_ns}.yaml"));
         std::fs::write(&file, &changes)?;
-        let plan = run_plan(&env, &file, None)?;
-        let later = run_plan(&env, &file, Some(&start.checked_add(SignedDuration::from_secs(5))?.to_string()))?;
+        // Planned by a user who may only list (the chart's planner role).
+        env.kubectl_ok(&["-n", run_ns, "create", "serviceaccount", "planner"], None)?;
+        scope.apply(&format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: {run_ns}-planner}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {RELEASE}-planner}}\n\
+             subjects: [{{kind: ServiceAccount, name: planner, namespace: {run_ns}}}]\n"
+        ))?;
+        let planner = env.service_account_kubeconfig(run_ns, "planner", "planner-kubeconfig")?;
+        let plan = run_plan(&env, &planner, &file, None)?;
+        let at = start.checked_add(SignedDuration::from_secs(5))?.to_string();
+        let later = run_plan(&env, &planner, &file, Some(&at))?;
 
         // What the plan says.
         let allocs = &plan["allocations"];

@@ -128,14 +128,17 @@ pub fn decide(cluster: &Cluster, now: Timestamp, settings: &Settings) -> Decisio
         };
         d.pools.insert(p.name.clone(), pool);
     }
-    // Borrowed: the same rule as the project reconcile's admission.
+    // Borrowed: the project reconcile's rule, with the admissions of this pass
+    // counted one after the other (as the operator's in-flight admissions are).
+    let mut admitted = pass.admitted.clone();
     for (key, outcome) in &d.outcomes {
         if let (Outcome::Admitted { pool, .. }, Some(p)) = (outcome, projects.iter().find(|p| &queue::key(p) == key)) {
             let total = p.spec.workers as i64 * p.spec.accelerators_per_worker as i64;
-            let before = pass.admitted.get(&(p.spec.allocation.clone(), pool.clone())).copied().unwrap_or(0);
-            if before + total > queue::granted(&view, &p.spec.allocation, pool) {
+            let before = admitted.entry((p.spec.allocation.clone(), pool.clone())).or_default();
+            if *before + total > queue::granted(&view, &p.spec.allocation, pool) {
                 d.borrowed.push(key.clone());
             }
+            *before += total;
         }
     }
     d.preemptions = pass.preempting.values().map(|p| (**p).clone()).collect();

@@ -29,8 +29,10 @@ pub struct Bars<'a> {
     pub layout: Layout,
     /// A horizontal line (value, legend).
     pub target: Option<(f64, &'a str)>,
-    /// A fixed top of the y axis (e.g. 1.0 for shares).
+    /// A fixed top of the y axis.
     pub y_max: Option<f64>,
+    /// Values are fractions, shown as percentages.
+    pub percent: bool,
 }
 
 /// The report's four charts: (file name, SVG).
@@ -49,7 +51,8 @@ pub fn all(report: &Report) -> anyhow::Result<Vec<(&'static str, String)>> {
         series: vec![("domestic share", DOMESTIC, programs.iter().map(|r| r.domestic_share.unwrap_or(0.0)).collect())],
         layout: Layout::Nested,
         target: Some((report.domestic_target, &target_label)),
-        y_max: Some(1.0),
+        y_max: None,
+        percent: true,
     };
     let grant_use = Bars {
         title: "Grants against use, by allocation",
@@ -62,6 +65,7 @@ pub fn all(report: &Report) -> anyhow::Result<Vec<(&'static str, String)>> {
         layout: Layout::Nested,
         target: None,
         y_max: None,
+        percent: false,
     };
     Ok(vec![
         ("hours-by-program.svg", by_program.svg()?),
@@ -85,7 +89,14 @@ fn hours_bars<'a>(title: &'a str, rows: &[&Row]) -> Bars<'a> {
         layout: Layout::Stacked,
         target: None,
         y_max: None,
+        percent: false,
     }
+}
+
+/// A y-axis value with at most two decimals and no trailing zeros.
+pub fn tick(v: f64) -> String {
+    let s = format!("{v:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 impl Bars<'_> {
@@ -103,7 +114,8 @@ impl Bars<'_> {
         };
         let max = (0..self.categories.len()).map(per_category).fold(0.0, f64::max);
         let max = max.max(self.target.map(|t| t.0).unwrap_or(0.0));
-        if max > 0.0 { max * 1.15 } else { 1.0 }
+        // Headroom for the legend in the upper right corner.
+        if max > 0.0 { max * 1.35 } else { 1.0 }
     }
 
     pub fn svg(&self) -> anyhow::Result<String> {
@@ -119,12 +131,15 @@ impl Bars<'_> {
     ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
         root.fill(&WHITE)?;
         let n = self.categories.len().max(1);
+        // A segmented range 0..k has k + 1 segments; one category still needs
+        // a range that is not empty (its chart gets a blank second slot).
+        let segments = n.max(2);
         let mut chart = ChartBuilder::on(&root)
             .caption(self.title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(64)
-            .build_cartesian_2d((0..n).into_segmented(), 0.0..self.top())?;
+            .build_cartesian_2d((0..segments - 1).into_segmented(), 0.0..self.top())?;
         let label = |v: &SegmentValue<usize>| match v {
             SegmentValue::CenterOf(i) => self.categories.get(*i).cloned().unwrap_or_default(),
             _ => String::new(),
@@ -132,8 +147,9 @@ impl Bars<'_> {
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(n + 1)
+            .x_labels(segments + 1)
             .x_label_formatter(&label)
+            .y_label_formatter(&|v: &f64| if self.percent { format!("{:.0}%", v * 100.0) } else { tick(*v) })
             .y_desc(self.y_label)
             .draw()?;
         let mut base = vec![0.0; n];
@@ -161,7 +177,7 @@ impl Bars<'_> {
         }
         if let Some((value, name)) = self.target {
             let line = PathElement::new(
-                vec![(SegmentValue::Exact(0), value), (SegmentValue::Exact(n), value)],
+                vec![(SegmentValue::Exact(0), value), (SegmentValue::Exact(segments), value)],
                 TARGET.stroke_width(2),
             );
             chart
@@ -169,7 +185,12 @@ impl Bars<'_> {
                 .label(name)
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], TARGET.stroke_width(2)));
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
         root.present()?;
         Ok(())
     }

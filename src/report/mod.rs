@@ -127,7 +127,7 @@ pub async fn fetch(client: &Client) -> anyhow::Result<Inputs> {
         pools: Api::<AcceleratorPool>::all(client.clone()).list(&lp).await?.items,
         allocations: Api::<GpuAllocation>::all(client.clone()).list(&lp).await?.items,
         projects: Api::<ModelProject>::all(client.clone()).list(&lp).await?.items,
-        now: Timestamp::now(),
+        now: Timestamp::now().round(k8s_openapi::jiff::Unit::Second)?,
     })
 }
 

@@ -172,3 +172,10 @@ fn durations_read_in_their_largest_units() {
     assert_eq!(render::duration(750), "12m30s");
     assert_eq!(render::duration(3 * 3600 + 300), "3h05m");
 }
+
+#[test]
+fn axis_ticks_have_no_float_noise() {
+    assert_eq!(charts::tick(0.6000000000000001), "0.6");
+    assert_eq!(charts::tick(12.0), "12");
+    assert_eq!(charts::tick(0.25), "0.25");
+}
