@@ -191,6 +191,36 @@ pub async fn the_operator_does_what_plan_said(env: Arc<Env>) -> anyhow::Result<(
         // And at the window's start, what `--at` said.
         let w = by(&later["allocations"], "name", "e2e-plan-window")?.clone();
         wait_allocation_as_planned(&env, &w).await?;
+
+        // The report reads the same center with the same read-only rights.
+        wait_for("the report to show the grants and the queue", MINUTE, || async {
+            let out = std::process::Command::new(&env.operator_bin)
+                .args(["report", "-o", "json", "--kubeconfig"])
+                .arg(&planner)
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(format!("report failed: {}", String::from_utf8_lossy(&out.stderr)));
+            }
+            let report: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+            let row = |name: &str| {
+                report["rows"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|r| r["section"] == "allocation" && r["name"] == name)
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let (dedicated, run) = (row("e2e-plan-dedicated"), row("e2e-plan-run"));
+            let ok = dedicated["granted"] == 16
+                && dedicated["phase"] == "Active"
+                && run["running"] == 1
+                && run["queued"] == 1
+                && run["inUse"] == 8;
+            if ok { Ok(()) } else { Err(format!("dedicated {dedicated}, run {run}")) }
+        })
+        .await?;
         Ok(())
     })
     .await
