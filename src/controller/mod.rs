@@ -8,7 +8,7 @@ mod nodes;
 mod pool;
 mod project;
 pub(crate) mod queue;
-pub(crate) mod quota;
+mod quota;
 pub(crate) mod stores;
 pub(crate) mod view;
 
