@@ -55,6 +55,9 @@ chart:
 	  | grep -q '^kind: ServiceMonitor' || { echo "chart did not render the ServiceMonitor" >&2; exit 1; }; \
 	if "$$HELM" template t $(CHART) --set leaderElection.renewDeadlineSeconds=15 >/dev/null 2>&1; then \
 	  echo "chart accepted a renew deadline not shorter than the lease duration" >&2; exit 1; fi; \
+	dash=$$("$$HELM" template t $(CHART) --set dashboard.enabled=true --show-only templates/dashboard.yaml); \
+	[[ "$$dash" == *'grafana_dashboard: "1"'* && "$$dash" == *'"uid": "sovereign-operator"'* ]] \
+	  || { echo "chart: dashboard.enabled=true renders no Grafana dashboard ConfigMap" >&2; exit 1; }; \
 	if "$$HELM" template t $(CHART) --set replicaCount=2 >/dev/null 2>&1; then \
 	  echo "chart accepted replicaCount=2 without leader election" >&2; exit 1; fi; \
 	if "$$HELM" template t $(CHART) --set logging.format=xml >/dev/null 2>&1; then \

@@ -27,8 +27,80 @@ pub enum Command {
     /// Print the CustomResourceDefinitions as YAML (what `crds/` holds), or write
     /// one file per CRD into a folder.
     Crd(CrdArgs),
+    /// Report accelerator-hours and current use by program, tenant, pool and
+    /// domestic/non-domestic pools, grants against use, and the queue.
+    /// Read-only (view rights suffice); also `kubectl sovereign report` when
+    /// installed as `kubectl-sovereign`.
+    Report(ReportArgs),
+    /// Show what the operator would do if the objects in FILE were applied
+    /// (or deleted with --delete): allocations Active or Pending and why,
+    /// quotas, reserved nodes, admissions, waits and preemptions, pool totals
+    /// and the domestic share. Reads the cluster once; never writes. Also
+    /// `kubectl sovereign plan`.
+    Plan(PlanArgs),
     /// Print the version.
     Version,
+}
+
+/// Flags of `plan`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlanArgs {
+    /// Kubeconfig file to use instead of the in-cluster config or $KUBECONFIG.
+    #[arg(long, env = "SOVEREIGN_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Files (or folders of .yaml files) with AcceleratorPools, GpuAllocations,
+    /// ModelProjects and Namespaces to plan.
+    #[arg(short = 'f', long = "filename", value_name = "FILE", required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
+    /// Plan deleting the objects of the files instead of applying them.
+    #[arg(long)]
+    pub delete: bool,
+    /// Plan for this moment (RFC 3339, e.g. 2027-01-01T09:00:00Z) instead of now:
+    /// windows open or close, budgets accrue at the current rates.
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = PlanFormat::Table)]
+    pub output: PlanFormat,
+    /// The operator's --starvation-seconds.
+    #[arg(long, default_value_t = 900, env = "SOVEREIGN_STARVATION_SECONDS")]
+    pub starvation_seconds: u64,
+    /// The operator's --min-run-seconds.
+    #[arg(long, default_value_t = 600, env = "SOVEREIGN_MIN_RUN_SECONDS")]
+    pub min_run_seconds: u64,
+    /// The operator's --node-grace-seconds.
+    #[arg(long, default_value_t = 300, env = "SOVEREIGN_NODE_GRACE_SECONDS")]
+    pub node_grace_seconds: u64,
+}
+
+/// Output format of `plan`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanFormat {
+    Table,
+    Json,
+}
+
+/// Flags of `report`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// Kubeconfig file to use instead of the in-cluster config or $KUBECONFIG.
+    #[arg(long, env = "SOVEREIGN_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = ReportFormat::Table)]
+    pub output: ReportFormat,
+    /// Also write SVG charts into this folder: hours by program and by pool,
+    /// domestic share by program against the 50% target, grants against use.
+    #[arg(long, value_name = "DIR")]
+    pub svg: Option<PathBuf>,
+}
+
+/// Output format of `report`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportFormat {
+    Table,
+    Csv,
+    Json,
 }
 
 /// Flags of `crd`.
@@ -118,6 +190,14 @@ mod tests {
         let Command::Run(args) = cli.command else { panic!("expected run") };
         assert!(args.admin_address.ip().is_loopback());
         assert!(!args.leader_elect);
+    }
+
+    #[test]
+    fn report_takes_a_format_and_a_chart_folder() {
+        let cli = Cli::try_parse_from(["kubectl-sovereign", "report", "-o", "csv", "--svg", "charts"]).unwrap();
+        let Command::Report(args) = cli.command else { panic!("expected report") };
+        assert_eq!(args.output, ReportFormat::Csv);
+        assert_eq!(args.svg.as_deref(), Some(std::path::Path::new("charts")));
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - [`snapshot`]: Kubernetes objects to planner types.
 //! - [`controller`]: reflectors, reconcilers and the apply layer.
 //! - [`leader`]: leader election that never lets two replicas act at once.
+//! - [`plan`]: what the operator would do with proposed objects (read-only).
+//! - [`report`]: the center's use, by program, tenant and pool (read-only).
 //! - [`admin`], [`telemetry`]: probes, metrics and logs.
 
 pub mod admin;
@@ -13,8 +15,11 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod crdgen;
+pub mod kubeclient;
 pub mod leader;
+pub mod plan;
 pub mod planner;
+pub mod report;
 pub mod snapshot;
 pub mod telemetry;
 pub mod workload;

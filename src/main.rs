@@ -10,6 +10,8 @@ async fn main() -> anyhow::Result<()> {
             sovereign_operator::controller::run(args).await
         }
         Command::Crd(args) => sovereign_operator::crdgen::run(&args),
+        Command::Report(args) => sovereign_operator::report::run(&args).await,
+        Command::Plan(args) => sovereign_operator::plan::run(&args).await,
         Command::Version => {
             println!("sovereign-operator {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -54,6 +54,19 @@ pub struct ShareLabels {
 
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
+/// Accelerator-hours are exposed in seconds, Prometheus' base unit.
+const SECONDS_PER_HOUR: f64 = 3600.0;
+
+/// What the allocation gauges show of one allocation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AllocationGauges {
+    pub granted: i64,
+    pub in_use: i64,
+    pub hours_used: f64,
+    pub budget_hours: Option<f64>,
+    pub active: bool,
+}
+
 /// The operator's metrics, registered once at start.
 pub struct Metrics {
     pub registry: Registry,
@@ -67,7 +80,9 @@ pub struct Metrics {
     pool_reserved: Family<PoolLabels, Gauge>,
     pool_in_use: Family<PoolLabels, Gauge>,
     allocation_granted: Family<AllocationLabels, Gauge>,
-    allocation_hours: Family<AllocationLabels, FloatGauge>,
+    allocation_in_use: Family<AllocationLabels, Gauge>,
+    allocation_used: Family<AllocationLabels, FloatGauge>,
+    allocation_budget: Family<AllocationLabels, FloatGauge>,
     allocation_active: Family<AllocationLabels, Gauge>,
     domestic_share: Family<ShareLabels, FloatGauge>,
     admission_wait: Histogram,
@@ -132,18 +147,30 @@ impl Default for Metrics {
         let pool_reserved = gauge("pool_reserved_devices", "Devices on nodes reserved by dedicated grants");
         let pool_in_use = gauge("pool_in_use_devices", "Devices requested by running pods");
         let allocation_granted = Family::<AllocationLabels, Gauge>::default();
-        let allocation_hours = Family::<AllocationLabels, FloatGauge>::default();
+        let allocation_in_use = Family::<AllocationLabels, Gauge>::default();
+        let allocation_used = Family::<AllocationLabels, FloatGauge>::default();
+        let allocation_budget = Family::<AllocationLabels, FloatGauge>::default();
         let allocation_active = Family::<AllocationLabels, Gauge>::default();
         let domestic_share = Family::<ShareLabels, FloatGauge>::default();
         registry.register("allocation_granted_devices", "Devices granted and in force", allocation_granted.clone());
         registry.register(
-            "allocation_accelerator_hours",
-            "Accelerator-hours used (charge-factor weighted)",
-            allocation_hours.clone(),
+            "allocation_in_use_devices",
+            "Devices requested by the allocation's running pods",
+            allocation_in_use.clone(),
+        );
+        registry.register(
+            "allocation_used_accelerator_seconds",
+            "Accelerator time used, charge-factor weighted (accelerator-hours x 3600)",
+            allocation_used.clone(),
+        );
+        registry.register(
+            "allocation_budget_accelerator_seconds",
+            "The allocation's budget of accelerator time (accelerator-hours x 3600), for budgeted allocations",
+            allocation_budget.clone(),
         );
         registry.register("allocation_active", "1 while the allocation is Active", allocation_active.clone());
         registry.register(
-            "domestic_share",
+            "domestic_share_ratio",
             "Fraction of accelerators on domestic pools, by measure (capacity, granted, in_use)",
             domestic_share.clone(),
         );
@@ -156,7 +183,7 @@ impl Default for Metrics {
         let gang_restarts = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "gang_stops",
-            "Gangs stopped, by reason (restarts, timeouts, failures)",
+            "Gangs stopped, by reason: restarts, timeouts and failures, Preempted and Reclaimed",
             gang_restarts.clone(),
         );
         let projects = Family::<ProjectLabels, Gauge>::default();
@@ -179,7 +206,9 @@ impl Default for Metrics {
             pool_reserved,
             pool_in_use,
             allocation_granted,
-            allocation_hours,
+            allocation_in_use,
+            allocation_used,
+            allocation_budget,
             allocation_active,
             domestic_share,
         }
@@ -200,7 +229,9 @@ impl Metrics {
             f.clear();
         }
         self.allocation_granted.clear();
-        self.allocation_hours.clear();
+        self.allocation_in_use.clear();
+        self.allocation_used.clear();
+        self.allocation_budget.clear();
         self.allocation_active.clear();
     }
 
@@ -213,11 +244,15 @@ impl Metrics {
         self.pool_in_use.get_or_create(&l).set(in_use);
     }
 
-    pub fn allocation(&self, allocation: &str, program: &str, granted: i64, hours: f64, active: bool) {
+    pub fn allocation(&self, allocation: &str, program: &str, g: &AllocationGauges) {
         let l = AllocationLabels { allocation: allocation.to_string(), program: program.to_string() };
-        self.allocation_granted.get_or_create(&l).set(granted);
-        self.allocation_hours.get_or_create(&l).set(hours);
-        self.allocation_active.get_or_create(&l).set(active as i64);
+        self.allocation_granted.get_or_create(&l).set(g.granted);
+        self.allocation_in_use.get_or_create(&l).set(g.in_use);
+        self.allocation_used.get_or_create(&l).set(g.hours_used * SECONDS_PER_HOUR);
+        if let Some(budget) = g.budget_hours {
+            self.allocation_budget.get_or_create(&l).set(budget * SECONDS_PER_HOUR);
+        }
+        self.allocation_active.get_or_create(&l).set(g.active as i64);
     }
 
     /// Replaces the project gauges: counts by (phase, pool) and queue depth by
@@ -268,5 +303,25 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("sovereign_reconciliations_total{controller=\"pool\"} 1"), "{text}");
         assert!(text.contains("# TYPE sovereign_reconcile_duration_seconds histogram"), "{text}");
+    }
+
+    #[test]
+    fn allocation_time_is_in_seconds_and_shares_are_ratios() {
+        let m = Metrics::default();
+        let g = AllocationGauges { granted: 16, in_use: 8, hours_used: 1.5, budget_hours: Some(10.0), active: true };
+        m.allocation("a", "wbl", &g);
+        m.allocation("b", "wbl", &AllocationGauges::default());
+        m.domestic_share("capacity", 0.25);
+        let text = m.encode();
+        for line in [
+            "sovereign_allocation_used_accelerator_seconds{allocation=\"a\",program=\"wbl\"} 5400.0",
+            "sovereign_allocation_budget_accelerator_seconds{allocation=\"a\",program=\"wbl\"} 36000.0",
+            "sovereign_allocation_in_use_devices{allocation=\"a\",program=\"wbl\"} 8",
+            "sovereign_domestic_share_ratio{measure=\"capacity\"} 0.25",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // No budget, no budget series.
+        assert!(!text.contains("sovereign_allocation_budget_accelerator_seconds{allocation=\"b\""), "{text}");
     }
 }

@@ -96,7 +96,13 @@ impl Env {
     /// A kubeconfig that authenticates as the chart's ServiceAccount with a
     /// TokenRequest token, so the operator has exactly the chart's RBAC.
     pub fn operator_kubeconfig(&self) -> anyhow::Result<PathBuf> {
-        let token = self.kubectl_ok(&["-n", RELEASE_NAMESPACE, "create", "token", RELEASE, "--duration=2h"], None)?;
+        self.service_account_kubeconfig(RELEASE_NAMESPACE, RELEASE, "operator-kubeconfig")
+    }
+
+    /// A kubeconfig (written to `.e2e/<file>`) that authenticates as the
+    /// ServiceAccount `namespace/name` with a TokenRequest token.
+    pub fn service_account_kubeconfig(&self, namespace: &str, name: &str, file: &str) -> anyhow::Result<PathBuf> {
+        let token = self.kubectl_ok(&["-n", namespace, "create", "token", name, "--duration=2h"], None)?;
         let admin = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
         let cluster = admin.clusters.first().and_then(|c| c.cluster.clone()).context("kubeconfig has no cluster")?;
         let server = cluster.server.context("kubeconfig cluster has no server")?;
@@ -112,7 +118,7 @@ impl Env {
             token.trim()
         );
         std::fs::create_dir_all(&self.state)?;
-        let path = self.state.join("operator-kubeconfig");
+        let path = self.state.join(file);
         std::fs::write(&path, text)?;
         Ok(path)
     }

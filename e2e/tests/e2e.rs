@@ -16,8 +16,10 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use sovereign_e2e::{Env, Operator, TestNamespace, free_port, http_get, wait_for};
 use sovereign_operator::api::{AcceleratorPool, find_condition};
 
+mod dashboard;
 mod grants;
 mod incluster;
+mod plan;
 mod projects;
 mod sharing;
 
@@ -86,6 +88,8 @@ fn main() -> anyhow::Result<()> {
         sharing::a_hard_budget_stops_runs_and_an_admission_budget_does_not,
         sharing::a_non_preemptible_run_needs_consent_and_is_then_never_preempted,
         sharing::contention_over_minutes_never_thrashes,
+        dashboard::every_dashboard_query_returns_series_from_a_real_prometheus,
+        plan::the_operator_does_what_plan_said,
         incluster::the_chart_roles_let_tenants_submit_runs_and_only_admins_grant,
     ]
     .into_iter()

@@ -271,6 +271,12 @@ async fn write(ctx: &Context, w: Write) -> Option<(String, String, Arc<ModelProj
             if let Some(wait) = w.admission_wait {
                 ctx.metrics.observe_admission_wait(wait);
             }
+            if w.preemptor.is_some()
+                && let Some(stop) = w.events.first()
+            {
+                // Preempted or Reclaimed: a gang stop like any other.
+                ctx.metrics.count_gang_restart(stop.reason);
+            }
             let on = w.project.object_ref(&());
             for note in w.events {
                 ctx.event(&on, note.warning, note.reason, note.message).await;

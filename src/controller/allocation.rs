@@ -131,7 +131,7 @@ async fn reconcile_nodes(ctx: &Context, name: &str, wanted: &BTreeSet<String>) -
     Ok(released)
 }
 
-fn build_status(
+pub(crate) fn build_status(
     alloc: &GpuAllocation,
     old: &GpuAllocationStatus,
     view: &View,

@@ -2,27 +2,27 @@
 //! election, shared reflectors and the reconcilers.
 
 mod admission;
-mod allocation;
+pub(crate) mod allocation;
 mod context;
 mod error;
 mod nodes;
 mod pool;
 mod project;
-mod queue;
+pub(crate) mod queue;
 mod quota;
-mod stores;
-mod view;
+pub(crate) mod stores;
+pub(crate) mod view;
 
 pub use context::Context;
 pub use error::Error;
+pub(crate) use project::{holds_devices, validate};
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::controller::{Action, Controller};
-use kube::{Api, Client, Config, Resource};
+use kube::{Api, Client, Resource};
 use tokio::sync::watch;
 
 use crate::admin::{self, Readiness};
@@ -177,15 +177,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn client(args: &RunArgs) -> anyhow::Result<Client> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
-                .map_err(|e| anyhow::anyhow!("cannot read kubeconfig {}: {e}", path.display()))?;
-            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?
-        }
-        None => Config::infer().await?,
-    };
-    Ok(Client::try_from(config)?)
+    crate::kubeclient::client(args.kubeconfig.as_deref()).await
 }
 
 /// Resolves once `stop` turns true.

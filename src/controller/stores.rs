@@ -33,8 +33,8 @@ where
     K::DynamicType: Eq + Hash + Clone,
 {
     pub store: Store<K>,
-    changed: watch::Receiver<()>,
-    events: broadcast::Sender<Arc<K>>,
+    pub(crate) changed: watch::Receiver<()>,
+    pub(crate) events: broadcast::Sender<Arc<K>>,
 }
 
 impl<K: Resource + Clone + Send + Sync + 'static> Shared<K>

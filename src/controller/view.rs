@@ -14,7 +14,7 @@ use crate::planner::grants::{self, AllocationState, GrantInput, GrantPlan, Phase
 use crate::planner::inventory::{self, Membership, NodeInfo, PoolTotals};
 use crate::planner::usage::{self, PodUse, PoolRate, Usage};
 use crate::snapshot::{self, RESERVED_FOR};
-use crate::telemetry::Metrics;
+use crate::telemetry::{AllocationGauges, Metrics};
 
 /// A plan older than this is rebuilt even when no store changed, since time
 /// alone moves windows and budgets.
@@ -137,7 +137,15 @@ impl View {
             let plan = &self.grants.allocations[&a.name];
             let granted: i64 = plan.pools.values().map(|g| g.granted).sum();
             let program = self.programs.get(&a.name).map(String::as_str).unwrap_or_default();
-            metrics.allocation(&a.name, program, granted, a.hours_used, plan.phase == Phase::Active);
+            let in_use = self.usage.by_allocation.get(&a.name).map(|u| u.devices()).unwrap_or(0);
+            let gauges = AllocationGauges {
+                granted,
+                in_use,
+                hours_used: a.hours_used,
+                budget_hours: a.budget_hours,
+                active: plan.phase == Phase::Active,
+            };
+            metrics.allocation(&a.name, program, &gauges);
         }
         let share = |d: i64, t: i64| if t > 0 { d as f64 / t as f64 } else { 0.0 };
         metrics.domestic_share("capacity", share(dom_alloc, all_alloc));

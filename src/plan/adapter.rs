@@ -1,0 +1,152 @@
+//! The one place where `plan` meets the operator's internals: in-memory
+//! reflector stores are filled with the cluster's objects, and the operator's
+//! own view builder, grant planner, allocation status builder and admission
+//! pass decide. Everything else in `plan` works on [`Decision`].
+
+use std::collections::BTreeMap;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::Resource;
+use kube::runtime::reflector;
+use kube::runtime::watcher;
+
+use super::Cluster;
+use crate::api::GpuAllocationStatus;
+use crate::controller::allocation::build_status;
+use crate::controller::queue;
+use crate::controller::stores::{Shared, Stores};
+use crate::controller::view::View;
+use crate::planner::grants::Phase;
+use crate::planner::placement::Outcome;
+use crate::telemetry::Metrics;
+
+/// The operator's settings that change decisions (`run`'s flags).
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub node_grace: std::time::Duration,
+    pub starvation_after: SignedDuration,
+    /// How long a run admitted by preempting others is protected.
+    pub min_run: SignedDuration,
+}
+
+/// A pool as planned.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PoolPlan {
+    pub domestic: bool,
+    pub capacity: i64,
+    pub allocatable: i64,
+    pub granted: i64,
+    pub reserved: i64,
+    /// Devices requested by running pods.
+    pub in_use: i64,
+}
+
+/// What the operator would decide for the cluster at one moment.
+#[derive(Debug, Default)]
+pub struct Decision {
+    /// The status each allocation's reconcile would write.
+    pub allocations: BTreeMap<String, GpuAllocationStatus>,
+    /// Allocations whose budget enforcement is Hard.
+    pub hard_budget: Vec<String>,
+    /// Node -> allocation, for the nodes Active dedicated grants reserve.
+    pub reserved: BTreeMap<String, String>,
+    /// Namespace -> resource -> devices of its quota.
+    pub quotas: BTreeMap<String, BTreeMap<String, i64>>,
+    pub pools: BTreeMap<String, PoolPlan>,
+    /// Queued projects ("ns/name") -> admitted (pool, nodes) or waiting (why).
+    pub outcomes: BTreeMap<String, Outcome>,
+    /// Admitted projects that would run beyond their grant.
+    pub borrowed: Vec<String>,
+    /// Preemptions: preemptor, pool, victims, and which victims are reclaimed.
+    pub preemptions: Vec<crate::planner::preemption::Preemption>,
+}
+
+fn shared<K>(objects: &[K]) -> Shared<K>
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let (store, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(o.clone()));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    Shared { store, changed: tokio::sync::watch::channel(()).1, events: tokio::sync::broadcast::channel(1).0 }
+}
+
+/// One decision of the operator: the view, every allocation's status, and the
+/// admission pass, as the controllers compute them from their stores.
+pub fn decide(cluster: &Cluster, now: Timestamp, settings: &Settings) -> Decision {
+    let stores = Stores {
+        nodes: shared(&cluster.nodes),
+        pools: shared(&cluster.pools),
+        allocations: shared(&cluster.allocations),
+        pods: shared(&cluster.pods),
+        namespaces: shared(&cluster.namespaces),
+        quotas: shared(&[]),
+        projects: shared(&cluster.projects),
+        workers: shared(&cluster.workers),
+        workers_by_project: Default::default(),
+        epoch: Arc::new(AtomicU64::new(0)),
+    };
+    let view = View::build(&stores, settings.node_grace, now);
+    let metrics = Metrics::default();
+    let projects = stores.projects.store.state();
+    // The admission loop's own validity rule: a project whose references do not resolve is not planned.
+    let valid = |p: &crate::api::ModelProject| {
+        let a = stores.allocations.store.get(&kube::runtime::reflector::ObjectRef::new(&p.spec.allocation));
+        crate::controller::validate(p, a.as_deref()).is_ok()
+    };
+    let pass = queue::plan(&view, now, &projects, &stores, settings.starvation_after, &metrics, &valid);
+
+    let mut d = Decision { quotas: view.grants.quotas.clone(), outcomes: pass.outcomes.clone(), ..Default::default() };
+    d.hard_budget = view.hard_budget.iter().cloned().collect();
+    for a in &cluster.allocations {
+        let name = a.metadata.name.clone().unwrap_or_default();
+        let (Some(plan), Some(state)) =
+            (view.grants.allocations.get(&name), view.allocations.iter().find(|s| s.name == name))
+        else {
+            continue;
+        };
+        let usage = view.usage.by_allocation.get(&name).cloned().unwrap_or_default();
+        let old = a.status.clone().unwrap_or_default();
+        d.allocations.insert(name.clone(), build_status(a, &old, &view, &usage, state.hours_used));
+        if plan.phase == Phase::Active {
+            for node in plan.pools.values().flat_map(|p| &p.reserved_nodes) {
+                d.reserved.insert(node.clone(), name.clone());
+            }
+        }
+    }
+    for p in &view.pools {
+        let plan = view.grants.pools.get(&p.name).cloned().unwrap_or_default();
+        let t = view.totals.get(&p.name).cloned().unwrap_or_default();
+        let pool = PoolPlan {
+            domestic: p.domestic,
+            capacity: t.capacity,
+            allocatable: t.allocatable,
+            granted: plan.granted,
+            reserved: plan.reserved,
+            in_use: view.usage.by_pool.get(&p.name).copied().unwrap_or(0),
+        };
+        d.pools.insert(p.name.clone(), pool);
+    }
+    // Borrowed: the project reconcile's rule, with the admissions of this pass
+    // counted one after the other (as the operator's in-flight admissions are).
+    let mut admitted = pass.admitted.clone();
+    for (key, outcome) in &d.outcomes {
+        if let (Outcome::Admitted { pool, .. }, Some(p)) = (outcome, projects.iter().find(|p| &queue::key(p) == key)) {
+            let total = p.spec.workers as i64 * p.spec.accelerators_per_worker as i64;
+            let before = admitted.entry((p.spec.allocation.clone(), pool.clone())).or_default();
+            if *before + total > queue::granted(&view, &p.spec.allocation, pool) {
+                d.borrowed.push(key.clone());
+            }
+            *before += total;
+        }
+    }
+    d.preemptions = pass.preempting.values().map(|p| (**p).clone()).collect();
+    d
+}
