@@ -34,7 +34,7 @@ where
 {
     pub store: Store<K>,
     pub(crate) changed: watch::Receiver<()>,
-    pub(crate) events: broadcast::Sender<Arc<K>>,
+    pub(crate) events: broadcast::Sender<Change<K>>,
 }
 
 impl<K: Resource + Clone + Send + Sync + 'static> Shared<K>
@@ -53,19 +53,37 @@ where
     }
 
     /// Every applied or deleted object, as it happens.
+    /// Every applied or deleted object, as it happens. After a relist (the
+    /// watch restarted) and when this subscriber fell behind, every object of
+    /// the store is yielded instead: changes are never silently missed.
     pub fn events(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
-        futures::stream::unfold(self.events.subscribe(), |mut rx| async move {
+        let state = (self.events.subscribe(), self.store.clone(), std::collections::VecDeque::new());
+        futures::stream::unfold(state, |(mut rx, store, mut pending)| async move {
             loop {
+                if let Some(obj) = pending.pop_front() {
+                    return Some((obj, (rx, store, pending)));
+                }
                 match rx.recv().await {
-                    Ok(obj) => return Some((obj, rx)),
+                    Ok(Change::Object(obj)) => return Some((obj, (rx, store, pending))),
+                    Ok(Change::Resync) => pending.extend(store.state()),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::debug!(missed = n, "event subscriber lagged");
+                        tracing::debug!(missed = n, "event subscriber lagged: every object again");
+                        pending = store.state().into();
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }
         })
     }
+}
+
+/// What a store's subscribers are told.
+#[derive(Clone)]
+pub(crate) enum Change<K> {
+    /// One object was applied or deleted.
+    Object(Arc<K>),
+    /// The watch relisted: any object may have changed.
+    Resync,
 }
 
 #[derive(Clone)]
@@ -229,11 +247,12 @@ where
         match event {
             Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
                 epoch.fetch_add(1, Ordering::AcqRel);
-                let _ = sender.send(Arc::new(obj));
+                let _ = sender.send(Change::Object(Arc::new(obj)));
                 tx.send_replace(());
             }
             Ok(watcher::Event::InitDone) => {
                 epoch.fetch_add(1, Ordering::AcqRel);
+                let _ = sender.send(Change::Resync);
                 tx.send_replace(());
             }
             Ok(_) => {}
