@@ -62,15 +62,9 @@ pub struct PlanArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = PlanFormat::Table)]
     pub output: PlanFormat,
-    /// The operator's --starvation-seconds.
-    #[arg(long, default_value_t = 900, env = "SOVEREIGN_STARVATION_SECONDS")]
-    pub starvation_seconds: u64,
-    /// The operator's --min-run-seconds.
-    #[arg(long, default_value_t = 600, env = "SOVEREIGN_MIN_RUN_SECONDS")]
-    pub min_run_seconds: u64,
-    /// The operator's --node-grace-seconds.
-    #[arg(long, default_value_t = 300, env = "SOVEREIGN_NODE_GRACE_SECONDS")]
-    pub node_grace_seconds: u64,
+    /// The operator's planning flags, to plan as it would.
+    #[command(flatten)]
+    pub planning: PlanningArgs,
 }
 
 /// Output format of `plan`.
@@ -159,6 +153,14 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 2, env = "SOVEREIGN_RETRY_PERIOD_SECONDS")]
     pub retry_period_seconds: u64,
 
+    #[command(flatten)]
+    pub planning: PlanningArgs,
+}
+
+/// Flags of the planner, shared by `run` and `plan` (which plans as the
+/// operator would).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlanningArgs {
     /// Seconds the first queued project of an allocation may wait before later,
     /// smaller projects of the same allocation stop being admitted ahead of it.
     #[arg(long, default_value_t = 900, env = "SOVEREIGN_STARVATION_SECONDS")]

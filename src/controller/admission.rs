@@ -155,7 +155,7 @@ async fn cycle(ctx: &Context, state: &mut LoopState, capacity_changed: bool) -> 
             wake = wake.min(super::project::until(now, t.0));
         }
         if holds_devices(status.phase) {
-            if let Some(w) = stop_inactive(&view, now, p).or_else(|| preempt(ctx, &q, p)) {
+            if let Some(w) = stop_inactive(&view, now, p).or_else(|| preempt(ctx, now, &q, p)) {
                 urgent.push(w);
             }
             continue;
@@ -401,7 +401,7 @@ fn stop_inactive(view: &View, now: Timestamp, p: &Arc<ModelProject>) -> Option<W
 }
 
 /// A running gang chosen as a victim by this cycle's preemption or reclaim.
-fn preempt(ctx: &Context, q: &Queue, p: &Arc<ModelProject>) -> Option<Write> {
+fn preempt(ctx: &Context, now: Timestamp, q: &Queue, p: &Arc<ModelProject>) -> Option<Write> {
     let key = queue::key(p);
     let pre = q.victims.get(&key)?;
     let by = ctx.project(&pre.preemptor);
@@ -421,7 +421,7 @@ fn preempt(ctx: &Context, q: &Queue, p: &Arc<ModelProject>) -> Option<Write> {
         );
         ("Preempted", msg)
     };
-    let at = Time(Timestamp::now());
+    let at = Time(now);
     let g = p.metadata.generation;
     let mut s = ModelProjectStatus { observed_generation: g, ..p.status.clone().unwrap_or_default() };
     requeue_gang(&mut s, ProjectPhase::Queued);

@@ -81,11 +81,11 @@ impl Context {
         Arc::new(Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            views: ViewCache::new(Duration::from_secs(args.node_grace_seconds), metrics.clone()),
+            views: ViewCache::new(Duration::from_secs(args.planning.node_grace_seconds), metrics.clone()),
             metrics,
             stores,
-            starvation_after: k8s_openapi::jiff::SignedDuration::from_secs(args.starvation_seconds as i64),
-            min_run_time: k8s_openapi::jiff::SignedDuration::from_secs(args.min_run_seconds as i64),
+            starvation_after: k8s_openapi::jiff::SignedDuration::from_secs(args.planning.starvation_seconds as i64),
+            min_run_time: k8s_openapi::jiff::SignedDuration::from_secs(args.planning.min_run_seconds as i64),
             created: CreatedPods::default(),
             backoff: Backoff::default(),
         })

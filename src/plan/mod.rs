@@ -188,9 +188,9 @@ pub async fn run(args: &PlanArgs) -> anyhow::Result<()> {
     let client = crate::kubeclient::client(args.kubeconfig.as_deref()).await?;
     let live = fetch(&client).await?;
     let settings = Settings {
-        node_grace: std::time::Duration::from_secs(args.node_grace_seconds),
-        starvation_after: SignedDuration::from_secs(args.starvation_seconds as i64),
-        min_run: SignedDuration::from_secs(args.min_run_seconds as i64),
+        node_grace: std::time::Duration::from_secs(args.planning.node_grace_seconds),
+        starvation_after: SignedDuration::from_secs(args.planning.starvation_seconds as i64),
+        min_run: SignedDuration::from_secs(args.planning.min_run_seconds as i64),
     };
     let plan = plan(&live, &proposals, at, &settings)?;
     match args.output {

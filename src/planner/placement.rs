@@ -474,16 +474,7 @@ impl<'a> World<'a> {
             else {
                 continue;
             };
-            let mut released: BTreeMap<usize, i64> = BTreeMap::new();
-            let mut released_quota = 0;
-            for r in self.input.releasing.iter().filter(|r| &r.pool == pool_name) {
-                if let Some(n) = r.node {
-                    *released.entry(n).or_default() += r.devices;
-                }
-                if r.allocation == a.name {
-                    released_quota += r.devices;
-                }
-            }
+            let (released, released_quota) = super::preemption::released_in(self.input.releasing, pool_name, &a.name);
             if released.is_empty() {
                 continue;
             }
@@ -492,14 +483,7 @@ impl<'a> World<'a> {
                 continue;
             }
             let reserved_for = a.dedicated.contains(pool_name).then_some(a.name.as_str());
-            for (&n, &d) in &released {
-                self.free[n] += d;
-            }
-            let placed = self.place(pi, reserved_for, g);
-            for (&n, &d) in &released {
-                self.free[n] -= d;
-            }
-            let Ok(chosen) = placed else { continue };
+            let Some(chosen) = self.place_with(pi, reserved_for, g, &released) else { continue };
             for &n in &chosen {
                 let coming = released.get(&n).copied().unwrap_or(0);
                 let held = (g.per_worker - coming).clamp(0, self.free[n].max(0));

@@ -85,6 +85,22 @@ pub struct Releasing {
     pub devices: i64,
 }
 
+/// Devices of stopped runs still being released in a pool: per node, and the
+/// part that is the allocation's own (its grant gets it back).
+pub fn released_in(releasing: &[Releasing], pool: &str, allocation: &str) -> (BTreeMap<usize, i64>, i64) {
+    let mut per_node: BTreeMap<usize, i64> = BTreeMap::new();
+    let mut own = 0;
+    for r in releasing.iter().filter(|r| r.pool == pool) {
+        if let Some(n) = r.node {
+            *per_node.entry(n).or_default() += r.devices;
+        }
+        if r.allocation == allocation {
+            own += r.devices;
+        }
+    }
+    (per_node, own)
+}
+
 /// Victims chosen for one waiting gang.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Preemption {
@@ -159,16 +175,7 @@ impl<'a> World<'a> {
             };
             let guaranteed = with_borrowing - a.borrowing_in(pool_name);
             let reserved_for = a.dedicated.contains(pool_name).then_some(a.name.as_str());
-            let mut released: BTreeMap<usize, i64> = BTreeMap::new();
-            let mut released_quota = 0;
-            for r in input.releasing.iter().filter(|r| &r.pool == pool_name) {
-                if let Some(n) = r.node {
-                    *released.entry(n).or_default() += r.devices;
-                }
-                if r.allocation == a.name {
-                    released_quota += r.devices;
-                }
-            }
+            let (released, released_quota) = released_in(input.releasing, pool_name, &a.name);
             let now = input.now;
             let evicted = &self.evicted;
             let mut candidates: Vec<usize> = self

@@ -54,14 +54,26 @@ impl<'a> World<'a> {
         g: &GangRequest,
         extra: &BTreeMap<usize, i64>,
     ) -> bool {
+        self.place_with(pool, reserved_for, g, extra).is_some()
+    }
+
+    /// Where the gang would be placed with `extra` devices free on some nodes
+    /// (the state is left as it was).
+    pub(in crate::planner) fn place_with(
+        &mut self,
+        pool: usize,
+        reserved_for: Option<&'a str>,
+        g: &GangRequest,
+        extra: &BTreeMap<usize, i64>,
+    ) -> Option<Vec<usize>> {
         for (&n, &d) in extra {
             self.free[n] += d;
         }
-        let ok = self.place(pool, reserved_for, g).is_ok();
+        let placed = self.place(pool, reserved_for, g).ok();
         for (&n, &d) in extra {
             self.free[n] -= d;
         }
-        ok
+        placed
     }
 
     /// Rule 4: `workers` distinct nodes of the candidate set, in worker order.
