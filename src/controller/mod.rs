@@ -5,6 +5,7 @@ mod admission;
 pub(crate) mod allocation;
 mod context;
 mod error;
+pub mod model;
 mod nodes;
 mod pool;
 mod project;

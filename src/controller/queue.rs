@@ -16,7 +16,7 @@ use crate::planner::placement::{
     self, AllocationQuota, GangRequest, NodeFree, Outcome, PlacementInput, PlacementPool, TopologyRequest,
 };
 use crate::planner::preemption::{Preemption, Releasing, RunningGang};
-use crate::snapshot::{ALLOCATION_LABEL, POOL_LABEL, PROJECT_LABEL, pod_requests, pod_use};
+use crate::snapshot::{ALLOCATION_LABEL, POOL_LABEL, PROJECT_LABEL, pod_requests};
 use crate::telemetry::Metrics;
 
 /// Restarting gangs go ahead of every fresh one (priorities are within ±1000).
@@ -59,18 +59,13 @@ pub fn plan(
     // admitted gang's planned workers (bound or not yet).
     let node_index: BTreeMap<&str, usize> = view.nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect();
     let mut used: Vec<BTreeMap<String, i64>> = vec![BTreeMap::new(); view.nodes.len()];
-    for pod in stores.pods.store.state() {
-        if pod.labels().contains_key(PROJECT_LABEL) {
-            continue;
-        }
-        if let Some(u) = pod_use(&pod)
-            && let Some(&i) = node_index.get(u.node.as_str())
-        {
-            for (r, v) in u.requests {
-                *used[i].entry(r).or_default() += v;
+    stores.model.read(|m| {
+        for (node, held) in m.foreign() {
+            if let Some(&i) = node_index.get(node.as_str()) {
+                used[i].clone_from(held);
             }
         }
-    }
+    });
     let mut admitted: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut holding: BTreeSet<String> = BTreeSet::new();
     let mut running: Vec<RunningGang> = Vec::new();

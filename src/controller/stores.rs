@@ -17,6 +17,7 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, watch};
 
+use super::model::{Applied, Keyed, Model};
 use crate::api::{AcceleratorPool, GpuAllocation, ModelProject};
 use crate::snapshot::PROJECT_LABEL;
 
@@ -101,6 +102,8 @@ pub struct Stores {
     pub workers: Shared<Pod>,
     /// Worker pods by project ("namespace/project"), kept per watch event.
     pub workers_by_project: WorkerIndex,
+    /// Nodes and running pods as the planner needs them, kept per watch event.
+    pub model: Model,
     /// Bumped on every change of any store: the key of cached cluster views.
     pub epoch: Arc<AtomicU64>,
 }
@@ -129,16 +132,24 @@ pub fn start(client: Client) -> Stores {
     let all = watcher::Config::default().any_semantic();
     // Heartbeat times and image lists change often and matter to no decision:
     // drop them so that memory stays proportional to the nodes.
-    let nodes = shared(Api::<Node>::all(client.clone()), all.clone(), &epoch, |node: &mut Node| {
-        node.metadata.managed_fields = None;
-        if let Some(status) = node.status.as_mut() {
-            status.images = None;
-            status.node_info = None;
-            for c in status.conditions.iter_mut().flatten() {
-                c.last_heartbeat_time = None;
+    let model = Model::default();
+    let on_node = model.clone();
+    let nodes = shared_with(
+        Api::<Node>::all(client.clone()),
+        all.clone(),
+        &epoch,
+        move |ev| on_node.apply_node(ev),
+        |node: &mut Node| {
+            node.metadata.managed_fields = None;
+            if let Some(status) = node.status.as_mut() {
+                status.images = None;
+                status.node_info = None;
+                for c in status.conditions.iter_mut().flatten() {
+                    c.last_heartbeat_time = None;
+                }
             }
-        }
-    });
+        },
+    );
     let pools = shared(Api::<AcceleratorPool>::all(client.clone()), all.clone(), &epoch, |p: &mut AcceleratorPool| {
         p.metadata.managed_fields = None;
     });
@@ -147,7 +158,8 @@ pub fn start(client: Client) -> Stores {
             a.metadata.managed_fields = None;
         });
     let running = all.clone().fields("status.phase=Running");
-    let pods = shared(Api::<Pod>::all(client.clone()), running, &epoch, strip_pod);
+    let on_pod = model.clone();
+    let pods = shared_with(Api::<Pod>::all(client.clone()), running, &epoch, move |ev| on_pod.apply_pod(ev), strip_pod);
     let namespaces = shared(Api::<Namespace>::all(client.clone()), all.clone(), &epoch, |ns: &mut Namespace| {
         ns.metadata.managed_fields = None;
         ns.spec = None;
@@ -178,7 +190,7 @@ pub fn start(client: Client) -> Stores {
             }
         },
     );
-    Stores { nodes, pools, allocations, pods, namespaces, quotas, projects, workers, workers_by_project, epoch }
+    Stores { nodes, pools, allocations, pods, namespaces, quotas, projects, workers, workers_by_project, model, epoch }
 }
 
 /// Keeps of a pod only what accounting and placement read: identity, labels,
@@ -217,7 +229,7 @@ fn shared<K>(
     strip: impl FnMut(&mut K) + Send + 'static,
 ) -> Shared<K>
 where
-    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     shared_with(api, config, epoch, |_| {}, strip)
@@ -232,7 +244,7 @@ fn shared_with<K>(
     strip: impl FnMut(&mut K) + Send + 'static,
 ) -> Shared<K>
 where
-    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     let (store, writer) = reflector::store();
@@ -240,12 +252,14 @@ where
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let stream = watcher(api, config).default_backoff().modify(strip).reflect(writer);
     let (epoch, sender) = (epoch.clone(), events.clone());
+    let mut seen = Fingerprints::default();
     tokio::spawn(stream.for_each(move |event| {
         if let Ok(ev) = &event {
             index(ev);
         }
+        let significant = event.as_ref().is_ok_and(|ev| seen.observe(ev));
         match event {
-            Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
+            Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) if significant => {
                 epoch.fetch_add(1, Ordering::AcqRel);
                 let _ = sender.send(Change::Object(Arc::new(obj)));
                 tx.send_replace(());
@@ -261,6 +275,35 @@ where
         futures::future::ready(())
     }));
     Shared { store, changed, events }
+}
+
+/// What each object of a store looked like, as a hash of its kept content
+/// without its resourceVersion: an update that changes nothing the store keeps
+/// (a node heartbeat, whose times are stripped) wakes nobody. At national
+/// scale those are a few node updates a second that would each replan.
+#[derive(Default)]
+struct Fingerprints(Keyed<u64>);
+
+impl Fingerprints {
+    /// Records the event; true when it changed what the store keeps.
+    fn observe<K: Resource + serde::Serialize>(&mut self, event: &watcher::Event<K>) -> bool {
+        match self.0.apply(event, |obj| Some(fingerprint(obj))) {
+            Applied::One { old, new } => old != new,
+            Applied::All | Applied::Nothing => true,
+        }
+    }
+}
+
+fn fingerprint<K: Resource + serde::Serialize>(obj: &K) -> u64 {
+    use std::hash::Hasher;
+    let mut value = serde_json::to_value(obj).unwrap_or_default();
+    if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("resourceVersion");
+        meta.remove("managedFields");
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(value.to_string().as_bytes());
+    h.finish()
 }
 
 /// Worker pod names by "namespace/project", updated per watch event so that a

@@ -12,7 +12,7 @@ use super::stores::Stores;
 use crate::api::BudgetEnforcement;
 use crate::planner::grants::{self, AllocationState, GrantInput, GrantPlan, Phase, PoolState};
 use crate::planner::inventory::{self, Membership, NodeInfo, PoolTotals};
-use crate::planner::usage::{self, PodUse, PoolRate, Usage};
+use crate::planner::usage::{self, PoolRate, Usage};
 use crate::snapshot::{self, RESERVED_FOR};
 use crate::telemetry::{AllocationGauges, Metrics};
 
@@ -47,7 +47,7 @@ pub struct View {
 impl View {
     pub fn build(stores: &Stores, node_grace: Duration, now: Timestamp) -> Self {
         let epoch = stores.epoch();
-        let nodes: Vec<NodeInfo> = stores.nodes.store.state().iter().map(|n| snapshot::node_info(n)).collect();
+        let (nodes, pods) = stores.model.read(|m| (m.nodes(), m.pod_uses()));
         let pool_objs = stores.pools.store.state();
         let valid: Vec<_> = pool_objs.iter().filter_map(|p| snapshot::pool_info(p).ok().map(|i| (p, i))).collect();
         let infos: Vec<_> = valid.iter().map(|(_, i)| i.clone()).collect();
@@ -76,7 +76,6 @@ impl View {
             .map(|a| a.name_any())
             .collect();
         let programs = alloc_objs.iter().map(|a| (a.name_any(), a.spec.program.clone().unwrap_or_default())).collect();
-        let pods: Vec<PodUse> = stores.pods.store.state().iter().filter_map(|p| snapshot::pod_use(p)).collect();
         let was_active: BTreeSet<&str> = allocations.iter().filter(|a| a.was_active).map(|a| a.name.as_str()).collect();
         let usage = usage::attribute(&pods, &node_pool, &rates, &allocations, &|a| was_active.contains(a));
         let busy: BTreeSet<String> = pods.iter().map(|p| p.node.clone()).collect();

@@ -91,6 +91,7 @@ pub fn decide(cluster: &Cluster, now: Timestamp, settings: &Settings) -> Decisio
         projects: shared(&cluster.projects),
         workers: shared(&cluster.workers),
         workers_by_project: Default::default(),
+        model: crate::controller::model::Model::of(&cluster.nodes, &cluster.pods),
         epoch: Arc::new(AtomicU64::new(0)),
     };
     let view = View::build(&stores, settings.node_grace, now);
