@@ -9,10 +9,10 @@ pub mod model;
 mod nodes;
 mod pool;
 mod project;
-pub(crate) mod queue;
+pub mod queue;
 mod quota;
-pub(crate) mod stores;
-pub(crate) mod view;
+pub mod stores;
+pub mod view;
 
 pub use context::Context;
 pub use error::Error;

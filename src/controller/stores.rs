@@ -8,6 +8,7 @@ use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ResourceQuota};
@@ -250,7 +251,7 @@ where
     let (store, writer) = reflector::store();
     let (tx, changed) = watch::channel(());
     let (events, _) = broadcast::channel(EVENT_BUFFER);
-    let stream = watcher(api, config).default_backoff().modify(strip).reflect(writer);
+    let stream = watcher(api, config).backoff(WatchBackoff::default()).modify(strip).reflect(writer);
     let (epoch, sender) = (epoch.clone(), events.clone());
     let mut seen = Fingerprints::default();
     tokio::spawn(stream.for_each(move |event| {
@@ -275,6 +276,35 @@ where
         futures::future::ready(())
     }));
     Shared { store, changed, events }
+}
+
+/// Watch retries: 250 ms doubling to 1 s, reset by the first good event.
+/// kube's default grows to 30 s, so after an API server outage the stores
+/// (and every admission) could wait ~15 s for the next try.
+struct WatchBackoff(Duration);
+
+const WATCH_RETRY_FIRST: Duration = Duration::from_millis(250);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(1);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self(WATCH_RETRY_FIRST)
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.0;
+        self.0 = (self.0 * 2).min(WATCH_RETRY_MAX);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.0 = WATCH_RETRY_FIRST;
+    }
 }
 
 /// What each object of a store looked like, as a hash of its kept content
