@@ -76,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         grants::a_killed_operator_converges_and_a_restart_writes_nothing,
         projects::a_gang_lands_whole_on_the_npu_pool_and_falls_back_whole_to_gpus,
         projects::a_gang_larger_than_any_rack_waits_with_the_reason,
+        projects::a_project_that_can_never_fit_says_why,
         projects::a_failing_worker_restarts_the_gang_until_max_restarts,
         projects::a_finished_run_frees_its_devices_for_the_next,
         projects::suspend_gives_back_devices_and_resume_requeues,

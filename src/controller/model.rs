@@ -64,6 +64,8 @@ pub struct ModelState {
     foreign: HashMap<String, BTreeMap<String, i64>>,
     /// Allocation -> the nodes labelled reserved for it.
     reserved: HashMap<String, BTreeSet<String>>,
+    /// Bumped whenever a node was added, removed or changed what the planner reads.
+    node_version: u64,
 }
 
 impl ModelState {
@@ -89,10 +91,17 @@ impl ModelState {
         self.reserved.get(allocation).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
+    /// Changes whenever a node was added, removed or changed what the planner reads.
+    pub fn node_version(&self) -> u64 {
+        self.node_version
+    }
+
     pub fn apply_node(&mut self, event: &watcher::Event<Node>) {
         let reservation = |n: &NodeInfo| n.labels.get(RESERVED_FOR).cloned();
         match self.nodes.apply(event, |n| Some(snapshot::node_info(n))) {
+            Applied::One { old, new } if old == new => {}
             Applied::One { old, new } => {
+                self.node_version += 1;
                 let name = old.as_ref().or(new.as_ref()).map(|n| n.name.clone()).unwrap_or_default();
                 if let Some(a) = old.as_ref().and_then(reservation)
                     && let Some(set) = self.reserved.get_mut(&a)
@@ -107,6 +116,7 @@ impl ModelState {
                 }
             }
             Applied::All => {
+                self.node_version += 1;
                 self.reserved.clear();
                 for n in self.nodes.live.values() {
                     if let Some(a) = reservation(n) {

@@ -105,7 +105,7 @@ pub struct Stores {
     pub workers_by_project: WorkerIndex,
     /// Nodes and running pods as the planner needs them, kept per watch event.
     pub model: Model,
-    /// Bumped on every change of any store: the key of cached cluster views.
+    /// Bumped on every change of a store that views read: the key of cached views.
     pub epoch: Arc<AtomicU64>,
 }
 
@@ -166,18 +166,22 @@ pub fn start(client: Client) -> Stores {
         ns.spec = None;
     });
     let managed = all.clone().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
-    let quotas = shared(Api::<ResourceQuota>::all(client.clone()), managed, &epoch, |q: &mut ResourceQuota| {
+    // Views read nodes, pools, allocations, running pods and namespaces: only
+    // their changes make a cached view stale.
+    let not_viewed = Arc::new(AtomicU64::new(0));
+    let quotas = shared(Api::<ResourceQuota>::all(client.clone()), managed, &not_viewed, |q: &mut ResourceQuota| {
         q.metadata.managed_fields = None;
     });
-    let projects = shared(Api::<ModelProject>::all(client.clone()), all.clone(), &epoch, |p: &mut ModelProject| {
-        p.metadata.managed_fields = None;
-    });
+    let projects =
+        shared(Api::<ModelProject>::all(client.clone()), all.clone(), &not_viewed, |p: &mut ModelProject| {
+            p.metadata.managed_fields = None;
+        });
     let workers_by_project = WorkerIndex::default();
     let index = workers_by_project.clone();
     let workers = shared_with(
         Api::<Pod>::all(client),
         all.labels(PROJECT_LABEL),
-        &epoch,
+        &not_viewed,
         move |ev| index.apply(ev),
         |pod: &mut Pod| {
             pod.metadata.managed_fields = None;

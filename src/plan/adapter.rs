@@ -128,7 +128,7 @@ pub fn decide(cluster: &Cluster, now: Timestamp, settings: &Settings) -> Decisio
             }
         }
     }
-    for p in &view.pools {
+    for p in view.pools.iter() {
         let plan = view.grants.pools.get(&p.name).cloned().unwrap_or_default();
         let t = view.totals.get(&p.name).cloned().unwrap_or_default();
         let pool = PoolPlan {
