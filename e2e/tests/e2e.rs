@@ -49,8 +49,10 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     let real_node = incluster::available(&env);
-    // Last: the first of these stops the shared host-run operator.
+    // Last: the first of these stops the shared host-run operator. (The first
+    // needs the dev cluster's own kube-apiserver process, as they do.)
     let in_cluster = tests![
+        incluster::a_run_submitted_right_after_an_api_server_restart_is_admitted,
         incluster::the_image_runs_on_the_real_node_in_a_restricted_namespace_and_finishes_a_run,
         incluster::an_upgrade_to_another_tag_never_runs_two_operators,
         incluster::two_replicas_roll_out_and_a_standby_takes_over_a_killed_or_deleted_leader,
