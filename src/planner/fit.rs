@@ -33,10 +33,8 @@ pub fn never_fits(
     for name in &gang.pools {
         let reason = match pools.get(name) {
             None => "has no usable node selector".to_string(),
-            Some(p) => match pool_reason(gang, total, name, p, quota) {
-                Some(r) => r,
-                None => return None,
-            },
+            // A pool that could take it clears the verdict.
+            Some(p) => pool_reason(gang, total, name, p, quota)?,
         };
         why.push(format!("pool {name} {reason}"));
     }
