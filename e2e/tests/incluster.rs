@@ -266,7 +266,14 @@ pub async fn a_run_submitted_right_after_an_api_server_restart_is_admitted(env: 
             "    admitted {:?} after its submission, the API server back from a 20 s outage",
             submitted.elapsed()
         );
-        wait_project(&env, &ns, "after-restart", ProjectPhase::Running, Duration::from_secs(60)).await?;
+        // Its workers are ours to create at once; binding them waits for the
+        // scheduler's and kwok's own watches, which back off up to 30 s.
+        wait_for("after-restart's workers", Duration::from_secs(30), || async {
+            let n = crate::projects::workers(&env, &ns, "after-restart").await.map_err(|e| e.to_string())?.len();
+            if n == 2 { Ok(()) } else { Err(format!("{n} workers")) }
+        })
+        .await?;
+        wait_project(&env, &ns, "after-restart", ProjectPhase::Running, Duration::from_secs(100)).await?;
         Ok(())
     })
     .await
