@@ -68,7 +68,12 @@ pub fn node_info(node: &Node) -> NodeInfo {
 pub fn pool_info(pool: &AcceleratorPool) -> Result<PoolInfo, String> {
     let selector =
         Selector::try_from(pool.spec.node_selector.clone()).map_err(|e| format!("nodeSelector cannot be used: {e}"))?;
-    Ok(PoolInfo { name: pool.name_any(), resource_name: pool.spec.resource_name.clone(), selector })
+    Ok(PoolInfo {
+        name: pool.name_any(),
+        resource_name: pool.spec.resource_name.clone(),
+        selector,
+        created: pool.metadata.creation_timestamp.as_ref().map(|t| t.0),
+    })
 }
 
 /// The grant planner's view of a pool whose members and totals are known.

@@ -1,0 +1,132 @@
+//! Least privilege of the operator: what its ServiceAccount may do, as the API
+//! server enforces it with the chart's RBAC and ValidatingAdmissionPolicies. Each
+//! attempt is made as the ServiceAccount (`kubectl --as`), with `--dry-run=server`,
+//! which runs authorization and admission exactly as a real write and persists
+//! nothing.
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, ensure};
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use kube::api::ListParams;
+use sovereign_e2e::{Env, RELEASE, RELEASE_NAMESPACE, TestNamespace};
+
+fn operator() -> String {
+    format!("--as=system:serviceaccount:{RELEASE_NAMESPACE}:{RELEASE}")
+}
+
+/// A worker-like pod in `ns`, labelled as the operator labels its workers or not.
+fn pod(ns: &str, worker: bool) -> String {
+    let labels = if worker { "{sovereign.ai/project: p}" } else { "{app: x}" };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: e2e-privilege, namespace: {ns}, labels: {labels}}}\n\
+         spec: {{containers: [{{name: c, image: trainer:1}}]}}\n"
+    )
+}
+
+fn quota(ns: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ResourceQuota\nmetadata: {{name: sovereign-accelerators, namespace: {ns}}}\n\
+         spec: {{hard: {{requests.nvidia.com/gpu: \"8\"}}}}\n"
+    )
+}
+
+/// The outcome of one attempt as the operator: Ok(()) when admitted, Err(stderr) when refused.
+fn attempt(env: &Env, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Result<(), String>> {
+    let as_operator = operator();
+    let mut all = vec![as_operator.as_str(), "--dry-run=server"];
+    all.extend_from_slice(args);
+    let out = env.kubectl(&all, stdin)?;
+    Ok(if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) })
+}
+
+pub async fn the_operator_writes_only_in_tenant_namespaces_and_on_pool_nodes(env: Arc<Env>) -> anyhow::Result<()> {
+    let tenant = TestNamespace::create(&env.client, "privilege").await?;
+    let result = async {
+        let mut wrong = Vec::new();
+        let mut refused = |what: &str, r: Result<(), String>, want: &str| match r {
+            Ok(()) => wrong.push(format!("{what}: was allowed")),
+            Err(e) if !e.contains(want) => wrong.push(format!("{what}: expected `{want}`, got {}", e.trim())),
+            Err(_) => {}
+        };
+        let create = ["create", "-f", "-"];
+        refused(
+            "a worker pod in kube-system",
+            attempt(&env, &create, Some(&pod("kube-system", true)))?,
+            "may write pods only in tenant namespaces: namespace kube-system lacks the label sovereign.ai/tenant=true",
+        );
+        refused(
+            "a worker pod in default (no tenant label)",
+            attempt(&env, &create, Some(&pod("default", true)))?,
+            "namespace default lacks the label sovereign.ai/tenant=true",
+        );
+        refused(
+            "the quota in kube-system",
+            attempt(&env, &create, Some(&quota("kube-system")))?,
+            "may write resourcequotas only in tenant namespaces",
+        );
+        refused(
+            "a pod that is no worker, in a tenant namespace",
+            attempt(&env, &create, Some(&pod(&tenant.name, false)))?,
+            "only the worker pods of ModelProjects",
+        );
+        // Verbs the operator never calls are not granted at all (RBAC).
+        refused(
+            "a pod deleted one by one",
+            attempt(&env, &["-n", "kube-system", "delete", "pod", "--all"], None)?,
+            "cannot delete resource \"pods\"",
+        );
+        refused(
+            "a Secret read",
+            attempt(&env, &["-n", "kube-system", "get", "secrets"], None)?,
+            "cannot list resource \"secrets\"",
+        );
+
+        // Nodes: a node without accelerators (a system or CPU node) is refused.
+        let nodes = Api::<Node>::all(env.client.clone()).list(&ListParams::default()).await?.items;
+        let has_accelerator = |n: &Node| {
+            n.status.as_ref().and_then(|s| s.capacity.as_ref()).is_some_and(|c| c.keys().any(|k| k.contains('/')))
+        };
+        let plain = nodes.iter().find(|n| !has_accelerator(n)).context("a node without accelerators")?;
+        let pool_node = nodes.iter().find(|n| has_accelerator(n)).context("an accelerator node")?;
+        let (plain, pool_node) = (plain.metadata.name.clone().unwrap(), pool_node.metadata.name.clone().unwrap());
+        refused(
+            "a reservation on a node without accelerators",
+            attempt(&env, &["label", "node", &plain, "sovereign.ai/reserved-for=x"], None)?,
+            &format!("may patch only accelerator nodes (an extended resource such as nvidia.com/gpu in status.capacity); node {plain} has none"),
+        );
+        refused(
+            "another label on an accelerator node",
+            attempt(&env, &["label", "node", &pool_node, "role=mine"], None)?,
+            "may change on a node only its reservation",
+        );
+        refused(
+            "a cordon of an accelerator node",
+            attempt(&env, &["patch", "node", &pool_node, "-p", r#"{"spec":{"unschedulable":true}}"#], None)?,
+            "may change on a node only its reservation",
+        );
+
+        // What the operator does is allowed.
+        let mut allowed = |what: &str, r: Result<(), String>| {
+            if let Err(e) = r {
+                wrong.push(format!("{what}: was refused: {}", e.trim()));
+            }
+        };
+        allowed("a worker pod in a tenant namespace", attempt(&env, &create, Some(&pod(&tenant.name, true)))?);
+        allowed("the quota in a tenant namespace", attempt(&env, &create, Some(&quota(&tenant.name)))?);
+        allowed(
+            "a reservation on an accelerator node",
+            attempt(&env, &["label", "node", &pool_node, "sovereign.ai/reserved-for=x"], None)?,
+        );
+        allowed(
+            "a reservation taint on an accelerator node",
+            attempt(&env, &["taint", "node", &pool_node, "sovereign.ai/reserved-for=x:NoSchedule"], None)?,
+        );
+        ensure!(wrong.is_empty(), "{} attempts wrong:\n{}", wrong.len(), wrong.join("\n"));
+        anyhow::Ok(())
+    }
+    .await;
+    tenant.cleanup().await?;
+    result
+}
