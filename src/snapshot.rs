@@ -20,6 +20,9 @@ pub const PROJECT_LABEL: &str = "sovereign.ai/project";
 pub const WORKER_INDEX_LABEL: &str = "sovereign.ai/worker-index";
 /// Label of a worker pod: the pool it was placed in.
 pub const POOL_LABEL: &str = "sovereign.ai/pool";
+/// Label (value `true`) the admin puts on tenant namespaces: the chart's admission
+/// policy lets the operator create quotas and worker pods only there.
+pub const TENANT_LABEL: &str = "sovereign.ai/tenant";
 /// Label (and taint key) on nodes reserved by a dedicated grant.
 pub const RESERVED_FOR: &str = "sovereign.ai/reserved-for";
 

@@ -313,23 +313,28 @@ async fn pool_status_counts_nodes_and_reports_conflicts(env: Arc<Env>) -> anyhow
         })
         .await?;
 
-        // A second pool selecting the same nodes: both report the conflict and
-        // count the nodes in neither.
+        // A newer pool selecting the same nodes takes none of them: it reports the
+        // conflict and counts nothing; the older pool keeps its 4 nodes.
         pools
             .create(
                 &PostParams::default(),
                 &pool("e2e-hopper", serde_json::json!({"nvidia.com/gpu.family": "hopper"}))?,
             )
             .await?;
-        wait_for("the conflict on e2e-h200", Duration::from_secs(60), || {
-            let probe = probe.clone();
+        let newer = status_of("e2e-hopper");
+        wait_for("the conflict on e2e-hopper", Duration::from_secs(60), || {
+            let newer = newer.clone();
             async move {
-                let s = probe().await?;
-                let conflict = find_condition(&s.conditions, "NodeConflict").is_some_and(|c| c.status == "True");
+                let s = newer().await?;
+                let conflict = find_condition(&s.conditions, "NodeConflict")
+                    .is_some_and(|c| c.status == "True" && c.message.contains("in pool e2e-h200"));
                 if conflict && s.nodes == 0 && s.conflicting_nodes.len() == 4 { Ok(()) } else { Err(format!("{s:?}")) }
             }
         })
         .await?;
+        let s = probe().await.map_err(anyhow::Error::msg)?;
+        let conflict = find_condition(&s.conditions, "NodeConflict").is_some_and(|c| c.status == "True");
+        ensure!(!conflict && s.nodes == 4 && s.allocatable == 32, "the older pool lost nodes: {s:?}");
         let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), "default");
         wait_for("a Warning event on the pool", Duration::from_secs(30), || async {
             let list = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?;

@@ -5,12 +5,16 @@
 //! nothing.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::api::ListParams;
-use sovereign_e2e::{Env, RELEASE, RELEASE_NAMESPACE, TestNamespace};
+use sovereign_e2e::{Env, RELEASE, RELEASE_NAMESPACE, Scope, TestNamespace, wait_for};
+use sovereign_operator::api::{GpuAllocation, find_condition};
+
+use crate::grants::alloc_yaml;
 
 fn operator() -> String {
     format!("--as=system:serviceaccount:{RELEASE_NAMESPACE}:{RELEASE}")
@@ -124,7 +128,33 @@ pub async fn the_operator_writes_only_in_tenant_namespaces_and_on_pool_nodes(env
             attempt(&env, &["taint", "node", &pool_node, "sovereign.ai/reserved-for=x:NoSchedule"], None)?,
         );
         ensure!(wrong.is_empty(), "{} attempts wrong:\n{}", wrong.len(), wrong.join("\n"));
-        anyhow::Ok(())
+
+        // An allocation that lists a namespace without the tenant label says so.
+        let plain_ns = format!("{}-plain", tenant.name);
+        env.kubectl_ok(&["create", "namespace", &plain_ns], None)?;
+        let alloc = alloc_yaml("e2e-untenanted", &[&plain_ns], "[{pool: e2e-none, accelerators: 8}]", "");
+        let mut scope = Scope::new(&env);
+        let seen = async {
+            scope.apply(&alloc)?;
+            let allocations: Api<GpuAllocation> = Api::all(env.client.clone());
+            wait_for("QuotaApplied=False NamespaceNotTenant", Duration::from_secs(30), || async {
+                let a = allocations.get("e2e-untenanted").await.map_err(|e| e.to_string())?;
+                let conds = a.status.unwrap_or_default().conditions;
+                let c = find_condition(&conds, "QuotaApplied").ok_or("no QuotaApplied condition")?;
+                let want = format!("namespace(s) {plain_ns} lack the label sovereign.ai/tenant=true");
+                if c.status == "False" && c.reason == "NamespaceNotTenant" && c.message.starts_with(&want) {
+                    Ok(())
+                } else {
+                    Err(format!("{}: {}", c.reason, c.message))
+                }
+            })
+            .await
+        }
+        .await;
+        let cleaned = scope.cleanup();
+        env.kubectl(&["delete", "namespace", &plain_ns, "--wait=false"], None)?;
+        seen?;
+        cleaned
     }
     .await;
     tenant.cleanup().await?;
