@@ -151,7 +151,8 @@ fn domestic_remedy(min: f64, domestic: i64, total: i64) -> String {
     if x >= i64::MAX as f64 {
         return format!("move the {foreign} accelerators granted in non-domestic pools to domestic pools");
     }
-    format!("add {} domestic accelerators", x as i64)
+    let x = x as i64;
+    format!("add {x} domestic accelerator{}", if x == 1 { "" } else { "s" })
 }
 
 /// The phase an allocation should show.
@@ -512,7 +513,7 @@ mod tests {
         // 3 of 8 at 50 %: 2 more make 5 of 10.
         assert_eq!(domestic_remedy(0.5, 3, 8), "add 2 domestic accelerators");
         // 4 of 8 at 50 % would pass; one short of a whole device still needs one.
-        assert_eq!(domestic_remedy(0.51, 4, 8), "add 1 domestic accelerators");
+        assert_eq!(domestic_remedy(0.51, 4, 8), "add 1 domestic accelerator");
         // 100 %: no number of added devices is enough.
         assert_eq!(
             domestic_remedy(1.0, 0, 8),
