@@ -117,7 +117,8 @@ pub async fn the_operator_writes_only_in_tenant_namespaces_and_on_pool_nodes(env
             &Default::default(),
         )
         .await?;
-        let as_op: Api<Node> = Api::all(kube::Client::try_from(config)?);
+        let op_client = kube::Client::try_from(config)?;
+        let as_op: Api<Node> = Api::all(op_client.clone());
         let patch = async |node: &str, body: &str| -> anyhow::Result<Result<(), String>> {
             let pp = kube::api::PatchParams { dry_run: true, ..Default::default() };
             let body: serde_json::Value = serde_json::from_str(body)?;
@@ -176,7 +177,19 @@ pub async fn the_operator_writes_only_in_tenant_namespaces_and_on_pool_nodes(env
                     Err(format!("{}: {}", c.reason, c.message))
                 }
             })
-            .await
+            .await?;
+            // The operator may set the allocation's finalizer, never its spec (a token that could
+            // would add kube-system to tenant.namespaces).
+            let as_op: Api<GpuAllocation> = Api::all(op_client.clone());
+            let pp = kube::api::PatchParams { dry_run: true, ..Default::default() };
+            let spec = serde_json::json!({"spec": {"tenant": {"namespaces": [&plain_ns, "kube-system"]}}});
+            match as_op.patch("e2e-untenanted", &pp, &kube::api::Patch::Merge(&spec)).await {
+                Ok(_) => anyhow::bail!("the operator changed an allocation's spec"),
+                Err(e) => ensure!(e.to_string().contains("may not change a GpuAllocation's spec"), "{e}"),
+            }
+            let fin = serde_json::json!({"metadata": {"finalizers": ["sovereign.ai/release-reservations"]}});
+            as_op.patch("e2e-untenanted", &pp, &kube::api::Patch::Merge(&fin)).await?;
+            anyhow::Ok(())
         }
         .await;
         let cleaned = scope.cleanup();
