@@ -27,6 +27,7 @@ use crate::api::{
 use crate::planner::grants::{Blocker, Phase};
 use crate::planner::preemption;
 use crate::planner::usage::{self, AllocationUse};
+use crate::snapshot::TENANT_LABEL;
 
 const CONTROLLER: &str = "gpuallocation";
 pub const FINALIZER: &str = "sovereign.ai/release-reservations";
@@ -315,13 +316,26 @@ fn conditions(alloc: &GpuAllocation, view: &View, s: &GpuAllocationStatus, hours
     out
 }
 
-/// QuotaApplied: whether each namespace exists (its quota is then kept by the
-/// quota reconciler).
+/// QuotaApplied: whether each namespace exists and is a tenant namespace (its
+/// quota is then kept by the quota reconciler).
 fn quota_condition(view: &View, alloc: &GpuAllocation) -> Condition {
     let g = alloc.metadata.generation;
     let missing: Vec<&String> =
         alloc.spec.tenant.namespaces.iter().filter(|ns| !view.namespaces.contains(*ns)).collect();
-    if missing.is_empty() {
+    let untenanted: Vec<&str> =
+        alloc.spec.tenant.namespaces.iter().filter(|ns| view.not_tenant.contains(*ns)).map(String::as_str).collect();
+    if missing.is_empty() && !untenanted.is_empty() {
+        condition(
+            "QuotaApplied",
+            false,
+            "NamespaceNotTenant",
+            format!(
+                "namespace(s) {} lack the label {TENANT_LABEL}=true: the chart's admission policy lets the operator create quotas and worker pods only in labelled namespaces",
+                untenanted.join(", ")
+            ),
+            g,
+        )
+    } else if missing.is_empty() {
         condition(
             "QuotaApplied",
             true,
@@ -414,6 +428,9 @@ async fn publish_transitions(
     }
     if let Some(c) = turned("NodesReserved", "NotEnoughFreeNodes") {
         ctx.event(&on, true, "NotEnoughFreeNodes", c.message.clone()).await;
+    }
+    if let Some(c) = turned("QuotaApplied", "NamespaceNotTenant") {
+        ctx.event(&on, true, "NamespaceNotTenant", c.message.clone()).await;
     }
     let reserved = |s: &GpuAllocationStatus| -> BTreeSet<String> {
         s.pools.iter().flat_map(|p| p.reserved_nodes.iter().cloned()).collect()

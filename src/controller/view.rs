@@ -40,6 +40,9 @@ pub struct View {
     pub programs: BTreeMap<String, String>,
     /// Names of the namespaces that exist.
     pub namespaces: BTreeSet<String>,
+    /// Namespaces without the tenant label that hold no quota of the operator: the
+    /// chart's admission policy refuses the operator's quota and pods there.
+    pub not_tenant: BTreeSet<String>,
     /// Allocations whose admins let projects be non-preemptible.
     pub allocation_allows_non_preemptible: BTreeSet<String>,
     /// Allocations whose budget enforcement is Hard (runs stop when it is used up).
@@ -151,7 +154,15 @@ impl View {
             node_grace: SignedDuration::try_from(node_grace).unwrap_or(SignedDuration::from_secs(300)),
             now,
         });
-        let namespaces = stores.namespaces.store.state().iter().map(|n| n.name_any()).collect();
+        let namespace_objs = stores.namespaces.store.state();
+        let namespaces = namespace_objs.iter().map(|n| n.name_any()).collect();
+        let with_quota: BTreeSet<String> = stores.quotas.store.state().iter().filter_map(|q| q.namespace()).collect();
+        let not_tenant = namespace_objs
+            .iter()
+            .filter(|n| n.labels().get(snapshot::TENANT_LABEL).map(String::as_str) != Some("true"))
+            .map(|n| n.name_any())
+            .filter(|n| !with_quota.contains(n))
+            .collect();
         Self {
             now,
             nodes: capacity.nodes.clone(),
@@ -165,6 +176,7 @@ impl View {
             labelled,
             programs,
             namespaces,
+            not_tenant,
             allocation_allows_non_preemptible,
             hard_budget,
             epoch,
