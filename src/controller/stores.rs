@@ -151,9 +151,17 @@ pub fn start(client: Client) -> Stores {
             }
         },
     );
-    let pools = shared(Api::<AcceleratorPool>::all(client.clone()), all.clone(), &epoch, |p: &mut AcceleratorPool| {
-        p.metadata.managed_fields = None;
-    });
+    // What pools are is their spec: their status (counts of this operator's
+    // own making) changes nothing anyone plans from.
+    let strip_pool = |p: &mut AcceleratorPool| p.metadata.managed_fields = None;
+    let pools = shared_signalled(
+        Api::<AcceleratorPool>::all(client.clone()),
+        all.clone(),
+        &epoch,
+        |_| {},
+        strip_pool,
+        Some(spec_key),
+    );
     let allocations =
         shared(Api::<GpuAllocation>::all(client.clone()), all.clone(), &epoch, |a: &mut GpuAllocation| {
             a.metadata.managed_fields = None;
@@ -245,8 +253,25 @@ fn shared_with<K>(
     api: Api<K>,
     config: watcher::Config,
     epoch: &Arc<AtomicU64>,
+    index: impl FnMut(&watcher::Event<K>) + Send + 'static,
+    strip: impl FnMut(&mut K) + Send + 'static,
+) -> Shared<K>
+where
+    K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    shared_signalled(api, config, epoch, index, strip, None)
+}
+
+/// [`shared_with`]; with `signal`, the change signal (and the epoch) move only
+/// when that key of an object changes (the Events stream still sees every change).
+fn shared_signalled<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    epoch: &Arc<AtomicU64>,
     mut index: impl FnMut(&watcher::Event<K>) + Send + 'static,
     strip: impl FnMut(&mut K) + Send + 'static,
+    signal: Option<fn(&K) -> u64>,
 ) -> Shared<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
@@ -257,17 +282,23 @@ where
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let stream = watcher(api, config).backoff(WatchBackoff::default()).modify(strip).reflect(writer);
     let (epoch, sender) = (epoch.clone(), events.clone());
-    let mut seen = Fingerprints::default();
+    let (mut seen, mut signalled) = (Fingerprints::default(), Fingerprints::default());
     tokio::spawn(stream.for_each(move |event| {
         if let Ok(ev) = &event {
             index(ev);
         }
-        let significant = event.as_ref().is_ok_and(|ev| seen.observe(ev));
+        let significant = event.as_ref().is_ok_and(|ev| seen.observe(ev, fingerprint));
+        let signals = match signal {
+            Some(key) => event.as_ref().is_ok_and(|ev| signalled.observe(ev, key)),
+            None => significant,
+        };
         match event {
             Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) if significant => {
-                epoch.fetch_add(1, Ordering::AcqRel);
                 let _ = sender.send(Change::Object(Arc::new(obj)));
-                tx.send_replace(());
+                if signals {
+                    epoch.fetch_add(1, Ordering::AcqRel);
+                    tx.send_replace(());
+                }
             }
             Ok(watcher::Event::InitDone) => {
                 epoch.fetch_add(1, Ordering::AcqRel);
@@ -320,12 +351,21 @@ struct Fingerprints(Keyed<u64>);
 
 impl Fingerprints {
     /// Records the event; true when it changed what the store keeps.
-    fn observe<K: Resource + serde::Serialize>(&mut self, event: &watcher::Event<K>) -> bool {
-        match self.0.apply(event, |obj| Some(fingerprint(obj))) {
+    fn observe<K: Resource>(&mut self, event: &watcher::Event<K>, key: impl Fn(&K) -> u64) -> bool {
+        match self.0.apply(event, |obj| Some(key(obj))) {
             Applied::One { old, new } => old != new,
             Applied::All | Applied::Nothing => true,
         }
     }
+}
+
+/// What an object's spec is: a status write leaves it alone.
+fn spec_key<K: Resource>(obj: &K) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let meta = obj.meta();
+    let mut h = std::hash::DefaultHasher::new();
+    (&meta.uid, meta.generation, meta.deletion_timestamp.is_some()).hash(&mut h);
+    h.finish()
 }
 
 fn fingerprint<K: Resource + serde::Serialize>(obj: &K) -> u64 {
