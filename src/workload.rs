@@ -152,6 +152,7 @@ pub fn worker_pod(project: &ModelProject, placement: &Placement<'_>, index: usiz
             image_pull_secrets: (!t.image_pull_secrets.is_empty()).then(|| t.image_pull_secrets.clone()),
             priority_class_name: t.priority_class_name.clone(),
             volumes: (!t.volumes.is_empty()).then(|| t.volumes.clone()),
+            security_context: t.pod_security_context.clone(),
             containers: vec![Container {
                 name: "trainer".into(),
                 image: Some(t.image.clone()),
@@ -163,6 +164,7 @@ pub fn worker_pod(project: &ModelProject, placement: &Placement<'_>, index: usiz
                 env_from: (!t.env_from.is_empty()).then(|| t.env_from.clone()),
                 resources: Some(ResourceRequirements { ..resources }),
                 volume_mounts: (!t.volume_mounts.is_empty()).then(|| t.volume_mounts.clone()),
+                security_context: t.security_context.clone(),
                 ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
                     name: Some("rendezvous".into()),
                     container_port: project.spec.run_policy.master_port,
