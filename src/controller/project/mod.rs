@@ -166,6 +166,11 @@ async fn create(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: &D
 /// Deletes every worker pod of the project, each with its grace period so the
 /// trainer can checkpoint.
 pub(super) async fn stop_workers(ctx: &Context, ns: &str, name: &str) -> Result<(), Error> {
+    if name.len() > 63 {
+        // No pod can carry a label value this long, so none exists (and the
+        // API server refuses the selector).
+        return Ok(());
+    }
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let lp = ListParams::default().labels(&format!("{PROJECT_LABEL}={name}"));
     api.delete_collection(&DeleteParams::default(), &lp).await?;
