@@ -36,7 +36,9 @@ pub fn classify(object: String, err: &kube::Error) -> Option<Refusal> {
         400 => refusal(false, "BadRequest", message),
         // The quota's usage is recomputed after a restart and frees as runs
         // end: retried, and the scheduling timeout bounds what it holds.
-        403 if m.contains("exceeded quota") => refusal(true, "QuotaExceeded", message),
+        403 if m.contains("exceeded quota") || m.contains("status unknown for quota") => {
+            refusal(true, "QuotaExceeded", message)
+        }
         403 if m.contains("violates PodSecurity") => refusal(false, "PodSecurity", message),
         // A missing ServiceAccount or PriorityClass (admission plugins say "not found").
         403 if m.contains("not found") || m.contains("was found") => refusal(false, "ReferenceNotFound", message),
@@ -99,6 +101,10 @@ mod tests {
                     "Forbidden",
                     "pods \"x\" is forbidden: exceeded quota: cpu, requested: requests.cpu=2, used: requests.cpu=2, limited: requests.cpu=3",
                 ),
+                Some((true, "QuotaExceeded")),
+            ),
+            (
+                api(403, "Forbidden", "status unknown for quota: cpu, resources: requests.cpu"),
                 Some((true, "QuotaExceeded")),
             ),
             (

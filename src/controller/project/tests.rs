@@ -114,6 +114,11 @@ fn case(name: &'static str, phase: Option<ProjectPhase>, pods: Vec<Arc<Pod>>, wa
 }
 
 fn run(c: &Case) -> Decision {
+    run_refused(c, None)
+}
+
+/// The decision, decided again after the apply step was refused `refusal`.
+fn run_refused(c: &Case, refusal: Option<&super::refusal::Refusal>) -> Decision {
     let pool = pool();
     let none = BTreeSet::new();
     let obs = Observed {
@@ -122,7 +127,7 @@ fn run(c: &Case) -> Decision {
         allocation: c.allocation.as_ref(),
         pool: Some(&pool),
         recently_created: &none,
-        refusal: None,
+        refusal,
     };
     decide(&c.project, &obs)
 }
@@ -343,19 +348,8 @@ fn refusal(heals: bool, reason: &'static str) -> super::refusal::Refusal {
     }
 }
 
-/// The decision after the apply step was refused `r`, at `now` (admitted at 0).
 fn decide_refused(c: &Case, r: &super::refusal::Refusal) -> Decision {
-    let pool = pool();
-    let none = BTreeSet::new();
-    let obs = Observed {
-        now: t(c.now),
-        pods: &c.pods,
-        allocation: c.allocation.as_ref(),
-        pool: Some(&pool),
-        recently_created: &none,
-        refusal: Some(r),
-    };
-    decide(&c.project, &obs)
+    run_refused(c, Some(r))
 }
 
 #[test]
