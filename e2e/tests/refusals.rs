@@ -26,7 +26,7 @@ use sovereign_operator::api::{GpuAllocation, ModelProject, ModelProjectStatus, P
 use crate::grants::{alloc_yaml, wait_phase};
 use crate::projects::{atom, h200, status, wait_project};
 
-/// Granted 24 of each pool: every row but those the admin allows.
+/// Granted 24 of ATOM and 32 of H200: every row but those the admin allows.
 const TENANT: &str = "e2e-refusals";
 /// Granted 8 of the ATOM pool, with a workload policy.
 const TRUSTED: &str = "e2e-refusals-trusted";
@@ -164,6 +164,62 @@ fn rows() -> Vec<Row> {
             "    volumes: [{name: d, emptyDir: {}}, {name: d, emptyDir: {}}]\n",
             blocked("Invalid", "Duplicate value: \"d\"", Some("volumes")),
         ),
+        row(
+            "a 58-character name leaves no room for -worker-0 in a hostname",
+            "rf-host",
+            "a-sixty-character-project-name-that-fits-a-label-value-but",
+            "",
+            blocked("Invalid", "spec.hostname", Some("metadata.name")),
+        ),
+        row(
+            "an env var from a field that does not exist",
+            "rf-fieldref",
+            "bad",
+            "    env: [{name: X, valueFrom: {fieldRef: {fieldPath: spec.nothing}}}]\n",
+            blocked("Invalid", "spec.nothing", Some("env")),
+        ),
+        row(
+            "envFrom a ConfigMap whose name is no name",
+            "rf-envfrom",
+            "bad",
+            "    envFrom: [{configMapRef: {name: Bad_Name}}]\n",
+            blocked("Invalid", "Bad_Name", Some("envFrom")),
+        ),
+        row(
+            "an annotation key that is no key",
+            "rf-annot",
+            "bad",
+            "    annotations: {\"not a key\": x}\n",
+            blocked("Invalid", "not a key", Some("annotations")),
+        ),
+        row(
+            "a volume whose name is no name",
+            "rf-volname",
+            "bad",
+            "    volumes: [{name: Bad_Name, emptyDir: {}}]\n",
+            blocked("Invalid", "Bad_Name", Some("volumes")),
+        ),
+        row(
+            "a volumeMount without a mountPath",
+            "rf-mountpath",
+            "bad",
+            "    volumes: [{name: d, emptyDir: {}}]\n    volumeMounts: [{name: d, mountPath: \"\"}]\n",
+            blocked("Invalid", "mountPath: Required value", Some("volumeMounts")),
+        ),
+        row(
+            "a negative memory request",
+            "rf-negmem",
+            "bad",
+            "    resources: {requests: {memory: \"-1\"}}\n",
+            blocked("Invalid", "must be greater than or equal to 0", Some("resources")),
+        ),
+        row(
+            "a CPU quantity that is no quantity",
+            "rf-qty",
+            "bad",
+            "    resources: {requests: {cpu: \"1.5.5\"}}\n",
+            blocked("BadRequest", "quantities must match the regular expression", Some("resources")),
+        ),
         Row {
             setup: Setup::CpuLimitRange,
             ..row(
@@ -239,6 +295,48 @@ fn rows() -> Vec<Row> {
             Expect::NotAllowed("capabilities.add SYS_ADMIN"),
         ),
         row(
+            "a gitRepo volume (git runs on the node)",
+            "rf-gitrepo",
+            "bad",
+            "    volumes: [{name: g, gitRepo: {repository: \"https://example.invalid/r.git\"}}]\n",
+            Expect::NotAllowed("volume g is a gitRepo volume"),
+        ),
+        row(
+            "an iscsi volume",
+            "rf-iscsi",
+            "bad",
+            "    volumes: [{name: i, iscsi: {targetPortal: \"10.0.0.1:3260\", iqn: \"iqn.2001-04.com.example:t\", lun: 0}}]\n",
+            Expect::NotAllowed("volume i is a iscsi volume"),
+        ),
+        row(
+            "all capabilities",
+            "rf-capall",
+            "bad",
+            "    securityContext: {capabilities: {add: [ALL]}}\n",
+            Expect::NotAllowed("capabilities.add ALL"),
+        ),
+        row(
+            "an Unmasked /proc",
+            "rf-proc",
+            "bad",
+            "    securityContext: {procMount: Unmasked}\n",
+            Expect::NotAllowed("procMount Unmasked"),
+        ),
+        row(
+            "an Unconfined AppArmor profile",
+            "rf-apparmor",
+            "bad",
+            "    securityContext: {appArmorProfile: {type: Unconfined}}\n",
+            Expect::NotAllowed("appArmorProfile Unconfined"),
+        ),
+        row(
+            "a Windows host process",
+            "rf-hostproc",
+            "bad",
+            "    securityContext: {windowsOptions: {hostProcess: true}}\n",
+            Expect::NotAllowed("hostProcess"),
+        ),
+        row(
             "an Unconfined seccomp profile",
             "rf-seccomp",
             "bad",
@@ -280,6 +378,13 @@ fn rows() -> Vec<Row> {
             "    ports: [{containerPort: 80, hostPort: 80}]\n",
             Expect::AtApply("unknown field"),
         ),
+        row(
+            "an init container",
+            "rf-init",
+            "bad",
+            "    initContainers: [{name: x, image: busybox}]\n",
+            Expect::AtApply("unknown field"),
+        ),
         row("a nodeName", "rf-nodename", "bad", "    nodeName: atom-00\n", Expect::AtApply("unknown field")),
         // What the admin allows runs.
         Row {
@@ -290,6 +395,16 @@ fn rows() -> Vec<Row> {
                 "bad",
                 "    volumes: [{name: root, hostPath: {path: /}}]\n",
                 Expect::Runs(r#""hostPath":{"path":"/""#),
+            )
+        },
+        Row {
+            alloc: Alloc::Trusted,
+            ..row(
+                "a privileged container, allowed by the allocation",
+                "rf-priv-ok",
+                "bad",
+                "    securityContext: {privileged: true}\n",
+                Expect::Runs(r#""privileged":true"#),
             )
         },
         Row {
@@ -530,7 +645,7 @@ pub async fn refused_and_unsafe_templates_are_never_silent_and_hold_nothing(env:
         };
         scope.apply(&atom())?;
         scope.apply(&h200())?;
-        let grants = "[{pool: e2e-atom, accelerators: 24}, {pool: e2e-h200, accelerators: 24}]";
+        let grants = "[{pool: e2e-atom, accelerators: 24}, {pool: e2e-h200, accelerators: 32}]";
         scope.apply(&alloc_yaml(TENANT, &of(Alloc::Tenant), grants, ""))?;
         let policy = "  workloadPolicy: {allowNodeAccess: true, serviceAccounts: [trainer, ghost]}\n";
         scope.apply(&alloc_yaml(TRUSTED, &of(Alloc::Trusted), "[{pool: e2e-atom, accelerators: 8}]", policy))?;

@@ -397,6 +397,8 @@ fn refused(project: &ModelProject, obs: &Observed<'_>, d: &mut Decision, r: &Ref
         set_condition(&mut d.status.conditions, condition(WORKERS_CREATED, false, r.reason, said.clone(), g), &now);
         let msg = format!("{said}; the run is blocked until its spec changes: workers stopped, devices given back");
         set_condition(&mut d.status.conditions, condition("Running", false, "WorkersRefused", msg.clone(), g), &now);
+        let parked = condition("Queued", false, "Blocked", "not queued until the spec changes", g);
+        set_condition(&mut d.status.conditions, parked, &now);
         d.note(true, "WorkersRefused", msg);
         d.gang_stop = Some("WorkersRefused");
         d.requeue_within(Duration::from_secs(1));
