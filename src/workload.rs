@@ -247,6 +247,19 @@ mod tests {
     }
 
     #[test]
+    fn the_templates_security_contexts_reach_the_pod_and_the_trainer() {
+        let (mut p, pool) = (project(), pool());
+        p.spec.template.pod_security_context =
+            Some(serde_json::from_value(serde_json::json!({"runAsNonRoot": true})).unwrap());
+        p.spec.template.security_context =
+            Some(serde_json::from_value(serde_json::json!({"allowPrivilegeEscalation": false})).unwrap());
+        let nodes = vec!["n".to_string(); 4];
+        let spec = worker_pod(&p, &Placement { pool: &pool, nodes: &nodes, dedicated: false }, 0).spec.unwrap();
+        assert_eq!(spec.security_context.unwrap().run_as_non_root, Some(true));
+        assert_eq!(spec.containers[0].security_context.as_ref().unwrap().allow_privilege_escalation, Some(false));
+    }
+
+    #[test]
     fn dedicated_workers_tolerate_the_reservation_and_the_service_is_headless() {
         let (p, pool) = (project(), pool());
         let nodes = vec!["n".to_string(); 4];
