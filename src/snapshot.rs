@@ -56,11 +56,11 @@ pub fn node_info(node: &Node) -> NodeInfo {
     let status = node.status.as_ref();
     NodeInfo {
         name: node.name_any(),
-        labels: node.labels().clone(),
+        labels: node.labels().clone().into(),
         ready: node_is_ready(node),
         not_ready_since: not_ready_since(node),
-        capacity: whole_quantities(status.and_then(|s| s.capacity.as_ref())),
-        allocatable: whole_quantities(status.and_then(|s| s.allocatable.as_ref())),
+        capacity: whole_quantities(status.and_then(|s| s.capacity.as_ref())).into(),
+        allocatable: whole_quantities(status.and_then(|s| s.allocatable.as_ref())).into(),
     }
 }
 

@@ -50,8 +50,10 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     let real_node = incluster::available(&env);
-    // Last: the first of these stops the shared host-run operator.
+    // Last: the first of these stops the shared host-run operator. (The first
+    // needs the dev cluster's own kube-apiserver process, as they do.)
     let in_cluster = tests![
+        incluster::a_run_submitted_right_after_an_api_server_restart_is_admitted,
         incluster::the_image_runs_on_the_real_node_in_a_restricted_namespace_and_finishes_a_run,
         incluster::an_upgrade_to_another_tag_never_runs_two_operators,
         incluster::two_replicas_roll_out_and_a_standby_takes_over_a_killed_or_deleted_leader,
@@ -77,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         grants::a_killed_operator_converges_and_a_restart_writes_nothing,
         projects::a_gang_lands_whole_on_the_npu_pool_and_falls_back_whole_to_gpus,
         projects::a_gang_larger_than_any_rack_waits_with_the_reason,
+        projects::a_project_that_can_never_fit_says_why,
         projects::a_failing_worker_restarts_the_gang_until_max_restarts,
         projects::a_finished_run_frees_its_devices_for_the_next,
         projects::suspend_gives_back_devices_and_resume_requeues,

@@ -24,7 +24,7 @@ fn prio(p: i32) -> String {
 }
 
 /// Events of `reason` about the object `name` in `ns`, their notes.
-async fn events(env: &Env, ns: &str, name: &str, reason: &str) -> anyhow::Result<Vec<String>> {
+pub async fn events(env: &Env, ns: &str, name: &str, reason: &str) -> anyhow::Result<Vec<String>> {
     let lp = ListParams::default().fields(&format!("regarding.name={name}"));
     let list = Api::<Event>::namespaced(env.client.clone(), ns).list(&lp).await?;
     Ok(list.items.into_iter().filter(|e| e.reason.as_deref() == Some(reason)).filter_map(|e| e.note).collect())

@@ -42,8 +42,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             .collect();
         futures::stream::iter(hits)
     });
-    let controller = Controller::new(Api::<AcceleratorPool>::all(ctx.client.clone()), Default::default())
-        .reconcile_all_on(everything)
+    let controller = Controller::for_shared_stream(s.pools.events(), s.pools.store.clone())
+        .reconcile_all_on(futures::stream::once(async {}).chain(everything))
         .reconcile_on(pod_pools)
         .with_config(super::controller_config(Duration::from_millis(300)));
     super::drive(controller, CONTROLLER, ctx.clone(), shutdown, reconcile).await;

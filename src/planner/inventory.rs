@@ -1,22 +1,24 @@
 //! Which nodes belong to which pool, and what each pool holds.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use kube::core::{Selector, SelectorExt};
 
-/// What the planner needs to know about a node.
+/// What the planner needs to know about a node. The maps are shared: a view
+/// of thousands of nodes is assembled from the model without copying them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeInfo {
     pub name: String,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Arc<BTreeMap<String, String>>,
     /// Ready condition True and not cordoned.
     pub ready: bool,
     /// When the Ready condition last left True, while the node is not ready.
     pub not_ready_since: Option<k8s_openapi::jiff::Timestamp>,
     /// Integer capacity per resource name.
-    pub capacity: BTreeMap<String, i64>,
+    pub capacity: Arc<BTreeMap<String, i64>>,
     /// Integer allocatable per resource name.
-    pub allocatable: BTreeMap<String, i64>,
+    pub allocatable: Arc<BTreeMap<String, i64>>,
 }
 
 impl NodeInfo {
@@ -102,10 +104,10 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     pub fn node(name: &str, labels: &[(&str, &str)], resource: &str, devices: i64, ready: bool) -> NodeInfo {
-        let res: BTreeMap<String, i64> = [(resource.to_string(), devices)].into();
+        let res: Arc<BTreeMap<String, i64>> = Arc::new([(resource.to_string(), devices)].into());
         NodeInfo {
             name: name.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: Arc::new(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
             ready,
             not_ready_since: None,
             capacity: res.clone(),
