@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Start", type_ = "string", json_path = ".spec.window.start", priority = 1),
     printcolumn(name = "End", type_ = "string", json_path = ".spec.window.end", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("size(self.metadata.name) <= 63").message("a GpuAllocation name is at most 63 characters: it becomes the sovereign.ai/reserved-for label and taint of reserved nodes and the sovereign.ai/allocation label of worker pods")
+    validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name: a GpuAllocation name is at most 63 characters: it becomes the sovereign.ai/reserved-for label and taint of reserved nodes and the sovereign.ai/allocation label of worker pods")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GpuAllocationSpec {
