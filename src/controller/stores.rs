@@ -36,6 +36,8 @@ where
 {
     pub store: Store<K>,
     pub(crate) changed: watch::Receiver<()>,
+    /// Signalled when an object left the store (deleted, or no longer selected).
+    pub(crate) removed: watch::Receiver<()>,
     pub(crate) events: broadcast::Sender<Change<K>>,
 }
 
@@ -54,7 +56,17 @@ where
         })
     }
 
-    /// Every applied or deleted object, as it happens.
+    /// Yields once per burst of removals (an object deleted or no longer
+    /// selected, e.g. a pod that stopped running), and after a relist.
+    pub fn removals(&self) -> impl Stream<Item = ()> + Send + 'static {
+        let mut rx = self.removed.clone();
+        rx.mark_unchanged();
+        futures::stream::unfold(rx, |mut rx| async move {
+            rx.changed().await.ok()?;
+            Some(((), rx))
+        })
+    }
+
     /// Every applied or deleted object, as it happens. After a relist (the
     /// watch restarted) and when this subscriber fell behind, every object of
     /// the store is yielded instead: changes are never silently missed.
@@ -279,6 +291,7 @@ where
 {
     let (store, writer) = reflector::store();
     let (tx, changed) = watch::channel(());
+    let (gone, removed) = watch::channel(());
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let stream = watcher(api, config).backoff(WatchBackoff::default()).modify(strip).reflect(writer);
     let (epoch, sender) = (epoch.clone(), events.clone());
@@ -292,6 +305,9 @@ where
             Some(key) => event.as_ref().is_ok_and(|ev| signalled.observe(ev, key)),
             None => significant,
         };
+        if matches!(event, Ok(watcher::Event::Delete(_) | watcher::Event::InitDone)) {
+            gone.send_replace(());
+        }
         match event {
             Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) if significant => {
                 let _ = sender.send(Change::Object(Arc::new(obj)));
@@ -310,7 +326,7 @@ where
         }
         futures::future::ready(())
     }));
-    Shared { store, changed, events }
+    Shared { store, changed, removed, events }
 }
 
 /// Watch retries: 250 ms doubling to 1 s, reset by the first good event.
