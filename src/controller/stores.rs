@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, watch};
 
 use super::model::{Applied, Keyed, Model};
-use crate::api::{AcceleratorPool, GpuAllocation, ModelProject};
+use crate::api::{AcceleratorPool, GpuAllocation, ModelProject, ProjectPhase};
 use crate::snapshot::PROJECT_LABEL;
 
 /// Label on every object the operator manages.
@@ -192,10 +192,16 @@ pub fn start(client: Client) -> Stores {
     let quotas = shared(Api::<ResourceQuota>::all(client.clone()), managed, &not_viewed, |q: &mut ResourceQuota| {
         q.metadata.managed_fields = None;
     });
-    let projects =
-        shared(Api::<ModelProject>::all(client.clone()), all.clone(), &not_viewed, |p: &mut ModelProject| {
-            p.metadata.managed_fields = None;
-        });
+    // Admission wakes on what it reads of a project, not on every status write.
+    let strip_project = |p: &mut ModelProject| p.metadata.managed_fields = None;
+    let projects = shared_signalled(
+        Api::<ModelProject>::all(client.clone()),
+        all.clone(),
+        &not_viewed,
+        |_| {},
+        strip_project,
+        Some(admission_key),
+    );
     let workers_by_project = WorkerIndex::default();
     let index = workers_by_project.clone();
     let workers = shared_with(
@@ -373,6 +379,20 @@ impl Fingerprints {
             Applied::All | Applied::Nothing => true,
         }
     }
+}
+
+/// What admission reads of a project: its spec, whether it is being deleted,
+/// and whether it waits, holds devices or neither. A queue reason rewritten or
+/// a run turning Running changes none of it (the loop need not wake for them).
+fn admission_key(p: &ModelProject) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let status = p.status.as_ref();
+    let phase = status.and_then(|s| s.phase);
+    let waits = matches!(phase, None | Some(ProjectPhase::Queued | ProjectPhase::Restarting));
+    let retry = status.and_then(|s| s.retry_after.as_ref()).map(|t| t.0.as_second());
+    let mut h = std::hash::DefaultHasher::new();
+    (spec_key(p), waits, super::holds_devices(phase), retry).hash(&mut h);
+    h.finish()
 }
 
 /// What an object's spec is: a status write leaves it alone.
