@@ -51,8 +51,8 @@ chart:
 	"$$HELM" lint --strict $(CHART); \
 	"$$HELM" template t $(CHART) >/dev/null; \
 	"$$HELM" template t $(CHART) --set leaderElection.enabled=true,replicaCount=2 >/dev/null; \
-	"$$HELM" template t $(CHART) --set metrics.serviceMonitor.enabled=true,metrics.networkPolicy.enabled=true \
-	  | grep -q '^kind: ServiceMonitor' || { echo "chart did not render the ServiceMonitor" >&2; exit 1; }; \
+	monitored=$$("$$HELM" template t $(CHART) --set metrics.serviceMonitor.enabled=true,metrics.networkPolicy.enabled=true); \
+	[[ "$$monitored" == *$$'\nkind: ServiceMonitor\n'* ]] || { echo "chart did not render the ServiceMonitor" >&2; exit 1; }; \
 	if "$$HELM" template t $(CHART) --set leaderElection.renewDeadlineSeconds=15 >/dev/null 2>&1; then \
 	  echo "chart accepted a renew deadline not shorter than the lease duration" >&2; exit 1; fi; \
 	dash=$$("$$HELM" template t $(CHART) --set dashboard.enabled=true --show-only templates/dashboard.yaml); \
