@@ -37,6 +37,9 @@ pub struct Context {
     pub starvation_after: k8s_openapi::jiff::SignedDuration,
     /// How long a run admitted by preemption cannot itself be preempted.
     pub min_run_time: k8s_openapi::jiff::SignedDuration,
+    /// When this process started reconciling (after it took the lease): the
+    /// ledger knows which pod disappearances it can have seen.
+    pub reconciling_since: k8s_openapi::jiff::Timestamp,
     views: ViewCache,
     created: CreatedPods,
     backoff: Backoff,
@@ -88,6 +91,7 @@ impl Context {
             min_run_time: k8s_openapi::jiff::SignedDuration::from_secs(args.planning.min_run_seconds as i64),
             created: CreatedPods::default(),
             backoff: Backoff::default(),
+            reconciling_since: k8s_openapi::jiff::Timestamp::now(),
         })
     }
 

@@ -7,6 +7,7 @@ pub mod fair;
 pub mod gang;
 pub mod grants;
 pub mod inventory;
+pub mod ledger;
 pub mod placement;
 pub mod preemption;
 pub mod reservation;

@@ -5,9 +5,9 @@
 //! `sovereign.ai/allocation` label names, when that allocation lists the
 //! namespace; otherwise to the first allocation listing the namespace, in the
 //! order Active before inactive, with a grant in the pod's pool first, then
-//! priority (higher first), age and name. Usage = wall hours x devices x the
-//! pool's chargeFactor, integrated from the last charge time in status, so a
-//! restart neither loses nor double counts it.
+//! priority (higher first), age and name. The hours themselves are the
+//! ledger's (`super::ledger`): each pod's own lifetime x devices x the pool's
+//! chargeFactor.
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
@@ -88,14 +88,7 @@ pub fn attribute(
         let Some(candidates) = by_ns.get(pod.namespace.as_str()) else {
             continue;
         };
-        let labelled = pod.allocation.as_deref().and_then(|l| candidates.iter().find(|a| a.name == l));
-        let chosen = labelled.or_else(|| {
-            candidates.iter().min_by_key(|a| {
-                let has_grant = a.grants.iter().any(|g| g.pool == pool.name);
-                (Reverse(active(&a.name)), Reverse(has_grant), Reverse(a.priority), a.created, a.name.as_str())
-            })
-        });
-        if let Some(a) = chosen {
+        if let Some(a) = charged_to(candidates, pod.allocation.as_deref(), Some(&pool.name), active) {
             let u = out.by_allocation.entry(a.name.clone()).or_default();
             *u.in_use.entry(pool.name.clone()).or_default() += devices;
             let weighted = devices as f64 * pool.charge_factor;
@@ -107,6 +100,24 @@ pub fn attribute(
         }
     }
     out
+}
+
+/// The allocation a pod is charged to, among the (not deleting) allocations
+/// that list its namespace: the one its label names, else by the charging rule
+/// above.
+pub fn charged_to<'a>(
+    candidates: &[&'a AllocationState],
+    label: Option<&str>,
+    pool: Option<&str>,
+    active: &dyn Fn(&str) -> bool,
+) -> Option<&'a AllocationState> {
+    let labelled = label.and_then(|l| candidates.iter().find(|a| a.name == l));
+    labelled.or_else(|| {
+        candidates.iter().min_by_key(|a| {
+            let has_grant = a.grants.iter().any(|g| Some(g.pool.as_str()) == pool);
+            (Reverse(active(&a.name)), Reverse(has_grant), Reverse(a.priority), a.created, a.name.as_str())
+        })
+    }).copied()
 }
 
 /// Hours used at `now`, given the hours charged up to `since` and a constant
