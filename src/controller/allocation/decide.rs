@@ -134,7 +134,9 @@ pub fn decide(alloc: &GpuAllocation, obs: &Observed<'_>) -> Decision {
         s.domestic_accelerator_hours_used = round(f.domestic / MILLIS_PER_HOUR);
         s.charge_rate = f.rate;
         s.domestic_charge_rate = f.domestic_rate;
-        s.usage_updated_at = Some(now.clone());
+        // As the API stores it (whole seconds), so that it compares equal after
+        // the round trip; `ledger.atMillis` is the exact time.
+        s.usage_updated_at = Timestamp::from_second(obs.now.as_second()).ok().map(Time);
         s.pool_hours = f
             .by_pool
             .iter()
