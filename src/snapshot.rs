@@ -191,15 +191,19 @@ pub fn pod_life(pod: &Pod, pool: Option<&PoolRate>, now: Timestamp) -> PodLife {
     let start = status.and_then(|s| s.start_time.as_ref()).map(millis);
     let deleted = pod.metadata.deletion_timestamp.as_ref().map(millis);
     let last_transition = || {
-        status.and_then(|s| s.conditions.as_ref())?.iter().filter_map(|c| c.last_transition_time.as_ref()).map(millis).max()
+        status
+            .and_then(|s| s.conditions.as_ref())?
+            .iter()
+            .filter_map(|c| c.last_transition_time.as_ref())
+            .map(millis)
+            .max()
     };
     let end = if terminal || (deleted.is_some() && all_terminated) {
         finished.iter().copied().max().or_else(last_transition).or(deleted).or(start)
     } else {
         deleted
     };
-    let settle =
-        deleted.is_some_and(|d| terminal || all_terminated || start.is_none() || d <= now.as_millisecond());
+    let settle = deleted.is_some_and(|d| terminal || all_terminated || start.is_none() || d <= now.as_millisecond());
     let weight = pool
         .map(|p| pod_requests(pod).get(&p.resource_name).copied().unwrap_or(0) as f64 * p.charge_factor)
         .unwrap_or(0.0);

@@ -364,7 +364,8 @@ mod tests {
         m.charged_seconds("a", "wbl", "h200", 10.0);
         m.charged_seconds("a", "wbl", "h200", 12.0);
         let text = m.encode();
-        let counter = "sovereign_allocation_accelerator_seconds_total{allocation=\"a\",program=\"wbl\",pool=\"h200\"} 12.0";
+        let counter =
+            "sovereign_allocation_accelerator_seconds_total{allocation=\"a\",program=\"wbl\",pool=\"h200\"} 12.0";
         assert!(text.contains(counter), "{counter} missing from\n{text}");
         // No budget, no budget series.
         assert!(!text.contains("sovereign_allocation_budget_accelerator_seconds{allocation=\"b\""), "{text}");

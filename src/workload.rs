@@ -13,7 +13,9 @@ use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
 use crate::api::{AcceleratorPool, HOSTNAME_KEY, ModelProject};
-use crate::snapshot::{ALLOCATION_LABEL, LEDGER_FINALIZER, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, WORKER_INDEX_LABEL};
+use crate::snapshot::{
+    ALLOCATION_LABEL, LEDGER_FINALIZER, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, WORKER_INDEX_LABEL,
+};
 
 /// Where an admitted gang runs.
 #[derive(Clone, Debug)]

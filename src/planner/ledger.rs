@@ -103,10 +103,11 @@ pub struct Books {
 }
 
 /// The books at `now` from the last ledger written and the pods charged to the
-/// allocation now. `watching_since` is when this operator's watches started:
-/// an open pod that is gone was seen going if the last ledger was written
-/// since then (and is charged up to now, within a reconcile of it going),
-/// otherwise it went unseen and is charged up to that last ledger.
+/// allocation now. An open pod that is gone is charged up to the end its entry
+/// recorded, else the moment the watch saw it go (`seen_gone`), else, if the
+/// last ledger was written since this operator started watching
+/// (`watching_since`), up to now, else (it went while the operator was down)
+/// up to that last ledger.
 /// `project_exists` keeps per-project figures only for projects that exist;
 /// those of deleted projects stay in the allocation's pool figures.
 pub fn reckon(
@@ -114,6 +115,7 @@ pub fn reckon(
     pods: &[PodLife],
     now: i64,
     watching_since: i64,
+    seen_gone: &dyn Fn(&str) -> Option<i64>,
     project_exists: &dyn Fn(&str) -> bool,
 ) -> Books {
     let already: BTreeSet<&str> = prev.settled_pods.iter().map(String::as_str).collect();
@@ -131,7 +133,7 @@ pub fn reckon(
     for o in prev.open.iter().filter(|o| !present.contains(o.uid.as_str()) && !already.contains(o.uid.as_str())) {
         let life = PodLife {
             start_millis: Some(o.start_millis),
-            end_millis: Some(o.end_millis.unwrap_or(unseen_end)),
+            end_millis: Some(o.end_millis.or_else(|| seen_gone(&o.uid)).unwrap_or(unseen_end)),
             weight: o.weight,
             ..Default::default()
         };
@@ -225,6 +227,10 @@ mod tests {
         true
     }
 
+    fn none(_: &str) -> Option<i64> {
+        None
+    }
+
     /// Through the API and back: what the next reconcile reads.
     fn round_trip(l: &UsageLedger) -> UsageLedger {
         serde_json::from_str(&serde_json::to_string(l).unwrap()).unwrap()
@@ -239,10 +245,10 @@ mod tests {
         let mut t = 0;
         while t < 3_600_000 {
             t += 1_700;
-            ledger = round_trip(&reckon(&ledger, &pods, T0 + t, T0, &all).ledger);
+            ledger = round_trip(&reckon(&ledger, &pods, T0 + t, T0, &none, &all).ledger);
         }
-        let once = reckon(&UsageLedger::default(), &pods, T0 + t, T0, &all);
-        let many = reckon(&ledger, &pods, T0 + t, T0, &all);
+        let once = reckon(&UsageLedger::default(), &pods, T0 + t, T0, &none, &all);
+        let many = reckon(&ledger, &pods, T0 + t, T0, &none, &all);
         assert_eq!(many.figures, once.figures);
         assert!((hours(&once) - 8.0 * t as f64 / MILLIS_PER_HOUR).abs() < 1e-9);
     }
@@ -251,15 +257,15 @@ mod tests {
     fn a_settled_pod_is_charged_once_and_released_until_it_is_gone() {
         let mut done = pod("a", Some("ns/p"), 2.0, 0, Some(1_800_000));
         done.settle = true;
-        let b1 = reckon(&UsageLedger::default(), std::slice::from_ref(&done), T0 + 3_600_000, T0, &all);
+        let b1 = reckon(&UsageLedger::default(), std::slice::from_ref(&done), T0 + 3_600_000, T0, &none, &all);
         assert_eq!(hours(&b1), 1.0);
         assert_eq!(b1.release, vec!["a".to_string()]);
         assert_eq!(b1.ledger.settled_pods, vec!["a".to_string()]);
         // The finalizer release failed: the pod is still there, never charged twice.
-        let b2 = reckon(&round_trip(&b1.ledger), std::slice::from_ref(&done), T0 + 7_200_000, T0, &all);
+        let b2 = reckon(&round_trip(&b1.ledger), std::slice::from_ref(&done), T0 + 7_200_000, T0, &none, &all);
         assert_eq!((hours(&b2), b2.release.clone()), (1.0, vec!["a".to_string()]));
         // Gone: forgotten, still charged.
-        let b3 = reckon(&round_trip(&b2.ledger), &[], T0 + 7_300_000, T0, &all);
+        let b3 = reckon(&round_trip(&b2.ledger), &[], T0 + 7_300_000, T0, &none, &all);
         assert_eq!(hours(&b3), 1.0);
         assert!(b3.ledger.settled_pods.is_empty() && b3.release.is_empty());
     }
@@ -267,18 +273,21 @@ mod tests {
     #[test]
     fn a_pod_that_vanished_while_watched_is_charged_to_now_and_one_gone_unseen_to_the_last_ledger() {
         let plain = pod("x", None, 1.0, 0, None);
-        let before = reckon(&UsageLedger::default(), &[plain], T0 + 600_000, T0, &all).ledger;
+        let before = reckon(&UsageLedger::default(), &[plain], T0 + 600_000, T0, &none, &all).ledger;
         // The operator kept watching: it noticed the pod go (now).
-        let watched = reckon(&before, &[], T0 + 601_000, T0, &all);
+        let watched = reckon(&before, &[], T0 + 601_000, T0, &none, &all);
         assert_eq!(watched.figures.total, 601_000.0);
         // The operator restarted after the pod went: up to the last ledger.
-        let restarted = reckon(&before, &[], T0 + 900_000, T0 + 899_000, &all);
+        let restarted = reckon(&before, &[], T0 + 900_000, T0 + 899_000, &none, &all);
         assert_eq!(restarted.figures.total, 600_000.0);
-        // An end the ledger recorded wins over both.
+        // The moment the watch saw it go wins over both.
+        let seen = reckon(&before, &[], T0 + 900_000, T0 + 899_000, &|_| Some(T0 + 700_000), &all);
+        assert_eq!(seen.figures.total, 700_000.0);
+        // An end the ledger recorded wins over all.
         let mut ended = pod("x", None, 1.0, 0, Some(300_000));
         ended.held = false;
-        let known = reckon(&UsageLedger::default(), &[ended], T0 + 400_000, T0, &all).ledger;
-        assert_eq!(reckon(&known, &[], T0 + 900_000, T0 + 899_000, &all).figures.total, 300_000.0);
+        let known = reckon(&UsageLedger::default(), &[ended], T0 + 400_000, T0, &none, &all).ledger;
+        assert_eq!(reckon(&known, &[], T0 + 900_000, T0 + 899_000, &none, &all).figures.total, 300_000.0);
     }
 
     #[test]
@@ -289,7 +298,7 @@ mod tests {
         npu.pool = "atom".into();
         npu.domestic = true;
         let pods = vec![gone, npu, pod("r", Some("ns/a"), 1.0, 0, None), pod("plain", None, 2.0, 0, None)];
-        let b = reckon(&UsageLedger::default(), &pods, T0 + 2_000, T0, &all);
+        let b = reckon(&UsageLedger::default(), &pods, T0 + 2_000, T0, &none, &all);
         let f = &b.figures;
         let projects: f64 = f.by_project.values().sum();
         assert_eq!(f.total, projects + 2.0 * 2_000.0, "projects plus the plain pod");
@@ -298,7 +307,7 @@ mod tests {
         assert_eq!(f.by_project[&("ns/a".to_string(), "h200".to_string())], 4_000.0 + 2_000.0);
         assert_eq!((f.rate, f.domestic_rate), (4.0 + 1.0 + 2.0, 4.0));
         // A deleted project's hours stay in the allocation's, under no project.
-        let later = reckon(&b.ledger, &[], T0 + 2_000, T0, &|p| p != "ns/a");
+        let later = reckon(&b.ledger, &[], T0 + 2_000, T0, &none, &|p| p != "ns/a");
         assert_eq!(later.figures.total, f.total);
         assert!(later.figures.by_project.keys().all(|(p, _)| p != "ns/a"));
     }
@@ -306,16 +315,16 @@ mod tests {
     #[test]
     fn time_does_not_move_the_books_but_pods_do() {
         let pods = vec![pod("a", Some("ns/p"), 8.0, 0, None)];
-        let l1 = reckon(&UsageLedger::default(), &pods, T0 + 1_000, T0, &all).ledger;
-        let l2 = reckon(&l1, &pods, T0 + 9_000, T0, &all).ledger;
+        let l1 = reckon(&UsageLedger::default(), &pods, T0 + 1_000, T0, &none, &all).ledger;
+        let l2 = reckon(&l1, &pods, T0 + 9_000, T0, &none, &all).ledger;
         assert!(!moved(&l1, &l2));
-        let l3 = reckon(&l2, &[], T0 + 10_000, T0, &all).ledger;
+        let l3 = reckon(&l2, &[], T0 + 10_000, T0, &none, &all).ledger;
         assert!(moved(&l2, &l3));
         // A pod that never started is not charged; a pod deleted before it ran is released.
         let mut never = pod("b", Some("ns/p"), 8.0, 0, None);
         never.start_millis = None;
         never.settle = true;
-        let b = reckon(&UsageLedger::default(), &[never], T0 + 10_000, T0, &all);
+        let b = reckon(&UsageLedger::default(), &[never], T0 + 10_000, T0, &none, &all);
         assert_eq!((b.figures.total, b.release), (0.0, vec!["b".to_string()]));
     }
 }

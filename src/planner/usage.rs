@@ -112,12 +112,14 @@ pub fn charged_to<'a>(
     active: &dyn Fn(&str) -> bool,
 ) -> Option<&'a AllocationState> {
     let labelled = label.and_then(|l| candidates.iter().find(|a| a.name == l));
-    labelled.or_else(|| {
-        candidates.iter().min_by_key(|a| {
-            let has_grant = a.grants.iter().any(|g| Some(g.pool.as_str()) == pool);
-            (Reverse(active(&a.name)), Reverse(has_grant), Reverse(a.priority), a.created, a.name.as_str())
+    labelled
+        .or_else(|| {
+            candidates.iter().min_by_key(|a| {
+                let has_grant = a.grants.iter().any(|g| Some(g.pool.as_str()) == pool);
+                (Reverse(active(&a.name)), Reverse(has_grant), Reverse(a.priority), a.created, a.name.as_str())
+            })
         })
-    }).copied()
+        .copied()
 }
 
 /// Hours used at `now`, given the hours charged up to `since` and a constant

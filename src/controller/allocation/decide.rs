@@ -36,8 +36,10 @@ pub struct Observed<'a> {
     /// The pods charged to the allocation now (running, finished or deleted
     /// but still present).
     pub pods: &'a [PodLife],
-    /// When the operator's watches started (see [`ledger::reckon`]).
+    /// When the operator's watches started, and when they saw pods go that
+    /// are no longer in the stores, in ms (see [`ledger::reckon`]).
     pub watching_since: Timestamp,
+    pub seen_gone: &'a dyn Fn(&str) -> Option<i64>,
     /// The ModelProjects of the allocation ("namespace/name") and the usage
     /// their status shows.
     pub projects: &'a BTreeMap<String, Option<ProjectUsage>>,
@@ -79,7 +81,8 @@ pub fn decide(alloc: &GpuAllocation, obs: &Observed<'_>) -> Decision {
         Phase::Exhausted => AllocationPhase::Exhausted,
         Phase::Expired => AllocationPhase::Expired,
     };
-    let mut s = GpuAllocationStatus { conditions: old.conditions.clone(), observed_generation: generation, ..old.clone() };
+    let mut s =
+        GpuAllocationStatus { conditions: old.conditions.clone(), observed_generation: generation, ..old.clone() };
     s.phase = Some(phase);
     s.granted = plan.pools.values().map(|p| p.granted).sum();
     s.in_use = obs.usage.devices();
@@ -114,7 +117,7 @@ pub fn decide(alloc: &GpuAllocation, obs: &Observed<'_>) -> Decision {
     let reckon = obs.keep_books.is_none();
     let books = if reckon {
         let exists = |p: &str| obs.projects.contains_key(p);
-        ledger::reckon(&prev, obs.pods, now_ms, obs.watching_since.as_millisecond(), &exists)
+        ledger::reckon(&prev, obs.pods, now_ms, obs.watching_since.as_millisecond(), obs.seen_gone, &exists)
     } else {
         Books { ledger: prev.clone(), ..Default::default() }
     };
@@ -336,7 +339,10 @@ fn quota_condition(alloc: &GpuAllocation, missing: &[String]) -> Condition {
             "QuotaApplied",
             false,
             "NamespaceMissing",
-            format!("namespace(s) {} do not exist yet; their quota is applied when they are created", missing.join(", ")),
+            format!(
+                "namespace(s) {} do not exist yet; their quota is applied when they are created",
+                missing.join(", ")
+            ),
             g,
         )
     }
@@ -419,4 +425,3 @@ fn transitions(old: &GpuAllocationStatus, new: &GpuAllocationStatus, plan: &Allo
 pub(super) fn join(names: &[&String]) -> String {
     names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
 }
-

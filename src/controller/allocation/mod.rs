@@ -53,8 +53,16 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     // Worker pods in any phase (the ledger settles deleted ones), plain pods
     // while they run.
     let allocations = s.allocations.store.clone();
+    let (plain, workers, seen) = (s.pods.store.clone(), s.workers.store.clone(), ctx.clone());
     let pod_allocations =
         futures::stream::select(s.pods.events(), s.workers.events()).flat_map(move |pod: Arc<Pod>| {
+            // A pod gone from both stores ended (or was deleted) now: the
+            // ledger charges it up to here, not up to its next reconcile.
+            let key = ObjectRef::from_obj(pod.as_ref());
+            if plain.get(&key).is_none() && workers.get(&key).is_none() {
+                let deleted = pod.metadata.deletion_timestamp.as_ref().map(|t| t.0.as_millisecond());
+                seen.saw_gone(pod.metadata.uid.as_deref().unwrap_or_default(), deleted);
+            }
             let ns = pod.namespace().unwrap_or_default();
             let hits: Vec<ObjectRef<GpuAllocation>> = allocations
                 .state()
@@ -111,18 +119,21 @@ async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
     let projects = projects_of(ctx, alloc);
     let missing_namespaces =
         alloc.spec.tenant.namespaces.iter().filter(|ns| !view.namespaces.contains(*ns)).cloned().collect();
-    let obs = Observed {
-        now,
-        plan,
-        usage: &usage,
-        missing_namespaces,
-        pods: &charged.lives,
-        watching_since: ctx.reconciling_since,
-        projects: &projects,
-        settle_due: charged.settle_due,
-        keep_books: None,
+    let d = {
+        let obs = Observed {
+            now,
+            plan,
+            usage: &usage,
+            missing_namespaces,
+            pods: &charged.lives,
+            watching_since: ctx.reconciling_since,
+            seen_gone: &|uid| ctx.seen_gone(uid),
+            projects: &projects,
+            settle_due: charged.settle_due,
+            keep_books: None,
+        };
+        decide(alloc, &obs)
     };
-    let d = decide(alloc, &obs);
 
     reconcile_nodes(ctx, &name, &d.reserve).await?;
     let old = alloc.status.clone().unwrap_or_default();
@@ -180,6 +191,7 @@ pub(crate) fn planned_status(alloc: &GpuAllocation, view: &View) -> Option<crate
             .collect(),
         pods: &[],
         watching_since: view.now,
+        seen_gone: &|_| None,
         projects: &BTreeMap::new(),
         settle_due: None,
         keep_books: Some(state.hours_used),
@@ -200,14 +212,8 @@ struct Charged {
 fn charged_pods(ctx: &Context, view: &View, alloc: &GpuAllocation, now: Timestamp) -> Charged {
     let name = alloc.name_any();
     let namespaces: BTreeSet<&str> = alloc.spec.tenant.namespaces.iter().map(String::as_str).collect();
-    let rates: BTreeMap<String, usage::PoolRate> = ctx
-        .stores
-        .pools
-        .store
-        .state()
-        .iter()
-        .map(|p| (p.name_any(), snapshot::pool_rate(p)))
-        .collect();
+    let rates: BTreeMap<String, usage::PoolRate> =
+        ctx.stores.pools.store.state().iter().map(|p| (p.name_any(), snapshot::pool_rate(p))).collect();
     let node_pool: BTreeMap<&str, &usage::PoolRate> = view
         .pools
         .iter()
@@ -227,8 +233,7 @@ fn charged_pods(ctx: &Context, view: &View, alloc: &GpuAllocation, now: Timestam
         }
         let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
         let pool = node.and_then(|n| node_pool.get(n).copied());
-        let candidates: Vec<&AllocationState> =
-            live.iter().copied().filter(|a| a.namespaces.iter().any(|n| *n == ns)).collect();
+        let candidates: Vec<&AllocationState> = live.iter().copied().filter(|a| a.namespaces.contains(&ns)).collect();
         let label = pod.labels().get(snapshot::ALLOCATION_LABEL).map(String::as_str);
         let to = usage::charged_to(&candidates, label, pool.map(|p| p.name.as_str()), &active);
         if to.is_none_or(|a| a.name != name) {
@@ -256,9 +261,12 @@ fn projects_of(ctx: &Context, alloc: &GpuAllocation) -> BTreeMap<String, Option<
         .filter(|p| p.spec.allocation == name)
         .filter_map(|p| {
             let ns = p.namespace()?;
-            alloc.spec.tenant.namespaces.contains(&ns).then(|| {
-                (format!("{ns}/{}", p.name_any()), p.status.as_ref().and_then(|s| s.usage.clone()))
-            })
+            alloc
+                .spec
+                .tenant
+                .namespaces
+                .contains(&ns)
+                .then(|| (format!("{ns}/{}", p.name_any()), p.status.as_ref().and_then(|s| s.usage.clone())))
         })
         .collect()
 }
@@ -337,4 +345,3 @@ async fn reconcile_nodes(ctx: &Context, name: &str, wanted: &BTreeSet<String>) -
     }
     Ok(released)
 }
-

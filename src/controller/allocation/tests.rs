@@ -78,6 +78,7 @@ fn run(alloc: &GpuAllocation, c: &Case<'_>) -> Decision {
         missing_namespaces: vec![],
         pods: c.pods,
         watching_since: t(0),
+        seen_gone: &|_| None,
         projects: &c.projects,
         settle_due: None,
         keep_books: None,
@@ -102,7 +103,8 @@ fn events_only_on_real_transitions() {
     let capacity = || Blocker::Capacity { pool: "h200".into(), free: 0, needs: 16, allocatable: 16 };
     let window = || Blocker::WindowNotOpen { start: t(60_000) };
     let budget = || Blocker::BudgetUsedUp { used: 10.0, budget: 10.0 };
-    let cases: Vec<(&str, Option<(Phase, Option<Blocker>)>, (Phase, Option<Blocker>), Vec<&str>)> = vec![
+    type Plan = (Phase, Option<Blocker>);
+    let cases: Vec<(&str, Option<Plan>, Plan, Vec<&str>)> = vec![
         ("first seen, Active", None, (Phase::Active, None), vec!["Activated"]),
         ("still Active", Some((Phase::Active, None)), (Phase::Active, None), vec![]),
         ("Pending to Active", Some((Phase::Pending, Some(capacity()))), (Phase::Active, None), vec!["Activated"]),
