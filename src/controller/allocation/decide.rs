@@ -11,7 +11,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::super::project::Note;
 use crate::api::{
     AllocationPhase, DomesticShare, GpuAllocation, GpuAllocationStatus, GrantMode, PoolGrantStatus, PoolHours,
-    ProjectHours, ProjectUsage, condition, find_condition, set_condition,
+    ProjectHours, ProjectUsage, SettledCharge, UsageLedger, condition, find_condition, set_condition,
 };
 use crate::planner::grants::{AllocationPlan, Blocker, Phase};
 use crate::planner::ledger::{self, Books, MILLIS_PER_HOUR, PodLife};
@@ -113,7 +113,7 @@ pub fn decide(alloc: &GpuAllocation, obs: &Observed<'_>) -> Decision {
     // The ledger: reckoned now; written when a pod started, ended or was
     // settled, the phase changed, or USAGE_INTERVAL passed while pods run.
     // Otherwise the last books stay, so an unchanged cluster writes nothing.
-    let prev = old.ledger.clone().unwrap_or_default();
+    let prev = old.ledger.clone().unwrap_or_else(|| carried_over(&old, obs.pods));
     let reckon = obs.keep_books.is_none();
     let books = if reckon {
         let exists = |p: &str| obs.projects.contains_key(p);
@@ -216,6 +216,35 @@ pub fn decide(alloc: &GpuAllocation, obs: &Observed<'_>) -> Decision {
         requeue,
     }
 }
+
+/// The books of a status written before the ledger existed: its hours
+/// (integrated from a rate up to `usageUpdatedAt`) are carried over as settled,
+/// less what the pods running now had used by then, which the ledger charges
+/// from their own start.
+fn carried_over(old: &GpuAllocationStatus, pods: &[PodLife]) -> UsageLedger {
+    let Some(at) = old.usage_updated_at.as_ref().map(|t| t.0.as_millisecond()) else {
+        return UsageLedger::default();
+    };
+    let running = |domestic: bool| -> f64 {
+        pods.iter().filter(|p| p.domestic == domestic && !p.settle).map(|p| p.millis(at)).sum()
+    };
+    let domestic = old.domestic_accelerator_hours_used * MILLIS_PER_HOUR;
+    let other = (old.accelerator_hours_used - old.domestic_accelerator_hours_used).max(0.0) * MILLIS_PER_HOUR;
+    let settled = [(true, domestic - running(true)), (false, other - running(false))]
+        .into_iter()
+        .filter(|(_, m)| *m >= 1.0)
+        .map(|(domestic, m)| SettledCharge {
+            pool: BEFORE_THE_LEDGER.to_string(),
+            project: None,
+            domestic,
+            millis: m.round() as i64,
+        })
+        .collect();
+    UsageLedger { at_millis: at, settled, ..Default::default() }
+}
+
+/// The pool name of hours charged before the ledger existed (by pool unknown).
+pub const BEFORE_THE_LEDGER: &str = "(before the ledger)";
 
 /// Six decimals: enough for hours, and stable so equal values compare equal.
 fn round(x: f64) -> f64 {

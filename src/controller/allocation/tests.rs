@@ -224,3 +224,22 @@ fn the_budget_is_judged_on_the_exact_figure() {
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "BudgetUsedUp"));
     assert_eq!(d.status.phase, Some(AllocationPhase::Active), "the phase is the plan's");
 }
+
+#[test]
+fn hours_written_before_the_ledger_are_carried_over_once() {
+    // 2 h charged up to t=3600 s by the old integration, 1 h of it by the pod
+    // still running (8 devices since t=3150 s): the ledger charges that pod
+    // from its start, so only the other hour is carried over.
+    let mut alloc = allocation(None);
+    alloc.status = Some(GpuAllocationStatus {
+        accelerator_hours_used: 2.0,
+        usage_updated_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t(3_600_000))),
+        charge_rate: 8.0,
+        ..Default::default()
+    });
+    let pods = [worker("a", "team/llm", "h200", 8.0, 3_150_000, None)];
+    let d = run(&alloc, &active(3_600_000, &pods));
+    assert!((d.hours_now - 2.0).abs() < 1e-9, "{}", d.hours_now);
+    let later = run(&through_api(&alloc, &d.status), &active(7_200_000, &pods));
+    assert!((later.hours_now - 10.0).abs() < 1e-9, "{}", later.hours_now);
+}
