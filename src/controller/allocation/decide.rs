@@ -155,6 +155,11 @@ pub fn decide(alloc: &GpuAllocation, obs: &Observed<'_>) -> Decision {
             })
             .collect();
         s.ledger = Some(books.ledger.clone());
+    }
+    if reckon {
+        // A newly settled pod moves the books, so it is released only after
+        // they are written; a pod settled earlier whose release failed is
+        // released again, books written or not.
         release = books.release.clone();
     }
     let frac = |d: f64, t: f64| (t > 0.0).then(|| round(d / t));

@@ -157,6 +157,11 @@ fn an_unchanged_cluster_writes_nothing_and_a_pod_that_starts_or_ends_writes_the_
     assert_eq!(ended.release, vec!["a".to_string()]);
     assert_eq!(ended.status.accelerator_hours_used, ((8.0 * 60.0 / 3600.0) * 1e6_f64).round() / 1e6);
     assert_eq!(ended.status.charge_rate, 0.0);
+    // The release failed and the pod is still there: released again, never charged again.
+    let alloc = through_api(&alloc, &ended.status);
+    let again = run(&alloc, &active(90_000, std::slice::from_ref(&done)));
+    assert_eq!(again.release, vec!["a".to_string()]);
+    assert_eq!(again.status, ended.status, "nothing new to write");
 }
 
 #[test]
