@@ -22,7 +22,7 @@ use crate::planner::usage::{self, AllocationUse};
 /// pod starts, ends or is settled).
 pub const USAGE_INTERVAL: Duration = Duration::from_secs(60);
 /// A running project's usage in its own status is refreshed this often (and
-/// whenever one of its workers starts or ends).
+/// when the run stops or ends).
 pub const PROJECT_USAGE_INTERVAL: Duration = Duration::from_secs(300);
 
 /// What the reconcile read.
@@ -188,12 +188,15 @@ pub fn decide(alloc: &GpuAllocation, obs: &Observed<'_>) -> Decision {
                 charge_rate: rate,
                 at_millis: now_ms,
             };
+            // Written when the run stops or ends, and every PROJECT_USAGE_INTERVAL
+            // while it runs: never for a start, which would add a status write to
+            // every admission.
+            let interval = PROJECT_USAGE_INTERVAL.as_secs_f64() / 3600.0;
             let due = match shown {
-                None => hours > 0.0,
-                Some(u) => {
-                    let stale = Duration::from_millis((now_ms - u.at_millis).max(0) as u64) >= PROJECT_USAGE_INTERVAL;
-                    u.charge_rate != rate || (u.pools != next.pools && (rate == 0.0 || stale))
-                }
+                None if rate == 0.0 => hours > 0.0,
+                None => hours >= rate * interval,
+                Some(u) if rate == 0.0 => u.pools != next.pools || u.charge_rate != 0.0,
+                Some(u) => Duration::from_millis((now_ms - u.at_millis).max(0) as u64) >= PROJECT_USAGE_INTERVAL,
             };
             if due {
                 project_usage.push((name.clone(), next));

@@ -210,6 +210,12 @@ fn pools_projects_and_plain_pods_sum_to_the_allocation() {
     let (_, llm) = d.project_usage.iter().find(|(p, _)| p == "team/llm").unwrap();
     assert_eq!(llm.pools.len(), 2);
     assert_eq!(llm.charge_rate, 8.0);
+    // A run that just started gets no usage write (an admission costs no extra write).
+    let fresh = [worker("f", "team/new", "h200", 8.0, 3_590_000, None)];
+    let projects: BTreeMap<String, Option<ProjectUsage>> = [("team/new".to_string(), None)].into();
+    let started =
+        run(&allocation(None), &Case { now: 3_600_000, plan: plan(Phase::Active, None), pods: &fresh, projects });
+    assert!(started.project_usage.is_empty(), "{:?}", started.project_usage);
     // The counter's figures, in seconds.
     assert_eq!(d.seconds_by_pool["h200"], (8.0 + 2.0) * 3600.0);
 }
