@@ -58,6 +58,11 @@ chart:
 	dash=$$("$$HELM" template t $(CHART) --set dashboard.enabled=true --show-only templates/dashboard.yaml); \
 	[[ "$$dash" == *'grafana_dashboard: "1"'* && "$$dash" == *'"uid": "sovereign-operator"'* ]] \
 	  || { echo "chart: dashboard.enabled=true renders no Grafana dashboard ConfigMap" >&2; exit 1; }; \
+	netpol=$$("$$HELM" template t $(CHART) --show-only templates/networkpolicy.yaml); \
+	[[ "$$netpol" == *'ingress: []'* ]] \
+	  || { echo "chart: the default NetworkPolicy must admit no pod to the operator" >&2; exit 1; }; \
+	[[ $$("$$HELM" template t $(CHART) | grep -c '^kind: ValidatingAdmissionPolicy$$') == 3 ]] \
+	  || { echo "chart: the operator's admission policies are not rendered by default" >&2; exit 1; }; \
 	if "$$HELM" template t $(CHART) --set replicaCount=2 >/dev/null 2>&1; then \
 	  echo "chart accepted replicaCount=2 without leader election" >&2; exit 1; fi; \
 	if "$$HELM" template t $(CHART) --set logging.format=xml >/dev/null 2>&1; then \

@@ -92,7 +92,8 @@ fn snapshot(total_nodes: usize, gangs: usize) -> Snapshot {
         for i in 0..count {
             let rack = i / RACK_NODES;
             let block = rack / BLOCK_RACKS;
-            let devices: BTreeMap<String, i64> = [(resource.to_string(), per_node)].into();
+            let devices: std::sync::Arc<BTreeMap<String, i64>> =
+                std::sync::Arc::new([(resource.to_string(), per_node)].into());
             nodes.push(NodeInfo {
                 name: format!("{name}-{i:04}"),
                 labels: [
@@ -100,6 +101,8 @@ fn snapshot(total_nodes: usize, gangs: usize) -> Snapshot {
                     (RACK.to_string(), format!("{name}-r{rack:03}")),
                     ("kubernetes.io/hostname".to_string(), format!("{name}-{i:04}")),
                 ]
+                .into_iter()
+                .collect::<BTreeMap<_, _>>()
                 .into(),
                 ready: true,
                 not_ready_since: None,

@@ -23,6 +23,9 @@ pub const PROJECT_LABEL: &str = "sovereign.ai/project";
 pub const WORKER_INDEX_LABEL: &str = "sovereign.ai/worker-index";
 /// Label of a worker pod: the pool it was placed in.
 pub const POOL_LABEL: &str = "sovereign.ai/pool";
+/// Label (value `true`) the admin puts on tenant namespaces: the chart's admission
+/// policy lets the operator create quotas and worker pods only there.
+pub const TENANT_LABEL: &str = "sovereign.ai/tenant";
 /// Label (and taint key) on nodes reserved by a dedicated grant.
 pub const RESERVED_FOR: &str = "sovereign.ai/reserved-for";
 /// Finalizer on worker pods: released once the ledger has charged the pod.
@@ -61,11 +64,11 @@ pub fn node_info(node: &Node) -> NodeInfo {
     let status = node.status.as_ref();
     NodeInfo {
         name: node.name_any(),
-        labels: node.labels().clone(),
+        labels: node.labels().clone().into(),
         ready: node_is_ready(node),
         not_ready_since: not_ready_since(node),
-        capacity: whole_quantities(status.and_then(|s| s.capacity.as_ref())),
-        allocatable: whole_quantities(status.and_then(|s| s.allocatable.as_ref())),
+        capacity: whole_quantities(status.and_then(|s| s.capacity.as_ref())).into(),
+        allocatable: whole_quantities(status.and_then(|s| s.allocatable.as_ref())).into(),
     }
 }
 
@@ -73,7 +76,12 @@ pub fn node_info(node: &Node) -> NodeInfo {
 pub fn pool_info(pool: &AcceleratorPool) -> Result<PoolInfo, String> {
     let selector =
         Selector::try_from(pool.spec.node_selector.clone()).map_err(|e| format!("nodeSelector cannot be used: {e}"))?;
-    Ok(PoolInfo { name: pool.name_any(), resource_name: pool.spec.resource_name.clone(), selector })
+    Ok(PoolInfo {
+        name: pool.name_any(),
+        resource_name: pool.spec.resource_name.clone(),
+        selector,
+        created: pool.metadata.creation_timestamp.as_ref().map(|t| t.0),
+    })
 }
 
 /// The grant planner's view of a pool whose members and totals are known.

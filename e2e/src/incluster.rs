@@ -356,7 +356,9 @@ impl ApiServer {
             let mut child = child.lock().expect("child lock");
             let reaped = match child.as_mut() {
                 Some(c) => c.try_wait().map_err(|e| e.to_string())?.is_some(),
-                None => !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                // Started by an earlier test of this process (whose handle is gone): once it
+                // exits it stays a zombie of ours, which is gone for every purpose here.
+                None => !running(pid),
             };
             if reaped { Ok(()) } else { Err("running".to_string()) }
         };
@@ -393,6 +395,12 @@ impl ApiServer {
         })
         .await
     }
+}
+
+/// Whether a process runs: it exists and is not a zombie (state Z in /proc/PID/stat).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
 }
 
 /// When one operator process held the Lease, from its log: from "acquired the

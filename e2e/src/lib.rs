@@ -18,6 +18,9 @@ pub mod incluster;
 
 pub const RELEASE: &str = "sovereign-operator";
 pub const RELEASE_NAMESPACE: &str = "sovereign-system";
+/// The label that makes a namespace a tenant namespace for the chart's admission
+/// policy: the operator may create pods and quotas only there.
+pub const TENANT_LABEL: &str = "sovereign.ai/tenant";
 
 /// Paths and the admin client every test uses.
 #[derive(Clone)]
@@ -166,7 +169,7 @@ impl TestNamespace {
         let suffix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos() % 100_000;
         let name = format!("e2e-{}-{suffix}", test.replace('_', "-"));
         let ns: Namespace = serde_json::from_value(serde_json::json!({
-            "metadata": { "name": name, "labels": { "sovereign.ai/e2e": "true" } }
+            "metadata": { "name": name, "labels": { "sovereign.ai/e2e": "true", TENANT_LABEL: "true" } }
         }))?;
         Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
         // Pods are refused until the controller manager made the default ServiceAccount.

@@ -16,11 +16,13 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use sovereign_e2e::{Env, Operator, TestNamespace, free_port, http_get, wait_for};
 use sovereign_operator::api::{AcceleratorPool, find_condition};
 
+mod bad_input;
 mod dashboard;
 mod grants;
 mod incluster;
 mod ledger;
 mod plan;
+mod privilege;
 mod projects;
 mod sharing;
 
@@ -50,8 +52,10 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     let real_node = incluster::available(&env);
-    // Last: the first of these stops the shared host-run operator.
+    // Last: the first of these stops the shared host-run operator. (The first
+    // needs the dev cluster's own kube-apiserver process, as they do.)
     let in_cluster = tests![
+        incluster::a_run_submitted_right_after_an_api_server_restart_is_admitted,
         incluster::the_image_runs_on_the_real_node_in_a_restricted_namespace_and_finishes_a_run,
         incluster::an_upgrade_to_another_tag_never_runs_two_operators,
         incluster::two_replicas_roll_out_and_a_standby_takes_over_a_killed_or_deleted_leader,
@@ -62,7 +66,8 @@ fn main() -> anyhow::Result<()> {
         crds_are_established,
         crds_folder_applies_on_its_own,
         examples_apply,
-        invalid_objects_are_refused,
+        bad_input::bad_objects_are_refused_at_apply_and_a_good_project_still_runs,
+        privilege::the_operator_writes_only_in_tenant_namespaces_and_on_pool_nodes,
         allocation_of_a_project_is_immutable,
         explain_reads_as_documentation,
         gpu_pod_lands_on_a_gpu_node_and_runs,
@@ -77,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         grants::a_killed_operator_converges_and_a_restart_writes_nothing,
         projects::a_gang_lands_whole_on_the_npu_pool_and_falls_back_whole_to_gpus,
         projects::a_gang_larger_than_any_rack_waits_with_the_reason,
+        projects::a_project_that_can_never_fit_says_why,
         projects::a_failing_worker_restarts_the_gang_until_max_restarts,
         projects::a_finished_run_frees_its_devices_for_the_next,
         projects::suspend_gives_back_devices_and_resume_requeues,
@@ -183,142 +189,7 @@ async fn examples_apply(env: Arc<Env>) -> anyhow::Result<()> {
     result
 }
 
-const POOL_HEAD: &str = "apiVersion: sovereign.ai/v1alpha1\nkind: AcceleratorPool\nmetadata: {name: e2e-bad}\n";
-const ALLOC_HEAD: &str = "apiVersion: sovereign.ai/v1alpha1\nkind: GpuAllocation\nmetadata: {name: e2e-bad}\n";
-const PROJECT_HEAD: &str =
-    "apiVersion: sovereign.ai/v1alpha1\nkind: ModelProject\nmetadata: {name: e2e-bad, namespace: default}\n";
-const GOOD_POOL: &str =
-    "resourceName: nvidia.com/gpu\n  kind: GPU\n  vendor: NVIDIA\n  model: H200\n  nodeSelector: {matchLabels: {a: b}}";
 const GOOD_TEMPLATE: &str = "template: {image: trainer:1}";
-
-/// Each invalid object is refused by the API server with a message that says
-/// what to fix.
-async fn invalid_objects_are_refused(env: Arc<Env>) -> anyhow::Result<()> {
-    let pool = |spec: &str| format!("{POOL_HEAD}spec:\n  {spec}\n");
-    let alloc = |grants: &str, extra: &str| {
-        format!("{ALLOC_HEAD}spec:\n  tenant: {{displayName: T, namespaces: [team-a]}}\n  grants: {grants}\n{extra}")
-    };
-    let project = |spec: &str| format!("{PROJECT_HEAD}spec:\n  allocation: a\n  {spec}\n");
-    let cases: Vec<(&str, String, &str)> = vec![
-        (
-            "topology not ending at hostname",
-            pool(&format!("{GOOD_POOL}\n  topologyKeys: [rack]")),
-            "topologyKeys must end with kubernetes.io/hostname",
-        ),
-        (
-            "empty node selector",
-            pool("resourceName: nvidia.com/gpu\n  kind: GPU\n  vendor: Acme\n  model: M\n  nodeSelector: {}"),
-            "nodeSelector must have at least one",
-        ),
-        (
-            "resource without a domain",
-            pool("resourceName: gpu\n  kind: GPU\n  vendor: Acme\n  model: M\n  nodeSelector: {matchLabels: {a: b}}"),
-            "resourceName must be a vendor extended resource",
-        ),
-        (
-            "unknown kind",
-            pool(
-                "resourceName: google.com/tpu\n  kind: TPU\n  vendor: G\n  model: v5\n  nodeSelector: {matchLabels: {a: b}}",
-            ),
-            "Unsupported value: \"TPU\"",
-        ),
-        (
-            "zero charge factor",
-            pool(&format!("{GOOD_POOL}\n  chargeFactor: 0")),
-            "chargeFactor must be between 0.01 and 1000",
-        ),
-        (
-            "duplicate topology key",
-            pool(&format!("{GOOD_POOL}\n  topologyKeys: [kubernetes.io/hostname, kubernetes.io/hostname]")),
-            "Duplicate value",
-        ),
-        ("no grants", alloc("[]", ""), "spec.grants in body should have at least 1 items"),
-        (
-            "pool granted twice",
-            alloc("[{pool: h200, accelerators: 8}, {pool: h200, accelerators: 8}]", ""),
-            "Duplicate value",
-        ),
-        (
-            "zero accelerators",
-            alloc("[{pool: h200, accelerators: 0}]", ""),
-            "accelerators in body should be greater than or equal to 1",
-        ),
-        (
-            "borrowing on a dedicated grant",
-            alloc("[{pool: h200, accelerators: 8, mode: Dedicated, borrowingLimit: 8}]", ""),
-            "borrowingLimit applies only to Shared grants",
-        ),
-        (
-            "window ends before it starts",
-            alloc(
-                "[{pool: h200, accelerators: 8}]",
-                "  window: {start: \"2027-02-01T00:00:00Z\", end: \"2027-01-01T00:00:00Z\"}\n",
-            ),
-            "window.end must be after window.start",
-        ),
-        (
-            "empty window",
-            alloc("[{pool: h200, accelerators: 8}]", "  window: {}\n"),
-            "window needs a start, an end, or both",
-        ),
-        (
-            "domestic share above one",
-            alloc("[{pool: h200, accelerators: 8}]", "  minDomesticShare: 1.5\n"),
-            "minDomesticShare in body should be less than or equal to 1",
-        ),
-        (
-            "namespace not a DNS label",
-            format!(
-                "{ALLOC_HEAD}spec:\n  tenant: {{displayName: T, namespaces: [Team_A]}}\n  grants: [{{pool: h200, accelerators: 8}}]\n"
-            ),
-            "tenant.namespaces must be namespace names",
-        ),
-        (
-            "accelerators in the template",
-            project(
-                "placement: {pools: [h200]}\n  workers: 2\n  acceleratorsPerWorker: 8\n  template: {image: t, resources: {limits: {nvidia.com/gpu: 8}}}",
-            ),
-            "template.resources must not name accelerators",
-        ),
-        (
-            "zero workers",
-            project(&format!(
-                "placement: {{pools: [h200]}}\n  workers: 0\n  acceleratorsPerWorker: 8\n  {GOOD_TEMPLATE}"
-            )),
-            "workers in body should be greater than or equal to 1",
-        ),
-        (
-            "no pools",
-            project(&format!("placement: {{pools: []}}\n  workers: 1\n  acceleratorsPerWorker: 8\n  {GOOD_TEMPLATE}")),
-            "placement.pools in body should have at least 1 items",
-        ),
-        (
-            "no image",
-            project("placement: {pools: [h200]}\n  workers: 1\n  acceleratorsPerWorker: 8\n  template: {command: [x]}"),
-            "spec.template.image: Required value",
-        ),
-        (
-            "bad topology mode",
-            project(&format!(
-                "placement: {{pools: [h200], topology: {{key: rack, mode: Always}}}}\n  workers: 1\n  acceleratorsPerWorker: 8\n  {GOOD_TEMPLATE}"
-            )),
-            "Unsupported value: \"Always\"",
-        ),
-    ];
-    let mut failures = Vec::new();
-    for (what, yaml, want) in &cases {
-        let out = env.kubectl(&["apply", "-f", "-"], Some(yaml))?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if out.status.success() {
-            failures.push(format!("{what}: was accepted"));
-            env.kubectl(&["delete", "--ignore-not-found", "-f", "-"], Some(yaml))?;
-        } else if !stderr.contains(want) {
-            failures.push(format!("{what}: expected `{want}`, got: {stderr}"));
-        }
-    }
-    ensure!(failures.is_empty(), "{} of {} cases wrong:\n{}", failures.len(), cases.len(), failures.join("\n"));
-    Ok(())
-}
 
 async fn allocation_of_a_project_is_immutable(env: Arc<Env>) -> anyhow::Result<()> {
     let ns = TestNamespace::create(&env.client, "immutable").await?;
@@ -450,23 +321,28 @@ async fn pool_status_counts_nodes_and_reports_conflicts(env: Arc<Env>) -> anyhow
         })
         .await?;
 
-        // A second pool selecting the same nodes: both report the conflict and
-        // count the nodes in neither.
+        // A newer pool selecting the same nodes takes none of them: it reports the
+        // conflict and counts nothing; the older pool keeps its 4 nodes.
         pools
             .create(
                 &PostParams::default(),
                 &pool("e2e-hopper", serde_json::json!({"nvidia.com/gpu.family": "hopper"}))?,
             )
             .await?;
-        wait_for("the conflict on e2e-h200", Duration::from_secs(60), || {
-            let probe = probe.clone();
+        let newer = status_of("e2e-hopper");
+        wait_for("the conflict on e2e-hopper", Duration::from_secs(60), || {
+            let newer = newer.clone();
             async move {
-                let s = probe().await?;
-                let conflict = find_condition(&s.conditions, "NodeConflict").is_some_and(|c| c.status == "True");
+                let s = newer().await?;
+                let conflict = find_condition(&s.conditions, "NodeConflict")
+                    .is_some_and(|c| c.status == "True" && c.message.contains("in pool e2e-h200"));
                 if conflict && s.nodes == 0 && s.conflicting_nodes.len() == 4 { Ok(()) } else { Err(format!("{s:?}")) }
             }
         })
         .await?;
+        let s = probe().await.map_err(anyhow::Error::msg)?;
+        let conflict = find_condition(&s.conditions, "NodeConflict").is_some_and(|c| c.status == "True");
+        ensure!(!conflict && s.nodes == 4 && s.allocatable == 32, "the older pool lost nodes: {s:?}");
         let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), "default");
         wait_for("a Warning event on the pool", Duration::from_secs(30), || async {
             let list = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?;

@@ -196,6 +196,55 @@ pub async fn a_gang_larger_than_any_rack_waits_with_the_reason(env: Arc<Env>) ->
     .await
 }
 
+/// Gangs that no amount of waiting admits say so (reason Unsatisfiable, a
+/// Warning Event naming the bound in each listed pool), hold nothing, and a
+/// gang that fits is still admitted beside them.
+pub async fn a_project_that_can_never_fit_says_why(env: Arc<Env>) -> anyhow::Result<()> {
+    with_grant(&env, "never-fit", 16, async |ns, scope| {
+        let zone = "  placement:\n    pools: [e2e-atom]\n    topology: {key: example.com/zone, mode: Required}\n";
+        let cases = [
+            (
+                "too-big-worker",
+                project_yaml("too-big-worker", &ns, "e2e-train", "[e2e-atom, e2e-h200]", 1, "", "")
+                    .replace("acceleratorsPerWorker: 8", "acceleratorsPerWorker: 16"),
+                "has no node with 16",
+            ),
+            ("over-grant", project_yaml("over-grant", &ns, "e2e-train", "[e2e-atom]", 3, "", ""), "at most 16 granted"),
+            (
+                "no-zone",
+                project_yaml("no-zone", &ns, "e2e-train", "[e2e-atom]", 2, "", "")
+                    .replace("  placement: {pools: [e2e-atom]}\n", zone),
+                "does not declare topology key example.com/zone",
+            ),
+        ];
+        for (_, yaml, _) in &cases {
+            scope.apply(yaml)?;
+        }
+        for (name, _, want) in &cases {
+            let msg = wait_for(&format!("{name} unsatisfiable"), Duration::from_secs(30), || async {
+                let s = status(&env, &ns, name).await?;
+                match find_condition(&s.conditions, "Queued") {
+                    Some(c) if c.reason == "Unsatisfiable" => Ok(c.message.clone()),
+                    c => Err(format!("{:?} {c:?}", s.phase)),
+                }
+            })
+            .await?;
+            ensure!(msg.contains(want), "{name}: the reason does not name the bound ({want}): {msg}");
+            let noted = wait_for(&format!("{name} Warning Event"), Duration::from_secs(30), || async {
+                let list = crate::sharing::events(&env, &ns, name, "Unsatisfiable").await.map_err(|e| e.to_string())?;
+                list.into_iter().next().ok_or_else(|| "no Event yet".to_string())
+            })
+            .await?;
+            ensure!(noted.contains(want), "{name}: the Event does not name the bound: {noted}");
+            ensure!(workers(&env, &ns, name).await?.is_empty(), "{name}: a gang that can never fit has pods");
+        }
+        scope.apply(&project_yaml("fits", &ns, "e2e-train", "[e2e-atom]", 2, "", ""))?;
+        wait_project(&env, &ns, "fits", ProjectPhase::Running, Duration::from_secs(60)).await?;
+        Ok(())
+    })
+    .await
+}
+
 pub async fn a_failing_worker_restarts_the_gang_until_max_restarts(env: Arc<Env>) -> anyhow::Result<()> {
     with_grant(&env, "restarts", 32, async |ns, scope| {
         let annotations = "sim.sovereign.ai/complete-after: 2s, sim.sovereign.ai/exit-code: \"3\"";

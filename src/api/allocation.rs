@@ -31,7 +31,8 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Domestic", type_ = "number", json_path = ".status.domesticShare.granted", priority = 1),
     printcolumn(name = "Start", type_ = "string", json_path = ".spec.window.start", priority = 1),
     printcolumn(name = "End", type_ = "string", json_path = ".spec.window.end", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 63").message("a GpuAllocation name is at most 63 characters: it becomes the sovereign.ai/reserved-for label and taint of reserved nodes and the sovereign.ai/allocation label of worker pods")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GpuAllocationSpec {
@@ -119,7 +120,8 @@ pub struct Window {
 #[x_kube(validation = Rule::new("!has(self.borrowingLimit) || self.mode == 'Shared'").message("borrowingLimit applies only to Shared grants; a Dedicated grant owns whole nodes"))]
 pub struct Grant {
     /// Name of the AcceleratorPool.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new(pool_name_rule()).message("grants[].pool must be an AcceleratorPool name: lowercase letters, digits, '-' and '.', at most 63 characters"))]
     pub pool: String,
 
     /// Accelerators (devices of the pool's resourceName) granted. A Dedicated grant
@@ -137,6 +139,11 @@ pub struct Grant {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000000))]
     pub borrowing_limit: Option<i64>,
+}
+
+/// CEL: `self` is a possible AcceleratorPool name.
+pub(crate) fn pool_name_rule() -> String {
+    format!("self.matches('{}')", super::validation::DNS_SUBDOMAIN)
 }
 
 /// How a grant holds its pool's capacity.

@@ -9,6 +9,7 @@
 mod allocation;
 mod pool;
 mod project;
+pub mod validation;
 
 pub use allocation::*;
 pub use pool::*;

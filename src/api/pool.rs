@@ -28,7 +28,8 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Reserved", type_ = "integer", json_path = ".status.reserved", priority = 1),
     printcolumn(name = "In-Use", type_ = "integer", json_path = ".status.inUse"),
     printcolumn(name = "Free", type_ = "integer", json_path = ".status.free"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 63").message("an AcceleratorPool name is at most 63 characters: it becomes the sovereign.ai/pool label value of the worker pods placed in it")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AcceleratorPoolSpec {
@@ -56,7 +57,8 @@ pub struct AcceleratorPoolSpec {
 
     /// Label selector of the pool's nodes. It must select something: an empty
     /// selector would take every node of the cluster. A node selected by two pools
-    /// is a conflict and is counted in neither.
+    /// is counted in the oldest of them only; the newer ones report the conflict.
+    #[schemars(transform = super::validation::label_selector)]
     #[x_kube(validation = Rule::new("(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)").message("nodeSelector must have at least one matchLabels entry or matchExpressions term; an empty selector would select every node"))]
     pub node_selector: LabelSelector,
 
@@ -64,7 +66,7 @@ pub struct AcceleratorPoolSpec {
     /// example block, rack), ending with `kubernetes.io/hostname`. Training gangs
     /// are packed into as few domains of these levels as possible.
     #[serde(default = "default_topology_keys")]
-    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 317)))]
+    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 317)), transform = super::validation::label_keys)]
     #[x_kube(
         validation = Rule::new("self[size(self) - 1] == 'kubernetes.io/hostname'").message("topologyKeys must end with kubernetes.io/hostname (list levels coarse to fine)"),
         merge_strategy = ListMerge::Set
@@ -74,7 +76,7 @@ pub struct AcceleratorPoolSpec {
     /// Tolerations for the taints of this pool's nodes; the operator adds them to
     /// the training pods it places here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 32), transform = super::validation::tolerations)]
     pub tolerations: Vec<Toleration>,
 
     /// Weight of one device-hour in this pool when charging budgets (1 = one
@@ -110,7 +112,7 @@ pub enum AcceleratorKind {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AcceleratorPoolStatus {
-    /// Nodes the selector matches (conflicting nodes excluded).
+    /// Nodes the selector matches, without those an older pool counts.
     #[serde(default)]
     pub nodes: i32,
     /// Matched nodes that are Ready and schedulable.
@@ -137,8 +139,8 @@ pub struct AcceleratorPoolStatus {
     /// Allocatable devices no active grant holds: what a new grant can get.
     #[serde(default)]
     pub free: i64,
-    /// Names of nodes also selected by another pool (at most 20 listed); they are
-    /// counted in no pool until the selectors are fixed.
+    /// Names of nodes this pool selects that an older pool also selects and
+    /// counts (at most 20 listed): a new pool never takes nodes from another.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicting_nodes: Vec<String>,
     /// Generation of the spec this status describes.

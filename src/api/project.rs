@@ -35,14 +35,16 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Borrowed", type_ = "boolean", json_path = ".status.borrowed", priority = 1),
     printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queuePosition", priority = 1),
     printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new(project_name_rule()).message(PROJECT_NAME_MESSAGE)
 )]
 #[x_kube(validation = Rule::new("self.allocation == oldSelf.allocation").message("allocation is immutable; create a new ModelProject to run against another allocation"))]
 #[serde(rename_all = "camelCase")]
 pub struct ModelProjectSpec {
     /// Name of the GpuAllocation to charge. It must list this namespace in
     /// `tenant.namespaces`.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new(super::allocation::pool_name_rule()).message("allocation must be a GpuAllocation name: lowercase letters, digits, '-' and '.', at most 63 characters"))]
     pub allocation: String,
 
     /// Where the gang may run.
@@ -78,6 +80,18 @@ pub struct ModelProjectSpec {
     pub run_policy: RunPolicy,
 }
 
+/// Longest ModelProject name: its pods are `<name>-worker-<i>` with `i` up to
+/// 4095 (`workers` is at most 4096), and a pod hostname is at most 63 characters.
+pub const MAX_PROJECT_NAME: usize = 63 - "-worker-4095".len();
+
+const PROJECT_NAME_MESSAGE: &str = "a ModelProject name must be a DNS-1035 label of at most 51 characters (lowercase letters, digits and '-', starting with a letter, ending with a letter or digit): it names the headless Service and the worker pods <name>-worker-<i>, whose hostnames are at most 63 characters";
+
+fn project_name_rule() -> String {
+    format!(
+        "size(self.metadata.name) <= {MAX_PROJECT_NAME} && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
+    )
+}
+
 fn default_true() -> bool {
     true
 }
@@ -89,8 +103,11 @@ pub struct Placement {
     /// AcceleratorPool names in order of preference, for example a domestic NPU
     /// pool first and a GPU pool as fallback. The gang is placed whole in the first
     /// pool where the allocation's grant and free devices allow.
-    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 253)))]
-    #[x_kube(merge_strategy = ListMerge::Set)]
+    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 63)))]
+    #[x_kube(
+        validation = Rule::new(format!("self.all(p, p.matches('{}'))", super::validation::DNS_SUBDOMAIN)).message("placement.pools must be AcceleratorPool names: lowercase letters, digits, '-' and '.', at most 63 characters"),
+        merge_strategy = ListMerge::Set
+    )]
     pub pools: Vec<String>,
 
     /// Keep the gang inside one domain of a topology level (one rack, one block).
@@ -104,7 +121,7 @@ pub struct Placement {
 pub struct TopologyConstraint {
     /// Node label key of the level, one of the pool's `topologyKeys` (for example
     /// `topology.sovereign.ai/rack`).
-    #[schemars(length(min = 1, max = 317))]
+    #[schemars(length(min = 1, max = 317), transform = super::validation::label_key)]
     pub key: String,
 
     /// Required: admit only when the whole gang fits in one domain of `key`.
@@ -126,13 +143,16 @@ pub enum TopologyMode {
 /// The user's part of a worker pod.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))").message("every template.volumeMounts[].name must name one of template.volumes"))]
 pub struct WorkerTemplate {
     /// Labels added to every worker pod.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = super::validation::pod_labels)]
     pub labels: BTreeMap<String, String>,
 
     /// Annotations added to every worker pod.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = super::validation::pod_annotations)]
     pub annotations: BTreeMap<String, String>,
 
     /// Container image of the trainer.
@@ -141,6 +161,7 @@ pub struct WorkerTemplate {
 
     /// Image pull policy: Always, IfNotPresent or Never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["Always", "IfNotPresent", "Never"]))]
     pub image_pull_policy: Option<String>,
 
     /// Entrypoint (for example `["torchrun"]`); the image's if empty.
@@ -158,6 +179,7 @@ pub struct WorkerTemplate {
     /// Environment variables. Your values win over the torchrun variables the
     /// operator sets.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(transform = super::validation::env)]
     pub env: Vec<EnvVar>,
 
     /// Environment from ConfigMaps and Secrets.
@@ -167,21 +189,24 @@ pub struct WorkerTemplate {
     /// CPU, memory and other non-accelerator resources of the trainer. Accelerators
     /// come from `acceleratorsPerWorker` and the chosen pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = super::validation::resources)]
     #[x_kube(validation = Rule::new("(!has(self.requests) || self.requests.all(k, !k.contains('/'))) && (!has(self.limits) || self.limits.all(k, !k.contains('/')))").message("template.resources must not name accelerators (extended resources like nvidia.com/gpu): the operator adds them from acceleratorsPerWorker and the chosen pool"))]
     pub resources: Option<ResourceRequirements>,
 
     /// Volumes of the worker pod (datasets, checkpoints, shared memory).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), transform = super::validation::volumes)]
     pub volumes: Vec<Volume>,
 
     /// Where the trainer mounts `volumes`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), transform = super::validation::volume_mounts)]
     pub volume_mounts: Vec<VolumeMount>,
 
     /// ServiceAccount the worker pods run as.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{}')", super::validation::DNS_SUBDOMAIN)).message("template.serviceAccountName must be a ServiceAccount name: lowercase letters, digits, '-' and '.'"))]
     pub service_account_name: Option<String>,
 
     /// Secrets for pulling the image.
@@ -196,6 +221,8 @@ pub struct WorkerTemplate {
 
     /// PriorityClass of the worker pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{}')", super::validation::DNS_SUBDOMAIN)).message("template.priorityClassName must be a PriorityClass name: lowercase letters, digits, '-' and '.'"))]
     pub priority_class_name: Option<String>,
 }
 

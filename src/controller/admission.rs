@@ -354,7 +354,13 @@ fn wait(view: &View, now: Timestamp, q: &Queue, p: &Arc<ModelProject>, position:
     let first = !s.conditions.iter().any(|c| c.type_ == "Queued" && c.status == "True");
     // The same reason whether the run was stopped by its grant or never started.
     let inactive = view.grants.allocations.get(&p.spec.allocation).is_some_and(|a| a.phase != Phase::Active);
-    let mut why = if inactive { "AllocationInactive" } else { "Waiting" };
+    let mut why = if inactive {
+        "AllocationInactive"
+    } else if q.unsatisfiable.contains(&key) {
+        "Unsatisfiable"
+    } else {
+        "Waiting"
+    };
     let mut events = Vec::new();
     if let Some(pre) = q.preempting.get(&key) {
         why = "Preempting";
@@ -364,7 +370,11 @@ fn wait(view: &View, now: Timestamp, q: &Queue, p: &Arc<ModelProject>, position:
         }
     }
     set_condition(&mut s.conditions, condition("Queued", true, why, reason.to_string(), g), &Time(now));
-    if first && why != "Preempting" {
+    let old_why =
+        p.status.as_ref().and_then(|s| crate::api::find_condition(&s.conditions, "Queued")).map(|c| c.reason.as_str());
+    if why == "Unsatisfiable" && old_why != Some(why) {
+        events.push(Note { warning: true, reason: "Unsatisfiable", message: reason.to_string() });
+    } else if first && why != "Preempting" {
         events.push(Note { warning: false, reason: "Queued", message: reason.to_string() });
     }
     (Some(&s) != p.status.as_ref()).then(|| Write {

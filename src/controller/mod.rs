@@ -5,13 +5,14 @@ mod admission;
 pub(crate) mod allocation;
 mod context;
 mod error;
+pub mod model;
 mod nodes;
 mod pool;
 mod project;
-pub(crate) mod queue;
+pub mod queue;
 mod quota;
-pub(crate) mod stores;
-pub(crate) mod view;
+pub mod stores;
+pub mod view;
 
 pub use context::Context;
 pub use error::Error;

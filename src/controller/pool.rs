@@ -42,8 +42,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             .collect();
         futures::stream::iter(hits)
     });
-    let controller = Controller::new(Api::<AcceleratorPool>::all(ctx.client.clone()), Default::default())
-        .reconcile_all_on(everything)
+    let controller = Controller::for_shared_stream(s.pools.events(), s.pools.store.clone())
+        .reconcile_all_on(futures::stream::once(async {}).chain(everything))
         .reconcile_on(pod_pools)
         .with_config(super::controller_config(Duration::from_millis(300)));
     super::drive(controller, CONTROLLER, ctx.clone(), shutdown, reconcile).await;
@@ -75,16 +75,22 @@ async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Acti
         status.reserved_nodes = plan.reserved_nodes;
         status.in_use = view.usage.by_pool.get(&name).copied().unwrap_or(0);
         status.free = (totals.allocatable - plan.granted).max(0);
-        let conflicts: Vec<&str> = view.membership.conflicts_of(&name).collect();
-        status.conflicting_nodes = conflicts.iter().take(MAX_LISTED_CONFLICTS).map(|s| s.to_string()).collect();
+        let conflicts: Vec<(&str, &str)> = view.membership.conflicts_of(&name).collect();
+        status.conflicting_nodes = conflicts.iter().take(MAX_LISTED_CONFLICTS).map(|(n, _)| n.to_string()).collect();
         let conflict = match conflicts.first() {
-            None => condition("NodeConflict", false, "NoConflict", "no node is selected by another pool", generation),
-            Some(first) => condition(
+            None => condition(
+                "NodeConflict",
+                false,
+                "NoConflict",
+                "no node of this pool is counted by another pool",
+                generation,
+            ),
+            Some((first, owner)) => condition(
                 "NodeConflict",
                 true,
                 "NodesInSeveralPools",
                 format!(
-                    "{} node(s) are also selected by another pool and are counted in neither (first: {first}); make the nodeSelectors disjoint",
+                    "{} selected node(s) belong to older pools and are not counted here (first: {first}, in pool {owner}); make the nodeSelectors disjoint",
                     conflicts.len()
                 ),
                 generation,

@@ -11,12 +11,13 @@ use super::project::holds_devices;
 use super::stores::Stores;
 use super::view::View;
 use crate::api::{ModelProject, ProjectPhase, TopologyMode};
+use crate::planner::fit::{self, PoolShape};
 use crate::planner::grants::Phase;
 use crate::planner::placement::{
     self, AllocationQuota, GangRequest, NodeFree, Outcome, PlacementInput, PlacementPool, TopologyRequest,
 };
 use crate::planner::preemption::{Preemption, Releasing, RunningGang};
-use crate::snapshot::{ALLOCATION_LABEL, POOL_LABEL, PROJECT_LABEL, pod_requests, pod_use};
+use crate::snapshot::{ALLOCATION_LABEL, POOL_LABEL, PROJECT_LABEL, pod_requests};
 use crate::telemetry::Metrics;
 
 /// Restarting gangs go ahead of every fresh one (priorities are within ±1000).
@@ -44,6 +45,8 @@ pub struct Queue {
     pub preempting: BTreeMap<String, Arc<Preemption>>,
     /// The same, by victim.
     pub victims: BTreeMap<String, Arc<Preemption>>,
+    /// Waiting gangs that can never be admitted as the pools and grants are.
+    pub unsatisfiable: BTreeSet<String>,
 }
 
 pub fn plan(
@@ -57,20 +60,15 @@ pub fn plan(
 ) -> Queue {
     // Devices held on each node: running pods that are not ours, plus every
     // admitted gang's planned workers (bound or not yet).
-    let node_index: BTreeMap<&str, usize> = view.nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect();
+    let node_index = &view.node_index;
     let mut used: Vec<BTreeMap<String, i64>> = vec![BTreeMap::new(); view.nodes.len()];
-    for pod in stores.pods.store.state() {
-        if pod.labels().contains_key(PROJECT_LABEL) {
-            continue;
-        }
-        if let Some(u) = pod_use(&pod)
-            && let Some(&i) = node_index.get(u.node.as_str())
-        {
-            for (r, v) in u.requests {
-                *used[i].entry(r).or_default() += v;
+    stores.model.read(|m| {
+        for (node, held) in m.foreign() {
+            if let Some(&i) = node_index.get(node.as_str()) {
+                used[i].clone_from(held);
             }
         }
-    }
+    });
     let mut admitted: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut holding: BTreeSet<String> = BTreeSet::new();
     let mut running: Vec<RunningGang> = Vec::new();
@@ -221,7 +219,9 @@ pub fn plan(
         running: &running,
         releasing: &releasing,
     });
-    record(view, projects, &pass.outcomes, metrics);
+    let mut outcomes = pass.outcomes;
+    let unsatisfiable = never_fitting(view, &queue, &allocations, &mut outcomes);
+    record(view, projects, &outcomes, metrics);
     let mut preempting = BTreeMap::new();
     let mut victims = BTreeMap::new();
     for p in pass.preemptions {
@@ -231,7 +231,56 @@ pub fn plan(
         }
         preempting.insert(p.preemptor.clone(), p);
     }
-    Queue { outcomes: pass.outcomes, admitted, preempting, victims }
+    Queue { outcomes, admitted, preempting, victims, unsatisfiable }
+}
+
+/// Rewrites the reason of every waiting gang that can never be admitted as
+/// the pools and its grant are; returns their keys.
+fn never_fitting(
+    view: &View,
+    queue: &[GangRequest],
+    allocations: &[AllocationQuota],
+    outcomes: &mut BTreeMap<String, Outcome>,
+) -> BTreeSet<String> {
+    let waiting: Vec<&GangRequest> =
+        queue.iter().filter(|g| matches!(outcomes.get(&g.key), Some(Outcome::Waiting { .. }))).collect();
+    if waiting.is_empty() {
+        return BTreeSet::new();
+    }
+    let requested: BTreeSet<&str> =
+        waiting.iter().filter_map(|g| g.topology.as_ref()).map(|t| t.key.as_str()).collect();
+    let shapes: BTreeMap<String, PoolShape> = view
+        .pools
+        .iter()
+        .map(|p| {
+            let members = p.members.iter().map(|&i| &view.nodes[i]);
+            let mut keys: BTreeSet<String> = p.levels.iter().cloned().collect();
+            keys.insert(crate::api::HOSTNAME_KEY.to_string());
+            for k in &requested {
+                if p.members.iter().any(|&i| view.nodes[i].labels.contains_key(*k)) {
+                    keys.insert(k.to_string());
+                }
+            }
+            let shape = PoolShape {
+                resource_name: p.resource_name.clone(),
+                nodes: p.members.len(),
+                largest_node: members.map(|n| n.allocatable_of(&p.resource_name)).max().unwrap_or(0),
+                keys,
+            };
+            (p.name.clone(), shape)
+        })
+        .collect();
+    let mut out = BTreeSet::new();
+    for g in waiting {
+        let quota = allocations.iter().find(|a| a.name == g.allocation);
+        if let Some(why) = fit::never_fits(g, &shapes, quota)
+            && let Some(Outcome::Waiting { reason, .. }) = outcomes.get_mut(&g.key)
+        {
+            *reason = why;
+            out.insert(g.key.clone());
+        }
+    }
+    out
 }
 
 fn record(view: &View, projects: &[Arc<ModelProject>], outcomes: &BTreeMap<String, Outcome>, metrics: &Metrics) {

@@ -14,7 +14,6 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -29,13 +28,12 @@ pub const QUOTA_NAME: &str = "sovereign-accelerators";
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let s = &ctx.stores;
     let grants_changed = futures::stream::select_all([s.pools.changes().boxed(), s.allocations.changes().boxed()]);
-    let managed = watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
-    let controller = Controller::new(Api::<Namespace>::all(ctx.client.clone()), Default::default())
-        .reconcile_all_on(grants_changed)
-        // Someone edited or deleted a managed quota: put it back.
-        .watches(Api::<ResourceQuota>::all(ctx.client.clone()), managed, |q| {
-            q.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns))
-        })
+    // Someone edited or deleted a managed quota: put it back.
+    let quota_namespaces =
+        s.quotas.events().filter_map(|q| async move { Some(ObjectRef::<Namespace>::new(&q.namespace()?)) });
+    let controller = Controller::for_shared_stream(s.namespaces.events(), s.namespaces.store.clone())
+        .reconcile_all_on(futures::stream::once(async {}).chain(grants_changed))
+        .reconcile_on(quota_namespaces)
         .with_config(super::controller_config(Duration::from_millis(300)));
     super::drive(controller, CONTROLLER, ctx.clone(), shutdown, reconcile).await;
 }

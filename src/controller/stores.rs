@@ -8,6 +8,7 @@ use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ResourceQuota};
@@ -17,6 +18,7 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, watch};
 
+use super::model::{Applied, Keyed, Model};
 use crate::api::{AcceleratorPool, GpuAllocation, ModelProject};
 use crate::snapshot::PROJECT_LABEL;
 
@@ -101,7 +103,9 @@ pub struct Stores {
     pub workers: Shared<Pod>,
     /// Worker pods by project ("namespace/project"), kept per watch event.
     pub workers_by_project: WorkerIndex,
-    /// Bumped on every change of any store: the key of cached cluster views.
+    /// Nodes and running pods as the planner needs them, kept per watch event.
+    pub model: Model,
+    /// Bumped on every change of a store that views read: the key of cached views.
     pub epoch: Arc<AtomicU64>,
 }
 
@@ -129,16 +133,24 @@ pub fn start(client: Client) -> Stores {
     let all = watcher::Config::default().any_semantic();
     // Heartbeat times and image lists change often and matter to no decision:
     // drop them so that memory stays proportional to the nodes.
-    let nodes = shared(Api::<Node>::all(client.clone()), all.clone(), &epoch, |node: &mut Node| {
-        node.metadata.managed_fields = None;
-        if let Some(status) = node.status.as_mut() {
-            status.images = None;
-            status.node_info = None;
-            for c in status.conditions.iter_mut().flatten() {
-                c.last_heartbeat_time = None;
+    let model = Model::default();
+    let on_node = model.clone();
+    let nodes = shared_with(
+        Api::<Node>::all(client.clone()),
+        all.clone(),
+        &epoch,
+        move |ev| on_node.apply_node(ev),
+        |node: &mut Node| {
+            node.metadata.managed_fields = None;
+            if let Some(status) = node.status.as_mut() {
+                status.images = None;
+                status.node_info = None;
+                for c in status.conditions.iter_mut().flatten() {
+                    c.last_heartbeat_time = None;
+                }
             }
-        }
-    });
+        },
+    );
     let pools = shared(Api::<AcceleratorPool>::all(client.clone()), all.clone(), &epoch, |p: &mut AcceleratorPool| {
         p.metadata.managed_fields = None;
     });
@@ -147,24 +159,29 @@ pub fn start(client: Client) -> Stores {
             a.metadata.managed_fields = None;
         });
     let running = all.clone().fields("status.phase=Running");
-    let pods = shared(Api::<Pod>::all(client.clone()), running, &epoch, strip_pod);
+    let on_pod = model.clone();
+    let pods = shared_with(Api::<Pod>::all(client.clone()), running, &epoch, move |ev| on_pod.apply_pod(ev), strip_pod);
     let namespaces = shared(Api::<Namespace>::all(client.clone()), all.clone(), &epoch, |ns: &mut Namespace| {
         ns.metadata.managed_fields = None;
         ns.spec = None;
     });
     let managed = all.clone().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
-    let quotas = shared(Api::<ResourceQuota>::all(client.clone()), managed, &epoch, |q: &mut ResourceQuota| {
+    // Views read nodes, pools, allocations, running pods and namespaces: only
+    // their changes make a cached view stale.
+    let not_viewed = Arc::new(AtomicU64::new(0));
+    let quotas = shared(Api::<ResourceQuota>::all(client.clone()), managed, &not_viewed, |q: &mut ResourceQuota| {
         q.metadata.managed_fields = None;
     });
-    let projects = shared(Api::<ModelProject>::all(client.clone()), all.clone(), &epoch, |p: &mut ModelProject| {
-        p.metadata.managed_fields = None;
-    });
+    let projects =
+        shared(Api::<ModelProject>::all(client.clone()), all.clone(), &not_viewed, |p: &mut ModelProject| {
+            p.metadata.managed_fields = None;
+        });
     let workers_by_project = WorkerIndex::default();
     let index = workers_by_project.clone();
     let workers = shared_with(
         Api::<Pod>::all(client),
         all.labels(PROJECT_LABEL),
-        &epoch,
+        &not_viewed,
         move |ev| index.apply(ev),
         |pod: &mut Pod| {
             pod.metadata.managed_fields = None;
@@ -178,7 +195,7 @@ pub fn start(client: Client) -> Stores {
             }
         },
     );
-    Stores { nodes, pools, allocations, pods, namespaces, quotas, projects, workers, workers_by_project, epoch }
+    Stores { nodes, pools, allocations, pods, namespaces, quotas, projects, workers, workers_by_project, model, epoch }
 }
 
 /// Keeps of a pod only what accounting and placement read: identity, labels,
@@ -217,7 +234,7 @@ fn shared<K>(
     strip: impl FnMut(&mut K) + Send + 'static,
 ) -> Shared<K>
 where
-    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     shared_with(api, config, epoch, |_| {}, strip)
@@ -232,20 +249,22 @@ fn shared_with<K>(
     strip: impl FnMut(&mut K) + Send + 'static,
 ) -> Shared<K>
 where
-    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     let (store, writer) = reflector::store();
     let (tx, changed) = watch::channel(());
     let (events, _) = broadcast::channel(EVENT_BUFFER);
-    let stream = watcher(api, config).default_backoff().modify(strip).reflect(writer);
+    let stream = watcher(api, config).backoff(WatchBackoff::default()).modify(strip).reflect(writer);
     let (epoch, sender) = (epoch.clone(), events.clone());
+    let mut seen = Fingerprints::default();
     tokio::spawn(stream.for_each(move |event| {
         if let Ok(ev) = &event {
             index(ev);
         }
+        let significant = event.as_ref().is_ok_and(|ev| seen.observe(ev));
         match event {
-            Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
+            Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) if significant => {
                 epoch.fetch_add(1, Ordering::AcqRel);
                 let _ = sender.send(Change::Object(Arc::new(obj)));
                 tx.send_replace(());
@@ -261,6 +280,64 @@ where
         futures::future::ready(())
     }));
     Shared { store, changed, events }
+}
+
+/// Watch retries: 250 ms doubling to 1 s, reset by the first good event.
+/// kube's default grows to 30 s, so after an API server outage the stores
+/// (and every admission) could wait ~15 s for the next try.
+struct WatchBackoff(Duration);
+
+const WATCH_RETRY_FIRST: Duration = Duration::from_millis(250);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(1);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self(WATCH_RETRY_FIRST)
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.0;
+        self.0 = (self.0 * 2).min(WATCH_RETRY_MAX);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.0 = WATCH_RETRY_FIRST;
+    }
+}
+
+/// What each object of a store looked like, as a hash of its kept content
+/// without its resourceVersion: an update that changes nothing the store keeps
+/// (a node heartbeat, whose times are stripped) wakes nobody. At national
+/// scale those are a few node updates a second that would each replan.
+#[derive(Default)]
+struct Fingerprints(Keyed<u64>);
+
+impl Fingerprints {
+    /// Records the event; true when it changed what the store keeps.
+    fn observe<K: Resource + serde::Serialize>(&mut self, event: &watcher::Event<K>) -> bool {
+        match self.0.apply(event, |obj| Some(fingerprint(obj))) {
+            Applied::One { old, new } => old != new,
+            Applied::All | Applied::Nothing => true,
+        }
+    }
+}
+
+fn fingerprint<K: Resource + serde::Serialize>(obj: &K) -> u64 {
+    use std::hash::Hasher;
+    let mut value = serde_json::to_value(obj).unwrap_or_default();
+    if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("resourceVersion");
+        meta.remove("managedFields");
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(value.to_string().as_bytes());
+    h.finish()
 }
 
 /// Worker pod names by "namespace/project", updated per watch event so that a

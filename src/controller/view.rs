@@ -1,7 +1,7 @@
 //! The cluster as the planner sees it: built from the reflector stores, planned
 //! once per change of any store, and shared by every reconciler of that moment.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use super::stores::Stores;
 use crate::api::BudgetEnforcement;
 use crate::planner::grants::{self, AllocationState, GrantInput, GrantPlan, Phase, PoolState};
 use crate::planner::inventory::{self, Membership, NodeInfo, PoolTotals};
-use crate::planner::usage::{self, PodUse, PoolRate, Usage};
+use crate::planner::usage::{self, PoolRate, Usage};
 use crate::snapshot::{self, RESERVED_FOR};
 use crate::telemetry::{AllocationGauges, Metrics};
 
@@ -24,11 +24,13 @@ pub struct View {
     /// The store epoch this view was built at (or after).
     pub epoch: u64,
     pub now: Timestamp,
-    pub nodes: Vec<NodeInfo>,
-    pub membership: Membership,
+    pub nodes: Arc<Vec<NodeInfo>>,
+    /// Node name -> index into `nodes`.
+    pub node_index: Arc<HashMap<String, usize>>,
+    pub membership: Arc<Membership>,
     /// Pools with a usable selector, with totals.
-    pub pools: Vec<PoolState>,
-    pub totals: BTreeMap<String, PoolTotals>,
+    pub pools: Arc<Vec<PoolState>>,
+    pub totals: Arc<BTreeMap<String, PoolTotals>>,
     pub allocations: Vec<AllocationState>,
     pub grants: GrantPlan,
     pub usage: Usage,
@@ -38,16 +40,47 @@ pub struct View {
     pub programs: BTreeMap<String, String>,
     /// Names of the namespaces that exist.
     pub namespaces: BTreeSet<String>,
+    /// Namespaces without the tenant label that hold no quota of the operator: the
+    /// chart's admission policy refuses the operator's quota and pods there.
+    pub not_tenant: BTreeSet<String>,
     /// Allocations whose admins let projects be non-preemptible.
     pub allocation_allows_non_preemptible: BTreeSet<String>,
     /// Allocations whose budget enforcement is Hard (runs stop when it is used up).
     pub hard_budget: BTreeSet<String>,
+    capacity: Arc<Capacity>,
 }
 
-impl View {
-    pub fn build(stores: &Stores, node_grace: Duration, now: Timestamp) -> Self {
-        let epoch = stores.epoch();
-        let nodes: Vec<NodeInfo> = stores.nodes.store.state().iter().map(|n| snapshot::node_info(n)).collect();
+/// What the nodes and the pools' specs alone decide: which node is in which
+/// pool and what each pool has. Rebuilt only when a node or a pool spec
+/// changed, not on every pod or allocation change.
+struct Capacity {
+    /// The model's node version and every pool's (name, uid, generation).
+    key: (u64, Vec<(String, String, i64)>),
+    nodes: Arc<Vec<NodeInfo>>,
+    node_index: Arc<HashMap<String, usize>>,
+    membership: Arc<Membership>,
+    pools: Arc<Vec<PoolState>>,
+    totals: Arc<BTreeMap<String, PoolTotals>>,
+    rates: Vec<PoolRate>,
+    /// Node name -> index into `rates`.
+    node_pool: BTreeMap<String, usize>,
+}
+
+fn capacity_key(stores: &Stores) -> (u64, Vec<(String, String, i64)>) {
+    let mut pools: Vec<(String, String, i64)> = stores
+        .pools
+        .store
+        .state()
+        .iter()
+        .map(|p| (p.name_any(), p.uid().unwrap_or_default(), p.metadata.generation.unwrap_or_default()))
+        .collect();
+    pools.sort();
+    (stores.model.read(|m| m.node_version()), pools)
+}
+
+impl Capacity {
+    fn build(stores: &Stores, key: (u64, Vec<(String, String, i64)>)) -> Self {
+        let nodes: Vec<NodeInfo> = stores.model.read(|m| m.nodes());
         let pool_objs = stores.pools.store.state();
         let valid: Vec<_> = pool_objs.iter().filter_map(|p| snapshot::pool_info(p).ok().map(|i| (p, i))).collect();
         let infos: Vec<_> = valid.iter().map(|(_, i)| i.clone()).collect();
@@ -66,6 +99,36 @@ impl View {
             rates.push(snapshot::pool_rate(p));
             totals.insert(info.name.clone(), t);
         }
+        let node_index = nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect();
+        Self {
+            key,
+            nodes: Arc::new(nodes),
+            node_index: Arc::new(node_index),
+            membership: Arc::new(membership),
+            pools: Arc::new(pools),
+            totals: Arc::new(totals),
+            rates,
+            node_pool,
+        }
+    }
+}
+
+impl View {
+    /// The view of this moment; `previous` lends its node and pool part when
+    /// no node and no pool spec changed since it was built.
+    pub fn build(stores: &Stores, node_grace: Duration, now: Timestamp) -> Self {
+        Self::build_after(stores, node_grace, now, None)
+    }
+
+    pub fn build_after(stores: &Stores, node_grace: Duration, now: Timestamp, previous: Option<&View>) -> Self {
+        let epoch = stores.epoch();
+        let key = capacity_key(stores);
+        let capacity = match previous {
+            Some(v) if v.capacity.key == key => v.capacity.clone(),
+            _ => Arc::new(Capacity::build(stores, key)),
+        };
+        let nodes = &capacity.nodes;
+        let pods = stores.model.read(|m| m.pod_uses());
         let alloc_objs = stores.allocations.store.state();
         let allocations: Vec<AllocationState> = alloc_objs.iter().map(|a| snapshot::allocation_state(a, now)).collect();
         let allocation_allows_non_preemptible =
@@ -76,37 +139,48 @@ impl View {
             .map(|a| a.name_any())
             .collect();
         let programs = alloc_objs.iter().map(|a| (a.name_any(), a.spec.program.clone().unwrap_or_default())).collect();
-        let pods: Vec<PodUse> = stores.pods.store.state().iter().filter_map(|p| snapshot::pod_use(p)).collect();
         let was_active: BTreeSet<&str> = allocations.iter().filter(|a| a.was_active).map(|a| a.name.as_str()).collect();
-        let usage = usage::attribute(&pods, &node_pool, &rates, &allocations, &|a| was_active.contains(a));
+        let usage =
+            usage::attribute(&pods, &capacity.node_pool, &capacity.rates, &allocations, &|a| was_active.contains(a));
         let busy: BTreeSet<String> = pods.iter().map(|p| p.node.clone()).collect();
         let labelled: BTreeMap<String, String> =
             nodes.iter().filter_map(|n| n.labels.get(RESERVED_FOR).map(|a| (n.name.clone(), a.clone()))).collect();
         let grants = grants::plan(&GrantInput {
-            nodes: &nodes,
-            pools: &pools,
+            nodes,
+            pools: &capacity.pools,
             allocations: &allocations,
             labelled: &labelled,
             busy: &busy,
             node_grace: SignedDuration::try_from(node_grace).unwrap_or(SignedDuration::from_secs(300)),
             now,
         });
-        let namespaces = stores.namespaces.store.state().iter().map(|n| n.name_any()).collect();
+        let namespace_objs = stores.namespaces.store.state();
+        let namespaces = namespace_objs.iter().map(|n| n.name_any()).collect();
+        let with_quota: BTreeSet<String> = stores.quotas.store.state().iter().filter_map(|q| q.namespace()).collect();
+        let not_tenant = namespace_objs
+            .iter()
+            .filter(|n| n.labels().get(snapshot::TENANT_LABEL).map(String::as_str) != Some("true"))
+            .map(|n| n.name_any())
+            .filter(|n| !with_quota.contains(n))
+            .collect();
         Self {
             now,
-            nodes,
-            membership,
-            pools,
-            totals,
+            nodes: capacity.nodes.clone(),
+            node_index: capacity.node_index.clone(),
+            membership: capacity.membership.clone(),
+            pools: capacity.pools.clone(),
+            totals: capacity.totals.clone(),
             allocations,
             grants,
             usage,
             labelled,
             programs,
             namespaces,
+            not_tenant,
             allocation_allows_non_preemptible,
             hard_budget,
             epoch,
+            capacity,
         }
     }
 
@@ -119,7 +193,7 @@ impl View {
         metrics.clear_views();
         let (mut dom_alloc, mut all_alloc, mut dom_granted, mut all_granted, mut dom_use, mut all_use) =
             (0, 0, 0, 0, 0, 0);
-        for p in &self.pools {
+        for p in self.pools.iter() {
             let plan = self.grants.pools.get(&p.name).cloned().unwrap_or_default();
             let in_use = self.usage.by_pool.get(&p.name).copied().unwrap_or(0);
             let t = self.totals.get(&p.name).cloned().unwrap_or_default();
@@ -183,7 +257,10 @@ impl ViewCache {
         }
         let started = Instant::now();
         let (stores, grace) = (stores.clone(), self.node_grace);
-        let build = tokio::task::spawn_blocking(move || View::build(&stores, grace, Timestamp::now()));
+        let previous = latest.as_ref().map(|(_, _, v)| v.clone());
+        let build = tokio::task::spawn_blocking(move || {
+            View::build_after(&stores, grace, Timestamp::now(), previous.as_deref())
+        });
         let view = Arc::new(build.await.expect("building the view does not panic"));
         self.metrics.observe_planning("view", started.elapsed().as_secs_f64());
         view.record(&self.metrics);

@@ -78,10 +78,10 @@ where
     Shared { store, changed: tokio::sync::watch::channel(()).1, events: tokio::sync::broadcast::channel(1).0 }
 }
 
-/// One decision of the operator: the view, every allocation's status, and the
-/// admission pass, as the controllers compute them from their stores.
-pub fn decide(cluster: &Cluster, now: Timestamp, settings: &Settings) -> Decision {
-    let stores = Stores {
+/// The operator's stores (and model) filled with the cluster's objects, as its
+/// watches would hold them.
+pub fn stores(cluster: &Cluster) -> Stores {
+    Stores {
         nodes: shared(&cluster.nodes),
         pools: shared(&cluster.pools),
         allocations: shared(&cluster.allocations),
@@ -91,8 +91,15 @@ pub fn decide(cluster: &Cluster, now: Timestamp, settings: &Settings) -> Decisio
         projects: shared(&cluster.projects),
         workers: shared(&cluster.workers),
         workers_by_project: Default::default(),
+        model: crate::controller::model::Model::of(&cluster.nodes, &cluster.pods),
         epoch: Arc::new(AtomicU64::new(0)),
-    };
+    }
+}
+
+/// One decision of the operator: the view, every allocation's status, and the
+/// admission pass, as the controllers compute them from their stores.
+pub fn decide(cluster: &Cluster, now: Timestamp, settings: &Settings) -> Decision {
+    let stores = stores(cluster);
     let view = View::build(&stores, settings.node_grace, now);
     let metrics = Metrics::default();
     let projects = stores.projects.store.state();
@@ -117,7 +124,7 @@ pub fn decide(cluster: &Cluster, now: Timestamp, settings: &Settings) -> Decisio
             }
         }
     }
-    for p in &view.pools {
+    for p in view.pools.iter() {
         let plan = view.grants.pools.get(&p.name).cloned().unwrap_or_default();
         let t = view.totals.get(&p.name).cloned().unwrap_or_default();
         let pool = PoolPlan {

@@ -18,7 +18,7 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 use serde::Serialize;
 
-pub use adapter::{PoolPlan, Settings};
+pub use adapter::{PoolPlan, Settings, stores};
 pub use proposals::{Action, Proposal, read_files};
 pub use simulate::plan;
 

@@ -124,10 +124,10 @@ impl Blocker {
                 format!("grants name pools that do not exist: {}", pools.join(", "))
             }
             Blocker::DomesticShareShort { share, min, domestic, total } => format!(
-                "{domestic} of {total} granted accelerators ({:.0}%) are in domestic pools; minDomesticShare needs {:.0}%: add {} domestic accelerators",
+                "{domestic} of {total} granted accelerators ({:.0}%) are in domestic pools; minDomesticShare needs {:.0}%: {}",
                 share * 100.0,
                 min * 100.0,
-                ((min * *total as f64 - *domestic as f64) / (1.0 - min)).ceil().max(1.0) as i64
+                domestic_remedy(*min, *domestic, *total)
             ),
             Blocker::Capacity { pool, free, needs, allocatable } => format!(
                 "pool {pool} is short by {} accelerators: {allocatable} allocatable, {free} not granted to others, this grant needs {needs}",
@@ -135,6 +135,24 @@ impl Blocker {
             ),
         }
     }
+}
+
+/// What makes a grant meet its domestic share: the fewest domestic accelerators
+/// to add, or, at a share of 100 % (where adding never suffices), the
+/// non-domestic ones to move.
+fn domestic_remedy(min: f64, domestic: i64, total: i64) -> String {
+    let foreign = total - domestic;
+    if min >= 1.0 {
+        return format!("move the {foreign} accelerators granted in non-domestic pools to domestic pools");
+    }
+    // The least x with (domestic + x) / (total + x) >= min; the epsilon keeps an
+    // exact product (0.5 x 8) from rounding up to one more.
+    let x = ((min * total as f64 - domestic as f64) / (1.0 - min) - 1e-9).ceil().max(1.0);
+    if x >= i64::MAX as f64 {
+        return format!("move the {foreign} accelerators granted in non-domestic pools to domestic pools");
+    }
+    let x = x as i64;
+    format!("add {x} domestic accelerator{}", if x == 1 { "" } else { "s" })
 }
 
 /// The phase an allocation should show.
@@ -488,6 +506,25 @@ mod tests {
             node_grace: SignedDuration::from_secs(300),
             now: t(100),
         })
+    }
+
+    #[test]
+    fn the_domestic_remedy_is_exact_at_the_edges() {
+        // 3 of 8 at 50 %: 2 more make 5 of 10.
+        assert_eq!(domestic_remedy(0.5, 3, 8), "add 2 domestic accelerators");
+        // 4 of 8 at 50 % would pass; one short of a whole device still needs one.
+        assert_eq!(domestic_remedy(0.51, 4, 8), "add 1 domestic accelerator");
+        // 100 %: no number of added devices is enough.
+        assert_eq!(
+            domestic_remedy(1.0, 0, 8),
+            "move the 8 accelerators granted in non-domestic pools to domestic pools"
+        );
+        assert_eq!(
+            domestic_remedy(1.0, 8, 16),
+            "move the 8 accelerators granted in non-domestic pools to domestic pools"
+        );
+        // Just below 100 % the number is large but exact: (0 + x) / (8 + x) >= 0.999.
+        assert_eq!(domestic_remedy(0.999, 0, 8), "add 7992 domestic accelerators");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! planner, and apply what it returns.
 
 pub mod fair;
+pub mod fit;
 pub mod gang;
 pub mod grants;
 pub mod inventory;

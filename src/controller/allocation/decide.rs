@@ -17,6 +17,7 @@ use crate::planner::grants::{AllocationPlan, Blocker, Phase};
 use crate::planner::ledger::{self, Books, MILLIS_PER_HOUR, PodLife};
 use crate::planner::preemption;
 use crate::planner::usage::{self, AllocationUse};
+use crate::snapshot::TENANT_LABEL;
 
 /// The ledger is written at least this often while pods run (and whenever a
 /// pod starts, ends or is settled).
@@ -33,6 +34,8 @@ pub struct Observed<'a> {
     pub usage: &'a AllocationUse,
     /// Tenant namespaces that do not exist.
     pub missing_namespaces: Vec<String>,
+    /// Tenant namespaces without the tenant label.
+    pub not_tenant: Vec<String>,
     /// The pods charged to the allocation now (running, finished or deleted
     /// but still present).
     pub pods: &'a [PodLife],
@@ -351,15 +354,26 @@ fn conditions(alloc: &GpuAllocation, obs: &Observed<'_>, s: &GpuAllocationStatus
             )
         });
     }
-    out.push(quota_condition(alloc, &obs.missing_namespaces));
+    out.push(quota_condition(alloc, &obs.missing_namespaces, &obs.not_tenant));
     out
 }
 
-/// QuotaApplied: whether each namespace exists (its quota is then kept by the
-/// quota reconciler).
-fn quota_condition(alloc: &GpuAllocation, missing: &[String]) -> Condition {
+/// QuotaApplied: whether each namespace exists and is a tenant namespace (its
+/// quota is then kept by the quota reconciler).
+fn quota_condition(alloc: &GpuAllocation, missing: &[String], untenanted: &[String]) -> Condition {
     let g = alloc.metadata.generation;
-    if missing.is_empty() {
+    if missing.is_empty() && !untenanted.is_empty() {
+        condition(
+            "QuotaApplied",
+            false,
+            "NamespaceNotTenant",
+            format!(
+                "namespace(s) {} lack the label {TENANT_LABEL}=true: the chart's admission policy lets the operator create quotas and worker pods only in labelled namespaces",
+                untenanted.join(", ")
+            ),
+            g,
+        )
+    } else if missing.is_empty() {
         condition(
             "QuotaApplied",
             true,
@@ -439,6 +453,9 @@ fn transitions(old: &GpuAllocationStatus, new: &GpuAllocationStatus, plan: &Allo
     }
     if let Some(m) = turned("NodesReserved", "NotEnoughFreeNodes") {
         note(true, "NotEnoughFreeNodes", m);
+    }
+    if let Some(m) = turned("QuotaApplied", "NamespaceNotTenant") {
+        note(true, "NamespaceNotTenant", m);
     }
     let reserved = |s: &GpuAllocationStatus| -> BTreeSet<String> {
         s.pools.iter().flat_map(|p| p.reserved_nodes.iter().cloned()).collect()

@@ -72,8 +72,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
                 .collect();
             futures::stream::iter(hits)
         });
-    let controller = Controller::new(Api::<GpuAllocation>::all(ctx.client.clone()), Default::default())
-        .reconcile_all_on(everything)
+    let controller = Controller::for_shared_stream(s.allocations.events(), s.allocations.store.clone())
+        .reconcile_all_on(futures::stream::once(async {}).chain(everything))
         .reconcile_on(pod_allocations)
         .with_config(super::controller_config(Duration::from_millis(300)));
     let orphans = tokio::spawn(release_orphans(ctx.clone()));
@@ -119,12 +119,14 @@ async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
     let projects = projects_of(ctx, alloc);
     let missing_namespaces =
         alloc.spec.tenant.namespaces.iter().filter(|ns| !view.namespaces.contains(*ns)).cloned().collect();
+    let not_tenant = alloc.spec.tenant.namespaces.iter().filter(|ns| view.not_tenant.contains(*ns)).cloned().collect();
     let d = {
         let obs = Observed {
             now,
             plan,
             usage: &usage,
             missing_namespaces,
+            not_tenant,
             pods: &charged.lives,
             watching_since: ctx.reconciling_since,
             seen_gone: &|uid| ctx.seen_gone(uid),
@@ -189,6 +191,7 @@ pub(crate) fn planned_status(alloc: &GpuAllocation, view: &View) -> Option<crate
             .filter(|ns| !view.namespaces.contains(*ns))
             .cloned()
             .collect(),
+        not_tenant: alloc.spec.tenant.namespaces.iter().filter(|ns| view.not_tenant.contains(*ns)).cloned().collect(),
         pods: &[],
         watching_since: view.now,
         seen_gone: &|_| None,
@@ -333,8 +336,11 @@ async fn release_orphans(ctx: Arc<Context>) {
 async fn reconcile_nodes(ctx: &Context, name: &str, wanted: &BTreeSet<String>) -> Result<Vec<String>, Error> {
     let api: Api<Node> = Api::all(ctx.client.clone());
     let mut released = Vec::new();
-    for node in ctx.stores.nodes.store.state() {
-        let node_name = node.name_any();
+    // The wanted nodes and those labelled for it now (the model's index): not every node.
+    let mut candidates: BTreeSet<String> = ctx.stores.model.read(|m| m.reserved_for(name)).into_iter().collect();
+    candidates.extend(wanted.iter().cloned());
+    for node_name in candidates {
+        let Some(node) = ctx.stores.nodes.store.get(&ObjectRef::new(&node_name)) else { continue };
         let labelled = node.labels().get(crate::snapshot::RESERVED_FOR).map(String::as_str) == Some(name);
         if wanted.contains(&node_name) {
             nodes::set_reservation(&api, &node, Some(name)).await?;

@@ -76,6 +76,7 @@ fn run(alloc: &GpuAllocation, c: &Case<'_>) -> Decision {
         plan: &c.plan,
         usage: &usage,
         missing_namespaces: vec![],
+        not_tenant: vec![],
         pods: c.pods,
         watching_since: t(0),
         seen_gone: &|_| None,

@@ -1,0 +1,203 @@
+//! Least privilege of the operator: what its ServiceAccount may do, as the API
+//! server enforces it with the chart's RBAC and ValidatingAdmissionPolicies. Each
+//! write is made as the ServiceAccount (`kubectl --as`, or the API with its token
+//! for node patches) as a server-side dry run, which runs authorization and
+//! admission exactly as a real write and persists nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use kube::api::ListParams;
+use sovereign_e2e::{Env, RELEASE, RELEASE_NAMESPACE, Scope, TestNamespace, wait_for};
+use sovereign_operator::api::{GpuAllocation, find_condition};
+
+use crate::grants::alloc_yaml;
+
+fn operator() -> String {
+    format!("--as=system:serviceaccount:{RELEASE_NAMESPACE}:{RELEASE}")
+}
+
+/// A worker-like pod in `ns`, labelled as the operator labels its workers or not.
+fn pod(ns: &str, worker: bool) -> String {
+    let labels = if worker { "{sovereign.ai/project: p}" } else { "{app: x}" };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: e2e-privilege, namespace: {ns}, labels: {labels}}}\n\
+         spec: {{containers: [{{name: c, image: trainer:1}}]}}\n"
+    )
+}
+
+fn quota(ns: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ResourceQuota\nmetadata: {{name: sovereign-accelerators, namespace: {ns}}}\n\
+         spec: {{hard: {{requests.nvidia.com/gpu: \"8\"}}}}\n"
+    )
+}
+
+/// The outcome of one write as the operator: Ok(()) when admitted, Err(stderr) when refused.
+fn attempt(env: &Env, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Result<(), String>> {
+    as_operator(env, &[&["--dry-run=server"], args].concat(), stdin)
+}
+
+/// One kubectl call as the operator.
+fn as_operator(env: &Env, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Result<(), String>> {
+    let who = operator();
+    let mut all = vec![who.as_str()];
+    all.extend_from_slice(args);
+    let out = env.kubectl(&all, stdin)?;
+    Ok(if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) })
+}
+
+pub async fn the_operator_writes_only_in_tenant_namespaces_and_on_pool_nodes(env: Arc<Env>) -> anyhow::Result<()> {
+    let tenant = TestNamespace::create(&env.client, "privilege").await?;
+    let result = async {
+        let mut wrong = Vec::new();
+        let mut refused = |what: &str, r: Result<(), String>, want: &str| match r {
+            Ok(()) => wrong.push(format!("{what}: was allowed")),
+            Err(e) if !e.contains(want) => wrong.push(format!("{what}: expected `{want}`, got {}", e.trim())),
+            Err(_) => {}
+        };
+        let create = ["create", "-f", "-"];
+        refused(
+            "a worker pod in kube-system",
+            attempt(&env, &create, Some(&pod("kube-system", true)))?,
+            "may write pods only in tenant namespaces: namespace kube-system lacks the label sovereign.ai/tenant=true",
+        );
+        refused(
+            "a worker pod in default (no tenant label)",
+            attempt(&env, &create, Some(&pod("default", true)))?,
+            "namespace default lacks the label sovereign.ai/tenant=true",
+        );
+        refused(
+            "the quota in kube-system",
+            attempt(&env, &create, Some(&quota("kube-system")))?,
+            "may write resourcequotas only in tenant namespaces",
+        );
+        refused(
+            "a pod that is no worker, in a tenant namespace",
+            attempt(&env, &create, Some(&pod(&tenant.name, false)))?,
+            "only the worker pods of ModelProjects",
+        );
+        // Verbs the operator never calls are not granted at all (RBAC).
+        refused(
+            "a pod deleted by name",
+            attempt(&env, &["-n", "kube-system", "delete", "pod", "any"], None)?,
+            "cannot delete resource \"pods\"",
+        );
+        refused(
+            "a Secret read",
+            as_operator(&env, &["-n", "kube-system", "get", "secrets"], None)?,
+            "cannot list resource \"secrets\"",
+        );
+
+        // Nodes: a node without accelerators (a system or CPU node) is refused.
+        let nodes = Api::<Node>::all(env.client.clone()).list(&ListParams::default()).await?.items;
+        let has_accelerator = |n: &Node| {
+            n.status.as_ref().and_then(|s| s.capacity.as_ref()).is_some_and(|c| c.keys().any(|k| k.contains('/')))
+        };
+        let plain = nodes.iter().find(|n| !has_accelerator(n)).context("a node without accelerators")?;
+        let pool_node = nodes.iter().find(|n| has_accelerator(n)).context("an accelerator node")?;
+        // Merge patches as the operator sends them (it has no `get` on nodes, so no kubectl label/taint).
+        let label = |k: &str| format!(r#"{{"metadata":{{"labels":{{"{k}":"x"}}}}}}"#);
+        let mut taints = pool_node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+        taints.push(k8s_openapi::api::core::v1::Taint {
+            key: "sovereign.ai/reserved-for".into(),
+            value: Some("x".into()),
+            effect: "NoSchedule".into(),
+            time_added: None,
+        });
+        let taint = serde_json::json!({"spec": {"taints": taints}}).to_string();
+        let (plain, pool_node) = (plain.metadata.name.clone().unwrap(), pool_node.metadata.name.clone().unwrap());
+        // kubectl patch reads the node first; the operator's token has no `get`, so patch through
+        // the API with that token.
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(env.operator_kubeconfig()?)?,
+            &Default::default(),
+        )
+        .await?;
+        let op_client = kube::Client::try_from(config)?;
+        let as_op: Api<Node> = Api::all(op_client.clone());
+        let patch = async |node: &str, body: &str| -> anyhow::Result<Result<(), String>> {
+            let pp = kube::api::PatchParams { dry_run: true, ..Default::default() };
+            let body: serde_json::Value = serde_json::from_str(body)?;
+            Ok(as_op.patch(node, &pp, &kube::api::Patch::Merge(&body)).await.map(|_| ()).map_err(|e| e.to_string()))
+        };
+        refused(
+            "a reservation on a node without accelerators",
+            patch(&plain, &label("sovereign.ai/reserved-for")).await?,
+            &format!("may patch only accelerator nodes (an extended resource such as nvidia.com/gpu in status.capacity); node {plain} has none"),
+        );
+        refused(
+            "another label on an accelerator node",
+            patch(&pool_node, &label("role")).await?,
+            "may change on a node only its reservation",
+        );
+        refused(
+            "a cordon of an accelerator node",
+            patch(&pool_node, r#"{"spec":{"unschedulable":true}}"#).await?,
+            "may change on a node only its reservation",
+        );
+
+        // What the operator does is allowed.
+        let mut allowed = |what: &str, r: Result<(), String>| {
+            if let Err(e) = r {
+                wrong.push(format!("{what}: was refused: {}", e.trim()));
+            }
+        };
+        allowed("a worker pod in a tenant namespace", attempt(&env, &create, Some(&pod(&tenant.name, true)))?);
+        allowed("the quota in a tenant namespace", attempt(&env, &create, Some(&quota(&tenant.name)))?);
+        allowed(
+            "a reservation on an accelerator node",
+            patch(&pool_node, &label("sovereign.ai/reserved-for")).await?,
+        );
+        allowed(
+            "a reservation taint on an accelerator node",
+            patch(&pool_node, &taint).await?,
+        );
+        ensure!(wrong.is_empty(), "{} attempts wrong:\n{}", wrong.len(), wrong.join("\n"));
+
+        // An allocation that lists a namespace without the tenant label says so.
+        let plain_ns = format!("{}-plain", tenant.name);
+        env.kubectl_ok(&["create", "namespace", &plain_ns], None)?;
+        let alloc = alloc_yaml("e2e-untenanted", &[&plain_ns], "[{pool: e2e-none, accelerators: 8}]", "");
+        let mut scope = Scope::new(&env);
+        let seen = async {
+            scope.apply(&alloc)?;
+            let allocations: Api<GpuAllocation> = Api::all(env.client.clone());
+            wait_for("QuotaApplied=False NamespaceNotTenant", Duration::from_secs(30), || async {
+                let a = allocations.get("e2e-untenanted").await.map_err(|e| e.to_string())?;
+                let conds = a.status.unwrap_or_default().conditions;
+                let c = find_condition(&conds, "QuotaApplied").ok_or("no QuotaApplied condition")?;
+                let want = format!("namespace(s) {plain_ns} lack the label sovereign.ai/tenant=true");
+                if c.status == "False" && c.reason == "NamespaceNotTenant" && c.message.starts_with(&want) {
+                    Ok(())
+                } else {
+                    Err(format!("{}: {}", c.reason, c.message))
+                }
+            })
+            .await?;
+            // The operator may set the allocation's finalizer, never its spec (a token that could
+            // would add kube-system to tenant.namespaces).
+            let as_op: Api<GpuAllocation> = Api::all(op_client.clone());
+            let pp = kube::api::PatchParams { dry_run: true, ..Default::default() };
+            let spec = serde_json::json!({"spec": {"tenant": {"namespaces": [&plain_ns, "kube-system"]}}});
+            match as_op.patch("e2e-untenanted", &pp, &kube::api::Patch::Merge(&spec)).await {
+                Ok(_) => anyhow::bail!("the operator changed an allocation's spec"),
+                Err(e) => ensure!(e.to_string().contains("may not change a GpuAllocation's spec"), "{e}"),
+            }
+            let fin = serde_json::json!({"metadata": {"finalizers": ["sovereign.ai/release-reservations"]}});
+            as_op.patch("e2e-untenanted", &pp, &kube::api::Patch::Merge(&fin)).await?;
+            anyhow::Ok(())
+        }
+        .await;
+        let cleaned = scope.cleanup();
+        env.kubectl(&["delete", "namespace", &plain_ns, "--wait=false"], None)?;
+        seen?;
+        cleaned
+    }
+    .await;
+    tenant.cleanup().await?;
+    result
+}
