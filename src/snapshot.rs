@@ -129,15 +129,11 @@ pub fn allocation_state(a: &GpuAllocation, now: Timestamp) -> AllocationState {
             })
             .collect(),
         budget_hours: a.spec.budget.as_ref().map(|b| b.accelerator_hours as f64),
-        // The ledger's figure at its reckoning, exact to the millisecond, and
-        // the burn rate since: exact while no pod started or ended since
-        // (each of which brings a new reckoning).
-        hours_used: crate::planner::usage::charge(
-            status.accelerator_hours_used,
-            status.ledger.as_ref().and_then(|l| Timestamp::from_millisecond(l.at_millis).ok()),
-            now,
-            status.charge_rate,
-        ),
+        // The ledger's figure at its last reckoning, never extrapolated: a
+        // guess beyond it could exhaust a budget that the reckoning (a pod
+        // ended meanwhile) then un-exhausts. The allocation reconciler reckons
+        // again at the moment the budget runs out at the current rate.
+        hours_used: status.accelerator_hours_used,
         min_domestic_share: a.spec.min_domestic_share,
         was_active: status.phase == Some(AllocationPhase::Active),
         deleting: a.metadata.deletion_timestamp.is_some(),

@@ -130,10 +130,19 @@ pub fn reckon(
         settle(&s.pool, s.project.as_ref(), s.domestic, s.millis);
     }
     let unseen_end = if prev.at_millis >= watching_since { now } else { prev.at_millis };
+    // Never less than already charged: a pod the last ledger charged as running
+    // up to its reckoning is charged at least that far, though its end (a
+    // whole-second time) may say a moment earlier. The figures never go down.
+    let was_running: BTreeSet<&str> =
+        prev.open.iter().filter(|o| o.end_millis.is_none()).map(|o| o.uid.as_str()).collect();
+    let floor = |uid: &str, end: Option<i64>| match end {
+        Some(e) if was_running.contains(uid) => Some(e.max(prev.at_millis)),
+        e => e,
+    };
     for o in prev.open.iter().filter(|o| !present.contains(o.uid.as_str()) && !already.contains(o.uid.as_str())) {
         let life = PodLife {
             start_millis: Some(o.start_millis),
-            end_millis: Some(o.end_millis.or_else(|| seen_gone(&o.uid)).unwrap_or(unseen_end)),
+            end_millis: floor(&o.uid, Some(o.end_millis.or_else(|| seen_gone(&o.uid)).unwrap_or(unseen_end))),
             weight: o.weight,
             ..Default::default()
         };
@@ -148,6 +157,7 @@ pub fn reckon(
             }
             continue;
         }
+        let p = &PodLife { end_millis: floor(&p.uid, p.end_millis), ..p.clone() };
         let millis = p.millis(now);
         if p.settle {
             if millis > 0.0 {
@@ -283,6 +293,13 @@ mod tests {
         // The moment the watch saw it go wins over both.
         let seen = reckon(&before, &[], T0 + 900_000, T0 + 899_000, &|_| Some(T0 + 700_000), &all);
         assert_eq!(seen.figures.total, 700_000.0);
+        // A pod charged as running up to a reckoning is never charged less after.
+        let running = pod("r", Some("ns/p"), 1.0, 0, None);
+        let l = reckon(&UsageLedger::default(), std::slice::from_ref(&running), T0 + 10_500, T0, &none, &all).ledger;
+        let mut ended = running.clone();
+        ended.end_millis = Some(T0 + 10_000);
+        let b = reckon(&l, std::slice::from_ref(&ended), T0 + 11_000, T0, &none, &all);
+        assert_eq!(b.figures.total, 10_500.0);
         // An end the ledger recorded wins over all.
         let mut ended = pod("x", None, 1.0, 0, Some(300_000));
         ended.held = false;

@@ -122,14 +122,6 @@ pub fn charged_to<'a>(
         .copied()
 }
 
-/// Hours used at `now`, given the hours charged up to `since` and a constant
-/// rate (charge-weighted devices) since then. Time never runs backwards.
-pub fn charge(hours: f64, since: Option<Timestamp>, now: Timestamp, rate: f64) -> f64 {
-    let Some(since) = since else { return hours };
-    let secs = now.duration_since(since).as_secs_f64().max(0.0);
-    hours + rate * secs / 3600.0
-}
-
 /// When the budget runs out at the current rate, if it will.
 pub fn exhausted_at(budget: f64, hours: f64, now: Timestamp, rate: f64) -> Option<Timestamp> {
     if rate <= 0.0 || hours >= budget {
@@ -222,16 +214,6 @@ mod tests {
         let u =
             attribute(&[pod("team", "h0", "nvidia.com/gpu", 8, None)], &nodes, &pools, &allocs, &|a| a == "current");
         assert_eq!(u.by_allocation.keys().collect::<Vec<_>>(), vec!["current"]);
-    }
-
-    #[test]
-    fn charge_integrates_and_never_runs_backwards() {
-        assert_eq!(charge(1.0, Some(t(0)), t(3600), 16.0), 17.0);
-        assert_eq!(charge(1.0, Some(t(100)), t(0), 16.0), 1.0);
-        assert_eq!(charge(1.0, None, t(0), 16.0), 1.0);
-        // Charging in two steps equals charging once.
-        let two = charge(charge(0.0, Some(t(0)), t(1800), 8.0), Some(t(1800)), t(3600), 8.0);
-        assert!((two - charge(0.0, Some(t(0)), t(3600), 8.0)).abs() < 1e-9);
     }
 
     #[test]
