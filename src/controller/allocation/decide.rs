@@ -128,11 +128,18 @@ pub fn decide(alloc: &GpuAllocation, obs: &Observed<'_>) -> Decision {
     let hours_now = obs.keep_books.unwrap_or(f.total / MILLIS_PER_HOUR);
     let age = Duration::from_millis((now_ms - prev.at_millis).max(0) as u64);
     let busy = f.rate > 0.0 || old.charge_rate > 0.0;
+    // Crossing 80% or 100% of the budget is written at once: the grant plan
+    // reads the written figure.
+    let crossed = alloc.spec.budget.as_ref().is_some_and(|b| {
+        let budget = b.accelerator_hours as f64;
+        [0.8 * budget, budget].iter().any(|&mark| (old.accelerator_hours_used >= mark) != (hours_now >= mark))
+    });
     let write = reckon
         && (old.ledger.is_none() && (f.total > 0.0 || !books.ledger.open.is_empty())
             || ledger::moved(&prev, &books.ledger)
             || old.phase != s.phase
             || f.rate != old.charge_rate
+            || crossed
             || (busy && age >= USAGE_INTERVAL));
     let mut release = Vec::new();
     if write {
@@ -172,7 +179,9 @@ pub fn decide(alloc: &GpuAllocation, obs: &Observed<'_>) -> Decision {
         hours: frac(s.domestic_accelerator_hours_used, s.accelerator_hours_used),
     });
 
-    for c in conditions(alloc, obs, &s, hours_now) {
+    // On the written figure, so that the message changes with the books only
+    // (a crossing of 80% or 100% is written at once).
+    for c in conditions(alloc, obs, &s, s.accelerator_hours_used) {
         set_condition(&mut s.conditions, c, &now);
     }
 

@@ -231,7 +231,14 @@ fn the_budget_is_judged_on_the_exact_figure() {
     assert!(d.events.iter().any(|n| n.reason == "BudgetAlmostUsed"));
     // The next wake is when it runs out (6 minutes on), not a minute's sample later than that.
     assert!(d.requeue <= Duration::from_secs(60));
-    let d = run(&allocation(Some(4)), &active(60 * 60_000, &pods));
+    // Written once, then the moment it is used up (the grant plan reads the written figure).
+    let alloc = through_api(&allocation(Some(4)), &d.status);
+    assert!(
+        run(&alloc, &active(54 * 60_000 + 30_000, &pods)).status == alloc.status.clone().unwrap(),
+        "no write between"
+    );
+    let d = run(&alloc, &active(60 * 60_000, &pods));
+    assert_eq!(d.status.accelerator_hours_used, 4.0, "the figure is written at the crossing");
     let c = find_condition(&d.status.conditions, "WithinBudget").unwrap();
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "BudgetUsedUp"));
     assert_eq!(d.status.phase, Some(AllocationPhase::Active), "the phase is the plan's");
