@@ -156,6 +156,7 @@ pub fn worker_pod(project: &ModelProject, placement: &Placement<'_>, index: usiz
             image_pull_secrets: (!t.image_pull_secrets.is_empty()).then(|| t.image_pull_secrets.clone()),
             priority_class_name: t.priority_class_name.clone(),
             volumes: (!t.volumes.is_empty()).then(|| t.volumes.clone()),
+            security_context: t.pod_security_context.clone(),
             containers: vec![Container {
                 name: "trainer".into(),
                 image: Some(t.image.clone()),
@@ -167,6 +168,7 @@ pub fn worker_pod(project: &ModelProject, placement: &Placement<'_>, index: usiz
                 env_from: (!t.env_from.is_empty()).then(|| t.env_from.clone()),
                 resources: Some(ResourceRequirements { ..resources }),
                 volume_mounts: (!t.volume_mounts.is_empty()).then(|| t.volume_mounts.clone()),
+                security_context: t.security_context.clone(),
                 ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
                     name: Some("rendezvous".into()),
                     container_port: project.spec.run_policy.master_port,
@@ -246,6 +248,19 @@ mod tests {
             assert_eq!(pod.metadata.owner_references.as_ref().unwrap()[0].name, "llm");
             assert_eq!(spec.tolerations.as_ref().unwrap().len(), 1, "only the pool's toleration");
         }
+    }
+
+    #[test]
+    fn the_templates_security_contexts_reach_the_pod_and_the_trainer() {
+        let (mut p, pool) = (project(), pool());
+        p.spec.template.pod_security_context =
+            Some(serde_json::from_value(serde_json::json!({"runAsNonRoot": true})).unwrap());
+        p.spec.template.security_context =
+            Some(serde_json::from_value(serde_json::json!({"allowPrivilegeEscalation": false})).unwrap());
+        let nodes = vec!["n".to_string(); 4];
+        let spec = worker_pod(&p, &Placement { pool: &pool, nodes: &nodes, dedicated: false }, 0).spec.unwrap();
+        assert_eq!(spec.security_context.unwrap().run_as_non_root, Some(true));
+        assert_eq!(spec.containers[0].security_context.as_ref().unwrap().allow_privilege_escalation, Some(false));
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod ledger;
 mod plan;
 mod privilege;
 mod projects;
+mod refusals;
 mod sharing;
 
 type TestFn = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
@@ -89,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         projects::losing_a_node_restarts_the_gang_without_counting_it,
         projects::an_expired_allocation_stops_its_runs,
         projects::a_killed_operator_mid_admission_leaves_no_duplicate_or_orphan,
+        refusals::refused_and_unsafe_templates_are_never_silent_and_hold_nothing,
         sharing::a_higher_priority_run_preempts_exactly_the_gang_it_needs,
         sharing::an_equal_priority_run_never_preempts,
         sharing::a_borrower_runs_on_idle_capacity_and_is_reclaimed_by_the_owner,

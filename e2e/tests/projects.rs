@@ -20,7 +20,7 @@ pub fn atom() -> String {
     pool_yaml("e2e-atom", "rebellions.ai/ATOM", ("rebellions.ai/npu.family", "ATOM"), 1.0)
 }
 
-fn h200() -> String {
+pub fn h200() -> String {
     pool_yaml("e2e-h200", "nvidia.com/gpu", ("nvidia.com/gpu.product", "NVIDIA-H200"), 1.0)
 }
 

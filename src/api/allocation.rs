@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Start", type_ = "string", json_path = ".spec.window.start", priority = 1),
     printcolumn(name = "End", type_ = "string", json_path = ".spec.window.end", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("size(self.metadata.name) <= 63").message("a GpuAllocation name is at most 63 characters: it becomes the sovereign.ai/reserved-for label and taint of reserved nodes and the sovereign.ai/allocation label of worker pods")
+    validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name: a GpuAllocation name is at most 63 characters: it becomes the sovereign.ai/reserved-for label and taint of reserved nodes and the sovereign.ai/allocation label of worker pods")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GpuAllocationSpec {
@@ -78,6 +78,35 @@ pub struct GpuAllocationSpec {
     /// can set it, since such projects can hold the grant's capacity indefinitely.
     #[serde(default)]
     pub allow_non_preemptible: bool,
+
+    /// What the worker pods of this allocation's projects may do beyond an
+    /// ordinary unprivileged pod. Only an admin sets it: a tenant who may create
+    /// ModelProjects gets pods created by the operator, so without it a project
+    /// never reaches the node (no hostPath, no privileged container) and runs
+    /// as the namespace's `default` ServiceAccount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_policy: Option<WorkloadPolicy>,
+}
+
+/// What an allocation's worker pods may do beyond an ordinary unprivileged pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadPolicy {
+    /// ServiceAccounts (of the tenant's namespaces) worker pods may run as, by
+    /// name (`template.serviceAccountName`). `default` is always allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub service_accounts: Vec<String>,
+
+    /// Allows node-level access in worker templates: volumes other than
+    /// configMap, secret, emptyDir, persistentVolumeClaim, projected,
+    /// downwardAPI, csi and ephemeral (hostPath above all), privileged
+    /// containers, added capabilities other than NET_BIND_SERVICE, Unconfined
+    /// seccomp or AppArmor profiles, SELinux options, an Unmasked /proc,
+    /// sysctls and Windows host processes.
+    #[serde(default)]
+    pub allow_node_access: bool,
 }
 
 /// The tenant organisation of a grant.

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "In-Use", type_ = "integer", json_path = ".status.inUse"),
     printcolumn(name = "Free", type_ = "integer", json_path = ".status.free"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("size(self.metadata.name) <= 63").message("an AcceleratorPool name is at most 63 characters: it becomes the sovereign.ai/pool label value of the worker pods placed in it")
+    validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name: an AcceleratorPool name is at most 63 characters: it becomes the sovereign.ai/pool label value of the worker pods placed in it")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AcceleratorPoolSpec {

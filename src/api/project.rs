@@ -1,7 +1,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    EnvFromSource, EnvVar, LocalObjectReference, ResourceRequirements, Volume, VolumeMount,
+    EnvFromSource, EnvVar, LocalObjectReference, PodSecurityContext, ResourceRequirements, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
@@ -84,7 +85,7 @@ pub struct ModelProjectSpec {
 /// 4095 (`workers` is at most 4096), and a pod hostname is at most 63 characters.
 pub const MAX_PROJECT_NAME: usize = 63 - "-worker-4095".len();
 
-const PROJECT_NAME_MESSAGE: &str = "a ModelProject name must be a DNS-1035 label of at most 51 characters (lowercase letters, digits and '-', starting with a letter, ending with a letter or digit): it names the headless Service and the worker pods <name>-worker-<i>, whose hostnames are at most 63 characters";
+const PROJECT_NAME_MESSAGE: &str = "metadata.name: a ModelProject name must be a DNS-1035 label of at most 51 characters (lowercase letters, digits and '-', starting with a letter, ending with a letter or digit): it names the headless Service and the worker pods <name>-worker-<i>, whose hostnames are at most 63 characters";
 
 fn project_name_rule() -> String {
     format!(
@@ -203,11 +204,27 @@ pub struct WorkerTemplate {
     #[schemars(length(max = 64), transform = super::validation::volume_mounts)]
     pub volume_mounts: Vec<VolumeMount>,
 
-    /// ServiceAccount the worker pods run as.
+    /// ServiceAccount the worker pods run as: `default`, or one the
+    /// allocation's `workloadPolicy.serviceAccounts` lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = Rule::new(format!("self.matches('{}')", super::validation::DNS_SUBDOMAIN)).message("template.serviceAccountName must be a ServiceAccount name: lowercase letters, digits, '-' and '.'"))]
     pub service_account_name: Option<String>,
+
+    /// Security context of the worker pods (for example runAsNonRoot and a
+    /// RuntimeDefault seccomp profile, as Pod Security `restricted` requires).
+    /// Node-level settings (sysctls, SELinux options, Unconfined profiles) need
+    /// the allocation's `workloadPolicy.allowNodeAccess`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_security_context: Option<PodSecurityContext>,
+
+    /// Security context of the trainer container (for example
+    /// allowPrivilegeEscalation: false and capabilities drop [ALL]). privileged,
+    /// added capabilities other than NET_BIND_SERVICE and the other node-level
+    /// settings need the allocation's
+    /// `workloadPolicy.allowNodeAccess`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
 
     /// Secrets for pulling the image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -306,13 +323,18 @@ pub enum ProjectPhase {
     Succeeded,
     /// Out of restarts, past its deadline, or stopped for good.
     Failed,
+    /// The API server refused the gang's pods or Service for a reason that does
+    /// not heal by itself (invalid, a missing reference, Pod Security): workers
+    /// stopped, devices given back, until the spec changes (condition
+    /// WorkersCreated says what the API server said).
+    Blocked,
 }
 
 /// Observed state of a ModelProject.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelProjectStatus {
-    /// Queued, Admitted, Running, Restarting, Suspended, Succeeded or Failed.
+    /// Queued, Admitted, Running, Restarting, Suspended, Succeeded, Failed or Blocked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<ProjectPhase>,
     /// Pool the gang was placed in.
@@ -364,7 +386,8 @@ pub struct ModelProjectStatus {
     /// Generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Conditions: Queued, Admitted, Running, Finished, Valid, Preempted.
+    /// Conditions: Queued, Admitted, Running, Finished, Valid, Preempted,
+    /// WorkersCreated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Accelerator-hours the run's worker pods used, by pool, from its

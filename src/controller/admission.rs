@@ -55,8 +55,9 @@ const ASSUME_TTL: Duration = Duration::from_secs(60);
 
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let s = &ctx.stores;
-    // Capacity: nodes, pools and grants. Occupancy: projects and pods, which
-    // matter only while some project waits for admission.
+    // Capacity: nodes, pools and grants. Occupancy: projects, and pods that
+    // stopped (a pod that starts frees nothing), which matter only while some
+    // project waits for admission.
     let capacity = |c: futures::stream::BoxStream<'static, ()>| c.map(|_| true).boxed();
     let occupancy = |c: futures::stream::BoxStream<'static, ()>| c.map(|_| false).boxed();
     let mut changes = futures::stream::select_all([
@@ -64,8 +65,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         capacity(s.pools.changes().boxed()),
         capacity(s.allocations.changes().boxed()),
         occupancy(s.projects.changes().boxed()),
-        occupancy(s.pods.changes().boxed()),
-        occupancy(s.workers.changes().boxed()),
+        occupancy(s.pods.removals().boxed()),
+        occupancy(s.workers.removals().boxed()),
     ]);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut state = LoopState::default();

@@ -66,6 +66,9 @@ pub struct ModelState {
     reserved: HashMap<String, BTreeSet<String>>,
     /// Bumped whenever a node was added, removed or changed what the planner reads.
     node_version: u64,
+    /// Bumped only when a node was added or removed or its labels changed:
+    /// what pool membership depends on (readiness flaps leave it alone).
+    label_version: u64,
 }
 
 impl ModelState {
@@ -96,12 +99,20 @@ impl ModelState {
         self.node_version
     }
 
+    /// Changes whenever a node was added or removed or its labels changed.
+    pub fn label_version(&self) -> u64 {
+        self.label_version
+    }
+
     pub fn apply_node(&mut self, event: &watcher::Event<Node>) {
         let reservation = |n: &NodeInfo| n.labels.get(RESERVED_FOR).cloned();
         match self.nodes.apply(event, |n| Some(snapshot::node_info(n))) {
             Applied::One { old, new } if old == new => {}
             Applied::One { old, new } => {
                 self.node_version += 1;
+                if old.as_ref().map(|n| &n.labels) != new.as_ref().map(|n| &n.labels) {
+                    self.label_version += 1;
+                }
                 let name = old.as_ref().or(new.as_ref()).map(|n| n.name.clone()).unwrap_or_default();
                 if let Some(a) = old.as_ref().and_then(reservation)
                     && let Some(set) = self.reserved.get_mut(&a)
@@ -117,6 +128,7 @@ impl ModelState {
             }
             Applied::All => {
                 self.node_version += 1;
+                self.label_version += 1;
                 self.reserved.clear();
                 for n in self.nodes.live.values() {
                     if let Some(a) = reservation(n) {

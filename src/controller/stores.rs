@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, watch};
 
 use super::model::{Applied, Keyed, Model};
-use crate::api::{AcceleratorPool, GpuAllocation, ModelProject};
+use crate::api::{AcceleratorPool, GpuAllocation, ModelProject, ProjectPhase};
 use crate::snapshot::PROJECT_LABEL;
 
 /// Label on every object the operator manages.
@@ -36,6 +36,8 @@ where
 {
     pub store: Store<K>,
     pub(crate) changed: watch::Receiver<()>,
+    /// Signalled when an object left the store (deleted, or no longer selected).
+    pub(crate) removed: watch::Receiver<()>,
     pub(crate) events: broadcast::Sender<Change<K>>,
 }
 
@@ -54,7 +56,17 @@ where
         })
     }
 
-    /// Every applied or deleted object, as it happens.
+    /// Yields once per burst of removals (an object deleted or no longer
+    /// selected, e.g. a pod that stopped running), and after a relist.
+    pub fn removals(&self) -> impl Stream<Item = ()> + Send + 'static {
+        let mut rx = self.removed.clone();
+        rx.mark_unchanged();
+        futures::stream::unfold(rx, |mut rx| async move {
+            rx.changed().await.ok()?;
+            Some(((), rx))
+        })
+    }
+
     /// Every applied or deleted object, as it happens. After a relist (the
     /// watch restarted) and when this subscriber fell behind, every object of
     /// the store is yielded instead: changes are never silently missed.
@@ -151,9 +163,17 @@ pub fn start(client: Client) -> Stores {
             }
         },
     );
-    let pools = shared(Api::<AcceleratorPool>::all(client.clone()), all.clone(), &epoch, |p: &mut AcceleratorPool| {
-        p.metadata.managed_fields = None;
-    });
+    // What pools are is their spec: their status (counts of this operator's
+    // own making) changes nothing anyone plans from.
+    let strip_pool = |p: &mut AcceleratorPool| p.metadata.managed_fields = None;
+    let pools = shared_signalled(
+        Api::<AcceleratorPool>::all(client.clone()),
+        all.clone(),
+        &epoch,
+        |_| {},
+        strip_pool,
+        Some(spec_key),
+    );
     let allocations =
         shared(Api::<GpuAllocation>::all(client.clone()), all.clone(), &epoch, |a: &mut GpuAllocation| {
             a.metadata.managed_fields = None;
@@ -172,10 +192,16 @@ pub fn start(client: Client) -> Stores {
     let quotas = shared(Api::<ResourceQuota>::all(client.clone()), managed, &not_viewed, |q: &mut ResourceQuota| {
         q.metadata.managed_fields = None;
     });
-    let projects =
-        shared(Api::<ModelProject>::all(client.clone()), all.clone(), &not_viewed, |p: &mut ModelProject| {
-            p.metadata.managed_fields = None;
-        });
+    // Admission wakes on what it reads of a project, not on every status write.
+    let strip_project = |p: &mut ModelProject| p.metadata.managed_fields = None;
+    let projects = shared_signalled(
+        Api::<ModelProject>::all(client.clone()),
+        all.clone(),
+        &not_viewed,
+        |_| {},
+        strip_project,
+        Some(admission_key),
+    );
     let workers_by_project = WorkerIndex::default();
     let index = workers_by_project.clone();
     let workers = shared_with(
@@ -245,8 +271,25 @@ fn shared_with<K>(
     api: Api<K>,
     config: watcher::Config,
     epoch: &Arc<AtomicU64>,
+    index: impl FnMut(&watcher::Event<K>) + Send + 'static,
+    strip: impl FnMut(&mut K) + Send + 'static,
+) -> Shared<K>
+where
+    K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    shared_signalled(api, config, epoch, index, strip, None)
+}
+
+/// [`shared_with`]; with `signal`, the change signal (and the epoch) move only
+/// when that key of an object changes (the Events stream still sees every change).
+fn shared_signalled<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    epoch: &Arc<AtomicU64>,
     mut index: impl FnMut(&watcher::Event<K>) + Send + 'static,
     strip: impl FnMut(&mut K) + Send + 'static,
+    signal: Option<fn(&K) -> u64>,
 ) -> Shared<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
@@ -254,20 +297,30 @@ where
 {
     let (store, writer) = reflector::store();
     let (tx, changed) = watch::channel(());
+    let (gone, removed) = watch::channel(());
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let stream = watcher(api, config).backoff(WatchBackoff::default()).modify(strip).reflect(writer);
     let (epoch, sender) = (epoch.clone(), events.clone());
-    let mut seen = Fingerprints::default();
+    let (mut seen, mut signalled) = (Fingerprints::default(), Fingerprints::default());
     tokio::spawn(stream.for_each(move |event| {
         if let Ok(ev) = &event {
             index(ev);
         }
-        let significant = event.as_ref().is_ok_and(|ev| seen.observe(ev));
+        let significant = event.as_ref().is_ok_and(|ev| seen.observe(ev, fingerprint));
+        let signals = match signal {
+            Some(key) => event.as_ref().is_ok_and(|ev| signalled.observe(ev, key)),
+            None => significant,
+        };
+        if matches!(event, Ok(watcher::Event::Delete(_) | watcher::Event::InitDone)) {
+            gone.send_replace(());
+        }
         match event {
             Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) if significant => {
-                epoch.fetch_add(1, Ordering::AcqRel);
                 let _ = sender.send(Change::Object(Arc::new(obj)));
-                tx.send_replace(());
+                if signals {
+                    epoch.fetch_add(1, Ordering::AcqRel);
+                    tx.send_replace(());
+                }
             }
             Ok(watcher::Event::InitDone) => {
                 epoch.fetch_add(1, Ordering::AcqRel);
@@ -279,7 +332,7 @@ where
         }
         futures::future::ready(())
     }));
-    Shared { store, changed, events }
+    Shared { store, changed, removed, events }
 }
 
 /// Watch retries: 250 ms doubling to 1 s, reset by the first good event.
@@ -320,12 +373,35 @@ struct Fingerprints(Keyed<u64>);
 
 impl Fingerprints {
     /// Records the event; true when it changed what the store keeps.
-    fn observe<K: Resource + serde::Serialize>(&mut self, event: &watcher::Event<K>) -> bool {
-        match self.0.apply(event, |obj| Some(fingerprint(obj))) {
+    fn observe<K: Resource>(&mut self, event: &watcher::Event<K>, key: impl Fn(&K) -> u64) -> bool {
+        match self.0.apply(event, |obj| Some(key(obj))) {
             Applied::One { old, new } => old != new,
             Applied::All | Applied::Nothing => true,
         }
     }
+}
+
+/// What admission reads of a project: its spec, whether it is being deleted,
+/// and whether it waits, holds devices or neither. A queue reason rewritten or
+/// a run turning Running changes none of it (the loop need not wake for them).
+fn admission_key(p: &ModelProject) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let status = p.status.as_ref();
+    let phase = status.and_then(|s| s.phase);
+    let waits = matches!(phase, None | Some(ProjectPhase::Queued | ProjectPhase::Restarting));
+    let retry = status.and_then(|s| s.retry_after.as_ref()).map(|t| t.0.as_second());
+    let mut h = std::hash::DefaultHasher::new();
+    (spec_key(p), waits, super::holds_devices(phase), retry).hash(&mut h);
+    h.finish()
+}
+
+/// What an object's spec is: a status write leaves it alone.
+fn spec_key<K: Resource>(obj: &K) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let meta = obj.meta();
+    let mut h = std::hash::DefaultHasher::new();
+    (&meta.uid, meta.generation, meta.deletion_timestamp.is_some()).hash(&mut h);
+    h.finish()
 }
 
 fn fingerprint<K: Resource + serde::Serialize>(obj: &K) -> u64 {

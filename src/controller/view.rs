@@ -56,6 +56,8 @@ pub struct View {
 struct Capacity {
     /// The model's node version and every pool's (name, uid, generation).
     key: (u64, Vec<(String, String, i64)>),
+    /// The model's label version and the same pools: what membership depends on.
+    membership_key: (u64, Vec<(String, String, i64)>),
     nodes: Arc<Vec<NodeInfo>>,
     node_index: Arc<HashMap<String, usize>>,
     membership: Arc<Membership>,
@@ -79,12 +81,20 @@ fn capacity_key(stores: &Stores) -> (u64, Vec<(String, String, i64)>) {
 }
 
 impl Capacity {
-    fn build(stores: &Stores, key: (u64, Vec<(String, String, i64)>)) -> Self {
-        let nodes: Vec<NodeInfo> = stores.model.read(|m| m.nodes());
+    fn build(stores: &Stores, key: (u64, Vec<(String, String, i64)>), previous: Option<&Capacity>) -> Self {
+        let (nodes, labels) = stores.model.read(|m| (m.nodes(), m.label_version()));
+        let membership_key = (labels, key.1.clone());
         let pool_objs = stores.pools.store.state();
         let valid: Vec<_> = pool_objs.iter().filter_map(|p| snapshot::pool_info(p).ok().map(|i| (p, i))).collect();
-        let infos: Vec<_> = valid.iter().map(|(_, i)| i.clone()).collect();
-        let membership = inventory::membership(&infos, &nodes);
+        // Same nodes (so the same order) with the same labels, same pools: the
+        // same membership. A readiness storm changes no membership.
+        let membership = match previous {
+            Some(c) if c.membership_key == membership_key => c.membership.clone(),
+            _ => {
+                let infos: Vec<_> = valid.iter().map(|(_, i)| i.clone()).collect();
+                Arc::new(inventory::membership(&infos, &nodes))
+            }
+        };
         let mut pools = Vec::new();
         let mut rates: Vec<PoolRate> = Vec::new();
         let mut totals = BTreeMap::new();
@@ -99,12 +109,16 @@ impl Capacity {
             rates.push(snapshot::pool_rate(p));
             totals.insert(info.name.clone(), t);
         }
-        let node_index = nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect();
+        let node_index = match previous {
+            Some(c) if c.membership_key == membership_key => c.node_index.clone(),
+            _ => Arc::new(nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect()),
+        };
         Self {
             key,
+            membership_key,
             nodes: Arc::new(nodes),
-            node_index: Arc::new(node_index),
-            membership: Arc::new(membership),
+            node_index,
+            membership,
             pools: Arc::new(pools),
             totals: Arc::new(totals),
             rates,
@@ -125,7 +139,7 @@ impl View {
         let key = capacity_key(stores);
         let capacity = match previous {
             Some(v) if v.capacity.key == key => v.capacity.clone(),
-            _ => Arc::new(Capacity::build(stores, key)),
+            _ => Arc::new(Capacity::build(stores, key, previous.map(|v| v.capacity.as_ref()))),
         };
         let nodes = &capacity.nodes;
         let pods = stores.model.read(|m| m.pod_uses());
@@ -266,5 +280,55 @@ impl ViewCache {
         view.record(&self.metrics);
         *latest = Some((epoch, Instant::now(), view.clone()));
         (view, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Node;
+    use kube::runtime::watcher;
+
+    fn node(name: &str, ready: &str, rack: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"pool": "a", "rack": rack}},
+            "status": {"allocatable": {"nvidia.com/gpu": "8"}, "conditions": [{"type": "Ready", "status": ready}]},
+        }))
+        .expect("a node")
+    }
+
+    fn cluster() -> crate::plan::Cluster {
+        let pool = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a", "uid": "u1", "generation": 1},
+            "spec": {"resourceName": "nvidia.com/gpu", "kind": "GPU", "vendor": "v", "model": "m",
+                     "nodeSelector": {"matchLabels": {"pool": "a"}}},
+        }))
+        .expect("a pool");
+        crate::plan::Cluster {
+            nodes: vec![node("n1", "True", "r1"), node("n2", "True", "r1")],
+            pools: vec![pool],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn membership_is_reused_across_readiness_changes_and_rebuilt_on_label_changes() {
+        let stores = crate::plan::stores(&cluster());
+        let now = Timestamp::UNIX_EPOCH;
+        let first = View::build(&stores, Duration::from_secs(300), now);
+        assert_eq!(first.totals["a"].ready_nodes, 2);
+
+        stores.model.apply_node(&watcher::Event::Apply(node("n2", "False", "r1")));
+        let second = View::build_after(&stores, Duration::from_secs(300), now, Some(&first));
+        assert!(Arc::ptr_eq(&first.membership, &second.membership), "readiness moved no node between pools");
+        assert_eq!(second.totals["a"].ready_nodes, 1, "but the totals follow readiness");
+
+        let third = View::build_after(&stores, Duration::from_secs(300), now, Some(&second));
+        assert!(Arc::ptr_eq(&second.nodes, &third.nodes), "nothing changed: the node part is shared whole");
+
+        stores.model.apply_node(&watcher::Event::Apply(node("n2", "False", "r2")));
+        let fourth = View::build_after(&stores, Duration::from_secs(300), now, Some(&third));
+        assert!(!Arc::ptr_eq(&third.membership, &fourth.membership), "a label change recomputes membership");
+        assert_eq!(fourth.nodes[1].labels["rack"], "r2");
     }
 }

@@ -75,7 +75,8 @@ where
         writer.apply_watcher_event(&watcher::Event::InitApply(o.clone()));
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
-    Shared { store, changed: tokio::sync::watch::channel(()).1, events: tokio::sync::broadcast::channel(1).0 }
+    let quiet = || tokio::sync::watch::channel(()).1;
+    Shared { store, changed: quiet(), removed: quiet(), events: tokio::sync::broadcast::channel(1).0 }
 }
 
 /// The operator's stores (and model) filled with the cluster's objects, as its

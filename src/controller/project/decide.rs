@@ -17,9 +17,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
+use super::policy;
+use super::refusal::Refusal;
 use crate::api::{
     AcceleratorPool, GpuAllocation, ModelProject, ModelProjectStatus, ProjectPhase, WorkerStates, condition,
-    set_condition,
+    find_condition, set_condition,
 };
 use crate::planner::gang::{self, GangView, Next, PodState, Stop, WorkerObs};
 use crate::snapshot::WORKER_INDEX_LABEL;
@@ -28,6 +30,15 @@ use crate::snapshot::WORKER_INDEX_LABEL;
 pub const RETRY_BACKOFF: SignedDuration = SignedDuration::from_secs(30);
 /// Checked again after this long when nothing else is due.
 const IDLE_RECHECK: Duration = Duration::from_secs(300);
+/// A refusal that heals by itself is surfaced (condition and Event) once it
+/// has lasted this long since admission; a blip is only retried.
+pub const SURFACE_REFUSAL_AFTER: SignedDuration = SignedDuration::from_secs(5);
+/// Retries of a refused create are spaced by the time since admission
+/// (doubling), within these bounds.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// The condition that reports the API server's refusals.
+pub const WORKERS_CREATED: &str = "WorkersCreated";
 
 /// What the reconcile read: the project's worker pods (any owner: an earlier
 /// project of the same name may still hold the names), its allocation and the
@@ -39,6 +50,9 @@ pub struct Observed<'a> {
     pub pool: Option<&'a AcceleratorPool>,
     /// Worker pods created a moment ago that the store does not show yet.
     pub recently_created: &'a BTreeSet<String>,
+    /// The API server refused a create this decision asked for (decided
+    /// again with it, by the apply step).
+    pub refusal: Option<&'a Refusal>,
 }
 
 /// An Event to publish.
@@ -80,17 +94,25 @@ pub fn holds_devices(phase: Option<ProjectPhase>) -> bool {
     matches!(phase, Some(ProjectPhase::Admitted | ProjectPhase::Running))
 }
 
+/// Why a project cannot be admitted: the condition reason and what to fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub reason: &'static str,
+    pub message: String,
+}
+
 /// The references a project needs: the allocation exists, lists its namespace
-/// and grants its pools, and consents to `preemptible: false`. The message
-/// says what to fix.
-pub fn validate(project: &ModelProject, allocation: Option<&GpuAllocation>) -> Result<(), String> {
+/// and grants its pools, consents to `preemptible: false` and allows what the
+/// template asks of the node (its `workloadPolicy`). The message says what to fix.
+pub fn validate(project: &ModelProject, allocation: Option<&GpuAllocation>) -> Result<(), Invalid> {
+    let invalid = |message: String| Invalid { reason: "InvalidReference", message };
     let ns = project.namespace().unwrap_or_default();
     let name = &project.spec.allocation;
     let Some(a) = allocation else {
-        return Err(format!("GpuAllocation {name} does not exist"));
+        return Err(invalid(format!("GpuAllocation {name} does not exist")));
     };
     if !a.spec.tenant.namespaces.contains(&ns) {
-        return Err(format!("GpuAllocation {name} does not list namespace {ns} in tenant.namespaces"));
+        return Err(invalid(format!("GpuAllocation {name} does not list namespace {ns} in tenant.namespaces")));
     }
     let ungranted: Vec<&str> = project
         .spec
@@ -101,15 +123,15 @@ pub fn validate(project: &ModelProject, allocation: Option<&GpuAllocation>) -> R
         .map(String::as_str)
         .collect();
     if !ungranted.is_empty() {
-        return Err(format!(
+        return Err(invalid(format!(
             "placement.pools names pools that GpuAllocation {name} grants nothing in: {}",
             ungranted.join(", ")
-        ));
+        )));
     }
     if !project.spec.preemptible && !a.spec.allow_non_preemptible {
-        return Err(format!("preemptible: false needs GpuAllocation {name} to set allowNonPreemptible"));
+        return Err(invalid(format!("preemptible: false needs GpuAllocation {name} to set allowNonPreemptible")));
     }
-    Ok(())
+    policy::check(&project.spec.template, a).map_err(|message| Invalid { reason: "NotAllowedByAllocation", message })
 }
 
 /// Back to admission: the gang holds nothing until admitted again.
@@ -138,11 +160,11 @@ pub fn decide(project: &ModelProject, obs: &Observed<'_>) -> Decision {
     let phase = old.phase.unwrap_or(ProjectPhase::Queued);
     let has_pods = !obs.pods.is_empty();
 
-    if let Err(msg) = validate(project, obs.allocation) {
+    if let Err(Invalid { reason, message: msg }) = validate(project, obs.allocation) {
         let already = old.conditions.iter().any(|c| c.type_ == "Valid" && c.status == "False" && c.message == msg);
-        set_condition(&mut d.status.conditions, condition("Valid", false, "InvalidReference", msg.clone(), g), &now);
+        set_condition(&mut d.status.conditions, condition("Valid", false, reason, msg.clone(), g), &now);
         if !already {
-            d.note(true, "InvalidReference", msg);
+            d.note(true, reason, msg);
         }
         if has_pods && !matches!(phase, ProjectPhase::Succeeded) {
             d.stop_workers = true;
@@ -186,6 +208,21 @@ pub fn decide(project: &ModelProject, obs: &Observed<'_>) -> Decision {
         ProjectPhase::Suspended => {
             d.status.phase = Some(ProjectPhase::Queued);
             d.note(false, "Resumed", "resumed: queued for admission again");
+        }
+        ProjectPhase::Blocked => {
+            d.stop_workers = has_pods;
+            let blocked_at = find_condition(&old.conditions, WORKERS_CREATED).and_then(|c| c.observed_generation);
+            if blocked_at != g {
+                // The spec changed: try again, from the queue.
+                d.status.phase = Some(ProjectPhase::Queued);
+                d.status.conditions.retain(|c| c.type_ != WORKERS_CREATED);
+                let generation = g.unwrap_or_default();
+                d.note(
+                    false,
+                    "Unblocked",
+                    format!("the spec changed (generation {generation}): queued for admission again"),
+                );
+            }
         }
         ProjectPhase::Queued | ProjectPhase::Restarting => {
             if has_pods {
@@ -246,7 +283,19 @@ fn run_gang(project: &ModelProject, obs: &Observed<'_>, d: &mut Decision) {
         now: obs.now,
     };
     let timeout_at = d.status.admitted_at.as_ref().and_then(|t| t.0.checked_add(scheduling_timeout).ok());
-    match gang::next(&gv) {
+    let next = match gang::next(&gv) {
+        // Workers that could not even be created are not bound either: the
+        // timeout counts from admission all the same.
+        Next::Create(_) if !gv.was_running && timeout_at.is_some_and(|t| obs.now >= t) => {
+            let bound = observed.iter().filter(|w| !matches!(w.state, PodState::Pending { bound: false })).count();
+            Next::Stop(Stop::SchedulingTimeout { bound })
+        }
+        next => next,
+    };
+    match next {
+        Next::Create(_) if obs.refusal.is_some() => {
+            refused(project, obs, d, obs.refusal.expect("matched"), timeout_at);
+        }
         Next::Create(missing) => {
             let name = project.name_any();
             let (waiting, create): (Vec<usize>, Vec<usize>) = missing
@@ -269,6 +318,10 @@ fn run_gang(project: &ModelProject, obs: &Observed<'_>, d: &mut Decision) {
         Next::Running => {
             if d.status.phase != Some(ProjectPhase::Running) {
                 d.status.phase = Some(ProjectPhase::Running);
+                if find_condition(&d.status.conditions, WORKERS_CREATED).is_some() {
+                    let c = condition(WORKERS_CREATED, true, "Created", "the API server accepted every worker", g);
+                    set_condition(&mut d.status.conditions, c, &now);
+                }
                 d.status.started_at.get_or_insert(now.clone());
                 let msg = format!("{} workers running", project.spec.workers);
                 set_condition(&mut d.status.conditions, condition("Running", true, "AllWorkersRunning", msg, g), &now);
@@ -294,7 +347,12 @@ fn run_gang(project: &ModelProject, obs: &Observed<'_>, d: &mut Decision) {
         }
         Next::Stop(stop) => {
             d.stop_workers = true;
-            let (reason, msg) = describe(&stop, d.status.restarts, run_policy.max_restarts);
+            let (reason, mut msg) = describe(&stop, d.status.restarts, run_policy.max_restarts);
+            if let (Stop::SchedulingTimeout { .. }, Some(c)) =
+                (&stop, find_condition(&d.status.conditions, WORKERS_CREATED).filter(|c| c.status == "False"))
+            {
+                msg = format!("{msg} ({})", c.message);
+            }
             d.gang_stop = Some(reason);
             match stop {
                 Stop::WorkerFailed { .. } => {
@@ -319,6 +377,43 @@ fn run_gang(project: &ModelProject, obs: &Observed<'_>, d: &mut Decision) {
             d.note(true, reason, msg);
             d.requeue_within(Duration::from_secs(1));
         }
+    }
+}
+
+/// A create the API server refused. One that does not heal by itself blocks
+/// the run until its spec changes: its workers are stopped and its devices
+/// given back at once. One that heals is retried, spaced by the time since
+/// admission, and surfaced once it lasts; the scheduling timeout bounds how
+/// long the gang holds its devices meanwhile.
+fn refused(project: &ModelProject, obs: &Observed<'_>, d: &mut Decision, r: &Refusal, timeout_at: Option<Timestamp>) {
+    let g = project.metadata.generation;
+    let now = Time(obs.now);
+    let said = format!("the API server refused {}: {}", r.object, r.message);
+    d.create.clear();
+    let previous = find_condition(&d.status.conditions, WORKERS_CREATED).filter(|c| c.status == "False");
+    if !r.heals {
+        d.stop_workers = true;
+        requeue_gang(&mut d.status, ProjectPhase::Blocked);
+        set_condition(&mut d.status.conditions, condition(WORKERS_CREATED, false, r.reason, said.clone(), g), &now);
+        let msg = format!("{said}; the run is blocked until its spec changes: workers stopped, devices given back");
+        set_condition(&mut d.status.conditions, condition("Running", false, "WorkersRefused", msg.clone(), g), &now);
+        let parked = condition("Queued", false, "Blocked", "not queued until the spec changes", g);
+        set_condition(&mut d.status.conditions, parked, &now);
+        d.note(true, "WorkersRefused", msg);
+        d.gang_stop = Some("WorkersRefused");
+        d.requeue_within(Duration::from_secs(1));
+        return;
+    }
+    let lasted = d.status.admitted_at.as_ref().map(|t| obs.now.duration_since(t.0)).unwrap_or_default();
+    if lasted >= SURFACE_REFUSAL_AFTER && previous.is_none_or(|c| c.reason != r.reason) {
+        let msg = format!("{said}; retrying until the scheduling timeout");
+        set_condition(&mut d.status.conditions, condition(WORKERS_CREATED, false, r.reason, msg.clone(), g), &now);
+        d.note(true, "WorkersRefused", msg);
+    }
+    let wait = Duration::from_secs_f64(lasted.as_secs_f64().max(0.0)).clamp(RETRY_MIN, RETRY_MAX);
+    d.requeue_within(wait);
+    if let Some(t) = timeout_at {
+        d.requeue_within(until(obs.now, t));
     }
 }
 

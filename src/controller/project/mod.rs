@@ -6,10 +6,13 @@
 //! (`super::admission`), which writes them to status.
 
 mod decide;
+mod policy;
+mod refusal;
 #[cfg(test)]
 mod tests;
 
 pub use decide::{Decision, Note, Observed, decide, holds_devices, requeue_gang, until, validate};
+use refusal::{Refusal, classify};
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -74,6 +77,7 @@ async fn reconcile(project: Arc<ModelProject>, ctx: Arc<Context>) -> Result<Acti
         allocation: allocation.as_deref(),
         pool: pool.as_deref(),
         recently_created: &recently_created,
+        refusal: None,
     };
     let d = decide(&project, &obs);
     apply(&ctx, &project, &obs, d).await
@@ -89,30 +93,18 @@ async fn apply(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: Dec
         Api::<ModelProject>::namespaced(ctx.client.clone(), &ns).delete(&name, &DeleteParams::background()).await?;
         return Ok(Action::await_change());
     }
-    if let (false, Some(pool)) = (d.create.is_empty(), obs.pool) {
-        let pool_name = pool.name_any();
-        let dedicated = obs
-            .allocation
-            .is_some_and(|a| a.spec.grants.iter().any(|g| g.pool == pool_name && g.mode == GrantMode::Dedicated));
-        let placement = Placement { pool, nodes: &d.status.nodes, dedicated };
-        if d.create.contains(&0) {
-            // With the rendezvous worker: once per attempt, not per worker.
-            let svc: Service = workload::service(project, &pool_name);
-            Api::<Service>::namespaced(ctx.client.clone(), &ns)
-                .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&svc))
-                .await?;
-        }
-        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-        for &i in &d.create {
-            let pod = workload::worker_pod(project, &placement, i);
-            let key = format!("{ns}/{}", pod.name_any());
-            match api.create(&PostParams::default(), &pod).await {
-                Ok(_) => ctx.pod_created(key),
-                Err(kube::Error::Api(e)) if e.code == 409 => ctx.pod_created(key),
-                Err(e) => return Err(e.into()),
+    let d = match create(ctx, project, obs, &d).await {
+        None => d,
+        Some(refusal) => {
+            // Decided again with what the API server said.
+            tracing::info!(project = %format!("{ns}/{name}"), object = %refusal.object, reason = refusal.reason, message = %refusal.message, "create refused");
+            let d = decide(project, &Observed { refusal: Some(&refusal), ..*obs });
+            if d.stop_workers {
+                stop_workers(ctx, &ns, &name).await?;
             }
+            d
         }
-    }
+    };
     if let Some(reason) = d.gang_stop {
         ctx.metrics.count_gang_restart(reason);
     }
@@ -136,9 +128,49 @@ async fn apply(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: Dec
     Ok(Action::requeue(d.requeue))
 }
 
+/// Creates the workers the decision asks for (and the headless Service with
+/// worker 0); stops at the first refusal and returns it.
+async fn create(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: &Decision) -> Option<Refusal> {
+    let pool = obs.pool.filter(|_| !d.create.is_empty())?;
+    let ns = project.namespace().unwrap_or_default();
+    let name = project.name_any();
+    let pool_name = pool.name_any();
+    let dedicated = obs
+        .allocation
+        .is_some_and(|a| a.spec.grants.iter().any(|g| g.pool == pool_name && g.mode == GrantMode::Dedicated));
+    let placement = Placement { pool, nodes: &d.status.nodes, dedicated };
+    if d.create.contains(&0) {
+        // With the rendezvous worker: once per attempt, not per worker.
+        let svc: Service = workload::service(project, &pool_name);
+        let api = Api::<Service>::namespaced(ctx.client.clone(), &ns);
+        if let Err(e) = api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&svc)).await {
+            return classify(format!("Service {name}"), &e);
+        }
+    }
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    for &i in &d.create {
+        let pod = workload::worker_pod(project, &placement, i);
+        let pod_name = pod.name_any();
+        match api.create(&PostParams::default(), &pod).await {
+            Ok(_) => ctx.pod_created(format!("{ns}/{pod_name}")),
+            Err(e) => match classify(format!("Pod {pod_name}"), &e) {
+                // It exists already: an earlier create the store does not show yet.
+                None => ctx.pod_created(format!("{ns}/{pod_name}")),
+                refusal => return refusal,
+            },
+        }
+    }
+    None
+}
+
 /// Deletes every worker pod of the project, each with its grace period so the
 /// trainer can checkpoint.
 pub(super) async fn stop_workers(ctx: &Context, ns: &str, name: &str) -> Result<(), Error> {
+    if name.len() > 63 {
+        // No pod can carry a label value this long, so none exists (and the
+        // API server refuses the selector).
+        return Ok(());
+    }
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let lp = ListParams::default().labels(&format!("{PROJECT_LABEL}={name}"));
     api.delete_collection(&DeleteParams::default(), &lp).await?;

@@ -114,6 +114,11 @@ fn case(name: &'static str, phase: Option<ProjectPhase>, pods: Vec<Arc<Pod>>, wa
 }
 
 fn run(c: &Case) -> Decision {
+    run_refused(c, None)
+}
+
+/// The decision, decided again after the apply step was refused `refusal`.
+fn run_refused(c: &Case, refusal: Option<&super::refusal::Refusal>) -> Decision {
     let pool = pool();
     let none = BTreeSet::new();
     let obs = Observed {
@@ -122,6 +127,7 @@ fn run(c: &Case) -> Decision {
         allocation: c.allocation.as_ref(),
         pool: Some(&pool),
         recently_created: &none,
+        refusal,
     };
     decide(&c.project, &obs)
 }
@@ -291,8 +297,14 @@ fn workers_created_a_moment_ago_are_not_created_again() {
     let pool = pool();
     let recent: BTreeSet<String> = ["llm-worker-0".to_string()].into();
     let alloc = c.allocation.clone();
-    let obs =
-        Observed { now: t(10), pods: &[], allocation: alloc.as_ref(), pool: Some(&pool), recently_created: &recent };
+    let obs = Observed {
+        now: t(10),
+        pods: &[],
+        allocation: alloc.as_ref(),
+        pool: Some(&pool),
+        recently_created: &recent,
+        refusal: None,
+    };
     let d = decide(&c.project, &obs);
     assert_eq!(d.create, vec![1]);
     assert!(d.requeue <= std::time::Duration::from_secs(2));
@@ -303,7 +315,14 @@ fn an_admitted_gang_whose_pool_is_gone_goes_back_to_the_queue() {
     let c = case("", Some(ProjectPhase::Admitted), vec![], Want::default());
     let none = BTreeSet::new();
     let alloc = c.allocation.clone();
-    let obs = Observed { now: t(10), pods: &[], allocation: alloc.as_ref(), pool: None, recently_created: &none };
+    let obs = Observed {
+        now: t(10),
+        pods: &[],
+        allocation: alloc.as_ref(),
+        pool: None,
+        recently_created: &none,
+        refusal: None,
+    };
     let d = decide(&c.project, &obs);
     assert_eq!(d.status.phase, Some(ProjectPhase::Queued));
     assert_eq!(d.status.pool, None);
@@ -315,7 +334,183 @@ fn non_preemptible_needs_the_allocations_consent() {
     p.spec.preemptible = false;
     let mut a = allocation(&["team"]);
     let err = validate(&p, Some(&a)).unwrap_err();
-    assert!(err.contains("allowNonPreemptible"), "{err}");
+    assert!(err.message.contains("allowNonPreemptible"), "{err:?}");
     a.spec.allow_non_preemptible = true;
     assert!(validate(&p, Some(&a)).is_ok());
+}
+
+fn refusal(heals: bool, reason: &'static str) -> super::refusal::Refusal {
+    super::refusal::Refusal {
+        object: "Pod llm-worker-1".into(),
+        heals,
+        reason,
+        message: format!("{} {reason}: the API server's own words", if heals { 403 } else { 422 }),
+    }
+}
+
+fn decide_refused(c: &Case, r: &super::refusal::Refusal) -> Decision {
+    run_refused(c, Some(r))
+}
+
+#[test]
+fn refused_creates_block_or_retry() {
+    use ProjectPhase::*;
+    struct Row {
+        name: &'static str,
+        refusal: super::refusal::Refusal,
+        now: i64,
+        phase: ProjectPhase,
+        stop: bool,
+        event: bool,
+        condition: Option<&'static str>,
+        holds: bool,
+    }
+    let rows = [
+        Row {
+            name: "invalid: blocked at once, workers stopped, devices given back",
+            refusal: refusal(false, "Invalid"),
+            now: 1,
+            phase: Blocked,
+            stop: true,
+            event: true,
+            condition: Some("Invalid"),
+            holds: false,
+        },
+        Row {
+            name: "a missing ServiceAccount: blocked",
+            refusal: refusal(false, "ReferenceNotFound"),
+            now: 1,
+            phase: Blocked,
+            stop: true,
+            event: true,
+            condition: Some("ReferenceNotFound"),
+            holds: false,
+        },
+        Row {
+            name: "Pod Security: blocked",
+            refusal: refusal(false, "PodSecurity"),
+            now: 1,
+            phase: Blocked,
+            stop: true,
+            event: true,
+            condition: Some("PodSecurity"),
+            holds: false,
+        },
+        Row {
+            name: "a quota blip right after admission: retried quietly",
+            refusal: refusal(true, "QuotaExceeded"),
+            now: 1,
+            phase: Admitted,
+            stop: false,
+            event: false,
+            condition: None,
+            holds: true,
+        },
+        Row {
+            name: "a quota refusal that lasts: surfaced, still retried",
+            refusal: refusal(true, "QuotaExceeded"),
+            now: 6,
+            phase: Admitted,
+            stop: false,
+            event: true,
+            condition: Some("QuotaExceeded"),
+            holds: true,
+        },
+        Row {
+            name: "a 5xx that lasts: surfaced, still retried",
+            refusal: refusal(true, "ServerError"),
+            now: 20,
+            phase: Admitted,
+            stop: false,
+            event: true,
+            condition: Some("ServerError"),
+            holds: true,
+        },
+    ];
+    for r in rows {
+        let mut c = case(r.name, Some(Admitted), vec![pod(0, "Running")], Want::default());
+        c.now = r.now;
+        let d = decide_refused(&c, &r.refusal);
+        let name = r.name;
+        assert_eq!(d.status.phase, Some(r.phase), "{name}");
+        assert!(d.create.is_empty(), "{name}: nothing more is created in the same reconcile");
+        assert_eq!(d.stop_workers, r.stop, "{name}: stop");
+        assert_eq!(holds_devices(d.status.phase), r.holds, "{name}: holds");
+        assert_eq!(d.status.pool.is_some(), r.holds, "{name}: pool");
+        assert_eq!(!d.events.is_empty(), r.event, "{name}: events {:?}", d.events);
+        if r.event {
+            assert!(d.events[0].warning && d.events[0].message.contains("the API server's own words"), "{name}");
+        }
+        let cond = find_condition(&d.status.conditions, super::decide::WORKERS_CREATED);
+        assert_eq!(cond.map(|c| c.reason.as_str()), r.condition, "{name}: condition");
+        if let Some(c) = cond {
+            assert!(c.message.contains("the API server's own words") && c.message.contains("llm-worker-1"), "{name}");
+        }
+        if r.holds {
+            assert!(d.requeue <= std::time::Duration::from_secs(30), "{name}: retried with backoff");
+        }
+    }
+}
+
+#[test]
+fn a_lasting_refusal_is_surfaced_once() {
+    let mut c = case("", Some(ProjectPhase::Admitted), vec![], Want::default());
+    c.now = 6;
+    let d = decide_refused(&c, &refusal(true, "QuotaExceeded"));
+    c.project.status = Some(d.status.clone());
+    c.now = 9;
+    let again = decide_refused(&c, &refusal(true, "QuotaExceeded"));
+    assert!(again.events.is_empty(), "one Event per transition: {:?}", again.events);
+    assert_eq!(again.status, d.status, "no status write per retry");
+}
+
+#[test]
+fn the_scheduling_timeout_counts_even_when_no_pod_could_be_created() {
+    let mut c = case("", Some(ProjectPhase::Admitted), vec![pod(0, "Running")], Want::default());
+    // A refusal surfaced earlier...
+    let mut s = c.project.status.clone().unwrap();
+    let msg = "the API server refused Pod llm-worker-1: 403 Forbidden: exceeded quota";
+    let cond = crate::api::condition(super::decide::WORKERS_CREATED, false, "QuotaExceeded", msg, Some(1));
+    s.conditions.push(cond);
+    c.project.status = Some(s);
+    c.now = 61;
+    let d = run(&c);
+    assert_eq!(d.status.phase, Some(ProjectPhase::Queued));
+    assert!(d.stop_workers && d.create.is_empty());
+    assert_eq!(d.status.pool, None, "devices given back");
+    assert_eq!(d.gang_stop, Some("SchedulingTimeout"));
+    assert!(d.events[0].message.contains("exceeded quota"), "{:?}", d.events);
+}
+
+#[test]
+fn a_blocked_run_waits_for_a_spec_change() {
+    let mut c = case("", Some(ProjectPhase::Admitted), vec![pod(0, "Running")], Want::default());
+    c.now = 1;
+    let d = decide_refused(&c, &refusal(false, "Invalid"));
+    c.project.status = Some(d.status);
+    c.pods.clear();
+    let same = run(&c);
+    assert_eq!(same.status.phase, Some(ProjectPhase::Blocked), "not retried on the same spec");
+    assert!(same.events.is_empty() && same.create.is_empty());
+    c.project.metadata.generation = Some(2);
+    let changed = run(&c);
+    assert_eq!(changed.status.phase, Some(ProjectPhase::Queued), "queued again once the spec changed");
+    assert_eq!(changed.events[0].reason, "Unblocked");
+    assert!(find_condition(&changed.status.conditions, super::decide::WORKERS_CREATED).is_none());
+}
+
+#[test]
+fn a_template_the_allocation_does_not_allow_is_never_admitted() {
+    let mut c = case("", None, vec![], Want::default());
+    c.project.spec.template.volumes =
+        vec![serde_json::from_value(serde_json::json!({"name": "root", "hostPath": {"path": "/"}})).unwrap()];
+    let d = run(&c);
+    assert_eq!(d.status.phase, Some(ProjectPhase::Queued));
+    let valid = find_condition(&d.status.conditions, "Valid").unwrap();
+    assert_eq!(valid.reason, "NotAllowedByAllocation");
+    assert!(valid.message.contains("hostPath"), "{}", valid.message);
+    assert_eq!(d.events[0].reason, "NotAllowedByAllocation");
+    c.allocation.as_mut().unwrap().spec.workload_policy =
+        Some(crate::api::WorkloadPolicy { allow_node_access: true, ..Default::default() });
+    assert!(validate(&c.project, c.allocation.as_ref()).is_ok(), "the admin allowed it");
 }
