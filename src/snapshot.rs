@@ -4,12 +4,15 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::core::Selector;
 
 use crate::api::{AcceleratorPool, AllocationPhase, GpuAllocation, HOSTNAME_KEY};
 use crate::planner::grants::{AllocationState, GrantState, PoolState};
 use crate::planner::inventory::{NodeInfo, PoolInfo, PoolTotals};
+use crate::planner::ledger::PodLife;
 use crate::planner::usage::{PodUse, PoolRate};
 
 /// Label that ties a pod to the allocation it is charged to.
@@ -25,6 +28,8 @@ pub const POOL_LABEL: &str = "sovereign.ai/pool";
 pub const TENANT_LABEL: &str = "sovereign.ai/tenant";
 /// Label (and taint key) on nodes reserved by a dedicated grant.
 pub const RESERVED_FOR: &str = "sovereign.ai/reserved-for";
+/// Finalizer on worker pods: released once the ledger has charged the pod.
+pub const LEDGER_FINALIZER: &str = "sovereign.ai/usage-ledger";
 
 /// Parses a whole-number quantity ("8", "8k" is not used for devices). Extended
 /// resources are integers; anything else (cpu "500m", memory "1Gi") is skipped
@@ -50,7 +55,7 @@ pub fn node_is_ready(node: &Node) -> bool {
 }
 
 /// When the node's Ready condition last turned away from True, if it is not True.
-fn not_ready_since(node: &Node) -> Option<k8s_openapi::jiff::Timestamp> {
+fn not_ready_since(node: &Node) -> Option<Timestamp> {
     let ready = node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Ready")?;
     (ready.status != "True").then(|| ready.last_transition_time.as_ref().map(|t| t.0)).flatten()
 }
@@ -102,7 +107,7 @@ pub fn pool_rate(pool: &AcceleratorPool) -> PoolRate {
 
 /// The grant planner's view of an allocation, with its hours charged up to `now`
 /// at the rate recorded in its status.
-pub fn allocation_state(a: &GpuAllocation, now: k8s_openapi::jiff::Timestamp) -> AllocationState {
+pub fn allocation_state(a: &GpuAllocation, now: Timestamp) -> AllocationState {
     let status = a.status.clone().unwrap_or_default();
     let window = a.spec.window.as_ref();
     AllocationState {
@@ -124,12 +129,11 @@ pub fn allocation_state(a: &GpuAllocation, now: k8s_openapi::jiff::Timestamp) ->
             })
             .collect(),
         budget_hours: a.spec.budget.as_ref().map(|b| b.accelerator_hours as f64),
-        hours_used: crate::planner::usage::charge(
-            status.accelerator_hours_used,
-            status.usage_updated_at.as_ref().map(|t| t.0),
-            now,
-            status.charge_rate,
-        ),
+        // The ledger's figure at its last reckoning, never extrapolated: a
+        // guess beyond it could exhaust a budget that the reckoning (a pod
+        // ended meanwhile) then un-exhausts. The allocation reconciler reckons
+        // again at the moment the budget runs out at the current rate.
+        hours_used: status.accelerator_hours_used,
         min_domestic_share: a.spec.min_domestic_share,
         was_active: status.phase == Some(AllocationPhase::Active),
         deleting: a.metadata.deletion_timestamp.is_some(),
@@ -165,6 +169,59 @@ pub fn pod_use(pod: &Pod) -> Option<PodUse> {
         requests,
         allocation: pod.labels().get(ALLOCATION_LABEL).cloned(),
     })
+}
+
+fn millis(t: &Time) -> i64 {
+    t.0.as_millisecond()
+}
+
+/// A pod's lifetime as the ledger charges it, on `pool` (None: not on a
+/// pool's node, charged nothing). Start: `status.startTime`. End: the last
+/// container's `finishedAt` once the pod is Succeeded or Failed (or, for a
+/// deleted pod, once every container has terminated), else the deletion time
+/// for a deleted pod (the latest it may run). A deleted pod is settled once it
+/// is done: terminal, every container terminated, never started, or past its
+/// deletion time.
+pub fn pod_life(pod: &Pod, pool: Option<&PoolRate>, now: Timestamp) -> PodLife {
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or_default();
+    let terminal = matches!(phase, "Succeeded" | "Failed");
+    let containers = status.and_then(|s| s.container_statuses.as_deref()).unwrap_or_default();
+    let finished: Vec<i64> = containers
+        .iter()
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.as_ref().map(millis))
+        .collect();
+    let all_terminated = !containers.is_empty() && finished.len() == containers.len();
+    let start = status.and_then(|s| s.start_time.as_ref()).map(millis);
+    let deleted = pod.metadata.deletion_timestamp.as_ref().map(millis);
+    let last_transition = || {
+        status
+            .and_then(|s| s.conditions.as_ref())?
+            .iter()
+            .filter_map(|c| c.last_transition_time.as_ref())
+            .map(millis)
+            .max()
+    };
+    let end = if terminal || (deleted.is_some() && all_terminated) {
+        finished.iter().copied().max().or_else(last_transition).or(deleted).or(start)
+    } else {
+        deleted
+    };
+    let settle = deleted.is_some_and(|d| terminal || all_terminated || start.is_none() || d <= now.as_millisecond());
+    let weight = pool
+        .map(|p| pod_requests(pod).get(&p.resource_name).copied().unwrap_or(0) as f64 * p.charge_factor)
+        .unwrap_or(0.0);
+    PodLife {
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        project: pod.labels().get(PROJECT_LABEL).map(|p| format!("{}/{p}", pod.namespace().unwrap_or_default())),
+        pool: pool.map(|p| p.name.clone()).unwrap_or_default(),
+        domestic: pool.is_some_and(|p| p.domestic),
+        weight,
+        start_millis: start,
+        end_millis: end,
+        settle,
+        held: pod.finalizers().iter().any(|f| f == LEDGER_FINALIZER),
+    }
 }
 
 #[cfg(test)]

@@ -46,6 +46,14 @@ pub struct AllocationLabels {
     pub program: String,
 }
 
+/// Allocation, program and pool: bounded by the allocations and pools.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChargeLabels {
+    pub allocation: String,
+    pub program: String,
+    pub pool: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShareLabels {
     /// capacity, granted or in_use.
@@ -53,6 +61,7 @@ pub struct ShareLabels {
 }
 
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+type FloatCounter = Counter<f64, std::sync::atomic::AtomicU64>;
 
 /// Accelerator-hours are exposed in seconds, Prometheus' base unit.
 const SECONDS_PER_HOUR: f64 = 3600.0;
@@ -84,6 +93,7 @@ pub struct Metrics {
     allocation_used: Family<AllocationLabels, FloatGauge>,
     allocation_budget: Family<AllocationLabels, FloatGauge>,
     allocation_active: Family<AllocationLabels, Gauge>,
+    allocation_charged: Family<ChargeLabels, FloatCounter>,
     domestic_share: Family<ShareLabels, FloatGauge>,
     admission_wait: Histogram,
     projects: Family<ProjectLabels, Gauge>,
@@ -169,6 +179,13 @@ impl Default for Metrics {
             allocation_budget.clone(),
         );
         registry.register("allocation_active", "1 while the allocation is Active", allocation_active.clone());
+        let allocation_charged = Family::<ChargeLabels, FloatCounter>::default();
+        registry.register(
+            "allocation_accelerator_seconds",
+            "Accelerator time charged by the ledger, charge-factor weighted (accelerator-hours x 3600), by \
+             allocation, program and pool; starts at the ledger's figure and never decreases",
+            allocation_charged.clone(),
+        );
         registry.register(
             "domestic_share_ratio",
             "Fraction of accelerators on domestic pools, by measure (capacity, granted, in_use)",
@@ -210,6 +227,7 @@ impl Default for Metrics {
             allocation_used,
             allocation_budget,
             allocation_active,
+            allocation_charged,
             domestic_share,
         }
     }
@@ -253,6 +271,27 @@ impl Metrics {
             self.allocation_budget.get_or_create(&l).set(budget * SECONDS_PER_HOUR);
         }
         self.allocation_active.get_or_create(&l).set(g.active as i64);
+    }
+
+    /// Brings the charge counter of (allocation, program, pool) up to the
+    /// ledger's `seconds`. A counter never goes down: a figure below it (a pod
+    /// charged up to now whose end turned out a moment earlier) waits for the
+    /// ledger to catch up.
+    pub fn charged_seconds(&self, allocation: &str, program: &str, pool: &str, seconds: f64) {
+        let l = ChargeLabels { allocation: allocation.into(), program: program.into(), pool: pool.into() };
+        let c = self.allocation_charged.get_or_create(&l);
+        let behind = seconds - c.get();
+        if behind > 0.0 {
+            c.inc_by(behind);
+        }
+    }
+
+    /// Drops the charge counters of a deleted allocation.
+    pub fn forget_charges<'a>(&self, allocation: &str, program: &str, pools: impl IntoIterator<Item = &'a str>) {
+        for pool in pools {
+            let l = ChargeLabels { allocation: allocation.into(), program: program.into(), pool: pool.into() };
+            self.allocation_charged.remove(&l);
+        }
     }
 
     /// Replaces the project gauges: counts by (phase, pool) and queue depth by
@@ -321,6 +360,13 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
+        m.charged_seconds("a", "wbl", "h200", 10.5);
+        m.charged_seconds("a", "wbl", "h200", 10.0);
+        m.charged_seconds("a", "wbl", "h200", 12.0);
+        let text = m.encode();
+        let counter =
+            "sovereign_allocation_accelerator_seconds_total{allocation=\"a\",program=\"wbl\",pool=\"h200\"} 12.0";
+        assert!(text.contains(counter), "{counter} missing from\n{text}");
         // No budget, no budget series.
         assert!(!text.contains("sovereign_allocation_budget_accelerator_seconds{allocation=\"b\""), "{text}");
     }

@@ -13,7 +13,9 @@ use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
 use crate::api::{AcceleratorPool, HOSTNAME_KEY, ModelProject};
-use crate::snapshot::{ALLOCATION_LABEL, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, WORKER_INDEX_LABEL};
+use crate::snapshot::{
+    ALLOCATION_LABEL, LEDGER_FINALIZER, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, WORKER_INDEX_LABEL,
+};
 
 /// Where an admitted gang runs.
 #[derive(Clone, Debug)]
@@ -138,6 +140,8 @@ pub fn worker_pod(project: &ModelProject, placement: &Placement<'_>, index: usiz
             labels: Some(pod_labels),
             annotations: (!t.annotations.is_empty()).then(|| t.annotations.clone()),
             owner_references: Some(owner(project)),
+            // Held until the ledger has charged the pod's lifetime.
+            finalizers: Some(vec![LEDGER_FINALIZER.into()]),
             ..Default::default()
         },
         spec: Some(PodSpec {

@@ -20,6 +20,7 @@ mod bad_input;
 mod dashboard;
 mod grants;
 mod incluster;
+mod ledger;
 mod plan;
 mod privilege;
 mod projects;
@@ -96,6 +97,7 @@ fn main() -> anyhow::Result<()> {
         sharing::a_hard_budget_stops_runs_and_an_admission_budget_does_not,
         sharing::a_non_preemptible_run_needs_consent_and_is_then_never_preempted,
         sharing::contention_over_minutes_never_thrashes,
+        ledger::every_allocation_is_charged_its_pods_own_lifetimes_across_restarts_and_an_outage,
         dashboard::every_dashboard_query_returns_series_from_a_real_prometheus,
         plan::the_operator_does_what_plan_said,
         incluster::the_chart_roles_let_tenants_submit_runs_and_only_admins_grant,
@@ -106,7 +108,13 @@ fn main() -> anyhow::Result<()> {
     .map(|((name, test), needs_node)| {
         let (env, rt) = (env.clone(), rt.clone());
         // The contention scenario runs for minutes by design.
-        let limit = if name.starts_with("contention_over_minutes") { 420 } else { 180 };
+        let limit = if name.starts_with("contention_over_minutes") {
+            420
+        } else if name.starts_with("every_allocation_is_charged") {
+            180 * ledger::scale()
+        } else {
+            180
+        };
         let trial = Trial::test(name, move || {
             rt.block_on(async { tokio::time::timeout(Duration::from_secs(limit), test(env)).await })
                 .map_err(|_| Failed::from(format!("timed out after {limit}s")))?

@@ -206,8 +206,12 @@ pub async fn a_hard_budget_stops_runs_and_an_admission_budget_does_not(env: Arc<
         scope.apply(&project_yaml("lenient", &n, "e2e-soft", "[e2e-rngd]", 1, "", ""))?;
         for a in ["e2e-hard", "e2e-soft"] {
             wait_phase(&env, a, AllocationPhase::Exhausted, MINUTE).await?;
-            let said = events(&env, "default", a, "BudgetUsedUp").await?;
-            ensure!(!said.is_empty(), "no BudgetUsedUp event on {a}");
+            // The Event follows the status write that records the transition.
+            wait_for(&format!("a BudgetUsedUp event on {a}"), Duration::from_secs(10), || async {
+                let said = events(&env, "default", a, "BudgetUsedUp").await.map_err(|e| e.to_string())?;
+                if said.is_empty() { Err("none yet".to_string()) } else { Ok(()) }
+            })
+            .await?;
         }
         let s = wait_project(&env, &n, "capped", ProjectPhase::Queued, MINUTE).await?;
         let c = find_condition(&s.conditions, "Queued").cloned();

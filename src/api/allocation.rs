@@ -255,12 +255,25 @@ pub struct GpuAllocationStatus {
     /// The part of `chargeRate` on domestic pools.
     #[serde(default)]
     pub domestic_charge_rate: f64,
-    /// When `acceleratorHoursUsed` was last brought up to date.
+    /// When `acceleratorHoursUsed` was last brought up to date (to the second;
+    /// `ledger.atMillis` is the exact time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_updated_at: Option<Time>,
     /// Accelerator-hours used on domestic pools (charge-factor weighted).
     #[serde(default)]
     pub domestic_accelerator_hours_used: f64,
+    /// Accelerator-hours used per pool (charge-factor weighted); they sum to
+    /// `acceleratorHoursUsed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pool_hours: Vec<PoolHours>,
+    /// Accelerator-hours used per ModelProject and pool (its worker pods); the
+    /// rest of `acceleratorHoursUsed` is plain pods and deleted projects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub project_hours: Vec<ProjectHours>,
+    /// The operator's books behind the figures above: what pods that are gone
+    /// were charged, and the pods being charged now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<UsageLedger>,
     /// Domestic (sovereign-chip) share of the grant, of current use and of hours.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domestic_share: Option<DomesticShare>,
@@ -271,6 +284,81 @@ pub struct GpuAllocationStatus {
     /// DomesticShareMet, NodesReserved, QuotaApplied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// Accelerator-hours of one pool.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolHours {
+    pub pool: String,
+    /// Charge-factor weighted.
+    pub accelerator_hours_used: f64,
+}
+
+/// Accelerator-hours of one ModelProject in one pool.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectHours {
+    /// "namespace/name".
+    pub project: String,
+    pub pool: String,
+    /// Charge-factor weighted.
+    pub accelerator_hours_used: f64,
+}
+
+/// The accelerator-hour ledger of an allocation, exact to the millisecond:
+/// every figure is a sum over pods of (end - start) x devices x chargeFactor.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageLedger {
+    /// When the figures were computed, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub at_millis: i64,
+    /// What pods that are gone were charged, in charge-weighted
+    /// accelerator-milliseconds, by pool and project.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settled: Vec<SettledCharge>,
+    /// UIDs of pods already in `settled` whose objects still exist (their
+    /// finalizer is being released): never charged again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settled_pods: Vec<String>,
+    /// The pods charged now, so that one that disappears while the operator
+    /// is down is still charged once it is back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub open: Vec<OpenCharge>,
+}
+
+/// Accelerator-milliseconds charged for pods that are gone.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SettledCharge {
+    pub pool: String,
+    /// "namespace/name" of the ModelProject, for its worker pods while it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    #[serde(default)]
+    pub domestic: bool,
+    /// Charge-weighted accelerator-milliseconds.
+    pub millis: i64,
+}
+
+/// A pod being charged.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenCharge {
+    pub uid: String,
+    pub pool: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    #[serde(default)]
+    pub domestic: bool,
+    /// Devices x the pool's chargeFactor.
+    pub weight: f64,
+    /// When the pod started, in milliseconds since the Unix epoch.
+    pub start_millis: i64,
+    /// When it ended, if its status says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_millis: Option<i64>,
 }
 
 /// Fractions (0 to 1) of accelerators on domestic pools.

@@ -390,6 +390,30 @@ pub struct ModelProjectStatus {
     /// WorkersCreated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Accelerator-hours the run's worker pods used, by pool, from its
+    /// allocation's ledger.
+    // Written by the allocation reconciler alone, under its own field manager:
+    // never serialized with the rest of the status, so that the project's own
+    // status writes leave it alone.
+    #[serde(default, skip_serializing)]
+    pub usage: Option<ProjectUsage>,
+}
+
+/// Accelerator-hours of a run, charge-factor weighted, as of `atMillis`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectUsage {
+    #[serde(default)]
+    pub accelerator_hours_used: f64,
+    /// Per pool; they sum to `acceleratorHoursUsed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<crate::api::PoolHours>,
+    /// Charge-weighted devices of the run's running workers.
+    #[serde(default)]
+    pub charge_rate: f64,
+    /// When the figures were computed, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub at_millis: i64,
 }
 
 /// Worker pods by state.

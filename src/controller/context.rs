@@ -37,6 +37,10 @@ pub struct Context {
     pub starvation_after: k8s_openapi::jiff::SignedDuration,
     /// How long a run admitted by preemption cannot itself be preempted.
     pub min_run_time: k8s_openapi::jiff::SignedDuration,
+    /// When this process started reconciling (after it took the lease): the
+    /// ledger knows which pod disappearances it can have seen.
+    pub reconciling_since: k8s_openapi::jiff::Timestamp,
+    gone: GonePods,
     views: ViewCache,
     created: CreatedPods,
     backoff: Backoff,
@@ -72,6 +76,14 @@ impl Drop for Measure<'_> {
 #[derive(Default)]
 struct CreatedPods(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
 
+/// When the watches saw pods go (UID -> ms since the epoch: the deletion time
+/// if the pod had one, else the moment it left the store), for the ledger.
+#[derive(Default)]
+struct GonePods(std::sync::Mutex<std::collections::HashMap<String, i64>>);
+
+/// How long the ledger may take to charge a pod that went.
+const GONE_TTL_MILLIS: i64 = 600_000;
+
 /// How long a created pod may stay unseen before it may be created again.
 const CREATED_TTL: Duration = Duration::from_secs(15);
 
@@ -88,6 +100,8 @@ impl Context {
             min_run_time: k8s_openapi::jiff::SignedDuration::from_secs(args.planning.min_run_seconds as i64),
             created: CreatedPods::default(),
             backoff: Backoff::default(),
+            reconciling_since: k8s_openapi::jiff::Timestamp::now(),
+            gone: GonePods::default(),
         })
     }
 
@@ -122,6 +136,20 @@ impl Context {
     }
 
     /// Forgets the pods the store shows, and those remembered too long.
+    /// Notes that the pod `uid` left the stores (at `deleted`, if it had a
+    /// deletion time); entries older than [`GONE_TTL_MILLIS`] are dropped.
+    pub fn saw_gone(&self, uid: &str, deleted: Option<i64>) {
+        let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+        let mut gone = self.gone.0.lock().expect("gone pods lock");
+        gone.retain(|_, at| now - *at < GONE_TTL_MILLIS);
+        gone.entry(uid.to_string()).or_insert(deleted.unwrap_or(now).min(now));
+    }
+
+    /// When the watches saw the pod `uid` go, if they did lately.
+    pub fn seen_gone(&self, uid: &str) -> Option<i64> {
+        self.gone.0.lock().expect("gone pods lock").get(uid).copied()
+    }
+
     pub fn pods_seen(&self, seen: impl IntoIterator<Item = String>) {
         let mut map = self.created.0.lock().expect("created pods lock");
         for k in seen {

@@ -15,7 +15,7 @@ use kube::runtime::watcher;
 
 use super::Cluster;
 use crate::api::GpuAllocationStatus;
-use crate::controller::allocation::build_status;
+use crate::controller::allocation::planned_status;
 use crate::controller::queue;
 use crate::controller::stores::{Shared, Stores};
 use crate::controller::view::View;
@@ -115,14 +115,10 @@ pub fn decide(cluster: &Cluster, now: Timestamp, settings: &Settings) -> Decisio
     d.hard_budget = view.hard_budget.iter().cloned().collect();
     for a in &cluster.allocations {
         let name = a.metadata.name.clone().unwrap_or_default();
-        let (Some(plan), Some(state)) =
-            (view.grants.allocations.get(&name), view.allocations.iter().find(|s| s.name == name))
-        else {
+        let (Some(plan), Some(status)) = (view.grants.allocations.get(&name), planned_status(a, &view)) else {
             continue;
         };
-        let usage = view.usage.by_allocation.get(&name).cloned().unwrap_or_default();
-        let old = a.status.clone().unwrap_or_default();
-        d.allocations.insert(name.clone(), build_status(a, &old, &view, &usage, state.hours_used));
+        d.allocations.insert(name.clone(), status);
         if plan.phase == Phase::Active {
             for node in plan.pools.values().flat_map(|p| &p.reserved_nodes) {
                 d.reserved.insert(node.clone(), name.clone());

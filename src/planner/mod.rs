@@ -8,6 +8,7 @@ pub mod fit;
 pub mod gang;
 pub mod grants;
 pub mod inventory;
+pub mod ledger;
 pub mod placement;
 pub mod preemption;
 pub mod reservation;

@@ -5,9 +5,9 @@
 //! `sovereign.ai/allocation` label names, when that allocation lists the
 //! namespace; otherwise to the first allocation listing the namespace, in the
 //! order Active before inactive, with a grant in the pod's pool first, then
-//! priority (higher first), age and name. Usage = wall hours x devices x the
-//! pool's chargeFactor, integrated from the last charge time in status, so a
-//! restart neither loses nor double counts it.
+//! priority (higher first), age and name. The hours themselves are the
+//! ledger's (`super::ledger`): each pod's own lifetime x devices x the pool's
+//! chargeFactor.
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
@@ -88,14 +88,7 @@ pub fn attribute(
         let Some(candidates) = by_ns.get(pod.namespace.as_str()) else {
             continue;
         };
-        let labelled = pod.allocation.as_deref().and_then(|l| candidates.iter().find(|a| a.name == l));
-        let chosen = labelled.or_else(|| {
-            candidates.iter().min_by_key(|a| {
-                let has_grant = a.grants.iter().any(|g| g.pool == pool.name);
-                (Reverse(active(&a.name)), Reverse(has_grant), Reverse(a.priority), a.created, a.name.as_str())
-            })
-        });
-        if let Some(a) = chosen {
+        if let Some(a) = charged_to(candidates, pod.allocation.as_deref(), Some(&pool.name), active) {
             let u = out.by_allocation.entry(a.name.clone()).or_default();
             *u.in_use.entry(pool.name.clone()).or_default() += devices;
             let weighted = devices as f64 * pool.charge_factor;
@@ -109,12 +102,24 @@ pub fn attribute(
     out
 }
 
-/// Hours used at `now`, given the hours charged up to `since` and a constant
-/// rate (charge-weighted devices) since then. Time never runs backwards.
-pub fn charge(hours: f64, since: Option<Timestamp>, now: Timestamp, rate: f64) -> f64 {
-    let Some(since) = since else { return hours };
-    let secs = now.duration_since(since).as_secs_f64().max(0.0);
-    hours + rate * secs / 3600.0
+/// The allocation a pod is charged to, among the (not deleting) allocations
+/// that list its namespace: the one its label names, else by the charging rule
+/// above.
+pub fn charged_to<'a>(
+    candidates: &[&'a AllocationState],
+    label: Option<&str>,
+    pool: Option<&str>,
+    active: &dyn Fn(&str) -> bool,
+) -> Option<&'a AllocationState> {
+    let labelled = label.and_then(|l| candidates.iter().find(|a| a.name == l));
+    labelled
+        .or_else(|| {
+            candidates.iter().min_by_key(|a| {
+                let has_grant = a.grants.iter().any(|g| Some(g.pool.as_str()) == pool);
+                (Reverse(active(&a.name)), Reverse(has_grant), Reverse(a.priority), a.created, a.name.as_str())
+            })
+        })
+        .copied()
 }
 
 /// When the budget runs out at the current rate, if it will.
@@ -209,16 +214,6 @@ mod tests {
         let u =
             attribute(&[pod("team", "h0", "nvidia.com/gpu", 8, None)], &nodes, &pools, &allocs, &|a| a == "current");
         assert_eq!(u.by_allocation.keys().collect::<Vec<_>>(), vec!["current"]);
-    }
-
-    #[test]
-    fn charge_integrates_and_never_runs_backwards() {
-        assert_eq!(charge(1.0, Some(t(0)), t(3600), 16.0), 17.0);
-        assert_eq!(charge(1.0, Some(t(100)), t(0), 16.0), 1.0);
-        assert_eq!(charge(1.0, None, t(0), 16.0), 1.0);
-        // Charging in two steps equals charging once.
-        let two = charge(charge(0.0, Some(t(0)), t(1800), 8.0), Some(t(1800)), t(3600), 8.0);
-        assert!((two - charge(0.0, Some(t(0)), t(3600), 8.0)).abs() < 1e-9);
     }
 
     #[test]
