@@ -25,11 +25,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     // Node, pool and grant changes can move capacity between pools (and a pool
     // change can create or clear a conflict elsewhere): all pools. A pod change
     // touches only the pool of its node.
-    let everything = futures::stream::select_all([
-        s.nodes.changes().boxed(),
-        s.pools.changes().boxed(),
-        s.allocations.changes().boxed(),
-    ]);
+    let everything = s.grant_inputs_changed();
     let (nodes, pools) = (s.nodes.store.clone(), s.pools.store.clone());
     let pod_pools = s.pods.events().flat_map(move |pod| {
         let node = pod.spec.as_ref().and_then(|p| p.node_name.clone());

@@ -134,6 +134,16 @@ impl Stores {
         Ok(())
     }
 
+    /// Yields once per burst of changes of what grants are planned from:
+    /// nodes, pool specs and allocations.
+    pub fn grant_inputs_changed(&self) -> impl Stream<Item = ()> + Send + 'static {
+        futures::stream::select_all([
+            self.nodes.changes().boxed(),
+            self.pools.changes().boxed(),
+            self.allocations.changes().boxed(),
+        ])
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }

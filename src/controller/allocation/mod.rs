@@ -45,11 +45,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     // Admission is cluster-wide: a change of nodes, pools or any allocation can
     // admit or block any allocation. A pod change only moves the usage of the
     // allocations that list its namespace.
-    let everything = futures::stream::select_all([
-        s.nodes.changes().boxed(),
-        s.pools.changes().boxed(),
-        s.allocations.changes().boxed(),
-    ]);
+    let everything = s.grant_inputs_changed();
     // Worker pods in any phase (the ledger settles deleted ones), plain pods
     // while they run.
     let allocations = s.allocations.store.clone();
