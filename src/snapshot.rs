@@ -15,6 +15,8 @@ use crate::planner::inventory::{NodeInfo, PoolInfo, PoolTotals};
 use crate::planner::ledger::PodLife;
 use crate::planner::usage::{PodUse, PoolRate};
 
+/// Label on every object the operator manages.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "sovereign-operator");
 /// Label that ties a pod to the allocation it is charged to.
 pub const ALLOCATION_LABEL: &str = "sovereign.ai/allocation";
 /// Label on everything made for a ModelProject: the project's name.

@@ -1,11 +1,12 @@
-//! Desired objects of an admitted ModelProject: the headless Service that gives
-//! worker 0 a DNS name, and the worker pods (placement, accelerators, and the
-//! torchrun environment added to the user's template). Pure: no client.
+//! Desired objects of an admitted ModelProject: the worker pods (placement,
+//! accelerators, and the torchrun environment added to the user's template),
+//! and the one headless Service per tenant namespace that gives every gang's
+//! worker 0 a DNS name. Pure: no client.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, Pod, PodSpec, ResourceRequirements, Service, ServicePort, ServiceSpec, Toleration,
+    Container, EnvVar, Pod, PodSpec, ResourceRequirements, Service, ServiceSpec, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -14,7 +15,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::api::{AcceleratorPool, HOSTNAME_KEY, ModelProject};
 use crate::snapshot::{
-    ALLOCATION_LABEL, LEDGER_FINALIZER, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, WORKER_INDEX_LABEL,
+    ALLOCATION_LABEL, LEDGER_FINALIZER, MANAGED_BY, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, WORKER_INDEX_LABEL,
 };
 
 /// Where an admitted gang runs.
@@ -40,33 +41,34 @@ fn labels(project: &ModelProject, pool: &str) -> BTreeMap<String, String> {
         (PROJECT_LABEL.to_string(), project.name_any()),
         (ALLOCATION_LABEL.to_string(), project.spec.allocation.clone()),
         (POOL_LABEL.to_string(), pool.to_string()),
-        ("app.kubernetes.io/managed-by".to_string(), "sovereign-operator".to_string()),
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
     ]
     .into()
 }
 
-/// The headless Service named after the project: `<project>-worker-0.<project>`
-/// resolves to worker 0, the rendezvous of every rank. It selects worker 0
-/// alone: its endpoints change once per attempt, not with every worker.
-pub fn service(project: &ModelProject, pool: &str) -> Service {
-    let name = project.name_any();
+/// Name of the headless Service in every tenant namespace: the subdomain of
+/// every worker pod, so `<project>-worker-0.sovereign-rendezvous` resolves to
+/// worker 0 of each gang, its rendezvous.
+pub const RENDEZVOUS_SERVICE: &str = "sovereign-rendezvous";
+
+/// The rendezvous Service of a tenant namespace. One per namespace, not one
+/// per gang: a gang costs no Service and no EndpointSlice of its own, only an
+/// endpoint in the namespace's. It selects worker 0 of every gang (its
+/// endpoints change once per attempt, not with every worker) and has no ports:
+/// DNS names a headless Service's pods whatever their ports, and each gang
+/// chooses its own `masterPort`.
+pub fn rendezvous_service() -> Service {
+    let managed = (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string());
     Service {
         metadata: ObjectMeta {
-            name: Some(name.clone()),
-            namespace: project.namespace(),
-            labels: Some(labels(project, pool)),
-            owner_references: Some(owner(project)),
+            name: Some(RENDEZVOUS_SERVICE.into()),
+            labels: Some([managed.clone()].into()),
             ..Default::default()
         },
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
-            selector: Some([(PROJECT_LABEL.to_string(), name), (WORKER_INDEX_LABEL.to_string(), "0".into())].into()),
+            selector: Some([managed, (WORKER_INDEX_LABEL.to_string(), "0".into())].into()),
             publish_not_ready_addresses: Some(true),
-            ports: Some(vec![ServicePort {
-                name: Some("rendezvous".into()),
-                port: project.spec.run_policy.master_port,
-                ..Default::default()
-            }]),
             ..Default::default()
         }),
         ..Default::default()
@@ -76,7 +78,7 @@ pub fn service(project: &ModelProject, pool: &str) -> Service {
 /// The torchrun / Kubeflow PyTorchJob environment of worker `index`.
 pub fn torchrun_env(project: &ModelProject, index: usize) -> Vec<EnvVar> {
     let name = project.name_any();
-    let master = format!("{}.{name}", worker_name(&name, 0));
+    let master = format!("{}.{RENDEZVOUS_SERVICE}", worker_name(&name, 0));
     let port = project.spec.run_policy.master_port.to_string();
     let (workers, per) = (project.spec.workers.to_string(), project.spec.accelerators_per_worker.to_string());
     let rank = index.to_string();
@@ -146,7 +148,7 @@ pub fn worker_pod(project: &ModelProject, placement: &Placement<'_>, index: usiz
         },
         spec: Some(PodSpec {
             hostname: Some(name),
-            subdomain: Some(project.name_any()),
+            subdomain: Some(RENDEZVOUS_SERVICE.into()),
             // Pinned to the node the plan chose; the scheduler still binds and checks.
             node_selector: Some([(HOSTNAME_KEY.to_string(), node)].into()),
             tolerations: (!tolerations.is_empty()).then_some(tolerations),
@@ -230,12 +232,12 @@ mod tests {
             assert_eq!(env["PET_NODE_RANK"], i.to_string());
             assert_eq!(env["WORLD_SIZE"], "4");
             assert_eq!(env["PET_NPROC_PER_NODE"], "8");
-            assert_eq!(env["MASTER_ADDR"], "llm-worker-0.llm");
+            assert_eq!(env["MASTER_ADDR"], "llm-worker-0.sovereign-rendezvous");
             assert_eq!(env["MASTER_PORT"], "1234", "the user's value wins");
             assert_eq!(env["PET_MASTER_PORT"], "23456");
             let spec = pod.spec.as_ref().unwrap();
             assert_eq!(spec.hostname.as_deref(), Some(format!("llm-worker-{i}").as_str()));
-            assert_eq!(spec.subdomain.as_deref(), Some("llm"));
+            assert_eq!(spec.subdomain.as_deref(), Some(RENDEZVOUS_SERVICE));
             assert_eq!(&spec.node_selector.as_ref().unwrap()[HOSTNAME_KEY], node);
             let res = spec.containers[0].resources.as_ref().unwrap();
             assert_eq!(res.requests.as_ref().unwrap()["rebellions.ai/ATOM"], Quantity("8".into()));
@@ -264,14 +266,29 @@ mod tests {
     }
 
     #[test]
-    fn dedicated_workers_tolerate_the_reservation_and_the_service_is_headless() {
+    fn dedicated_workers_tolerate_the_reservation() {
         let (p, pool) = (project(), pool());
         let nodes = vec!["n".to_string(); 4];
         let pod = worker_pod(&p, &Placement { pool: &pool, nodes: &nodes, dedicated: true }, 0);
         let tol = pod.spec.unwrap().tolerations.unwrap();
         assert!(tol.iter().any(|t| t.key.as_deref() == Some(RESERVED_FOR) && t.value.as_deref() == Some("grant")));
-        let svc = service(&p, "atom");
-        assert_eq!(svc.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("None"));
-        assert_eq!(svc.metadata.name.as_deref(), Some("llm"));
+    }
+
+    #[test]
+    fn the_rendezvous_service_is_headless_and_selects_every_worker_0_alone() {
+        let (p, pool) = (project(), pool());
+        let svc = rendezvous_service();
+        let spec = svc.spec.as_ref().unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.publish_not_ready_addresses, Some(true), "named before it is ready: ranks wait on it");
+        assert_eq!(svc.metadata.name.as_deref(), Some(RENDEZVOUS_SERVICE));
+        let selects = |pod: &Pod| {
+            let labels = pod.metadata.labels.as_ref().unwrap();
+            spec.selector.as_ref().unwrap().iter().all(|(k, v)| labels.get(k) == Some(v))
+        };
+        let nodes = vec!["n".to_string(); 4];
+        let placement = Placement { pool: &pool, nodes: &nodes, dedicated: false };
+        let selected: Vec<bool> = (0..4).map(|i| selects(&worker_pod(&p, &placement, i))).collect();
+        assert_eq!(selected, [true, false, false, false]);
     }
 }

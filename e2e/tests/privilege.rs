@@ -36,6 +36,13 @@ fn quota(ns: &str) -> String {
     )
 }
 
+fn service(ns: &str, name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec: {{clusterIP: None, selector: {{sovereign.ai/worker-index: \"0\"}}}}\n"
+    )
+}
+
 /// The outcome of one write as the operator: Ok(()) when admitted, Err(stderr) when refused.
 fn attempt(env: &Env, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Result<(), String>> {
     as_operator(env, &[&["--dry-run=server"], args].concat(), stdin)
@@ -74,6 +81,16 @@ pub async fn the_operator_writes_only_in_tenant_namespaces_and_on_pool_nodes(env
             "the quota in kube-system",
             attempt(&env, &create, Some(&quota("kube-system")))?,
             "may write resourcequotas only in tenant namespaces",
+        );
+        refused(
+            "the rendezvous Service in kube-system",
+            attempt(&env, &create, Some(&service("kube-system", "sovereign-rendezvous")))?,
+            "may write services only in tenant namespaces",
+        );
+        refused(
+            "another Service in a tenant namespace",
+            attempt(&env, &create, Some(&service(&tenant.name, "web")))?,
+            "only its own Service, sovereign-rendezvous",
         );
         refused(
             "a pod that is no worker, in a tenant namespace",
@@ -148,6 +165,10 @@ pub async fn the_operator_writes_only_in_tenant_namespaces_and_on_pool_nodes(env
         };
         allowed("a worker pod in a tenant namespace", attempt(&env, &create, Some(&pod(&tenant.name, true)))?);
         allowed("the quota in a tenant namespace", attempt(&env, &create, Some(&quota(&tenant.name)))?);
+        allowed(
+            "the rendezvous Service in a tenant namespace",
+            attempt(&env, &create, Some(&service(&tenant.name, "sovereign-rendezvous")))?,
+        );
         allowed(
             "a reservation on an accelerator node",
             patch(&pool_node, &label("sovereign.ai/reserved-for")).await?,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
@@ -141,7 +142,7 @@ pub async fn a_gang_lands_whole_on_the_npu_pool_and_falls_back_whole_to_gpus(env
                 ("WORLD_SIZE", "4"),
                 ("PET_NNODES", "4"),
                 ("NPROC_PER_NODE", "8"),
-                ("MASTER_ADDR", "second-worker-0.second"),
+                ("MASTER_ADDR", "second-worker-0.sovereign-rendezvous"),
                 ("MASTER_PORT", "23456"),
                 ("DATASET", "web-ko"),
             ] {
@@ -154,6 +155,27 @@ pub async fn a_gang_lands_whole_on_the_npu_pool_and_falls_back_whole_to_gpus(env
             }
             ensure!(p.spec.as_ref().unwrap().hostname.as_deref() == Some(format!("second-worker-{rank}").as_str()));
         }
+        // MASTER_ADDR resolves: the namespace's one rendezvous Service has worker 0 of each
+        // gang as an endpoint under its hostname (what cluster DNS serves), and no other worker.
+        let slices: Api<EndpointSlice> = Api::namespaced(env.client.clone(), &ns);
+        let lp = ListParams::default().labels("kubernetes.io/service-name=sovereign-rendezvous");
+        wait_for("worker 0 of both gangs named by the rendezvous Service", Duration::from_secs(30), || {
+            let (slices, lp) = (&slices, &lp);
+            async move {
+                let mut named: Vec<String> = slices
+                    .list(lp)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .items
+                    .iter()
+                    .flat_map(|s| s.endpoints.iter())
+                    .map(|e| e.hostname.clone().unwrap_or_default())
+                    .collect();
+                named.sort();
+                (named == ["first-worker-0", "second-worker-0"]).then_some(()).ok_or(format!("endpoints {named:?}"))
+            }
+        })
+        .await?;
 
         // A third gang fits nowhere: it waits, saying why in numbers.
         scope.apply(&project_yaml("third", &ns, "e2e-train", "[e2e-atom, e2e-h200]", 4, "", ""))?;

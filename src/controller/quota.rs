@@ -1,6 +1,7 @@
-//! Namespace quota reconciler: one operator-managed ResourceQuota per tenant
+//! Tenant namespace reconciler: one operator-managed ResourceQuota per tenant
 //! namespace, limiting `requests.<resource>` for every accelerator resource of
-//! any pool to what the namespace's Active allocations grant (plus borrowing).
+//! any pool to what the namespace's Active allocations grant (plus borrowing),
+//! and the namespace's rendezvous Service, which names worker 0 of every gang.
 //! One quota per namespace, never one per allocation: Kubernetes enforces every
 //! quota, so the smallest would win.
 
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, ResourceQuota};
+use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, Service};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -20,6 +21,7 @@ use serde_json::json;
 use super::context::requeue;
 use super::stores::MANAGED_BY;
 use super::{Context, Error, FIELD_MANAGER};
+use crate::workload::{RENDEZVOUS_SERVICE, rendezvous_service};
 
 const CONTROLLER: &str = "quota";
 /// Name of the managed quota in every tenant namespace.
@@ -28,12 +30,14 @@ pub const QUOTA_NAME: &str = "sovereign-accelerators";
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let s = &ctx.stores;
     let grants_changed = futures::stream::select_all([s.pools.changes().boxed(), s.allocations.changes().boxed()]);
-    // Someone edited or deleted a managed quota: put it back.
+    // Someone edited or deleted a managed quota or Service: put it back.
     let quota_namespaces =
         s.quotas.events().filter_map(|q| async move { Some(ObjectRef::<Namespace>::new(&q.namespace()?)) });
+    let service_namespaces =
+        s.services.events().filter_map(|q| async move { Some(ObjectRef::<Namespace>::new(&q.namespace()?)) });
     let controller = Controller::for_shared_stream(s.namespaces.events(), s.namespaces.store.clone())
         .reconcile_all_on(futures::stream::once(async {}).chain(grants_changed))
-        .reconcile_on(quota_namespaces)
+        .reconcile_on(futures::stream::select(quota_namespaces, service_namespaces))
         .with_config(super::controller_config(Duration::from_millis(300)));
     super::drive(controller, CONTROLLER, ctx.clone(), shutdown, reconcile).await;
 }
@@ -46,12 +50,13 @@ pub fn hard(limits: &BTreeMap<String, i64>) -> BTreeMap<String, Quantity> {
 async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = ns.name_any();
     let existing = ctx.stores.quotas.store.get(&ObjectRef::new(QUOTA_NAME).within(&name));
+    let service = ctx.stores.services.store.get(&ObjectRef::new(RENDEZVOUS_SERVICE).within(&name));
     if ns.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
     // Most namespaces are no tenant's: leave them without building a view.
     let listed = ctx.stores.allocations.store.state().iter().any(|a| a.spec.tenant.namespaces.contains(&name));
-    if !listed && existing.is_none() {
+    if !listed && existing.is_none() && service.is_none() {
         return Ok(Action::await_change());
     }
     let (view, stale) = ctx.recent_view().await;
@@ -80,8 +85,34 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
                 api.patch(QUOTA_NAME, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(quota)).await?;
                 tracing::info!(namespace = %name, ?limits, "quota applied");
             }
+            let want = rendezvous_service();
+            if service.as_ref().and_then(|s| s.spec.as_ref()).map(|s| &s.selector)
+                != want.spec.as_ref().map(|s| &s.selector)
+            {
+                let api: Api<Service> = Api::namespaced(ctx.client.clone(), &name);
+                let params = PatchParams::apply(FIELD_MANAGER).force();
+                api.patch(
+                    RENDEZVOUS_SERVICE,
+                    &params,
+                    &Patch::Apply(
+                        json!({"apiVersion": "v1", "kind": "Service", "metadata": want.metadata, "spec": want.spec}),
+                    ),
+                )
+                .await?;
+                tracing::info!(namespace = %name, "rendezvous Service applied");
+            }
         }
         None => {
+            if service.is_some() {
+                let api: Api<Service> = Api::namespaced(ctx.client.clone(), &name);
+                match api.delete(RENDEZVOUS_SERVICE, &DeleteParams::default()).await {
+                    Ok(_) => {
+                        tracing::info!(namespace = %name, "rendezvous Service removed: no allocation lists the namespace")
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
             if existing.is_some() {
                 match api.delete(QUOTA_NAME, &DeleteParams::default()).await {
                     Ok(_) => {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ResourceQuota};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ResourceQuota, Service};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -20,10 +20,9 @@ use tokio::sync::{broadcast, watch};
 
 use super::model::{Applied, Keyed, Model};
 use crate::api::{AcceleratorPool, GpuAllocation, ModelProject, ProjectPhase};
+pub use crate::snapshot::MANAGED_BY;
 use crate::snapshot::PROJECT_LABEL;
 
-/// Label on every object the operator manages.
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "sovereign-operator");
 /// Changed objects a slow subscriber may lag behind before it misses some (it
 /// then still gets the change signal and the periodic requeue).
 const EVENT_BUFFER: usize = 1024;
@@ -110,6 +109,8 @@ pub struct Stores {
     pub namespaces: Shared<Namespace>,
     /// The quotas this operator manages.
     pub quotas: Shared<ResourceQuota>,
+    /// The rendezvous Services this operator manages (one per tenant namespace).
+    pub services: Shared<Service>,
     pub projects: Shared<ModelProject>,
     /// Worker pods of every project, in any phase.
     pub workers: Shared<Pod>,
@@ -129,6 +130,7 @@ impl Stores {
         self.pods.store.wait_until_ready().await?;
         self.namespaces.store.wait_until_ready().await?;
         self.quotas.store.wait_until_ready().await?;
+        self.services.store.wait_until_ready().await?;
         self.projects.store.wait_until_ready().await?;
         self.workers.store.wait_until_ready().await?;
         Ok(())
@@ -199,8 +201,13 @@ pub fn start(client: Client) -> Stores {
     // Views read nodes, pools, allocations, running pods and namespaces: only
     // their changes make a cached view stale.
     let not_viewed = Arc::new(AtomicU64::new(0));
-    let quotas = shared(Api::<ResourceQuota>::all(client.clone()), managed, &not_viewed, |q: &mut ResourceQuota| {
-        q.metadata.managed_fields = None;
+    let quotas =
+        shared(Api::<ResourceQuota>::all(client.clone()), managed.clone(), &not_viewed, |q: &mut ResourceQuota| {
+            q.metadata.managed_fields = None;
+        });
+    let services = shared(Api::<Service>::all(client.clone()), managed, &not_viewed, |s: &mut Service| {
+        s.metadata.managed_fields = None;
+        s.status = None;
     });
     // Admission wakes on what it reads of a project, not on every status write.
     let strip_project = |p: &mut ModelProject| p.metadata.managed_fields = None;
@@ -231,7 +238,20 @@ pub fn start(client: Client) -> Stores {
             }
         },
     );
-    Stores { nodes, pools, allocations, pods, namespaces, quotas, projects, workers, workers_by_project, model, epoch }
+    Stores {
+        nodes,
+        pools,
+        allocations,
+        pods,
+        namespaces,
+        quotas,
+        services,
+        projects,
+        workers,
+        workers_by_project,
+        model,
+        epoch,
+    }
 }
 
 /// Keeps of a pod only what accounting and placement read: identity, labels,

@@ -89,6 +89,7 @@ pub fn stores(cluster: &Cluster) -> Stores {
         pods: shared(&cluster.pods),
         namespaces: shared(&cluster.namespaces),
         quotas: shared(&[]),
+        services: shared(&[]),
         projects: shared(&cluster.projects),
         workers: shared(&cluster.workers),
         workers_by_project: Default::default(),

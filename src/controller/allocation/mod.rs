@@ -213,12 +213,13 @@ fn charged_pods(ctx: &Context, view: &View, alloc: &GpuAllocation, now: Timestam
     let namespaces: BTreeSet<&str> = alloc.spec.tenant.namespaces.iter().map(String::as_str).collect();
     let rates: BTreeMap<String, usage::PoolRate> =
         ctx.stores.pools.store.state().iter().map(|p| (p.name_any(), snapshot::pool_rate(p))).collect();
-    let node_pool: BTreeMap<&str, &usage::PoolRate> = view
-        .pools
-        .iter()
-        .filter_map(|p| rates.get(&p.name).map(|r| (p, r)))
-        .flat_map(|(p, r)| p.members.iter().map(move |&i| (view.nodes[i].name.as_str(), r)))
-        .collect();
+    // The pool of each node, by the node's index in the view.
+    let mut node_pool: Vec<Option<&usage::PoolRate>> = vec![None; view.nodes.len()];
+    for (p, r) in view.pools.iter().filter_map(|p| rates.get(&p.name).map(|r| (p, r))) {
+        for &i in &p.members {
+            node_pool[i] = Some(r);
+        }
+    }
     let live: Vec<&AllocationState> = view.allocations.iter().filter(|a| !a.deleting).collect();
     let active = |a: &str| view.allocations.iter().any(|s| s.name == a && s.was_active);
     let workers = ctx.stores.workers.store.state();
@@ -226,13 +227,11 @@ fn charged_pods(ctx: &Context, view: &View, alloc: &GpuAllocation, now: Timestam
     let pods = workers.into_iter().chain(plain.into_iter().filter(|p| !p.labels().contains_key(PROJECT_LABEL)));
     let mut out = Charged { lives: Vec::new(), pods: BTreeMap::new(), settle_due: None };
     for pod in pods {
-        let ns = pod.namespace().unwrap_or_default();
-        if !namespaces.contains(ns.as_str()) {
-            continue;
-        }
+        let Some(ns) = pod.metadata.namespace.as_deref().filter(|ns| namespaces.contains(ns)) else { continue };
         let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
-        let pool = node.and_then(|n| node_pool.get(n).copied());
-        let candidates: Vec<&AllocationState> = live.iter().copied().filter(|a| a.namespaces.contains(&ns)).collect();
+        let pool = node.and_then(|n| view.node_index.get(n)).and_then(|&i| node_pool[i]);
+        let candidates: Vec<&AllocationState> =
+            live.iter().copied().filter(|a| a.namespaces.iter().any(|n| n == ns)).collect();
         let label = pod.labels().get(snapshot::ALLOCATION_LABEL).map(String::as_str);
         let to = usage::charged_to(&candidates, label, pool.map(|p| p.name.as_str()), &active);
         if to.is_none_or(|a| a.name != name) {
@@ -308,19 +307,29 @@ async fn release(ctx: &Context, pod: &Pod) -> Result<(), Error> {
 /// finalizer goes at once.
 async fn release_orphans(ctx: Arc<Context>) {
     let s = &ctx.stores;
-    let mut wake = std::pin::pin!(futures::stream::select(s.workers.changes(), s.allocations.changes()));
-    while wake.next().await.is_some() {
+    // A changed pod is checked alone; a changed allocation (a namespace unlisted,
+    // an allocation deleted) checks every pod being deleted.
+    let pods = s.workers.events().map(Some);
+    let allocations = s.allocations.changes().map(|_| None);
+    let mut wake = std::pin::pin!(futures::stream::select(pods, allocations));
+    while let Some(changed) = wake.next().await {
         let allocations = s.allocations.store.state();
-        for pod in s.workers.store.state() {
-            let held = pod.finalizers().iter().any(|f| f == LEDGER_FINALIZER);
-            if !held || pod.metadata.deletion_timestamp.is_none() {
-                continue;
-            }
-            let ns = pod.namespace().unwrap_or_default();
-            let charged = allocations
+        let charged = |ns: &str| {
+            allocations
                 .iter()
-                .any(|a| a.metadata.deletion_timestamp.is_none() && a.spec.tenant.namespaces.contains(&ns));
-            if !charged && let Err(e) = release(&ctx, &pod).await {
+                .any(|a| a.metadata.deletion_timestamp.is_none() && a.spec.tenant.namespaces.iter().any(|n| n == ns))
+        };
+        let deleting = |pod: &Pod| {
+            pod.metadata.deletion_timestamp.is_some() && pod.finalizers().iter().any(|f| f == LEDGER_FINALIZER)
+        };
+        let candidates = match changed {
+            Some(pod) => vec![pod],
+            None => s.workers.store.state(),
+        };
+        for pod in candidates.into_iter().filter(|p| deleting(p)) {
+            if !charged(pod.metadata.namespace.as_deref().unwrap_or_default())
+                && let Err(e) = release(&ctx, &pod).await
+            {
                 tracing::debug!(error = %e, pod = pod.name_any(), "cannot release an orphaned worker pod yet");
             }
         }

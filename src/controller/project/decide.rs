@@ -69,7 +69,7 @@ pub struct Decision {
     pub status: ModelProjectStatus,
     /// Delete every worker pod of the project (with their grace period).
     pub stop_workers: bool,
-    /// Create these workers (and the headless Service).
+    /// Create these workers.
     pub create: Vec<usize>,
     /// The TTL after the end passed: delete the project.
     pub delete_project: bool,

@@ -1,8 +1,7 @@
 //! ModelProject reconciler: materializes and observes, never plans. It reads
 //! the project, its worker pods, its allocation and pool from the stores
 //! (dereference), asks the pure [`decide`] what comes next, and applies that:
-//! stop or create workers (and the headless Service), write status, publish
-//! Events. Admission, preemption and stopped grants are the admission loop's
+//! stop or create workers, write status, publish Events. Admission, preemption and stopped grants are the admission loop's
 //! (`super::admission`), which writes them to status.
 
 mod decide;
@@ -19,14 +18,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
-use super::{Context, Error, FIELD_MANAGER};
+use super::{Context, Error};
 use crate::api::{GrantMode, ModelProject};
 use crate::snapshot::PROJECT_LABEL;
 use crate::workload::{self, Placement};
@@ -51,7 +50,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 
 async fn reconcile(project: Arc<ModelProject>, ctx: Arc<Context>) -> Result<Action, Error> {
     if project.metadata.deletion_timestamp.is_some() {
-        // Owner references take the pods and the Service with it.
+        // Owner references take the pods with it.
         return Ok(Action::await_change());
     }
     let ns = project.namespace().unwrap_or_default();
@@ -128,25 +127,17 @@ async fn apply(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: Dec
     Ok(Action::requeue(d.requeue))
 }
 
-/// Creates the workers the decision asks for (and the headless Service with
-/// worker 0); stops at the first refusal and returns it.
+/// Creates the workers the decision asks for (worker 0's DNS name comes from
+/// the namespace's rendezvous Service, see `super::quota`); stops at the first
+/// refusal and returns it.
 async fn create(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: &Decision) -> Option<Refusal> {
     let pool = obs.pool.filter(|_| !d.create.is_empty())?;
     let ns = project.namespace().unwrap_or_default();
-    let name = project.name_any();
     let pool_name = pool.name_any();
     let dedicated = obs
         .allocation
         .is_some_and(|a| a.spec.grants.iter().any(|g| g.pool == pool_name && g.mode == GrantMode::Dedicated));
     let placement = Placement { pool, nodes: &d.status.nodes, dedicated };
-    if d.create.contains(&0) {
-        // With the rendezvous worker: once per attempt, not per worker.
-        let svc: Service = workload::service(project, &pool_name);
-        let api = Api::<Service>::namespaced(ctx.client.clone(), &ns);
-        if let Err(e) = api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&svc)).await {
-            return classify(format!("Service {name}"), &e);
-        }
-    }
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     for &i in &d.create {
         let pod = workload::worker_pod(project, &placement, i);

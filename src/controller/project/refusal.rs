@@ -1,12 +1,11 @@
-//! What the API server's refusal to create a worker pod or the headless
-//! Service means for the run: it heals by itself (retried with backoff until
+//! What the API server's refusal to create a worker pod means for the run: it heals by itself (retried with backoff until
 //! the scheduling timeout) or it does not (the run is blocked until its spec
 //! changes). Pure: unit-tested on the errors the API server returns.
 
 /// A refused write, in the API server's words.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
-    /// What was refused, for example `Pod llm-worker-1` or `Service llm`.
+    /// What was refused, for example `Pod llm-worker-1`.
     pub object: String,
     /// Whether it can heal without a change of the spec.
     pub heals: bool,
