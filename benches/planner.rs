@@ -70,6 +70,7 @@ impl Snapshot {
             starvation_after: self.starvation_after,
             running: &self.running,
             releasing: &[],
+            cache: None,
         }
     }
 }

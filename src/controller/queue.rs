@@ -218,6 +218,7 @@ pub fn plan(
         starvation_after,
         running: &running,
         releasing: &releasing,
+        cache: Some(view.placement_cache()),
     });
     let mut outcomes = pass.outcomes;
     let unsatisfiable = never_fitting(view, &queue, &allocations, &mut outcomes);

@@ -12,6 +12,7 @@ use super::stores::Stores;
 use crate::api::BudgetEnforcement;
 use crate::planner::grants::{self, AllocationState, GrantInput, GrantPlan, Phase, PoolState};
 use crate::planner::inventory::{self, Membership, NodeInfo, PoolTotals};
+use crate::planner::placement::PlacementCache;
 use crate::planner::usage::{self, PoolRate, Usage};
 use crate::snapshot::{self, RESERVED_FOR};
 use crate::telemetry::{AllocationGauges, Metrics};
@@ -66,6 +67,9 @@ struct Capacity {
     rates: Vec<PoolRate>,
     /// Node name -> index into `rates`.
     node_pool: BTreeMap<String, usize>,
+    /// What admission passes reuse while the nodes, their order and labels stay
+    /// (kept with the membership).
+    placement: Arc<PlacementCache>,
 }
 
 fn capacity_key(stores: &Stores) -> (u64, Vec<(String, String, i64)>) {
@@ -109,9 +113,12 @@ impl Capacity {
             rates.push(snapshot::pool_rate(p));
             totals.insert(info.name.clone(), t);
         }
-        let node_index = match previous {
-            Some(c) if c.membership_key == membership_key => c.node_index.clone(),
-            _ => Arc::new(nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect()),
+        let (node_index, placement) = match previous {
+            Some(c) if c.membership_key == membership_key => (c.node_index.clone(), c.placement.clone()),
+            _ => (
+                Arc::new(nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect()),
+                Arc::new(PlacementCache::default()),
+            ),
         };
         Self {
             key,
@@ -123,11 +130,17 @@ impl Capacity {
             totals: Arc::new(totals),
             rates,
             node_pool,
+            placement,
         }
     }
 }
 
 impl View {
+    /// What admission passes over this view's nodes may reuse.
+    pub fn placement_cache(&self) -> &PlacementCache {
+        &self.capacity.placement
+    }
+
     /// The view of this moment; `previous` lends its node and pool part when
     /// no node and no pool spec changed since it was built.
     pub fn build(stores: &Stores, node_grace: Duration, now: Timestamp) -> Self {

@@ -73,12 +73,14 @@
 //! its rules, and the order of round 2 in [`super::fair`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::fair::Borrowers;
 use super::inventory::NodeInfo;
 use super::preemption::{Preemption, Releasing, RunningGang};
+pub use topology::PlacementCache;
 use topology::{CandidateSet, Shortfall};
 
 mod topology;
@@ -178,6 +180,9 @@ pub struct PlacementInput<'a> {
     pub running: &'a [RunningGang],
     /// Devices of stopped gangs still being released.
     pub releasing: &'a [Releasing],
+    /// Kept by the caller across passes over the same `nodes`: what a pass
+    /// reuses (see [`PlacementCache`]). None builds everything.
+    pub cache: Option<&'a PlacementCache>,
 }
 
 /// The result of one pass: every queued gang's outcome, and the running gangs
@@ -320,7 +325,7 @@ pub(super) struct World<'a> {
     /// Position of each node in name order: cheap name comparisons.
     rank: Vec<u32>,
     /// (pool index, reserving allocation or None for shared) -> candidate set.
-    sets: HashMap<(usize, Option<&'a str>), CandidateSet>,
+    sets: HashMap<(usize, Option<&'a str>), Arc<CandidateSet>>,
     /// Running gangs (indexes into `input.running`) per pool.
     pub(super) running_in: HashMap<&'a str, Vec<usize>>,
     /// Running gangs chosen as victims in this pass.
@@ -348,12 +353,10 @@ impl<'a> World<'a> {
                 *f = 0;
             }
         }
-        let mut by_name: Vec<usize> = (0..input.nodes.len()).collect();
-        by_name.sort_by(|a, b| input.nodes[*a].name.cmp(&input.nodes[*b].name));
-        let mut rank = vec![0u32; input.nodes.len()];
-        for (r, i) in by_name.into_iter().enumerate() {
-            rank[i] = r as u32;
-        }
+        let rank = match input.cache {
+            Some(c) => c.rank(input.nodes),
+            None => topology::name_rank(input.nodes),
+        };
         let mut running_in: HashMap<&str, Vec<usize>> = HashMap::new();
         for (i, r) in input.running.iter().enumerate() {
             running_in.entry(r.pool.as_str()).or_default().push(i);

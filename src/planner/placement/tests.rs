@@ -109,6 +109,21 @@ impl World {
             starvation_after: self.starvation_after,
             running: &self.running,
             releasing: &self.releasing,
+            cache: None,
+        })
+    }
+
+    fn run_cached(&self, queue: &[GangRequest], cache: &PlacementCache) -> BTreeMap<String, Outcome> {
+        admit(&PlacementInput {
+            nodes: &self.nodes,
+            pools: &self.pools,
+            allocations: &self.allocs,
+            queue,
+            now: self.now,
+            starvation_after: self.starvation_after,
+            running: &self.running,
+            releasing: &self.releasing,
+            cache: Some(cache),
         })
     }
 
@@ -122,6 +137,7 @@ impl World {
             starvation_after: self.starvation_after,
             running: &self.running,
             releasing: &self.releasing,
+            cache: None,
         })
     }
 }
@@ -827,6 +843,26 @@ proptest! {
     /// (borrowing only within its limit, never by non-preemptible gangs);
     /// positions count 1, 2, ... per allocation; the queue's input order
     /// does not matter.
+    /// A pass that reuses what earlier passes over the same nodes built (with
+    /// another queue, or with other candidate nodes, as reservations change
+    /// them) decides exactly what a pass that builds everything decides.
+    #[test]
+    fn the_placement_cache_never_changes_a_decision(c in case()) {
+        let (w, queue) = build(&c);
+        let cache = PlacementCache::default();
+        let _ = w.run_cached(&queue[..queue.len() / 2], &cache);
+        let mut fewer = w.clone();
+        for p in &mut fewer.pools {
+            p.shared_nodes.pop();
+            for nodes in p.reserved_nodes.values_mut() {
+                nodes.pop();
+            }
+        }
+        prop_assert_eq!(fewer.run_cached(&queue, &cache), fewer.run(&queue));
+        prop_assert_eq!(w.run_cached(&queue, &cache), w.run(&queue));
+        prop_assert_eq!(w.run_cached(&queue, &cache), w.run(&queue));
+    }
+
     #[test]
     fn admission_invariants(c in case()) {
         let (w, queue) = build(&c);

@@ -3,14 +3,50 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use super::{GangRequest, NodeFree, World};
+use super::{GangRequest, NodeFree, PlacementInput, World};
 use crate::planner::inventory::NodeInfo;
+
+/// What one pass may reuse from the previous ones while the node list is the
+/// same (the caller keeps one cache per node list): the nodes' name order and
+/// the candidate sets with their topology domains. A set is reused only for
+/// the same members and levels, so reservations and pool changes rebuild it.
+#[derive(Default)]
+pub struct PlacementCache {
+    rank: OnceLock<Vec<u32>>,
+    sets: Mutex<HashMap<(String, Option<String>), CachedSet>>,
+}
+
+struct CachedSet {
+    levels: Vec<String>,
+    members: Vec<usize>,
+    set: Arc<CandidateSet>,
+}
+
+impl PlacementCache {
+    /// Position of each node in name order.
+    pub(super) fn rank(&self, nodes: &[NodeInfo]) -> Vec<u32> {
+        self.rank.get_or_init(|| name_rank(nodes)).clone()
+    }
+}
+
+/// Position of each node in name order: cheap name comparisons.
+pub(super) fn name_rank(nodes: &[NodeInfo]) -> Vec<u32> {
+    let mut by_name: Vec<usize> = (0..nodes.len()).collect();
+    by_name.sort_by(|a, b| nodes[*a].name.cmp(&nodes[*b].name));
+    let mut rank = vec![0u32; nodes.len()];
+    for (r, i) in by_name.into_iter().enumerate() {
+        rank[i] = r as u32;
+    }
+    rank
+}
 
 /// Sort key of a fitting node when a gang spreads: (fullness rank, domain) per
 /// tried level coarse to fine, leftover devices, name rank, set position.
 type SpreadKey = (Vec<(Reverse<u32>, u32)>, i64, u32, u32);
 /// Candidate nodes of one pool for one kind of gang, with their domains.
+#[derive(Clone)]
 pub(super) struct CandidateSet {
     /// Node indexes.
     nodes: Vec<usize>,
@@ -21,6 +57,7 @@ pub(super) struct CandidateSet {
 }
 
 /// The domains of one topology key within a candidate set.
+#[derive(Clone)]
 struct LevelIndex {
     /// Last segment of the key, for messages ("rack").
     short: String,
@@ -30,6 +67,7 @@ struct LevelIndex {
     domains: Vec<Domain>,
 }
 
+#[derive(Clone)]
 struct Domain {
     /// The label value at this level.
     value: String,
@@ -90,7 +128,7 @@ impl<'a> World<'a> {
                 Some(alloc) => p.reserved_nodes.get(alloc).map(Vec::as_slice),
                 None => Some(p.shared_nodes.as_slice()),
             };
-            CandidateSet::new(input.nodes, listed.unwrap_or(&[]), &p.levels)
+            CandidateSet::cached(input, &p.name, reserved_for, listed.unwrap_or(&[]), &p.levels)
         });
         let wanted = g.topology.as_ref();
         let level_of_key = wanted.and_then(|t| p.levels.iter().position(|l| *l == t.key));
@@ -98,7 +136,7 @@ impl<'a> World<'a> {
             && !set.extra.contains_key(&t.key)
         {
             let idx = LevelIndex::new(input.nodes, &set.nodes, std::slice::from_ref(&t.key));
-            set.extra.insert(t.key.clone(), idx);
+            Arc::make_mut(set).extra.insert(t.key.clone(), idx);
         }
         let set: &CandidateSet = set;
         let free = &self.free;
@@ -185,10 +223,34 @@ impl<'a> World<'a> {
 }
 
 impl CandidateSet {
-    fn new(nodes: &[NodeInfo], listed: &[NodeFree], levels: &[String]) -> Self {
+    /// The set of `listed` nodes, from the input's cache when an earlier pass
+    /// built the same one.
+    fn cached(
+        input: &PlacementInput<'_>,
+        pool: &str,
+        reserved_for: Option<&str>,
+        listed: &[NodeFree],
+        levels: &[String],
+    ) -> Arc<Self> {
+        let nodes = input.nodes;
         let mut seen = BTreeSet::new();
         let members: Vec<usize> =
             listed.iter().map(|nf| nf.node).filter(|&n| n < nodes.len() && seen.insert(n)).collect();
+        let Some(cache) = input.cache else { return Arc::new(Self::new(nodes, members, levels)) };
+        let key = (pool.to_string(), reserved_for.map(str::to_string));
+        if let Some(c) = cache.sets.lock().expect("placement cache").get(&key)
+            && c.members == members
+            && c.levels == levels
+        {
+            return c.set.clone();
+        }
+        let set = Arc::new(Self::new(nodes, members.clone(), levels));
+        let entry = CachedSet { levels: levels.to_vec(), members, set: set.clone() };
+        cache.sets.lock().expect("placement cache").insert(key, entry);
+        set
+    }
+
+    fn new(nodes: &[NodeInfo], members: Vec<usize>, levels: &[String]) -> Self {
         let levels = (0..levels.len()).map(|d| LevelIndex::new(nodes, &members, &levels[..=d])).collect();
         CandidateSet { nodes: members, levels, extra: HashMap::new() }
     }
@@ -209,7 +271,9 @@ impl LevelIndex {
     /// every key of `path` (coarse to fine).
     fn new(nodes: &[NodeInfo], members: &[usize], path: &[String]) -> Self {
         let key = path.last().expect("a level has a key");
-        let mut by_path: BTreeMap<Vec<&str>, Vec<u32>> = BTreeMap::new();
+        // Hashed, then the few domains sorted: a node is one lookup, not a
+        // walk of string comparisons.
+        let mut by_path: HashMap<Vec<&str>, Vec<u32>> = HashMap::new();
         for (m, &n) in members.iter().enumerate() {
             let labels = &nodes[n].labels;
             if !labels.contains_key(key) {
@@ -218,6 +282,8 @@ impl LevelIndex {
             let values = path.iter().map(|k| labels.get(k).map_or("", String::as_str)).collect();
             by_path.entry(values).or_default().push(m as u32);
         }
+        let mut by_path: Vec<(Vec<&str>, Vec<u32>)> = by_path.into_iter().collect();
+        by_path.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut of = vec![None; members.len()];
         let domains = by_path
             .into_iter()
