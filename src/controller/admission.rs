@@ -35,8 +35,11 @@ use crate::planner::placement::Outcome;
 
 /// A burst of events arriving within this pause is one cycle.
 const COALESCE: Duration = Duration::from_millis(20);
-/// The shortest pause between two cycles.
-const MIN_GAP: Duration = Duration::from_millis(50);
+/// The shortest pause between two cycles. Runs that arrive one by one (a
+/// `kubectl apply` of hundreds) are admitted a few cycles a second, each
+/// taking everything that arrived since: a pass per arrival would plan the
+/// whole cluster hundreds of times for nothing.
+const MIN_GAP: Duration = Duration::from_millis(200);
 /// A cycle runs at least this often, for what moves with time alone.
 const IDLE_CYCLE: Duration = Duration::from_secs(5);
 /// Status writes in flight at once.
