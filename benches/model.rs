@@ -160,9 +160,11 @@ fn model_events(c: &mut Criterion) {
 }
 
 /// One admission cycle: the view from the model, then every queue planned.
-fn cycle(s: &Stores, projects: &[Arc<ModelProject>], metrics: &Metrics) -> usize {
+/// With `previous`, the loop's steady state: no node and no pool changed since
+/// that view, so its node and pool part and its placement cache are reused.
+fn cycle(s: &Stores, previous: Option<&View>, projects: &[Arc<ModelProject>], metrics: &Metrics) -> usize {
     let now = Timestamp::from_second(1_796_000_000).expect("a time");
-    let view = View::build(s, Duration::from_secs(300), now);
+    let view = View::build_after(s, Duration::from_secs(300), now, previous);
     let q = queue::plan(&view, now, projects, s, SignedDuration::from_secs(600), metrics, &|_| true);
     q.outcomes.len()
 }
@@ -176,8 +178,16 @@ fn cycles(c: &mut Criterion) {
         let s = stores(&cluster(nodes, queued));
         let projects = s.projects.store.state();
         let metrics = Metrics::default();
-        assert_eq!(cycle(&s, &projects, &metrics), queued, "every queued project gets an outcome");
-        g.bench_with_input(BenchmarkId::new(axis, x), &x, |b, _| b.iter(|| black_box(cycle(&s, &projects, &metrics))));
+        assert_eq!(cycle(&s, None, &projects, &metrics), queued, "every queued project gets an outcome");
+        g.bench_with_input(BenchmarkId::new(axis, x), &x, |b, _| {
+            b.iter(|| black_box(cycle(&s, None, &projects, &metrics)))
+        });
+        let now = Timestamp::from_second(1_796_000_000).expect("a time");
+        let previous = View::build(&s, Duration::from_secs(300), now);
+        cycle(&s, Some(&previous), &projects, &metrics);
+        g.bench_with_input(BenchmarkId::new(format!("steady_{axis}"), x), &x, |b, _| {
+            b.iter(|| black_box(cycle(&s, Some(&previous), &projects, &metrics)))
+        });
     }
     g.finish();
 }
