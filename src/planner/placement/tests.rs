@@ -114,20 +114,14 @@ impl World {
     }
 
     fn run_cached(&self, queue: &[GangRequest], cache: &PlacementCache) -> BTreeMap<String, Outcome> {
-        admit(&PlacementInput {
-            nodes: &self.nodes,
-            pools: &self.pools,
-            allocations: &self.allocs,
-            queue,
-            now: self.now,
-            starvation_after: self.starvation_after,
-            running: &self.running,
-            releasing: &self.releasing,
-            cache: Some(cache),
-        })
+        self.run_with(queue, Some(cache))
     }
 
     fn run(&self, queue: &[GangRequest]) -> BTreeMap<String, Outcome> {
+        self.run_with(queue, None)
+    }
+
+    fn run_with(&self, queue: &[GangRequest], cache: Option<&PlacementCache>) -> BTreeMap<String, Outcome> {
         admit(&PlacementInput {
             nodes: &self.nodes,
             pools: &self.pools,
@@ -137,7 +131,7 @@ impl World {
             starvation_after: self.starvation_after,
             running: &self.running,
             releasing: &self.releasing,
-            cache: None,
+            cache,
         })
     }
 }
