@@ -85,7 +85,7 @@ pub struct ModelProjectSpec {
 /// 4095 (`workers` is at most 4096), and a pod hostname is at most 63 characters.
 pub const MAX_PROJECT_NAME: usize = 63 - "-worker-4095".len();
 
-const PROJECT_NAME_MESSAGE: &str = "metadata.name: a ModelProject name must be a DNS-1035 label of at most 51 characters (lowercase letters, digits and '-', starting with a letter, ending with a letter or digit): it names the headless Service and the worker pods <name>-worker-<i>, whose hostnames are at most 63 characters";
+const PROJECT_NAME_MESSAGE: &str = "metadata.name: a ModelProject name must be a DNS-1035 label of at most 51 characters (lowercase letters, digits and '-', starting with a letter, ending with a letter or digit): it names the worker pods <name>-worker-<i>, whose hostnames are at most 63 characters";
 
 fn project_name_rule() -> String {
     format!(
