@@ -31,10 +31,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let s = &ctx.stores;
     let grants_changed = futures::stream::select_all([s.pools.changes().boxed(), s.allocations.changes().boxed()]);
     // Someone edited or deleted a managed quota or Service: put it back.
-    let quota_namespaces =
-        s.quotas.events().filter_map(|q| async move { Some(ObjectRef::<Namespace>::new(&q.namespace()?)) });
-    let service_namespaces =
-        s.services.events().filter_map(|q| async move { Some(ObjectRef::<Namespace>::new(&q.namespace()?)) });
+    let namespace_of = |ns: Option<String>| async move { Some(ObjectRef::<Namespace>::new(&ns?)) };
+    let quota_namespaces = s.quotas.events().filter_map(move |q| namespace_of(q.namespace()));
+    let service_namespaces = s.services.events().filter_map(move |svc| namespace_of(svc.namespace()));
     let controller = Controller::for_shared_stream(s.namespaces.events(), s.namespaces.store.clone())
         .reconcile_all_on(futures::stream::once(async {}).chain(grants_changed))
         .reconcile_on(futures::stream::select(quota_namespaces, service_namespaces))
@@ -91,14 +90,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
             {
                 let api: Api<Service> = Api::namespaced(ctx.client.clone(), &name);
                 let params = PatchParams::apply(FIELD_MANAGER).force();
-                api.patch(
-                    RENDEZVOUS_SERVICE,
-                    &params,
-                    &Patch::Apply(
-                        json!({"apiVersion": "v1", "kind": "Service", "metadata": want.metadata, "spec": want.spec}),
-                    ),
-                )
-                .await?;
+                api.patch(RENDEZVOUS_SERVICE, &params, &Patch::Apply(&want)).await?;
                 tracing::info!(namespace = %name, "rendezvous Service applied");
             }
         }

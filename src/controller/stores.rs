@@ -165,7 +165,6 @@ pub fn start(client: Client) -> Stores {
         &epoch,
         move |ev| on_node.apply_node(ev),
         |node: &mut Node| {
-            node.metadata.managed_fields = None;
             if let Some(status) = node.status.as_mut() {
                 status.images = None;
                 status.node_info = None;
@@ -177,46 +176,33 @@ pub fn start(client: Client) -> Stores {
     );
     // What pools are is their spec: their status (counts of this operator's
     // own making) changes nothing anyone plans from.
-    let strip_pool = |p: &mut AcceleratorPool| p.metadata.managed_fields = None;
     let pools = shared_signalled(
         Api::<AcceleratorPool>::all(client.clone()),
         all.clone(),
         &epoch,
         |_| {},
-        strip_pool,
+        |_| {},
         Some(spec_key),
     );
-    let allocations =
-        shared(Api::<GpuAllocation>::all(client.clone()), all.clone(), &epoch, |a: &mut GpuAllocation| {
-            a.metadata.managed_fields = None;
-        });
+    let allocations = shared(Api::<GpuAllocation>::all(client.clone()), all.clone(), &epoch, |_| {});
     let running = all.clone().fields("status.phase=Running");
     let on_pod = model.clone();
     let pods = shared_with(Api::<Pod>::all(client.clone()), running, &epoch, move |ev| on_pod.apply_pod(ev), strip_pod);
-    let namespaces = shared(Api::<Namespace>::all(client.clone()), all.clone(), &epoch, |ns: &mut Namespace| {
-        ns.metadata.managed_fields = None;
-        ns.spec = None;
-    });
+    let namespaces =
+        shared(Api::<Namespace>::all(client.clone()), all.clone(), &epoch, |ns: &mut Namespace| ns.spec = None);
     let managed = all.clone().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
     // Views read nodes, pools, allocations, running pods and namespaces: only
     // their changes make a cached view stale.
     let not_viewed = Arc::new(AtomicU64::new(0));
-    let quotas =
-        shared(Api::<ResourceQuota>::all(client.clone()), managed.clone(), &not_viewed, |q: &mut ResourceQuota| {
-            q.metadata.managed_fields = None;
-        });
-    let services = shared(Api::<Service>::all(client.clone()), managed, &not_viewed, |s: &mut Service| {
-        s.metadata.managed_fields = None;
-        s.status = None;
-    });
+    let quotas = shared(Api::<ResourceQuota>::all(client.clone()), managed.clone(), &not_viewed, |_| {});
+    let services = shared(Api::<Service>::all(client.clone()), managed, &not_viewed, |s: &mut Service| s.status = None);
     // Admission wakes on what it reads of a project, not on every status write.
-    let strip_project = |p: &mut ModelProject| p.metadata.managed_fields = None;
     let projects = shared_signalled(
         Api::<ModelProject>::all(client.clone()),
         all.clone(),
         &not_viewed,
         |_| {},
-        strip_project,
+        |_| {},
         Some(admission_key),
     );
     let workers_by_project = WorkerIndex::default();
@@ -227,7 +213,6 @@ pub fn start(client: Client) -> Stores {
         &not_viewed,
         move |ev| index.apply(ev),
         |pod: &mut Pod| {
-            pod.metadata.managed_fields = None;
             if let Some(spec) = pod.spec.as_mut() {
                 spec.volumes = None;
                 for c in spec.containers.iter_mut() {
@@ -257,7 +242,6 @@ pub fn start(client: Client) -> Stores {
 /// Keeps of a pod only what accounting and placement read: identity, labels,
 /// node, container requests and phase.
 fn strip_pod(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
     pod.metadata.annotations = None;
     if let Some(spec) = pod.spec.as_mut() {
         spec.volumes = None;
@@ -318,7 +302,7 @@ fn shared_signalled<K>(
     config: watcher::Config,
     epoch: &Arc<AtomicU64>,
     mut index: impl FnMut(&watcher::Event<K>) + Send + 'static,
-    strip: impl FnMut(&mut K) + Send + 'static,
+    mut strip: impl FnMut(&mut K) + Send + 'static,
     signal: Option<fn(&K) -> u64>,
 ) -> Shared<K>
 where
@@ -329,6 +313,11 @@ where
     let (tx, changed) = watch::channel(());
     let (gone, removed) = watch::channel(());
     let (events, _) = broadcast::channel(EVENT_BUFFER);
+    // No decision reads managedFields: never kept, whatever the kind.
+    let strip = move |obj: &mut K| {
+        obj.meta_mut().managed_fields = None;
+        strip(obj)
+    };
     let stream = watcher(api, config).backoff(WatchBackoff::default()).modify(strip).reflect(writer);
     let (epoch, sender) = (epoch.clone(), events.clone());
     let (mut seen, mut signalled) = (Fingerprints::default(), Fingerprints::default());
