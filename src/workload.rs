@@ -6,14 +6,15 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, Pod, PodSpec, ResourceRequirements, Service, ServiceSpec, Toleration,
+    Affinity, Container, EnvVar, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec,
+    ResourceRequirements, Service, ServiceSpec, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{AcceleratorPool, HOSTNAME_KEY, ModelProject};
+use crate::api::{AcceleratorPool, ModelProject};
 use crate::snapshot::{
     ALLOCATION_LABEL, LEDGER_FINALIZER, MANAGED_BY, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, WORKER_INDEX_LABEL,
 };
@@ -150,7 +151,7 @@ pub fn worker_pod(project: &ModelProject, placement: &Placement<'_>, index: usiz
             hostname: Some(name),
             subdomain: Some(RENDEZVOUS_SERVICE.into()),
             // Pinned to the node the plan chose; the scheduler still binds and checks.
-            node_selector: Some([(HOSTNAME_KEY.to_string(), node)].into()),
+            affinity: Some(on_node(node)),
             tolerations: (!tolerations.is_empty()).then_some(tolerations),
             restart_policy: Some("Never".into()),
             termination_grace_period_seconds: Some(t.termination_grace_period_seconds.unwrap_or(30)),
@@ -184,9 +185,39 @@ pub fn worker_pod(project: &ModelProject, placement: &Placement<'_>, index: usiz
     }
 }
 
+/// Required affinity to one node by name, as the DaemonSet controller pins its
+/// pods: the scheduler's NodeAffinity pre-filter then checks that node alone,
+/// where a nodeSelector on the hostname label makes it filter every node.
+fn on_node(node: String) -> Affinity {
+    let term = NodeSelectorTerm {
+        match_fields: Some(vec![NodeSelectorRequirement {
+            key: "metadata.name".into(),
+            operator: "In".into(),
+            values: Some(vec![node]),
+        }]),
+        ..Default::default()
+    };
+    Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector { node_selector_terms: vec![term] }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The node a worker pod is pinned to.
+    fn pinned_node(pod: &Pod) -> Option<&str> {
+        let affinity = pod.spec.as_ref()?.affinity.as_ref()?.node_affinity.as_ref()?;
+        let term =
+            affinity.required_during_scheduling_ignored_during_execution.as_ref()?.node_selector_terms.first()?;
+        let field = term.match_fields.as_ref()?.iter().find(|r| r.key == "metadata.name" && r.operator == "In")?;
+        field.values.as_ref()?.first().map(String::as_str)
+    }
 
     fn project() -> ModelProject {
         let mut p: ModelProject = serde_json::from_value(serde_json::json!({
@@ -238,7 +269,8 @@ mod tests {
             let spec = pod.spec.as_ref().unwrap();
             assert_eq!(spec.hostname.as_deref(), Some(format!("llm-worker-{i}").as_str()));
             assert_eq!(spec.subdomain.as_deref(), Some(RENDEZVOUS_SERVICE));
-            assert_eq!(&spec.node_selector.as_ref().unwrap()[HOSTNAME_KEY], node);
+            assert_eq!(pinned_node(&pod), Some(node.as_str()));
+            assert_eq!(spec.node_selector, None, "pinned by name, not by the hostname label");
             let res = spec.containers[0].resources.as_ref().unwrap();
             assert_eq!(res.requests.as_ref().unwrap()["rebellions.ai/ATOM"], Quantity("8".into()));
             assert_eq!(res.limits.as_ref().unwrap()["rebellions.ai/ATOM"], Quantity("8".into()));

@@ -11,9 +11,10 @@ use super::view::{View, ViewCache};
 use crate::cli::RunArgs;
 use crate::telemetry::{ControllerLabels, ErrorLabels, Metrics};
 
-/// How stale a view or admission pass a reconcile accepts during a burst of
-/// changes (they are rebuilt a few times a second, not once per change).
-pub const BURST_INTERVAL: Duration = Duration::from_millis(250);
+/// How stale a view the status reconcilers (pools, allocations, quotas)
+/// accept during a burst of changes: rebuilt once a second, not once per
+/// change. The admission loop always plans on a fresh one.
+pub const BURST_INTERVAL: Duration = Duration::from_secs(1);
 
 /// When to reconcile again: after `wait`, or sooner if the view or plan used
 /// was out of date (a newer one is due within [`BURST_INTERVAL`]).
