@@ -154,11 +154,11 @@ async fn cycle(ctx: &Context, state: &mut LoopState, capacity_changed: bool) -> 
         if p.metadata.deletion_timestamp.is_some() || !valid(p) {
             continue;
         }
-        let status = p.status.clone().unwrap_or_default();
-        if let Some(t) = status.retry_after.as_ref().filter(|t| t.0 > now) {
+        let status = p.status.as_ref();
+        if let Some(t) = status.and_then(|s| s.retry_after.as_ref()).filter(|t| t.0 > now) {
             wake = wake.min(super::project::until(now, t.0));
         }
-        if holds_devices(status.phase) {
+        if holds_devices(status.and_then(|s| s.phase)) {
             if let Some(w) = stop_inactive(&view, now, p).or_else(|| preempt(ctx, now, &q, p)) {
                 urgent.push(w);
             }

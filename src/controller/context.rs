@@ -45,6 +45,8 @@ pub struct Context {
     views: ViewCache,
     created: CreatedPods,
     backoff: Backoff,
+    /// When each pool's status was last written.
+    pool_written: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// Per-object retry delays after transient errors: doubling from
@@ -103,6 +105,7 @@ impl Context {
             backoff: Backoff::default(),
             reconciling_since: k8s_openapi::jiff::Timestamp::now(),
             gone: GonePods::default(),
+            pool_written: Default::default(),
         })
     }
 
@@ -157,6 +160,18 @@ impl Context {
             map.remove(&k);
         }
         map.retain(|_, at| at.elapsed() < CREATED_TTL);
+    }
+
+    /// How long until the pool's status may be written again, if it was
+    /// written less than `every` ago.
+    pub fn pool_write_due_in(&self, pool: &str, every: Duration) -> Option<Duration> {
+        let written = self.pool_written.lock().expect("pool writes lock");
+        written.get(pool).and_then(|at| every.checked_sub(at.elapsed())).filter(|d| !d.is_zero())
+    }
+
+    /// Notes that the pool's status was written now.
+    pub fn pool_written(&self, pool: &str) {
+        self.pool_written.lock().expect("pool writes lock").insert(pool.to_string(), std::time::Instant::now());
     }
 
     /// Publishes an Event; a failure to publish is logged, never fatal.

@@ -19,6 +19,9 @@ use crate::snapshot;
 const CONTROLLER: &str = "acceleratorpool";
 /// Conflicting node names listed in status, at most.
 const MAX_LISTED_CONFLICTS: usize = 20;
+/// `inUse` moves with every worker that starts or ends (hundreds a minute on a
+/// national cluster): a change of it alone is written at most this often.
+const IN_USE_REFRESH: Duration = Duration::from_secs(5);
 
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let s = &ctx.stores;
@@ -138,7 +141,12 @@ async fn reconcile(pool: Arc<AcceleratorPool>, ctx: Arc<Context>) -> Result<Acti
 
     publish_transitions(&ctx, &pool, &old, &status).await;
     if status != old {
+        let only_in_use = AcceleratorPoolStatus { in_use: old.in_use, ..status.clone() } == old;
+        if only_in_use && let Some(wait) = ctx.pool_write_due_in(&name, IN_USE_REFRESH) {
+            return Ok(requeue(stale, Some(wait)));
+        }
         super::apply_status(&Api::<AcceleratorPool>::all(ctx.client.clone()), &name, None, &status).await?;
+        ctx.pool_written(&name);
     }
     Ok(requeue(stale, Some(Duration::from_secs(300))))
 }

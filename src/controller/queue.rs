@@ -1,7 +1,7 @@
 //! The admission pass over every waiting gang, built from the cluster view and
 //! the projects: the planner's input, made by the admission loop once a cycle.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::jiff::SignedDuration;
@@ -70,13 +70,11 @@ pub fn plan(
         }
     });
     let mut admitted: BTreeMap<(String, String), i64> = BTreeMap::new();
-    let mut holding: BTreeSet<String> = BTreeSet::new();
+    // (namespace, name) of the projects holding devices.
+    let mut holding: HashSet<(&str, &str)> = HashSet::new();
     let mut running: Vec<RunningGang> = Vec::new();
     for p in projects {
-        let status = p.status.clone().unwrap_or_default();
-        if !holds_devices(status.phase) {
-            continue;
-        }
+        let Some(status) = p.status.as_ref().filter(|s| holds_devices(s.phase)) else { continue };
         let Some(pool) = status.pool.as_deref().and_then(|n| view.pool(n)) else { continue };
         let per = p.spec.accelerators_per_worker as i64;
         let mut at: Vec<usize> = Vec::with_capacity(status.nodes.len());
@@ -99,14 +97,17 @@ pub fn plan(
             protected_until: status.protected_until.as_ref().map(|t| t.0),
         });
         *admitted.entry((p.spec.allocation.clone(), pool.name.clone())).or_default() += per * p.spec.workers as i64;
-        holding.insert(key(p));
+        holding.insert((
+            p.metadata.namespace.as_deref().unwrap_or_default(),
+            p.metadata.name.as_deref().unwrap_or_default(),
+        ));
     }
     let mut releasing: Vec<Releasing> = Vec::new();
     // Pods of a gang that gave its devices back but are still terminating keep
     // their node's devices and count in the namespace quota until they are gone.
     for pod in stores.workers.store.state() {
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        let project = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.labels()[PROJECT_LABEL]);
+        let project = (pod.metadata.namespace.as_deref().unwrap_or_default(), pod.labels()[PROJECT_LABEL].as_str());
         if matches!(phase, Some("Succeeded" | "Failed")) || holding.contains(&project) {
             continue;
         }

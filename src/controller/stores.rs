@@ -423,16 +423,25 @@ fn spec_key<K: Resource>(obj: &K) -> u64 {
     h.finish()
 }
 
-fn fingerprint<K: Resource + serde::Serialize>(obj: &K) -> u64 {
+fn fingerprint<K: Resource + Clone + serde::Serialize>(obj: &K) -> u64 {
     use std::hash::Hasher;
-    let mut value = serde_json::to_value(obj).unwrap_or_default();
-    if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-        meta.remove("resourceVersion");
-        meta.remove("managedFields");
+    /// Hashes the JSON as it is written: no JSON value or string built.
+    struct HashWriter(std::hash::DefaultHasher);
+    impl std::io::Write for HashWriter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.write(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
-    let mut h = std::hash::DefaultHasher::new();
-    h.write(value.to_string().as_bytes());
-    h.finish()
+    let mut obj = obj.clone();
+    obj.meta_mut().resource_version = None;
+    obj.meta_mut().managed_fields = None;
+    let mut w = HashWriter(std::hash::DefaultHasher::new());
+    let _ = serde_json::to_writer(&mut w, &obj);
+    w.0.finish()
 }
 
 /// Worker pod names by "namespace/project", updated per watch event so that a
@@ -490,5 +499,29 @@ impl WorkerIndex {
     pub fn names(&self, project: &str) -> Vec<String> {
         let s = self.0.read().expect("worker index lock");
         s.by_project.get(project).map(|set| set.iter().cloned().collect()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fingerprint_ignores_the_resource_version_and_managed_fields_only() {
+        let node = |rv: &str, zone: &str, managed: bool| -> Node {
+            let mut n: Node = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "n1", "resourceVersion": rv, "labels": {"zone": zone}},
+                "status": {"capacity": {"nvidia.com/gpu": "8"}}
+            }))
+            .unwrap();
+            if managed {
+                n.metadata.managed_fields = Some(vec![Default::default()]);
+            }
+            n
+        };
+        let base = fingerprint(&node("1", "a", false));
+        assert_eq!(base, fingerprint(&node("2", "a", false)), "a new resourceVersion alone changes nothing kept");
+        assert_eq!(base, fingerprint(&node("3", "a", true)), "nor do managedFields");
+        assert_ne!(base, fingerprint(&node("2", "b", false)), "a label does");
     }
 }
