@@ -159,13 +159,17 @@ fn model_events(c: &mut Criterion) {
     g.finish();
 }
 
+/// The benches' clock: one fixed moment.
+fn now() -> Timestamp {
+    Timestamp::from_second(1_796_000_000).expect("a time")
+}
+
 /// One admission cycle: the view from the model, then every queue planned.
 /// With `previous`, the loop's steady state: no node and no pool changed since
 /// that view, so its node and pool part and its placement cache are reused.
 fn cycle(s: &Stores, previous: Option<&View>, projects: &[Arc<ModelProject>], metrics: &Metrics) -> usize {
-    let now = Timestamp::from_second(1_796_000_000).expect("a time");
-    let view = View::build_after(s, Duration::from_secs(300), now, previous);
-    let q = queue::plan(&view, now, projects, s, SignedDuration::from_secs(600), metrics, &|_| true);
+    let view = View::build_after(s, Duration::from_secs(300), now(), previous);
+    let q = queue::plan(&view, now(), projects, s, SignedDuration::from_secs(600), metrics, &|_| true);
     q.outcomes.len()
 }
 
@@ -182,8 +186,7 @@ fn cycles(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new(axis, x), &x, |b, _| {
             b.iter(|| black_box(cycle(&s, None, &projects, &metrics)))
         });
-        let now = Timestamp::from_second(1_796_000_000).expect("a time");
-        let previous = View::build(&s, Duration::from_secs(300), now);
+        let previous = View::build(&s, Duration::from_secs(300), now());
         cycle(&s, Some(&previous), &projects, &metrics);
         g.bench_with_input(BenchmarkId::new(format!("steady_{axis}"), x), &x, |b, _| {
             b.iter(|| black_box(cycle(&s, Some(&previous), &projects, &metrics)))

@@ -43,10 +43,15 @@ pub struct Context {
     pub reconciling_since: k8s_openapi::jiff::Timestamp,
     gone: GonePods,
     views: ViewCache,
-    created: CreatedPods,
+    /// Worker pods created but not yet seen in the store, by "namespace/name".
+    /// A second create would be refused (409) yet still charged to the
+    /// namespace's ResourceQuota until the quota controller's next full
+    /// resync, and enough such charges refuse real pods: so a pod is not
+    /// created twice.
+    created: Stamps,
     backoff: Backoff,
     /// When each pool's status was last written.
-    pool_written: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    pool_written: Stamps,
 }
 
 /// Per-object retry delays after transient errors: doubling from
@@ -72,12 +77,29 @@ impl Drop for Measure<'_> {
     }
 }
 
-/// Worker pods created but not yet seen in the store, by "namespace/name". A
-/// second create would be refused (409) yet still charged to the namespace's
-/// ResourceQuota until the quota controller's next full resync, and enough
-/// such charges refuse real pods: so a pod is not created twice.
+/// When something happened to each key (a pod created, a status written).
 #[derive(Default)]
-struct CreatedPods(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
+struct Stamps(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
+
+impl Stamps {
+    fn note(&self, key: String) {
+        self.0.lock().expect("stamps lock").insert(key, std::time::Instant::now());
+    }
+
+    /// How long ago it happened to `key`, if it was noted.
+    fn age(&self, key: &str) -> Option<Duration> {
+        self.0.lock().expect("stamps lock").get(key).map(|at| at.elapsed())
+    }
+
+    /// Forgets `keys`, and every key noted longer than `ttl` ago.
+    fn forget(&self, keys: impl IntoIterator<Item = String>, ttl: Duration) {
+        let mut map = self.0.lock().expect("stamps lock");
+        for k in keys {
+            map.remove(&k);
+        }
+        map.retain(|_, at| at.elapsed() < ttl);
+    }
+}
 
 /// When the watches saw pods go (UID -> ms since the epoch: the deletion time
 /// if the pod had one, else the moment it left the store), for the ledger.
@@ -101,11 +123,11 @@ impl Context {
             stores,
             starvation_after: k8s_openapi::jiff::SignedDuration::from_secs(args.planning.starvation_seconds as i64),
             min_run_time: k8s_openapi::jiff::SignedDuration::from_secs(args.planning.min_run_seconds as i64),
-            created: CreatedPods::default(),
+            created: Stamps::default(),
             backoff: Backoff::default(),
             reconciling_since: k8s_openapi::jiff::Timestamp::now(),
             gone: GonePods::default(),
-            pool_written: Default::default(),
+            pool_written: Stamps::default(),
         })
     }
 
@@ -130,16 +152,14 @@ impl Context {
 
     /// Whether the pod was created a moment ago and the store has not shown it yet.
     pub fn recently_created(&self, key: &str) -> bool {
-        let created = self.created.0.lock().expect("created pods lock");
-        created.get(key).is_some_and(|at| at.elapsed() < CREATED_TTL)
+        self.created.age(key).is_some_and(|age| age < CREATED_TTL)
     }
 
     /// Remembers a pod just created (or found to exist already).
     pub fn pod_created(&self, key: String) {
-        self.created.0.lock().expect("created pods lock").insert(key, std::time::Instant::now());
+        self.created.note(key);
     }
 
-    /// Forgets the pods the store shows, and those remembered too long.
     /// Notes that the pod `uid` left the stores (at `deleted`, if it had a
     /// deletion time); entries older than [`GONE_TTL_MILLIS`] are dropped.
     pub fn saw_gone(&self, uid: &str, deleted: Option<i64>) {
@@ -154,24 +174,20 @@ impl Context {
         self.gone.0.lock().expect("gone pods lock").get(uid).copied()
     }
 
+    /// Forgets the pods the store shows, and those remembered too long.
     pub fn pods_seen(&self, seen: impl IntoIterator<Item = String>) {
-        let mut map = self.created.0.lock().expect("created pods lock");
-        for k in seen {
-            map.remove(&k);
-        }
-        map.retain(|_, at| at.elapsed() < CREATED_TTL);
+        self.created.forget(seen, CREATED_TTL);
     }
 
     /// How long until the pool's status may be written again, if it was
     /// written less than `every` ago.
     pub fn pool_write_due_in(&self, pool: &str, every: Duration) -> Option<Duration> {
-        let written = self.pool_written.lock().expect("pool writes lock");
-        written.get(pool).and_then(|at| every.checked_sub(at.elapsed())).filter(|d| !d.is_zero())
+        self.pool_written.age(pool).and_then(|age| every.checked_sub(age)).filter(|d| !d.is_zero())
     }
 
     /// Notes that the pool's status was written now.
     pub fn pool_written(&self, pool: &str) {
-        self.pool_written.lock().expect("pool writes lock").insert(pool.to_string(), std::time::Instant::now());
+        self.pool_written.note(pool.to_string());
     }
 
     /// Publishes an Event; a failure to publish is logged, never fatal.
