@@ -1,14 +1,15 @@
 //! Desired objects of an admitted ModelProject: the worker pods (placement,
 //! accelerators, and the torchrun environment added to the user's template),
-//! and the one headless Service per tenant namespace that gives every gang's
-//! worker 0 a DNS name. Pure: no client.
+//! the one headless Service per tenant namespace, and the EndpointSlice that
+//! gives each gang's worker 0 a DNS name under it. Pure: no client.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, EnvVar, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec,
-    ResourceRequirements, Service, ServiceSpec, Toleration,
+    Affinity, Container, EnvVar, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    ObjectReference, Pod, PodSpec, ResourceRequirements, Service, ServiceSpec, Toleration,
 };
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ObjectMeta;
@@ -52,28 +53,81 @@ fn labels(project: &ModelProject, pool: &str) -> BTreeMap<String, String> {
 /// worker 0 of each gang, its rendezvous.
 pub const RENDEZVOUS_SERVICE: &str = "sovereign-rendezvous";
 
-/// The rendezvous Service of a tenant namespace. One per namespace, not one
-/// per gang: a gang costs no Service and no EndpointSlice of its own, only an
-/// endpoint in the namespace's. It selects worker 0 of every gang (its
-/// endpoints change once per attempt, not with every worker) and has no ports:
-/// DNS names a headless Service's pods whatever their ports, and each gang
-/// chooses its own `masterPort`.
+/// The rendezvous Service of a tenant namespace: headless, with no selector and
+/// no ports. Its endpoints are the operator's own, one EndpointSlice per gang
+/// ([`rendezvous_slice`]): with a selector, the endpoints controllers would
+/// rewrite the namespace's whole Endpoints and EndpointSlice (every gang's
+/// worker 0) each time one worker 0 came or went. DNS names a headless
+/// Service's endpoints whatever their ports, and each gang chooses its own
+/// `masterPort`.
 pub fn rendezvous_service() -> Service {
     let managed = (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string());
     Service {
         metadata: ObjectMeta {
             name: Some(RENDEZVOUS_SERVICE.into()),
-            labels: Some([managed.clone()].into()),
+            labels: Some([managed].into()),
             ..Default::default()
         },
-        spec: Some(ServiceSpec {
-            cluster_ip: Some("None".into()),
-            selector: Some([managed, (WORKER_INDEX_LABEL.to_string(), "0".into())].into()),
-            publish_not_ready_addresses: Some(true),
-            ..Default::default()
-        }),
+        spec: Some(ServiceSpec { cluster_ip: Some("None".into()), ..Default::default() }),
         ..Default::default()
     }
+}
+
+/// The label that ties an EndpointSlice to its Service (what DNS reads).
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Who manages an EndpointSlice: the endpoints controllers leave ours alone.
+pub const SLICE_MANAGED_BY: (&str, &str) =
+    ("endpointslice.kubernetes.io/managed-by", "sovereign-operator.sovereign.ai");
+
+/// Worker 0's endpoint in the namespace's rendezvous Service, once the pod has
+/// an IP: one EndpointSlice per gang, named as the pod and owned by it (it goes
+/// with the pod), so `<project>-worker-0.sovereign-rendezvous` resolves to that
+/// pod. Published before the pod is ready, as torchrun's peers retry until
+/// worker 0 listens.
+pub fn rendezvous_slice(project: &str, worker0: &Pod) -> Option<EndpointSlice> {
+    let ip = worker0.status.as_ref()?.pod_ip.clone()?;
+    let address_type = match ip.parse::<std::net::IpAddr>().ok()? {
+        std::net::IpAddr::V4(_) => "IPv4",
+        std::net::IpAddr::V6(_) => "IPv6",
+    };
+    let name = worker_name(project, 0);
+    let labels = [
+        (SERVICE_NAME_LABEL.to_string(), RENDEZVOUS_SERVICE.to_string()),
+        (SLICE_MANAGED_BY.0.to_string(), SLICE_MANAGED_BY.1.to_string()),
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (PROJECT_LABEL.to_string(), project.to_string()),
+    ];
+    let owner = OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: name.clone(),
+        uid: worker0.uid()?,
+        ..Default::default()
+    };
+    Some(EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some(labels.into()),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        address_type: address_type.into(),
+        endpoints: vec![Endpoint {
+            addresses: vec![ip],
+            hostname: Some(name.clone()),
+            node_name: worker0.spec.as_ref().and_then(|s| s.node_name.clone()),
+            conditions: Some(EndpointConditions { ready: Some(true), serving: Some(true), terminating: Some(false) }),
+            target_ref: Some(ObjectReference {
+                kind: Some("Pod".into()),
+                name: Some(name),
+                namespace: worker0.namespace(),
+                uid: worker0.uid(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ports: None,
+    })
 }
 
 /// The torchrun / Kubeflow PyTorchJob environment of worker `index`.
@@ -307,20 +361,45 @@ mod tests {
     }
 
     #[test]
-    fn the_rendezvous_service_is_headless_and_selects_every_worker_0_alone() {
-        let (p, pool) = (project(), pool());
+    fn the_rendezvous_service_is_headless_and_selects_nothing_itself() {
         let svc = rendezvous_service();
         let spec = svc.spec.as_ref().unwrap();
         assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
-        assert_eq!(spec.publish_not_ready_addresses, Some(true), "named before it is ready: ranks wait on it");
+        assert_eq!(spec.selector, None, "its endpoints are the operator's: no controller rewrites them");
+        assert_eq!(spec.ports, None);
         assert_eq!(svc.metadata.name.as_deref(), Some(RENDEZVOUS_SERVICE));
-        let selects = |pod: &Pod| {
-            let labels = pod.metadata.labels.as_ref().unwrap();
-            spec.selector.as_ref().unwrap().iter().all(|(k, v)| labels.get(k) == Some(v))
-        };
-        let nodes = vec!["n".to_string(); 4];
+    }
+
+    fn with_ip(mut pod: Pod, ip: Option<&str>) -> Pod {
+        pod.metadata.uid = Some("u-0".into());
+        pod.metadata.namespace = Some("team-a".into());
+        pod.spec.as_mut().unwrap().node_name = Some("n".into());
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus { pod_ip: ip.map(Into::into), ..Default::default() });
+        pod
+    }
+
+    #[test]
+    fn worker_0_is_named_under_the_rendezvous_service_once_it_has_an_ip() {
+        let (p, pool) = (project(), pool());
+        let nodes = vec!["n".to_string(); 2];
         let placement = Placement { pool: &pool, nodes: &nodes, dedicated: false };
-        let selected: Vec<bool> = (0..4).map(|i| selects(&worker_pod(&p, &placement, i))).collect();
-        assert_eq!(selected, [true, false, false, false]);
+        let pod = worker_pod(&p, &placement, 0);
+        assert!(rendezvous_slice("llm", &with_ip(pod.clone(), None)).is_none(), "no IP yet: nothing to name");
+
+        let slice = rendezvous_slice("llm", &with_ip(pod.clone(), Some("10.1.2.3"))).unwrap();
+        let labels = slice.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[SERVICE_NAME_LABEL], RENDEZVOUS_SERVICE, "what DNS ties to the Service");
+        assert_eq!(labels[SLICE_MANAGED_BY.0], SLICE_MANAGED_BY.1, "the endpoints controllers leave it alone");
+        assert_eq!(slice.metadata.name.as_deref(), Some("llm-worker-0"));
+        assert_eq!(slice.address_type, "IPv4");
+        let owner = &slice.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", "u-0"), "it goes with the pod");
+        let [ep] = &slice.endpoints[..] else { panic!("one endpoint: {:?}", slice.endpoints) };
+        assert_eq!(ep.addresses, ["10.1.2.3"]);
+        assert_eq!(ep.hostname.as_deref(), Some("llm-worker-0"), "the name MASTER_ADDR uses");
+        assert_eq!(ep.conditions.as_ref().unwrap().ready, Some(true), "named before it is ready: ranks wait on it");
+
+        let v6 = rendezvous_slice("llm", &with_ip(pod, Some("fd00::5"))).unwrap();
+        assert_eq!(v6.address_type, "IPv6");
     }
 }

@@ -39,7 +39,15 @@ fn quota(ns: &str) -> String {
 fn service(ns: &str, name: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-         spec: {{clusterIP: None, selector: {{sovereign.ai/worker-index: \"0\"}}}}\n"
+         spec: {{clusterIP: None}}\n"
+    )
+}
+
+fn slice(ns: &str, service: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: e2e-privilege, namespace: {ns}, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+         addressType: IPv4\nendpoints: [{{addresses: [10.0.0.9], hostname: p-worker-0}}]\n"
     )
 }
 
@@ -91,6 +99,16 @@ pub async fn the_operator_writes_only_in_tenant_namespaces_and_on_pool_nodes(env
             "another Service in a tenant namespace",
             attempt(&env, &create, Some(&service(&tenant.name, "web")))?,
             "only its own Service, sovereign-rendezvous",
+        );
+        refused(
+            "a rendezvous EndpointSlice in kube-system",
+            attempt(&env, &create, Some(&slice("kube-system", "sovereign-rendezvous")))?,
+            "may write endpointslices only in tenant namespaces",
+        );
+        refused(
+            "an endpoint of another Service in a tenant namespace (its DNS name taken over)",
+            attempt(&env, &create, Some(&slice(&tenant.name, "web")))?,
+            "only endpoints of its own Service, sovereign-rendezvous",
         );
         refused(
             "a pod that is no worker, in a tenant namespace",
@@ -168,6 +186,10 @@ pub async fn the_operator_writes_only_in_tenant_namespaces_and_on_pool_nodes(env
         allowed(
             "the rendezvous Service in a tenant namespace",
             attempt(&env, &create, Some(&service(&tenant.name, "sovereign-rendezvous")))?,
+        );
+        allowed(
+            "worker 0's endpoint under the rendezvous Service in a tenant namespace",
+            attempt(&env, &create, Some(&slice(&tenant.name, "sovereign-rendezvous")))?,
         );
         allowed(
             "a reservation on an accelerator node",

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ResourceQuota, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -111,6 +112,8 @@ pub struct Stores {
     pub quotas: Shared<ResourceQuota>,
     /// The rendezvous Services this operator manages (one per tenant namespace).
     pub services: Shared<Service>,
+    /// The rendezvous endpoints this operator manages (worker 0 of each gang).
+    pub slices: Shared<EndpointSlice>,
     pub projects: Shared<ModelProject>,
     /// Worker pods of every project, in any phase.
     pub workers: Shared<Pod>,
@@ -131,6 +134,7 @@ impl Stores {
         self.namespaces.store.wait_until_ready().await?;
         self.quotas.store.wait_until_ready().await?;
         self.services.store.wait_until_ready().await?;
+        self.slices.store.wait_until_ready().await?;
         self.projects.store.wait_until_ready().await?;
         self.workers.store.wait_until_ready().await?;
         Ok(())
@@ -195,7 +199,9 @@ pub fn start(client: Client) -> Stores {
     // their changes make a cached view stale.
     let not_viewed = Arc::new(AtomicU64::new(0));
     let quotas = shared(Api::<ResourceQuota>::all(client.clone()), managed.clone(), &not_viewed, |_| {});
-    let services = shared(Api::<Service>::all(client.clone()), managed, &not_viewed, |s: &mut Service| s.status = None);
+    let services =
+        shared(Api::<Service>::all(client.clone()), managed.clone(), &not_viewed, |s: &mut Service| s.status = None);
+    let slices = shared(Api::<EndpointSlice>::all(client.clone()), managed, &not_viewed, |_| {});
     // Admission wakes on what it reads of a project, not on every status write.
     let projects = shared_signalled(
         Api::<ModelProject>::all(client.clone()),
@@ -231,6 +237,7 @@ pub fn start(client: Client) -> Stores {
         namespaces,
         quotas,
         services,
+        slices,
         projects,
         workers,
         workers_by_project,

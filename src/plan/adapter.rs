@@ -90,6 +90,7 @@ pub fn stores(cluster: &Cluster) -> Stores {
         namespaces: shared(&cluster.namespaces),
         quotas: shared(&[]),
         services: shared(&[]),
+        slices: shared(&[]),
         projects: shared(&cluster.projects),
         workers: shared(&cluster.workers),
         workers_by_project: Default::default(),

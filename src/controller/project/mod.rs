@@ -19,8 +19,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
@@ -35,15 +36,21 @@ const CONTROLLER: &str = "modelproject";
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let s = &ctx.stores;
     // A project is reconciled on its own changes (the admission loop's writes
-    // included) and its worker pods' changes; nothing cluster-wide. The first
+    // included), its worker pods' and its EndpointSlice's; nothing cluster-wide. The first
     // item reconciles every project already in the store at start.
     let worker_projects = s.workers.events().filter_map(|pod| async move {
         let project = pod.labels().get(PROJECT_LABEL)?.clone();
         Some(ObjectRef::<ModelProject>::new(&project).within(&pod.namespace()?))
     });
+    // Its rendezvous EndpointSlice too: one deleted by hand is put back.
+    let slice_projects = s.slices.events().filter_map(|slice| async move {
+        let project = slice.labels().get(PROJECT_LABEL)?.clone();
+        Some(ObjectRef::<ModelProject>::new(&project).within(&slice.namespace()?))
+    });
     let controller = Controller::for_shared_stream(s.projects.events(), s.projects.store.clone())
         .reconcile_all_on(futures::stream::once(async {}))
         .reconcile_on(worker_projects)
+        .reconcile_on(slice_projects)
         .with_config(super::controller_config(Duration::from_millis(100)));
     super::drive(controller, CONTROLLER, ctx.clone(), shutdown, reconcile).await;
 }
@@ -120,6 +127,7 @@ async fn apply(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: Dec
             r => drop(r?),
         }
     }
+    publish_rendezvous(ctx, project, obs.pods).await?;
     let on = project.object_ref(&());
     for note in d.events {
         ctx.event(&on, note.warning, note.reason, note.message).await;
@@ -127,9 +135,8 @@ async fn apply(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: Dec
     Ok(Action::requeue(d.requeue))
 }
 
-/// Creates the workers the decision asks for (worker 0's DNS name comes from
-/// the namespace's rendezvous Service, see `super::quota`); stops at the first
-/// refusal and returns it.
+/// Creates the workers the decision asks for (worker 0's DNS name is
+/// [`publish_rendezvous`]'s); stops at the first refusal and returns it.
 async fn create(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: &Decision) -> Option<Refusal> {
     let pool = obs.pool.filter(|_| !d.create.is_empty())?;
     let ns = project.namespace().unwrap_or_default();
@@ -152,6 +159,45 @@ async fn create(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: &D
         }
     }
     None
+}
+
+/// Names worker 0 under the namespace's rendezvous Service once it has an IP
+/// (again when a restart gave it a new one), and takes the name back when it
+/// stopped: its IP may go to another pod. A deleted worker 0 takes its
+/// EndpointSlice with it (owner reference).
+async fn publish_rendezvous(ctx: &Context, project: &ModelProject, pods: &[Arc<Pod>]) -> Result<(), Error> {
+    let name = project.name_any();
+    let ns = project.namespace().unwrap_or_default();
+    let slice_name = workload::worker_name(&name, 0);
+    let Some(worker0) = pods.iter().find(|p| p.name_any() == slice_name && p.metadata.deletion_timestamp.is_none())
+    else {
+        return Ok(());
+    };
+    let have = ctx.stores.slices.store.get(&ObjectRef::new(&slice_name).within(&ns));
+    let api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
+    let stopped =
+        worker0.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
+    if stopped {
+        if have.is_some() {
+            match api.delete(&slice_name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        return Ok(());
+    }
+    let Some(want) = workload::rendezvous_slice(&name, worker0) else {
+        return Ok(());
+    };
+    let current = have.as_ref().is_some_and(|h| {
+        h.endpoints == want.endpoints && h.metadata.owner_references == want.metadata.owner_references
+    });
+    if !current {
+        let params = PatchParams::apply(super::FIELD_MANAGER).force();
+        api.patch(&slice_name, &params, &Patch::Apply(&want)).await?;
+    }
+    Ok(())
 }
 
 /// Deletes every worker pod of the project, each with its grace period so the
