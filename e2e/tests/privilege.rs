@@ -122,6 +122,15 @@ pub async fn the_operator_writes_only_in_tenant_namespaces_and_on_pool_nodes(env
             "cannot delete resource \"pods\"",
         );
         refused(
+            "an Endpoints object created (it may only delete the rendezvous Service's, on upgrade)",
+            attempt(
+                &env,
+                &create,
+                Some(&format!("apiVersion: v1\nkind: Endpoints\nmetadata: {{name: sovereign-rendezvous, namespace: {}}}\n", tenant.name)),
+            )?,
+            "cannot create resource \"endpoints\"",
+        );
+        refused(
             "a Secret read",
             as_operator(&env, &["-n", "kube-system", "get", "secrets"], None)?,
             "cannot list resource \"secrets\"",

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, ResourceQuota, Service};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -89,6 +89,25 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
                 != want.spec.as_ref().map(|s| &s.selector)
             {
                 let api: Api<Service> = Api::namespaced(ctx.client.clone(), &name);
+                if service.as_ref().and_then(|s| s.spec.as_ref()).is_some_and(|s| s.selector.is_some()) {
+                    // The shape of earlier versions, whose endpoints the endpoints
+                    // controllers kept. Deleted with its Endpoints first: a Service
+                    // without a selector keeps whatever Endpoints object exists (and
+                    // it is mirrored into slices), so stale addresses would stay
+                    // beside the operator's.
+                    let endpoints: Api<Endpoints> = Api::namespaced(ctx.client.clone(), &name);
+                    for r in [
+                        api.delete(RENDEZVOUS_SERVICE, &DeleteParams::default()).await.map(drop),
+                        endpoints.delete(RENDEZVOUS_SERVICE, &DeleteParams::default()).await.map(drop),
+                    ] {
+                        match r {
+                            Ok(()) => {}
+                            Err(kube::Error::Api(e)) if e.code == 404 => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    tracing::info!(namespace = %name, "rendezvous Service of an earlier version (with a selector) replaced");
+                }
                 let params = PatchParams::apply(FIELD_MANAGER).force();
                 api.patch(RENDEZVOUS_SERVICE, &params, &Patch::Apply(&want)).await?;
                 tracing::info!(namespace = %name, "rendezvous Service applied");
