@@ -97,13 +97,7 @@ pub fn rendezvous_slice(project: &str, worker0: &Pod) -> Option<EndpointSlice> {
         (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
         (PROJECT_LABEL.to_string(), project.to_string()),
     ];
-    let owner = OwnerReference {
-        api_version: "v1".into(),
-        kind: "Pod".into(),
-        name: name.clone(),
-        uid: worker0.uid()?,
-        ..Default::default()
-    };
+    let owner = worker0.owner_ref(&())?;
     Some(EndpointSlice {
         metadata: ObjectMeta {
             name: Some(name.clone()),

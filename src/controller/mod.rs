@@ -34,6 +34,19 @@ use crate::telemetry::Metrics;
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "sovereign-operator";
 
+/// Deletes the named object; one already gone is no error. True when this
+/// call deleted it.
+pub(crate) async fn delete_if_present<K>(api: &kube::Api<K>, name: &str) -> Result<bool, Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &kube::api::DeleteParams::default()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Writes `status` of the object by server-side apply with the operator's field
 /// manager (the one status writer of every kind). With `resource_version`, the
 /// write is refused (409) if the object changed since that version. Returns

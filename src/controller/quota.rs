@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, ResourceQuota, Service};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
@@ -20,7 +20,7 @@ use serde_json::json;
 
 use super::context::requeue;
 use super::stores::MANAGED_BY;
-use super::{Context, Error, FIELD_MANAGER};
+use super::{Context, Error, FIELD_MANAGER, delete_if_present};
 use crate::workload::{RENDEZVOUS_SERVICE, rendezvous_service};
 
 const CONTROLLER: &str = "quota";
@@ -95,17 +95,9 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
                     // without a selector keeps whatever Endpoints object exists (and
                     // it is mirrored into slices), so stale addresses would stay
                     // beside the operator's.
+                    delete_if_present(&api, RENDEZVOUS_SERVICE).await?;
                     let endpoints: Api<Endpoints> = Api::namespaced(ctx.client.clone(), &name);
-                    for r in [
-                        api.delete(RENDEZVOUS_SERVICE, &DeleteParams::default()).await.map(drop),
-                        endpoints.delete(RENDEZVOUS_SERVICE, &DeleteParams::default()).await.map(drop),
-                    ] {
-                        match r {
-                            Ok(()) => {}
-                            Err(kube::Error::Api(e)) if e.code == 404 => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
+                    delete_if_present(&endpoints, RENDEZVOUS_SERVICE).await?;
                     tracing::info!(namespace = %name, "rendezvous Service of an earlier version (with a selector) replaced");
                 }
                 let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -114,24 +106,13 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
             }
         }
         None => {
-            if service.is_some() {
-                let api: Api<Service> = Api::namespaced(ctx.client.clone(), &name);
-                match api.delete(RENDEZVOUS_SERVICE, &DeleteParams::default()).await {
-                    Ok(_) => {
-                        tracing::info!(namespace = %name, "rendezvous Service removed: no allocation lists the namespace")
-                    }
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e.into()),
-                }
+            if service.is_some()
+                && delete_if_present(&Api::<Service>::namespaced(ctx.client.clone(), &name), RENDEZVOUS_SERVICE).await?
+            {
+                tracing::info!(namespace = %name, "rendezvous Service removed: no allocation lists the namespace")
             }
-            if existing.is_some() {
-                match api.delete(QUOTA_NAME, &DeleteParams::default()).await {
-                    Ok(_) => {
-                        tracing::info!(namespace = %name, "quota removed: no allocation lists the namespace")
-                    }
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e.into()),
-                }
+            if existing.is_some() && delete_if_present(&api, QUOTA_NAME).await? {
+                tracing::info!(namespace = %name, "quota removed: no allocation lists the namespace")
             }
         }
     }

@@ -179,11 +179,7 @@ async fn publish_rendezvous(ctx: &Context, project: &ModelProject, pods: &[Arc<P
         worker0.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
     if stopped {
         if have.is_some() {
-            match api.delete(&slice_name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            super::delete_if_present(&api, &slice_name).await?;
         }
         return Ok(());
     }
