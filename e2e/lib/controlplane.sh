@@ -389,7 +389,7 @@ EOF
   mkdir -p "${STATE_DIR}/kwok-home"
   HOME="${STATE_DIR}/kwok-home" start kwok "$KWOK" \
     --kubeconfig="${PKI}/kwok.kubeconfig" \
-    --config="${E2E_DIR}/kwok/stages.yaml" \
+    --config="${E2E_DIR}/kwok/kwok.yaml" --config="${E2E_DIR}/kwok/stages.yaml" \
     --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
     --node-lease-duration-seconds="$(node_lease_seconds "$profile")" \
     --server-address="127.0.0.1:${KWOK_PORT}" \

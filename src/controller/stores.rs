@@ -108,7 +108,7 @@ pub struct Stores {
     /// Running pods only, stripped to what accounting needs.
     pub pods: Shared<Pod>,
     pub namespaces: Shared<Namespace>,
-    /// The quotas this operator manages.
+    /// The quotas this operator manages (spec only: their `used` is not kept).
     pub quotas: Shared<ResourceQuota>,
     /// The rendezvous Services this operator manages (one per tenant namespace).
     pub services: Shared<Service>,
@@ -198,7 +198,12 @@ pub fn start(client: Client) -> Stores {
     // Views read nodes, pools, allocations, running pods and namespaces: only
     // their changes make a cached view stale.
     let not_viewed = Arc::new(AtomicU64::new(0));
-    let quotas = shared(Api::<ResourceQuota>::all(client.clone()), managed.clone(), &not_viewed, |_| {});
+    // A quota's status (`used`) changes with every pod created in its
+    // namespace; only its spec is ever compared, so only that wakes anyone.
+    let quotas =
+        shared(Api::<ResourceQuota>::all(client.clone()), managed.clone(), &not_viewed, |q: &mut ResourceQuota| {
+            q.status = None
+        });
     let services =
         shared(Api::<Service>::all(client.clone()), managed.clone(), &not_viewed, |s: &mut Service| s.status = None);
     let slices = shared(Api::<EndpointSlice>::all(client.clone()), managed, &not_viewed, |_| {});
