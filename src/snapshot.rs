@@ -110,7 +110,8 @@ pub fn pool_rate(pool: &AcceleratorPool) -> PoolRate {
 /// The grant planner's view of an allocation, with its hours charged up to `now`
 /// at the rate recorded in its status.
 pub fn allocation_state(a: &GpuAllocation, now: Timestamp) -> AllocationState {
-    let status = a.status.clone().unwrap_or_default();
+    // Borrowed: the status lists usage per project, and views are built often.
+    let status = a.status.as_ref();
     let window = a.spec.window.as_ref();
     AllocationState {
         name: a.name_any(),
@@ -135,9 +136,9 @@ pub fn allocation_state(a: &GpuAllocation, now: Timestamp) -> AllocationState {
         // guess beyond it could exhaust a budget that the reckoning (a pod
         // ended meanwhile) then un-exhausts. The allocation reconciler reckons
         // again at the moment the budget runs out at the current rate.
-        hours_used: status.accelerator_hours_used,
+        hours_used: status.map_or(0.0, |s| s.accelerator_hours_used),
         min_domestic_share: a.spec.min_domestic_share,
-        was_active: status.phase == Some(AllocationPhase::Active),
+        was_active: status.and_then(|s| s.phase) == Some(AllocationPhase::Active),
         deleting: a.metadata.deletion_timestamp.is_some(),
     }
 }

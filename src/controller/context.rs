@@ -52,6 +52,40 @@ pub struct Context {
     backoff: Backoff,
     /// When each pool's status was last written.
     pool_written: Stamps,
+    /// Writes whose watch event has not come yet: see [`Context::superseded`].
+    written: Written,
+}
+
+/// Objects this process just wrote, by key, with the resourceVersion of the
+/// copy each write was decided on. Until the store shows the write, another
+/// reconcile of that copy would only decide the same again: its write is
+/// refused (409) or repeats what was applied. The write's own watch event
+/// reconciles the object once the store has it.
+#[derive(Default)]
+struct Written(std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>);
+
+/// How long a write may stay unseen before its object is reconciled anyway.
+const WRITTEN_TTL: Duration = Duration::from_secs(15);
+
+impl Written {
+    fn note(&self, key: String, from: &str) {
+        self.0.lock().expect("written lock").insert(key, (from.to_string(), std::time::Instant::now()));
+    }
+
+    /// True while the store still shows the copy the write replaced; the
+    /// write is forgotten once the store moved on, or after `ttl`.
+    fn superseded(&self, key: &str, at: &str, ttl: Duration) -> bool {
+        let mut written = self.0.lock().expect("written lock");
+        written.retain(|_, (_, when)| when.elapsed() < ttl);
+        match written.get(key) {
+            Some((from, _)) if from == at => true,
+            Some(_) => {
+                written.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 /// Per-object retry delays after transient errors: doubling from
@@ -128,7 +162,21 @@ impl Context {
             reconciling_since: k8s_openapi::jiff::Timestamp::now(),
             gone: GonePods::default(),
             pool_written: Stamps::default(),
+            written: Written::default(),
         })
+    }
+
+    /// Notes a successful write of `key`, decided on the copy at `from`
+    /// (its resourceVersion; empty if there was none).
+    pub fn wrote(&self, key: String, from: &str) {
+        self.written.note(key, from);
+    }
+
+    /// Whether the store's copy of `key` (at resourceVersion `at`, empty if
+    /// none) is one this process already wrote over: the write's own watch
+    /// event is still to come.
+    pub fn superseded(&self, key: &str, at: &str) -> bool {
+        self.written.superseded(key, at, WRITTEN_TTL)
     }
 
     /// The planned cluster of this moment, shared: at most [`BURST_INTERVAL`]
@@ -240,4 +288,24 @@ fn truncate(mut s: String, max: usize) -> String {
         s.truncate(cut);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_supersedes_the_copy_it_replaced_until_the_store_moves_on() {
+        let w = Written::default();
+        let ttl = Duration::from_secs(60);
+        assert!(!w.superseded("p", "1", ttl), "nothing written");
+        w.note("p".into(), "1");
+        assert!(w.superseded("p", "1", ttl), "the store still shows the old copy");
+        assert!(!w.superseded("q", "1", ttl), "another object");
+        assert!(!w.superseded("p", "2", ttl), "the store shows the write");
+        assert!(!w.superseded("p", "1", ttl), "forgotten once seen");
+        w.note("s".into(), "");
+        assert!(w.superseded("s", "", ttl), "created: the store had none");
+        assert!(!w.superseded("s", "", Duration::ZERO), "expired: reconciled anyway");
+    }
 }

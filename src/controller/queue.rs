@@ -1,7 +1,7 @@
 //! The admission pass over every waiting gang, built from the cluster view and
 //! the projects: the planner's input, made by the admission loop once a cycle.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::jiff::SignedDuration;
@@ -286,17 +286,21 @@ fn never_fitting(
 }
 
 fn record(view: &View, projects: &[Arc<ModelProject>], outcomes: &BTreeMap<String, Outcome>, metrics: &Metrics) {
-    let mut by_phase: BTreeMap<(String, String), i64> = BTreeMap::new();
+    // Counted by reference: this runs every cycle over every project.
+    let mut by_phase: HashMap<(ProjectPhase, &str), i64> = HashMap::new();
     let mut queued: BTreeMap<(String, String), i64> = BTreeMap::new();
     for p in projects {
-        let status = p.status.clone().unwrap_or_default();
-        let phase = format!("{:?}", status.phase.unwrap_or_default());
-        *by_phase.entry((phase, status.pool.unwrap_or_default())).or_default() += 1;
+        let status = p.status.as_ref();
+        let phase = status.and_then(|s| s.phase).unwrap_or_default();
+        let pool = status.and_then(|s| s.pool.as_deref()).unwrap_or_default();
+        *by_phase.entry((phase, pool)).or_default() += 1;
         if matches!(outcomes.get(&key(p)), Some(Outcome::Waiting { .. })) {
             let program = view.programs.get(&p.spec.allocation).cloned().unwrap_or_default();
             *queued.entry((p.spec.allocation.clone(), program)).or_default() += 1;
         }
     }
+    let by_phase =
+        by_phase.into_iter().map(|((phase, pool), n)| ((format!("{phase:?}"), pool.to_string()), n)).collect();
     metrics.projects(&by_phase, &queued);
 }
 

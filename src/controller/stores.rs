@@ -67,6 +67,29 @@ where
         })
     }
 
+    /// Yields when `key` of some object moved: one came, went or changed in
+    /// that part, and after a relist. For subscribers that read only part of
+    /// each object (an allocation's grants and phase, not the usage its
+    /// status rewrites as pods come and go).
+    pub fn key_changes(&self, key: fn(&K) -> u64) -> impl Stream<Item = ()> + Send + 'static
+    where
+        K: DeserializeOwned + Debug,
+        K::DynamicType: Default,
+    {
+        let store = self.store.clone();
+        let mut seen: std::collections::HashMap<reflector::ObjectRef<K>, u64> = Default::default();
+        let moved = self.events().filter_map(move |obj| {
+            let at = reflector::ObjectRef::from_obj(obj.as_ref());
+            // The store is updated before its subscribers hear: gone from it is deleted.
+            let moved = match store.get(&at) {
+                None => seen.remove(&at).is_some(),
+                Some(_) => seen.insert(at, key(&obj)) != Some(key(&obj)),
+            };
+            futures::future::ready(moved.then_some(()))
+        });
+        futures::stream::select(moved, self.removals())
+    }
+
     /// Every applied or deleted object, as it happens. After a relist (the
     /// watch restarted) and when this subscriber fell behind, every object of
     /// the store is yielded instead: changes are never silently missed.
@@ -141,13 +164,18 @@ impl Stores {
     }
 
     /// Yields once per burst of changes of what grants are planned from:
-    /// nodes, pool specs and allocations.
+    /// nodes, pool specs and allocations' grants and phases.
     pub fn grant_inputs_changed(&self) -> impl Stream<Item = ()> + Send + 'static {
         futures::stream::select_all([
             self.nodes.changes().boxed(),
             self.pools.changes().boxed(),
-            self.allocations.changes().boxed(),
+            self.grants_changed().boxed(),
         ])
+    }
+
+    /// Yields when an allocation's grants or phase moved ([`grant_key`]).
+    pub fn grants_changed(&self) -> impl Stream<Item = ()> + Send + 'static {
+        self.allocations.key_changes(grant_key)
     }
 
     pub fn epoch(&self) -> u64 {
@@ -423,6 +451,17 @@ fn admission_key(p: &ModelProject) -> u64 {
     let retry = status.and_then(|s| s.retry_after.as_ref()).map(|t| t.0.as_second());
     let mut h = std::hash::DefaultHasher::new();
     (spec_key(p), waits, super::holds_devices(phase), retry).hash(&mut h);
+    h.finish()
+}
+
+/// What the rest of the cluster plans from an allocation: its spec, whether
+/// it is being deleted, and its phase (which its window, budget and capacity
+/// move, once the allocation reconciler writes it). The usage its status
+/// rewrites with every pod started or ended is its own reconciler's business.
+fn grant_key(a: &GpuAllocation) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (spec_key(a), a.status.as_ref().and_then(|s| s.phase)).hash(&mut h);
     h.finish()
 }
 

@@ -324,12 +324,11 @@ fn run_gang(project: &ModelProject, obs: &Observed<'_>, d: &mut Decision) {
                 }
                 d.status.started_at.get_or_insert(now.clone());
                 let msg = format!("{} workers running", project.spec.workers);
+                // No Event: the Running condition records when, and a national
+                // cluster starts hundreds of runs a minute. Events are for
+                // decisions (Admitted) and for what ends or troubles a run.
+                let msg = format!("{msg} in pool {}", pool.name_any());
                 set_condition(&mut d.status.conditions, condition("Running", true, "AllWorkersRunning", msg, g), &now);
-                d.note(
-                    false,
-                    "Running",
-                    format!("all {} workers running in pool {}", project.spec.workers, pool.name_any()),
-                );
             }
             if let (Some(s), Some(deadline)) = (d.status.started_at.as_ref(), run_policy.active_deadline_seconds) {
                 d.requeue_within(until(obs.now, s.0.checked_add(SignedDuration::from_secs(deadline)).unwrap_or(s.0)));

@@ -62,6 +62,9 @@ async fn reconcile(project: Arc<ModelProject>, ctx: Arc<Context>) -> Result<Acti
     }
     let ns = project.namespace().unwrap_or_default();
     let name = project.name_any();
+    if ctx.superseded(&status_key(&ns, &name), project.resource_version().as_deref().unwrap_or_default()) {
+        return Ok(Action::await_change());
+    }
     let s = &ctx.stores;
     let pods: Vec<Arc<Pod>> = s
         .workers_by_project
@@ -120,11 +123,16 @@ async fn apply(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: Dec
         // Decided on this version only: if the project moved on (the admission
         // loop wrote it, say), the write is refused and the newer version is
         // reconciled instead.
-        match super::apply_status(&api, &name, project.resource_version().as_deref(), &d.status).await {
+        let from = project.resource_version().unwrap_or_default();
+        let written = match super::apply_status(&api, &name, Some(&from), &d.status).await {
             Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
                 return Ok(Action::requeue(Duration::from_millis(200)));
             }
-            r => drop(r?),
+            r => r?,
+        };
+        // A write that changed nothing brings no watch event to wait for.
+        if written.resource_version().is_some_and(|rv| rv != from) {
+            ctx.wrote(status_key(&ns, &name), &from);
         }
     }
     publish_rendezvous(ctx, project, obs.pods).await?;
@@ -133,6 +141,11 @@ async fn apply(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: Dec
         ctx.event(&on, note.warning, note.reason, note.message).await;
     }
     Ok(Action::requeue(d.requeue))
+}
+
+/// Key of a project's status in [`Context::wrote`].
+fn status_key(ns: &str, name: &str) -> String {
+    format!("modelproject/{ns}/{name}")
 }
 
 /// Creates the workers the decision asks for (worker 0's DNS name is
@@ -174,6 +187,12 @@ async fn publish_rendezvous(ctx: &Context, project: &ModelProject, pods: &[Arc<P
         return Ok(());
     };
     let have = ctx.stores.slices.store.get(&ObjectRef::new(&slice_name).within(&ns));
+    let key = format!("endpointslice/{ns}/{slice_name}");
+    let at = have.as_ref().and_then(|h| h.resource_version()).unwrap_or_default();
+    if ctx.superseded(&key, &at) {
+        // Our last apply is not in the store yet; its event reconciles again.
+        return Ok(());
+    }
     let api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
     let stopped =
         worker0.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
@@ -191,7 +210,10 @@ async fn publish_rendezvous(ctx: &Context, project: &ModelProject, pods: &[Arc<P
     });
     if !current {
         let params = PatchParams::apply(super::FIELD_MANAGER).force();
-        api.patch(&slice_name, &params, &Patch::Apply(&want)).await?;
+        let applied = api.patch(&slice_name, &params, &Patch::Apply(&want)).await?;
+        if applied.resource_version().is_some_and(|rv| rv != at) {
+            ctx.wrote(key, &at);
+        }
     }
     Ok(())
 }
