@@ -323,11 +323,10 @@ fn run_gang(project: &ModelProject, obs: &Observed<'_>, d: &mut Decision) {
                     set_condition(&mut d.status.conditions, c, &now);
                 }
                 d.status.started_at.get_or_insert(now.clone());
-                let msg = format!("{} workers running", project.spec.workers);
                 // No Event: the Running condition records when, and a national
                 // cluster starts hundreds of runs a minute. Events are for
                 // decisions (Admitted) and for what ends or troubles a run.
-                let msg = format!("{msg} in pool {}", pool.name_any());
+                let msg = format!("{} workers running in pool {}", project.spec.workers, pool.name_any());
                 set_condition(&mut d.status.conditions, condition("Running", true, "AllWorkersRunning", msg, g), &now);
             }
             if let (Some(s), Some(deadline)) = (d.status.started_at.as_ref(), run_policy.active_deadline_seconds) {
