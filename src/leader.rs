@@ -125,6 +125,19 @@ pub async fn watchdog(mut renewed: watch::Receiver<Instant>, deadline: Duration)
     }
 }
 
+/// The result of one attempt to acquire or renew the Lease.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// This replica holds the Lease now.
+    Held,
+    /// Another replica holds it and is in time: try again after at most this long.
+    HeldByOther(Duration),
+    /// The Lease changed between this replica's read and its write (409): a
+    /// candidate won the race, or this leader's own earlier renewal, given up
+    /// on by its timeout, landed late. The next read tells which.
+    Conflict,
+}
+
 /// The last version of the Lease this replica saw, and when it changed.
 struct Observed {
     holder: Option<String>,
@@ -152,9 +165,8 @@ impl Elector {
         MicroTime(k8s_openapi::jiff::Timestamp::now())
     }
 
-    /// One attempt: `Ok(None)` when this replica holds the Lease now, else how
-    /// long to wait at most before the next attempt.
-    pub async fn try_acquire_or_renew(&mut self) -> Result<Option<Duration>, kube::Error> {
+    /// One attempt to take or keep the Lease.
+    pub async fn try_acquire_or_renew(&mut self) -> Result<Attempt, kube::Error> {
         let Some(lease) = self.api.get_opt(&self.config.lease_name).await? else {
             let lease = Lease {
                 metadata: ObjectMeta { name: Some(self.config.lease_name.clone()), ..Default::default() },
@@ -168,8 +180,8 @@ impl Elector {
                 }),
             };
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(None),
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Some(self.config.retry_period)),
+                Ok(_) => Ok(Attempt::Held),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Attempt::Conflict),
                 Err(e) => Err(e),
             };
         };
@@ -191,7 +203,7 @@ impl Elector {
         let mut next = lease.clone();
         let new_spec = next.spec.get_or_insert_with(Default::default);
         match step {
-            Step::Wait(left) => return Ok(Some(left.min(self.config.retry_period))),
+            Step::Wait(left) => return Ok(Attempt::HeldByOther(left.min(self.config.retry_period))),
             Step::Renew => {
                 new_spec.renew_time = Some(Self::now());
                 new_spec.lease_duration_seconds = Some(self.duration_secs());
@@ -207,8 +219,8 @@ impl Elector {
         }
         // `next` carries the resourceVersion read: a concurrent write makes this a 409.
         match self.api.replace(&self.config.lease_name, &PostParams::default(), &next).await {
-            Ok(_) => Ok(None),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Some(self.config.retry_period)),
+            Ok(_) => Ok(Attempt::Held),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Attempt::Conflict),
             Err(e) => Err(e),
         }
     }
@@ -273,8 +285,9 @@ pub async fn acquire(client: Client, config: LeaderConfig, on_lost: fn()) -> any
     let mut elector = Elector::new(client, config);
     loop {
         let wait = match tokio::time::timeout(request_timeout, elector.try_acquire_or_renew()).await {
-            Ok(Ok(None)) => break,
-            Ok(Ok(Some(wait))) => wait,
+            Ok(Ok(Attempt::Held)) => break,
+            Ok(Ok(Attempt::HeldByOther(wait))) => wait,
+            Ok(Ok(Attempt::Conflict)) => retry,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "leader election attempt failed");
                 retry
@@ -297,13 +310,23 @@ pub async fn acquire(client: Client, config: LeaderConfig, on_lost: fn()) -> any
             loop {
                 tokio::time::sleep(retry).await;
                 let mut e = elector.lock().await;
-                match tokio::time::timeout(retry, e.try_acquire_or_renew()).await {
-                    Ok(Ok(None)) => {
-                        let _ = renewed_tx.send(Instant::now());
+                // As client-go: an attempt may take until the renew deadline (the
+                // watchdog stops the process then anyway), so one slow answer of
+                // a loaded API server is not a lost term. The renewal counts
+                // from when the attempt started: the Lease says so no later.
+                let started = Instant::now();
+                let left = (*renewed_tx.borrow() + deadline).saturating_duration_since(started).max(retry);
+                match tokio::time::timeout(left, e.try_acquire_or_renew()).await {
+                    Ok(Ok(Attempt::Held)) => {
+                        let _ = renewed_tx.send(started);
                     }
-                    Ok(Ok(Some(_))) => {
+                    Ok(Ok(Attempt::HeldByOther(_))) => {
                         tracing::error!("the leader lease was taken by another replica; stopping");
                         on_lost();
+                    }
+                    // Not a loss by itself: the next read shows whether another holds it.
+                    Ok(Ok(Attempt::Conflict)) => {
+                        tracing::warn!("renewing the leader lease conflicted; reading it again")
                     }
                     Ok(Err(err)) => tracing::warn!(error = %err, "renewing the leader lease failed"),
                     Err(_) => tracing::warn!("renewing the leader lease timed out"),

@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
@@ -133,23 +135,98 @@ impl RealNode {
     /// Every container log line the kubelet kept for the pods of `ns`, with the
     /// file it came from (`<ns>_<pod>_<uid>/<container>/<restart>.log`).
     pub fn pod_logs(&self, ns: &str) -> anyhow::Result<Vec<(String, String)>> {
-        let mut out = Vec::new();
-        for dir in std::fs::read_dir(&self.pod_logs)? {
-            let dir = dir?.path();
-            let name = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
-            if !name.starts_with(&format!("{ns}_")) {
-                continue;
-            }
-            for container in std::fs::read_dir(&dir)? {
-                for file in std::fs::read_dir(container?.path())? {
-                    let file = file?.path();
-                    let text = std::fs::read_to_string(&file).unwrap_or_default();
-                    let label = file.strip_prefix(&self.pod_logs).unwrap_or(&file).display().to_string();
-                    out.extend(text.lines().map(|l| (label.clone(), l.to_string())));
-                }
+        Ok(log_lines(&read_pod_logs(&self.pod_logs, ns)?))
+    }
+
+    /// Records the logs of the pods of `ns` from now on (see [`PodLogRecorder`]).
+    pub fn record_pod_logs(&self, ns: &str) -> PodLogRecorder {
+        PodLogRecorder::start(self.pod_logs.clone(), ns.to_string())
+    }
+}
+
+/// The content of every log file of the pods of `ns`, by its label
+/// (`<ns>_<pod>_<uid>/<container>/<restart>.log`).
+fn read_pod_logs(root: &std::path::Path, ns: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for dir in std::fs::read_dir(root)? {
+        let dir = dir?.path();
+        let name = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if !name.starts_with(&format!("{ns}_")) {
+            continue;
+        }
+        // A pod or container removed while this reads is skipped, not an error.
+        for container in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            for file in std::fs::read_dir(container.path()).into_iter().flatten().flatten() {
+                let file = file.path();
+                let Ok(text) = std::fs::read_to_string(&file) else { continue };
+                let label = file.strip_prefix(root).unwrap_or(&file).display().to_string();
+                out.insert(label, text);
             }
         }
-        Ok(out)
+    }
+    Ok(out)
+}
+
+fn log_lines(files: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    files.iter().flat_map(|(label, text)| text.lines().map(|l| (label.clone(), l.to_string()))).collect()
+}
+
+/// The logs of one namespace's pods, read every 200 ms while it lives. The
+/// kubelet removes a dead container (and its log) as soon as a newer one of the
+/// same container dies (it keeps one dead container per container), so an
+/// operator that restarted twice has lost its first log on disk; a test that
+/// needs the whole history (every leader term) reads it here.
+pub struct PodLogRecorder {
+    kept: Arc<Mutex<BTreeMap<String, String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    root: PathBuf,
+    ns: String,
+}
+
+impl PodLogRecorder {
+    fn start(root: PathBuf, ns: String) -> Self {
+        let kept = Arc::new(Mutex::new(BTreeMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (kept, stop, root, ns) = (kept.clone(), stop.clone(), root.clone(), ns.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    Self::merge(&kept, &root, &ns);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+        };
+        Self { kept, stop, thread: Some(thread), root, ns }
+    }
+
+    /// Keeps the newest content of every file; a file the kubelet removed keeps
+    /// what was read of it last.
+    fn merge(kept: &Mutex<BTreeMap<String, String>>, root: &std::path::Path, ns: &str) {
+        let Ok(now) = read_pod_logs(root, ns) else { return };
+        let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+        for (label, text) in now {
+            let old = kept.entry(label).or_default();
+            // Log files only grow (no rotation at these sizes).
+            if text.len() >= old.len() {
+                *old = text;
+            }
+        }
+    }
+
+    /// Every line recorded so far, after one more read.
+    pub fn lines(&self) -> Vec<(String, String)> {
+        Self::merge(&self.kept, &self.root, &self.ns);
+        log_lines(&self.kept.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Drop for PodLogRecorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -351,7 +428,7 @@ impl ApiServer {
     /// a minute), and waits until the process is gone.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         let pid = self.pid.take().context("not running")?;
-        let child = std::sync::Mutex::new(self.child.take());
+        let child = Mutex::new(self.child.take());
         let gone = || async {
             let mut child = child.lock().expect("child lock");
             let reaped = match child.as_mut() {
@@ -411,6 +488,8 @@ pub struct Term {
     pub process: String,
     pub from: Timestamp,
     pub to: Timestamp,
+    /// The log line that ended it (none while it still leads).
+    pub ended_by: Option<String>,
 }
 
 /// The leader terms found in log lines (file, CRI log line) of the kubelet.
@@ -424,11 +503,11 @@ pub fn leader_terms(lines: &[(String, String)], open_end: Timestamp) -> Vec<Term
         } else if ((line.contains("stopping") && line.contains("lease")) || line.contains("released the leader lease"))
             && let Some(from) = open.remove(file)
         {
-            terms.push(Term { process: file.clone(), from, to: ts });
+            terms.push(Term { process: file.clone(), from, to: ts, ended_by: Some(line.clone()) });
         }
     }
     for (process, from) in open {
-        terms.push(Term { process, from, to: open_end });
+        terms.push(Term { process, from, to: open_end, ended_by: None });
     }
     terms.sort_by_key(|t| t.from);
     terms

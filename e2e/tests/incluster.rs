@@ -285,6 +285,9 @@ pub async fn api_server_outages_never_let_two_replicas_act_at_once(env: Arc<Env>
     let sets = two_replicas_with_leader_election();
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     with_release(&env, "outage", &sets, async |rel, node, _| {
+        // Each outage restarts a leader; the kubelet keeps one dead container's
+        // log per container, so the terms are read as they are written.
+        let logs = node.record_pod_logs(&rel.namespace);
         rel.ready_pods(2, Duration::from_secs(60)).await?;
         let leases: Api<Lease> = Api::namespaced(env.client.clone(), &rel.namespace);
         let holder_now = async || -> Result<String, String> {
@@ -331,12 +334,25 @@ pub async fn api_server_outages_never_let_two_replicas_act_at_once(env: Arc<Env>
                 .await?;
                 // Measured, not asserted (the machine is shared): the figure is 3 s.
                 eprintln!("    outage {round}: the run submitted after it was admitted in {:?}", submitted.elapsed());
-                wait_project(&env, &ns, &name, ProjectPhase::Running, Duration::from_secs(60)).await?;
+                // Its workers are the new leader's to create at once. Binding them
+                // waits for the scheduler to see them: the restarted API server
+                // refuses its first requests (403 until its authorizer's caches
+                // sync), and client-go's watches back off after each failure, up
+                // to 30 s jittered to 60 s (seen here: 19 s and over 60 s).
+                wait_for(&format!("{name}'s workers"), Duration::from_secs(30), || async {
+                    let n = crate::projects::workers(&env, &ns, &name).await.map_err(|e| e.to_string())?.len();
+                    if n == 2 { Ok(()) } else { Err(format!("{n} workers")) }
+                })
+                .await?;
+                wait_project(&env, &ns, &name, ProjectPhase::Running, Duration::from_secs(120)).await?;
             }
             Ok(())
         })
         .await?;
-        let terms = sovereign_e2e::incluster::leader_terms(&node.pod_logs(&rel.namespace)?, k8s_openapi::jiff::Timestamp::now());
+        let terms = sovereign_e2e::incluster::leader_terms(&logs.lines(), k8s_openapi::jiff::Timestamp::now());
+        for t in &terms {
+            eprintln!("    term of {}: {} to {}, ended by {:?}", t.process, t.from, t.to, t.ended_by);
+        }
         ensure!(terms.len() >= 3, "expected at least 3 leader terms, found {terms:?}");
         let both = sovereign_e2e::incluster::overlaps(&terms);
         ensure!(both.is_empty(), "two replicas led at the same time: {both:?}");
