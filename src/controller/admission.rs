@@ -66,7 +66,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let mut changes = futures::stream::select_all([
         capacity(s.nodes.changes().boxed()),
         capacity(s.pools.changes().boxed()),
-        capacity(s.grants_changed().boxed()),
+        capacity(s.allocations.changes().boxed()),
         occupancy(s.projects.changes().boxed()),
         occupancy(s.pods.removals().boxed()),
         occupancy(s.workers.removals().boxed()),

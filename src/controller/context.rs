@@ -62,25 +62,38 @@ pub struct Context {
 /// refused (409) or repeats what was applied. The write's own watch event
 /// reconciles the object once the store has it.
 #[derive(Default)]
-struct Written(std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>);
+struct Written(std::sync::Mutex<WrittenKeys>);
+
+#[derive(Default)]
+struct WrittenKeys {
+    by_key: std::collections::HashMap<String, (String, std::time::Instant)>,
+    /// When writes never seen (their object deleted meanwhile) were last dropped.
+    pruned: Option<std::time::Instant>,
+}
 
 /// How long a write may stay unseen before its object is reconciled anyway.
 const WRITTEN_TTL: Duration = Duration::from_secs(15);
 
 impl Written {
-    fn note(&self, key: String, from: &str) {
-        self.0.lock().expect("written lock").insert(key, (from.to_string(), std::time::Instant::now()));
+    fn note(&self, key: String, from: &str, ttl: Duration) {
+        let mut w = self.0.lock().expect("written lock");
+        let now = std::time::Instant::now();
+        // Once per `ttl`, not per write: memory stays bounded by the writes of one ttl.
+        if w.pruned.is_none_or(|at| now.duration_since(at) >= ttl) {
+            w.by_key.retain(|_, (_, when)| now.duration_since(*when) < ttl);
+            w.pruned = Some(now);
+        }
+        w.by_key.insert(key, (from.to_string(), now));
     }
 
     /// True while the store still shows the copy the write replaced; the
     /// write is forgotten once the store moved on, or after `ttl`.
     fn superseded(&self, key: &str, at: &str, ttl: Duration) -> bool {
-        let mut written = self.0.lock().expect("written lock");
-        written.retain(|_, (_, when)| when.elapsed() < ttl);
-        match written.get(key) {
-            Some((from, _)) if from == at => true,
+        let mut w = self.0.lock().expect("written lock");
+        match w.by_key.get(key) {
+            Some((from, when)) if from == at && when.elapsed() < ttl => true,
             Some(_) => {
-                written.remove(key);
+                w.by_key.remove(key);
                 false
             }
             None => false,
@@ -169,7 +182,7 @@ impl Context {
     /// Notes a successful write of `key`, decided on the copy at `from`
     /// (its resourceVersion; empty if there was none).
     pub fn wrote(&self, key: String, from: &str) {
-        self.written.note(key, from);
+        self.written.note(key, from, WRITTEN_TTL);
     }
 
     /// Whether the store's copy of `key` (at resourceVersion `at`, empty if
@@ -299,12 +312,12 @@ mod tests {
         let w = Written::default();
         let ttl = Duration::from_secs(60);
         assert!(!w.superseded("p", "1", ttl), "nothing written");
-        w.note("p".into(), "1");
+        w.note("p".into(), "1", ttl);
         assert!(w.superseded("p", "1", ttl), "the store still shows the old copy");
         assert!(!w.superseded("q", "1", ttl), "another object");
         assert!(!w.superseded("p", "2", ttl), "the store shows the write");
         assert!(!w.superseded("p", "1", ttl), "forgotten once seen");
-        w.note("s".into(), "");
+        w.note("s".into(), "", ttl);
         assert!(w.superseded("s", "", ttl), "created: the store had none");
         assert!(!w.superseded("s", "", Duration::ZERO), "expired: reconciled anyway");
     }

@@ -29,7 +29,7 @@ pub const QUOTA_NAME: &str = "sovereign-accelerators";
 
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let s = &ctx.stores;
-    let grants_changed = futures::stream::select(s.pools.changes(), s.grants_changed());
+    let grants_changed = futures::stream::select_all([s.pools.changes().boxed(), s.allocations.changes().boxed()]);
     // Someone edited or deleted a managed quota or Service: put it back.
     let namespace_of = |ns: Option<String>| async move { Some(ObjectRef::<Namespace>::new(&ns?)) };
     let quota_namespaces = s.quotas.events().filter_map(move |q| namespace_of(q.namespace()));

@@ -67,29 +67,6 @@ where
         })
     }
 
-    /// Yields when `key` of some object moved: one came, went or changed in
-    /// that part, and after a relist. For subscribers that read only part of
-    /// each object (an allocation's grants and phase, not the usage its
-    /// status rewrites as pods come and go).
-    pub fn key_changes(&self, key: fn(&K) -> u64) -> impl Stream<Item = ()> + Send + 'static
-    where
-        K: DeserializeOwned + Debug,
-        K::DynamicType: Default,
-    {
-        let store = self.store.clone();
-        let mut seen: std::collections::HashMap<reflector::ObjectRef<K>, u64> = Default::default();
-        let moved = self.events().filter_map(move |obj| {
-            let at = reflector::ObjectRef::from_obj(obj.as_ref());
-            // The store is updated before its subscribers hear: gone from it is deleted.
-            let moved = match store.get(&at) {
-                None => seen.remove(&at).is_some(),
-                Some(_) => seen.insert(at, key(&obj)) != Some(key(&obj)),
-            };
-            futures::future::ready(moved.then_some(()))
-        });
-        futures::stream::select(moved, self.removals())
-    }
-
     /// Every applied or deleted object, as it happens. After a relist (the
     /// watch restarted) and when this subscriber fell behind, every object of
     /// the store is yielded instead: changes are never silently missed.
@@ -169,13 +146,8 @@ impl Stores {
         futures::stream::select_all([
             self.nodes.changes().boxed(),
             self.pools.changes().boxed(),
-            self.grants_changed().boxed(),
+            self.allocations.changes().boxed(),
         ])
-    }
-
-    /// Yields when an allocation's grants or phase moved ([`grant_key`]).
-    pub fn grants_changed(&self) -> impl Stream<Item = ()> + Send + 'static {
-        self.allocations.key_changes(grant_key)
     }
 
     pub fn epoch(&self) -> u64 {
@@ -214,9 +186,19 @@ pub fn start(client: Client) -> Stores {
         &epoch,
         |_| {},
         |_| {},
-        Some(spec_key),
+        Signal::Key(spec_key),
     );
-    let allocations = shared(Api::<GpuAllocation>::all(client.clone()), all.clone(), &epoch, |_| {});
+    // Everyone else plans from an allocation's grants and phase; the usage its
+    // status rewrites with every pod started or ended is its reconciler's (which
+    // hears every change), but the views read it for the ledger.
+    let allocations = shared_signalled(
+        Api::<GpuAllocation>::all(client.clone()),
+        all.clone(),
+        &epoch,
+        |_| {},
+        |_| {},
+        Signal::Wake(grant_key),
+    );
     let running = all.clone().fields("status.phase=Running");
     let on_pod = model.clone();
     let pods = shared_with(Api::<Pod>::all(client.clone()), running, &epoch, move |ev| on_pod.apply_pod(ev), strip_pod);
@@ -242,7 +224,7 @@ pub fn start(client: Client) -> Stores {
         &not_viewed,
         |_| {},
         |_| {},
-        Some(admission_key),
+        Signal::Key(admission_key),
     );
     let workers_by_project = WorkerIndex::default();
     let index = workers_by_project.clone();
@@ -332,18 +314,30 @@ where
     K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
-    shared_signalled(api, config, epoch, index, strip, None)
+    shared_signalled(api, config, epoch, index, strip, Signal::Any)
 }
 
-/// [`shared_with`]; with `signal`, the change signal (and the epoch) move only
-/// when that key of an object changes (the Events stream still sees every change).
+/// Which changes of a store's objects move its change signal and the view
+/// epoch (the Events stream sees every change whatever this says).
+#[derive(Clone, Copy)]
+enum Signal<K> {
+    /// Any change of what the store keeps moves both.
+    Any,
+    /// Only a change of this key moves either: no view reads the rest.
+    Key(fn(&K) -> u64),
+    /// Only a change of this key wakes the subscribers; any change moves the
+    /// epoch, since views read the rest.
+    Wake(fn(&K) -> u64),
+}
+
+/// [`shared_with`], with the change signal and the epoch moved as `signal` says.
 fn shared_signalled<K>(
     api: Api<K>,
     config: watcher::Config,
     epoch: &Arc<AtomicU64>,
     mut index: impl FnMut(&watcher::Event<K>) + Send + 'static,
     mut strip: impl FnMut(&mut K) + Send + 'static,
-    signal: Option<fn(&K) -> u64>,
+    signal: Signal<K>,
 ) -> Shared<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
@@ -366,9 +360,13 @@ where
             index(ev);
         }
         let significant = event.as_ref().is_ok_and(|ev| seen.observe(ev, fingerprint));
-        let signals = match signal {
-            Some(key) => event.as_ref().is_ok_and(|ev| signalled.observe(ev, key)),
-            None => significant,
+        let (signals, viewed) = match signal {
+            Signal::Any => (significant, significant),
+            Signal::Key(key) => {
+                let moved = event.as_ref().is_ok_and(|ev| signalled.observe(ev, key));
+                (moved, moved)
+            }
+            Signal::Wake(key) => (event.as_ref().is_ok_and(|ev| signalled.observe(ev, key)), significant),
         };
         if matches!(event, Ok(watcher::Event::Delete(_) | watcher::Event::InitDone)) {
             gone.send_replace(());
@@ -376,8 +374,10 @@ where
         match event {
             Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) if significant => {
                 let _ = sender.send(Change::Object(Arc::new(obj)));
-                if signals {
+                if viewed {
                     epoch.fetch_add(1, Ordering::AcqRel);
+                }
+                if signals {
                     tx.send_replace(());
                 }
             }
@@ -456,8 +456,7 @@ fn admission_key(p: &ModelProject) -> u64 {
 
 /// What the rest of the cluster plans from an allocation: its spec, whether
 /// it is being deleted, and its phase (which its window, budget and capacity
-/// move, once the allocation reconciler writes it). The usage its status
-/// rewrites with every pod started or ended is its own reconciler's business.
+/// move, once the allocation reconciler writes it).
 fn grant_key(a: &GpuAllocation) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();

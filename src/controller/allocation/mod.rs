@@ -310,7 +310,7 @@ async fn release_orphans(ctx: Arc<Context>) {
     // A changed pod is checked alone; a changed allocation (a namespace unlisted,
     // an allocation deleted) checks every pod being deleted.
     let pods = s.workers.events().map(Some);
-    let allocations = s.grants_changed().map(|_| None);
+    let allocations = s.allocations.changes().map(|_| None);
     let mut wake = std::pin::pin!(futures::stream::select(pods, allocations));
     while let Some(changed) = wake.next().await {
         let allocations = s.allocations.store.state();

@@ -62,7 +62,9 @@ async fn reconcile(project: Arc<ModelProject>, ctx: Arc<Context>) -> Result<Acti
     }
     let ns = project.namespace().unwrap_or_default();
     let name = project.name_any();
-    if ctx.superseded(&status_key(&ns, &name), project.resource_version().as_deref().unwrap_or_default()) {
+    if ctx
+        .superseded(&written_key("modelproject", &ns, &name), project.resource_version().as_deref().unwrap_or_default())
+    {
         return Ok(Action::await_change());
     }
     let s = &ctx.stores;
@@ -132,7 +134,7 @@ async fn apply(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: Dec
         };
         // A write that changed nothing brings no watch event to wait for.
         if written.resource_version().is_some_and(|rv| rv != from) {
-            ctx.wrote(status_key(&ns, &name), &from);
+            ctx.wrote(written_key("modelproject", &ns, &name), &from);
         }
     }
     publish_rendezvous(ctx, project, obs.pods).await?;
@@ -143,9 +145,9 @@ async fn apply(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: Dec
     Ok(Action::requeue(d.requeue))
 }
 
-/// Key of a project's status in [`Context::wrote`].
-fn status_key(ns: &str, name: &str) -> String {
-    format!("modelproject/{ns}/{name}")
+/// Key of an object this reconciler writes, in [`Context::wrote`].
+fn written_key(kind: &str, ns: &str, name: &str) -> String {
+    format!("{kind}/{ns}/{name}")
 }
 
 /// Creates the workers the decision asks for (worker 0's DNS name is
@@ -187,7 +189,7 @@ async fn publish_rendezvous(ctx: &Context, project: &ModelProject, pods: &[Arc<P
         return Ok(());
     };
     let have = ctx.stores.slices.store.get(&ObjectRef::new(&slice_name).within(&ns));
-    let key = format!("endpointslice/{ns}/{slice_name}");
+    let key = written_key("endpointslice", &ns, &slice_name);
     let at = have.as_ref().and_then(|h| h.resource_version()).unwrap_or_default();
     if ctx.superseded(&key, &at) {
         // Our last apply is not in the store yet; its event reconciles again.
