@@ -5,7 +5,11 @@ use sovereign_operator::cli::{Cli, Command};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
+// One runtime thread: the operator waits on the API server far more than it
+// computes (view builds run on the blocking pool), and a multi-thread
+// runtime's wake-ups across threads took about a quarter of its CPU (perf,
+// national bench).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {

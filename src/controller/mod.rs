@@ -5,6 +5,7 @@ mod admission;
 pub(crate) mod allocation;
 mod context;
 mod error;
+mod lean;
 pub mod model;
 mod nodes;
 mod pool;
@@ -150,6 +151,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Held outside `work`, so that it is released after the controllers stopped.
     let leadership = std::sync::Mutex::new(None);
+    let mut controllers = tokio::task::JoinSet::new();
     let work = async {
         wait_for_crds(&client, &readiness).await;
         let stores = stores::start(client.clone());
@@ -166,13 +168,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         let ctx = Context::new(client.clone(), metrics.clone(), stores, &args);
         tracing::info!("reconciling");
-        tokio::join!(
-            pool::run(ctx.clone(), stopped(stop_rx.clone())),
-            allocation::run(ctx.clone(), stopped(stop_rx.clone())),
-            quota::run(ctx.clone(), stopped(stop_rx.clone())),
-            project::run(ctx.clone(), stopped(stop_rx.clone())),
-            admission::run(ctx.clone(), stopped(stop_rx.clone())),
-        );
+        // Each its own task: woken by its own events alone (a join of them
+        // would poll all five on every wake-up of any).
+        controllers.spawn(pool::run(ctx.clone(), stopped(stop_rx.clone())));
+        controllers.spawn(allocation::run(ctx.clone(), stopped(stop_rx.clone())));
+        controllers.spawn(quota::run(ctx.clone(), stopped(stop_rx.clone())));
+        controllers.spawn(project::run(ctx.clone(), stopped(stop_rx.clone())));
+        controllers.spawn(admission::run(ctx.clone(), stopped(stop_rx.clone())));
+        while let Some(done) = controllers.join_next().await {
+            done?; // a controller that panicked stops the process
+        }
         anyhow::Ok(())
     };
 
@@ -180,6 +185,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         res = work => res?,
         _ = stopped(stop_rx.clone()) => {}
     }
+    // Nothing acts once this returns: the Lease may be released.
+    controllers.shutdown().await;
     let held = leadership.lock().expect("leadership lock").take();
     if let Some(held) = held {
         held.release(Duration::from_secs(3)).await;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ResourceQuota, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
@@ -19,6 +19,7 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, watch};
 
+use super::lean::{Decoded, Lean};
 use super::model::{Applied, Keyed, Model};
 use crate::api::{AcceleratorPool, GpuAllocation, ModelProject, ProjectPhase};
 pub use crate::snapshot::MANAGED_BY;
@@ -164,7 +165,7 @@ pub fn start(client: Client) -> Stores {
     let model = Model::default();
     let on_node = model.clone();
     let nodes = shared_with(
-        Api::<Node>::all(client.clone()),
+        Api::<Lean<Node>>::all(client.clone()),
         all.clone(),
         &epoch,
         move |ev| on_node.apply_node(ev),
@@ -201,7 +202,8 @@ pub fn start(client: Client) -> Stores {
     );
     let running = all.clone().fields("status.phase=Running");
     let on_pod = model.clone();
-    let pods = shared_with(Api::<Pod>::all(client.clone()), running, &epoch, move |ev| on_pod.apply_pod(ev), strip_pod);
+    let pods =
+        shared_with(Api::<Lean<Pod>>::all(client.clone()), running, &epoch, move |ev| on_pod.apply_pod(ev), strip_pod);
     let namespaces =
         shared(Api::<Namespace>::all(client.clone()), all.clone(), &epoch, |ns: &mut Namespace| ns.spec = None);
     let managed = all.clone().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
@@ -219,7 +221,7 @@ pub fn start(client: Client) -> Stores {
     let slices = shared(Api::<EndpointSlice>::all(client.clone()), managed, &not_viewed, |_| {});
     // Admission wakes on what it reads of a project, not on every status write.
     let projects = shared_signalled(
-        Api::<ModelProject>::all(client.clone()),
+        Api::<Lean<ModelProject>>::all(client.clone()),
         all.clone(),
         &not_viewed,
         |_| {},
@@ -229,7 +231,7 @@ pub fn start(client: Client) -> Stores {
     let workers_by_project = WorkerIndex::default();
     let index = workers_by_project.clone();
     let workers = shared_with(
-        Api::<Pod>::all(client),
+        Api::<Lean<Pod>>::all(client),
         all.labels(PROJECT_LABEL),
         &not_viewed,
         move |ev| index.apply(ev),
@@ -289,8 +291,8 @@ fn strip_pod(pod: &mut Pod) {
     }
 }
 
-fn shared<K>(
-    api: Api<K>,
+fn shared<K, W>(
+    api: Api<W>,
     config: watcher::Config,
     epoch: &Arc<AtomicU64>,
     strip: impl FnMut(&mut K) + Send + 'static,
@@ -298,13 +300,14 @@ fn shared<K>(
 where
     K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    W: Resource<DynamicType = K::DynamicType> + Decoded<K> + Clone + Debug + DeserializeOwned + Send + 'static,
 {
     shared_with(api, config, epoch, |_| {}, strip)
 }
 
 /// [`shared`], with `index` called on every watch event (after the store).
-fn shared_with<K>(
-    api: Api<K>,
+fn shared_with<K, W>(
+    api: Api<W>,
     config: watcher::Config,
     epoch: &Arc<AtomicU64>,
     index: impl FnMut(&watcher::Event<K>) + Send + 'static,
@@ -313,6 +316,7 @@ fn shared_with<K>(
 where
     K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    W: Resource<DynamicType = K::DynamicType> + Decoded<K> + Clone + Debug + DeserializeOwned + Send + 'static,
 {
     shared_signalled(api, config, epoch, index, strip, Signal::Any)
 }
@@ -331,8 +335,8 @@ enum Signal<K> {
 }
 
 /// [`shared_with`], with the change signal and the epoch moved as `signal` says.
-fn shared_signalled<K>(
-    api: Api<K>,
+fn shared_signalled<K, W>(
+    api: Api<W>,
     config: watcher::Config,
     epoch: &Arc<AtomicU64>,
     mut index: impl FnMut(&watcher::Event<K>) + Send + 'static,
@@ -342,6 +346,7 @@ fn shared_signalled<K>(
 where
     K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    W: Resource<DynamicType = K::DynamicType> + Decoded<K> + Clone + Debug + DeserializeOwned + Send + 'static,
 {
     let (store, writer) = reflector::store();
     let (tx, changed) = watch::channel(());
@@ -352,14 +357,30 @@ where
         obj.meta_mut().managed_fields = None;
         strip(obj)
     };
-    let stream = watcher(api, config).backoff(WatchBackoff::default()).modify(strip).reflect(writer);
+    let stream = watcher(api, config)
+        .map_ok(|event| match event {
+            watcher::Event::Apply(obj) => watcher::Event::Apply(obj.kept()),
+            watcher::Event::Delete(obj) => watcher::Event::Delete(obj.kept()),
+            watcher::Event::Init => watcher::Event::Init,
+            watcher::Event::InitApply(obj) => watcher::Event::InitApply(obj.kept()),
+            watcher::Event::InitDone => watcher::Event::InitDone,
+        })
+        .backoff(WatchBackoff::default())
+        .modify(strip)
+        .reflect(writer);
     let (epoch, sender) = (epoch.clone(), events.clone());
     let (mut seen, mut signalled) = (Fingerprints::default(), Fingerprints::default());
-    tokio::spawn(stream.for_each(move |event| {
+    tokio::spawn(stream.for_each(move |mut event| {
         if let Ok(ev) = &event {
             index(ev);
         }
-        let significant = event.as_ref().is_ok_and(|ev| seen.observe(ev, fingerprint));
+        let print = match &mut event {
+            Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj) | watcher::Event::InitApply(obj)) => {
+                fingerprint(obj)
+            }
+            _ => 0,
+        };
+        let significant = event.as_ref().is_ok_and(|ev| seen.observe(ev, |_| print));
         let (signals, viewed) = match signal {
             Signal::Any => (significant, significant),
             Signal::Key(key) => {
@@ -473,7 +494,7 @@ fn spec_key<K: Resource>(obj: &K) -> u64 {
     h.finish()
 }
 
-fn fingerprint<K: Resource + Clone + serde::Serialize>(obj: &K) -> u64 {
+fn fingerprint<K: Resource + serde::Serialize>(obj: &mut K) -> u64 {
     use std::hash::Hasher;
     /// Hashes the JSON as it is written: no JSON value or string built.
     struct HashWriter(std::hash::DefaultHasher);
@@ -486,11 +507,14 @@ fn fingerprint<K: Resource + Clone + serde::Serialize>(obj: &K) -> u64 {
             Ok(())
         }
     }
-    let mut obj = obj.clone();
-    obj.meta_mut().resource_version = None;
-    obj.meta_mut().managed_fields = None;
+    // Hashed without its resourceVersion (set aside, not cloned away) and
+    // managedFields (never kept).
+    let version = obj.meta_mut().resource_version.take();
+    let managed = obj.meta_mut().managed_fields.take();
     let mut w = HashWriter(std::hash::DefaultHasher::new());
-    let _ = serde_json::to_writer(&mut w, &obj);
+    let _ = serde_json::to_writer(&mut w, &*obj);
+    obj.meta_mut().resource_version = version;
+    obj.meta_mut().managed_fields = managed;
     w.0.finish()
 }
 
@@ -569,9 +593,15 @@ mod tests {
             }
             n
         };
-        let base = fingerprint(&node("1", "a", false));
-        assert_eq!(base, fingerprint(&node("2", "a", false)), "a new resourceVersion alone changes nothing kept");
-        assert_eq!(base, fingerprint(&node("3", "a", true)), "nor do managedFields");
-        assert_ne!(base, fingerprint(&node("2", "b", false)), "a label does");
+        let print = |mut n: Node| {
+            let before = n.clone();
+            let print = fingerprint(&mut n);
+            assert_eq!(n, before, "the object is left as it was");
+            print
+        };
+        let base = print(node("1", "a", false));
+        assert_eq!(base, print(node("2", "a", false)), "a new resourceVersion alone changes nothing kept");
+        assert_eq!(base, print(node("3", "a", true)), "nor do managedFields");
+        assert_ne!(base, print(node("2", "b", false)), "a label does");
     }
 }
