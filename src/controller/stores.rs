@@ -181,25 +181,11 @@ pub fn start(client: Client) -> Stores {
     );
     // What pools are is their spec: their status (counts of this operator's
     // own making) changes nothing anyone plans from.
-    let pools = shared_signalled(
-        Api::<AcceleratorPool>::all(client.clone()),
-        all.clone(),
-        &epoch,
-        |_| {},
-        |_| {},
-        Signal::Key(spec_key),
-    );
+    let pools = keyed(Api::<AcceleratorPool>::all(client.clone()), all.clone(), &epoch, Signal::Key(spec_key));
     // Everyone else plans from an allocation's grants and phase; the usage its
     // status rewrites with every pod started or ended is its reconciler's (which
     // hears every change), but the views read it for the ledger.
-    let allocations = shared_signalled(
-        Api::<GpuAllocation>::all(client.clone()),
-        all.clone(),
-        &epoch,
-        |_| {},
-        |_| {},
-        Signal::Wake(grant_key),
-    );
+    let allocations = keyed(Api::<GpuAllocation>::all(client.clone()), all.clone(), &epoch, Signal::Wake(grant_key));
     let running = all.clone().fields("status.phase=Running");
     let on_pod = model.clone();
     let pods =
@@ -220,14 +206,8 @@ pub fn start(client: Client) -> Stores {
         shared(Api::<Service>::all(client.clone()), managed.clone(), &not_viewed, |s: &mut Service| s.status = None);
     let slices = shared(Api::<EndpointSlice>::all(client.clone()), managed, &not_viewed, |_| {});
     // Admission wakes on what it reads of a project, not on every status write.
-    let projects = shared_signalled(
-        Api::<Lean<ModelProject>>::all(client.clone()),
-        all.clone(),
-        &not_viewed,
-        |_| {},
-        |_| {},
-        Signal::Key(admission_key),
-    );
+    let projects =
+        keyed(Api::<Lean<ModelProject>>::all(client.clone()), all.clone(), &not_viewed, Signal::Key(admission_key));
     let workers_by_project = WorkerIndex::default();
     let index = workers_by_project.clone();
     let workers = shared_with(
@@ -319,6 +299,17 @@ where
     W: Resource<DynamicType = K::DynamicType> + Decoded<K> + Clone + Debug + DeserializeOwned + Send + 'static,
 {
     shared_signalled(api, config, epoch, index, strip, Signal::Any)
+}
+
+/// A store kept whole (no index, nothing stripped but managedFields) whose
+/// change signal and epoch move as `signal` says.
+fn keyed<K, W>(api: Api<W>, config: watcher::Config, epoch: &Arc<AtomicU64>, signal: Signal<K>) -> Shared<K>
+where
+    K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    W: Resource<DynamicType = K::DynamicType> + Decoded<K> + Clone + Debug + DeserializeOwned + Send + 'static,
+{
+    shared_signalled(api, config, epoch, |_| {}, |_| {}, signal)
 }
 
 /// Which changes of a store's objects move its change signal and the view
