@@ -7,8 +7,9 @@
 //!   *saw* the last change (as client-go does: no trust in the holder's clock).
 //!   Every write carries the `resourceVersion` read, so of two candidates only
 //!   one wins. A standby watches the Lease, so a release is seen at once.
-//! - **Renew**: the leader renews every `retry_period`. A watchdog stops the
-//!   process the moment no renewal has succeeded for `renew_deadline`, which is
+//! - **Renew**: the leader renews every `retry_period`. A watchdog (its own OS
+//!   thread, so a held runtime cannot hold it) stops the process the moment no
+//!   renewal has succeeded for `renew_deadline`, which is
 //!   shorter than the lease duration: the old leader is gone at least
 //!   `lease_duration - renew_deadline` before any standby may take over, whether
 //!   the API server is down, slow, or the Lease was taken.
@@ -27,7 +28,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ObjectMeta, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// Timings and names of the election (flags of `run`).
@@ -101,27 +101,68 @@ pub fn decide(holder: Option<&str>, duration: Duration, seen_unchanged_for: Dura
     }
 }
 
-/// Resolves when no renewal has been reported on `renewed` for `deadline`
-/// (the time of the last success is the channel's value).
-pub async fn watchdog(mut renewed: watch::Receiver<Instant>, deadline: Duration) {
-    loop {
-        let until = *renewed.borrow_and_update() + deadline;
-        tokio::select! {
-            _ = tokio::time::sleep_until(until) => {
-                let last = *renewed.borrow();
-                if last + deadline <= Instant::now() {
-                    return;
+/// Stops the process once no renewal was recorded for `deadline`. It runs on
+/// its own OS thread, not on the runtime: the runtime has one thread, and a
+/// task that held it (or a stalled timer) would otherwise hold the watchdog
+/// too, past the deadline and into a standby's term.
+#[derive(Clone)]
+pub struct Watchdog {
+    shared: std::sync::Arc<(std::sync::Mutex<Renewals>, std::sync::Condvar)>,
+}
+
+struct Renewals {
+    last: std::time::Instant,
+    stopped: bool,
+}
+
+impl Watchdog {
+    /// Counts the deadline from now; `on_lost` runs on the watchdog's thread.
+    pub fn start(deadline: Duration, on_lost: fn()) -> Self {
+        let renewals = Renewals { last: std::time::Instant::now(), stopped: false };
+        let shared = std::sync::Arc::new((std::sync::Mutex::new(renewals), std::sync::Condvar::new()));
+        let watched = shared.clone();
+        std::thread::Builder::new()
+            .name("lease-watchdog".into())
+            .spawn(move || {
+                let (lock, wake) = &*watched;
+                let mut renewals = lock.lock().expect("watchdog lock");
+                loop {
+                    if renewals.stopped {
+                        return;
+                    }
+                    let until = renewals.last + deadline;
+                    let now = std::time::Instant::now();
+                    if now >= until {
+                        break;
+                    }
+                    renewals = wake.wait_timeout(renewals, until - now).expect("watchdog lock").0;
                 }
-            }
-            changed = renewed.changed() => {
-                if changed.is_err() {
-                    // the renewer is gone: nothing renews any more
-                    let last = *renewed.borrow();
-                    tokio::time::sleep_until(last + deadline).await;
-                    return;
-                }
-            }
-        }
+                drop(renewals);
+                tracing::error!(
+                    deadline_secs = deadline.as_secs_f64(),
+                    "no lease renewal within the renew deadline; stopping"
+                );
+                on_lost();
+            })
+            .expect("spawn the lease watchdog thread");
+        Self { shared }
+    }
+
+    /// Records a successful renewal that started at `at`.
+    pub fn renewed(&self, at: std::time::Instant) {
+        let mut renewals = self.shared.0.lock().expect("watchdog lock");
+        renewals.last = renewals.last.max(at);
+    }
+
+    /// When the last recorded renewal started.
+    pub fn last(&self) -> std::time::Instant {
+        self.shared.0.lock().expect("watchdog lock").last
+    }
+
+    /// Disarms it (the Lease is being released): `on_lost` will not run.
+    pub fn stop(&self) {
+        self.shared.0.lock().expect("watchdog lock").stopped = true;
+        self.shared.1.notify_all();
     }
 }
 
@@ -247,13 +288,13 @@ impl Elector {
 pub struct Leadership {
     elector: std::sync::Arc<tokio::sync::Mutex<Elector>>,
     renewer: tokio::task::JoinHandle<()>,
-    watchdog: tokio::task::JoinHandle<()>,
+    watchdog: Watchdog,
 }
 
 impl Leadership {
     /// Stops renewing, then releases the Lease (bounded by `timeout`).
     pub async fn release(self, timeout: Duration) {
-        self.watchdog.abort();
+        self.watchdog.stop();
         self.renewer.abort();
         let _ = self.renewer.await;
         let elector = self.elector.lock().await;
@@ -302,10 +343,11 @@ pub async fn acquire(client: Client, config: LeaderConfig, on_lost: fn()) -> any
     }
     tracing::info!(identity = %elector.config.identity, "acquired the leader lease");
     let deadline = elector.config.renew_deadline;
-    let (renewed_tx, renewed_rx) = watch::channel(Instant::now());
+    let watchdog = Watchdog::start(deadline, on_lost);
     let elector = std::sync::Arc::new(tokio::sync::Mutex::new(elector));
     let renewer = {
         let elector = elector.clone();
+        let watchdog = watchdog.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(retry).await;
@@ -314,12 +356,10 @@ pub async fn acquire(client: Client, config: LeaderConfig, on_lost: fn()) -> any
                 // watchdog stops the process then anyway), so one slow answer of
                 // a loaded API server is not a lost term. The renewal counts
                 // from when the attempt started: the Lease says so no later.
-                let started = Instant::now();
-                let left = (*renewed_tx.borrow() + deadline).saturating_duration_since(started).max(retry);
+                let started = std::time::Instant::now();
+                let left = (watchdog.last() + deadline).saturating_duration_since(started).max(retry);
                 match tokio::time::timeout(left, e.try_acquire_or_renew()).await {
-                    Ok(Ok(Attempt::Held)) => {
-                        let _ = renewed_tx.send(started);
-                    }
+                    Ok(Ok(Attempt::Held)) => watchdog.renewed(started),
                     Ok(Ok(Attempt::HeldByOther(_))) => {
                         tracing::error!("the leader lease was taken by another replica; stopping");
                         on_lost();
@@ -334,11 +374,6 @@ pub async fn acquire(client: Client, config: LeaderConfig, on_lost: fn()) -> any
             }
         })
     };
-    let watchdog = tokio::spawn(async move {
-        watchdog(renewed_rx, deadline).await;
-        tracing::error!(deadline_secs = deadline.as_secs_f64(), "no lease renewal within the renew deadline; stopping");
-        on_lost();
-    });
     Ok(Leadership { elector, renewer, watchdog })
 }
 

@@ -41,33 +41,77 @@ fn identity_is_unique_per_process_start() {
     assert!(c.renew_deadline < c.lease_duration);
 }
 
-// Real time with wide margins (the watchdog is a timer): renewals every 50 ms
-// keep a 600 ms deadline from firing; once they stop, it fires after the
-// deadline, not before.
-#[tokio::test]
-async fn watchdog_fires_once_renewals_stop_for_the_deadline() {
-    let deadline = Duration::from_millis(600);
-    let (tx, rx) = watch::channel(Instant::now());
-    let dog = tokio::spawn(watchdog(rx, deadline));
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        tx.send(Instant::now()).unwrap();
+// Real time with wide margins (the watchdog is an OS thread on the real
+// clock). Each test has its own flag, since `on_lost` is a plain fn.
+fn fired_within(flag: &std::sync::atomic::AtomicBool, limit: Duration) -> bool {
+    let until = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < until {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(!dog.is_finished(), "fired while renewals succeeded");
-    let last = Instant::now();
-    tx.send(last).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), dog).await.expect("watchdog never fired").unwrap();
-    let waited = last.elapsed();
-    assert!(waited >= deadline, "fired {waited:?} after the last renewal, before the deadline");
-    drop(tx);
+    flag.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-#[tokio::test]
-async fn watchdog_fires_when_the_renewer_is_gone() {
-    let deadline = Duration::from_millis(300);
-    let (tx, rx) = watch::channel(Instant::now());
-    let start = Instant::now();
-    drop(tx);
-    tokio::time::timeout(Duration::from_secs(5), watchdog(rx, deadline)).await.expect("never fired");
-    assert!(start.elapsed() >= deadline);
+// Renewals every 50 ms keep a 600 ms deadline from firing; once they stop,
+// it fires after the deadline, not before.
+#[test]
+fn watchdog_fires_once_renewals_stop_for_the_deadline() {
+    static LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    fn lost() {
+        LOST.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    let deadline = Duration::from_millis(600);
+    let dog = Watchdog::start(deadline, lost);
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(50));
+        dog.renewed(std::time::Instant::now());
+    }
+    assert!(!LOST.load(std::sync::atomic::Ordering::SeqCst), "fired while renewals succeeded");
+    let last = std::time::Instant::now();
+    dog.renewed(last);
+    assert!(fired_within(&LOST, Duration::from_secs(5)), "watchdog never fired");
+    let waited = last.elapsed();
+    assert!(waited >= deadline, "fired {waited:?} after the last renewal, before the deadline");
+}
+
+// The reason it is a thread: a runtime whose one thread is held (here, a
+// blocking sleep inside a task on a current-thread runtime, as the operator
+// runs) cannot poll a timer, but the watchdog fires on time all the same.
+#[test]
+fn watchdog_fires_while_the_runtime_thread_is_held() {
+    static LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    fn lost() {
+        LOST.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let fired_while_held = runtime.block_on(async {
+        let _dog = Watchdog::start(Duration::from_millis(200), lost);
+        // holds the runtime's only thread for 10x the deadline
+        tokio::spawn(async { fired_within(&LOST, Duration::from_secs(2)) }).await.unwrap()
+    });
+    assert!(fired_while_held, "the watchdog waited for the runtime thread");
+}
+
+#[test]
+fn a_stopped_watchdog_never_fires() {
+    static LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    fn lost() {
+        LOST.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    let dog = Watchdog::start(Duration::from_millis(200), lost);
+    dog.stop();
+    assert!(!fired_within(&LOST, Duration::from_millis(800)), "fired after stop");
+}
+
+#[test]
+fn a_late_report_of_an_older_renewal_does_not_move_the_deadline_back() {
+    fn never() {}
+    let dog = Watchdog::start(Duration::from_secs(60), never);
+    let newer = std::time::Instant::now() + Duration::from_millis(5);
+    dog.renewed(newer);
+    dog.renewed(newer - Duration::from_millis(5));
+    assert_eq!(dog.last(), newer);
+    dog.stop();
 }
