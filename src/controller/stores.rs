@@ -119,7 +119,11 @@ pub struct Stores {
     /// Worker pods of every project, in any phase.
     pub workers: Shared<Pod>,
     /// Worker pods by project ("namespace/project"), kept per watch event.
-    pub workers_by_project: WorkerIndex,
+    pub workers_by_project: PodIndex,
+    /// Worker pods by namespace, kept per watch event.
+    pub workers_by_namespace: PodIndex,
+    /// Running pods by namespace, kept per watch event.
+    pub pods_by_namespace: PodIndex,
     /// Nodes and running pods as the planner needs them, kept per watch event.
     pub model: Model,
     /// Bumped on every change of a store that views read: the key of cached views.
@@ -188,8 +192,18 @@ pub fn start(client: Client) -> Stores {
     let allocations = keyed(Api::<GpuAllocation>::all(client.clone()), all.clone(), &epoch, Signal::Wake(grant_key));
     let running = all.clone().fields("status.phase=Running");
     let on_pod = model.clone();
-    let pods =
-        shared_with(Api::<Lean<Pod>>::all(client.clone()), running, &epoch, move |ev| on_pod.apply_pod(ev), strip_pod);
+    let pods_by_namespace = PodIndex::by_namespace();
+    let by_namespace = pods_by_namespace.clone();
+    let pods = shared_with(
+        Api::<Lean<Pod>>::all(client.clone()),
+        running,
+        &epoch,
+        move |ev| {
+            on_pod.apply_pod(ev);
+            by_namespace.apply(ev);
+        },
+        strip_pod,
+    );
     let namespaces =
         shared(Api::<Namespace>::all(client.clone()), all.clone(), &epoch, |ns: &mut Namespace| ns.spec = None);
     let managed = all.clone().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
@@ -208,13 +222,17 @@ pub fn start(client: Client) -> Stores {
     // Admission wakes on what it reads of a project, not on every status write.
     let projects =
         keyed(Api::<Lean<ModelProject>>::all(client.clone()), all.clone(), &not_viewed, Signal::Key(admission_key));
-    let workers_by_project = WorkerIndex::default();
-    let index = workers_by_project.clone();
+    let workers_by_project = PodIndex::by_project();
+    let workers_by_namespace = PodIndex::by_namespace();
+    let (by_project, by_namespace) = (workers_by_project.clone(), workers_by_namespace.clone());
     let workers = shared_with(
         Api::<Lean<Pod>>::all(client),
         all.labels(PROJECT_LABEL),
         &not_viewed,
-        move |ev| index.apply(ev),
+        move |ev| {
+            by_project.apply(ev);
+            by_namespace.apply(ev);
+        },
         |pod: &mut Pod| {
             if let Some(spec) = pod.spec.as_mut() {
                 spec.volumes = None;
@@ -238,6 +256,8 @@ pub fn start(client: Client) -> Stores {
         projects,
         workers,
         workers_by_project,
+        workers_by_namespace,
+        pods_by_namespace,
         model,
         epoch,
     }
@@ -509,61 +529,93 @@ fn fingerprint<K: Resource + serde::Serialize>(obj: &mut K) -> u64 {
     w.0.finish()
 }
 
-/// Worker pod names by "namespace/project", updated per watch event so that a
-/// project reconcile reads its own pods without scanning every worker.
-#[derive(Clone, Default)]
-pub struct WorkerIndex(Arc<std::sync::RwLock<IndexState>>);
+/// Pod names grouped by a key of the pod (a project, a namespace), updated per
+/// watch event, so that a reconcile reads its own pods without scanning all.
+#[derive(Clone)]
+pub struct PodIndex {
+    state: Arc<std::sync::RwLock<IndexState>>,
+    key: fn(&Pod) -> Option<String>,
+}
+
+type Groups = std::collections::HashMap<String, std::collections::BTreeSet<String>>;
 
 #[derive(Default)]
 struct IndexState {
-    by_project: std::collections::HashMap<String, std::collections::BTreeSet<String>>,
+    groups: Groups,
     /// Built during a relist, swapped in when it is done.
-    relisting: Option<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
+    relisting: Option<Groups>,
 }
 
-fn project_key(pod: &Pod) -> Option<(String, String)> {
-    let ns = pod.metadata.namespace.as_deref()?;
-    let project = pod.metadata.labels.as_ref()?.get(PROJECT_LABEL)?;
-    Some((format!("{ns}/{project}"), pod.metadata.name.clone()?))
-}
+impl PodIndex {
+    /// Worker pods by "namespace/project".
+    pub fn by_project() -> Self {
+        Self::new(|pod| {
+            Some(format!(
+                "{}/{}",
+                pod.metadata.namespace.as_deref()?,
+                pod.metadata.labels.as_ref()?.get(PROJECT_LABEL)?
+            ))
+        })
+    }
 
-impl WorkerIndex {
+    /// Pods by namespace.
+    pub fn by_namespace() -> Self {
+        Self::new(|pod| pod.metadata.namespace.clone())
+    }
+
+    fn new(key: fn(&Pod) -> Option<String>) -> Self {
+        Self { state: Default::default(), key }
+    }
+
+    /// The index of `pods`, as a watch that listed them would have built it.
+    pub fn of(self, pods: &[Pod]) -> Self {
+        for pod in pods {
+            self.apply(&watcher::Event::Apply(pod.clone()));
+        }
+        self
+    }
+
+    fn entry(&self, pod: &Pod) -> Option<(String, String)> {
+        Some(((self.key)(pod)?, pod.metadata.name.clone()?))
+    }
+
     fn apply(&self, event: &watcher::Event<Pod>) {
-        let mut s = self.0.write().expect("worker index lock");
+        let mut s = self.state.write().expect("pod index lock");
         match event {
             watcher::Event::Apply(pod) => {
-                if let Some((k, name)) = project_key(pod) {
-                    s.by_project.entry(k).or_default().insert(name);
+                if let Some((k, name)) = self.entry(pod) {
+                    s.groups.entry(k).or_default().insert(name);
                 }
             }
             watcher::Event::Delete(pod) => {
-                if let Some((k, name)) = project_key(pod)
-                    && let Some(set) = s.by_project.get_mut(&k)
+                if let Some((k, name)) = self.entry(pod)
+                    && let Some(set) = s.groups.get_mut(&k)
                 {
                     set.remove(&name);
                     if set.is_empty() {
-                        s.by_project.remove(&k);
+                        s.groups.remove(&k);
                     }
                 }
             }
             watcher::Event::Init => s.relisting = Some(Default::default()),
             watcher::Event::InitApply(pod) => {
-                if let (Some((k, name)), Some(next)) = (project_key(pod), s.relisting.as_mut()) {
+                if let (Some((k, name)), Some(next)) = (self.entry(pod), s.relisting.as_mut()) {
                     next.entry(k).or_default().insert(name);
                 }
             }
             watcher::Event::InitDone => {
                 if let Some(next) = s.relisting.take() {
-                    s.by_project = next;
+                    s.groups = next;
                 }
             }
         }
     }
 
-    /// Names of the worker pods of a project ("namespace/project").
-    pub fn names(&self, project: &str) -> Vec<String> {
-        let s = self.0.read().expect("worker index lock");
-        s.by_project.get(project).map(|set| set.iter().cloned().collect()).unwrap_or_default()
+    /// Names of the pods under `key` (for a namespace, the pods' names; for a
+    /// project, "namespace/project").
+    pub fn names(&self, key: &str) -> Vec<String> {
+        let s = self.state.read().expect("pod index lock");
+        s.groups.get(key).map(|set| set.iter().cloned().collect()).unwrap_or_default()
     }
 }
 
@@ -594,5 +646,46 @@ mod tests {
         assert_eq!(base, print(node("2", "a", false)), "a new resourceVersion alone changes nothing kept");
         assert_eq!(base, print(node("3", "a", true)), "nor do managedFields");
         assert_ne!(base, print(node("2", "b", false)), "a label does");
+    }
+
+    #[test]
+    fn a_pod_index_follows_applies_deletes_and_relists_per_group() {
+        let pod = |ns: &str, name: &str, project: Option<&str>| -> Pod {
+            let labels = project.map(|p| serde_json::json!({ PROJECT_LABEL: p })).unwrap_or(serde_json::json!({}));
+            serde_json::from_value(serde_json::json!({"metadata": {"namespace": ns, "name": name, "labels": labels}}))
+                .unwrap()
+        };
+        let by_ns = PodIndex::by_namespace();
+        let by_project = PodIndex::by_project();
+        let apply = |ev: watcher::Event<Pod>| {
+            by_ns.apply(&ev);
+            by_project.apply(&ev);
+        };
+        apply(watcher::Event::Apply(pod("a", "w0", Some("p"))));
+        apply(watcher::Event::Apply(pod("a", "w1", Some("p"))));
+        apply(watcher::Event::Apply(pod("a", "plain", None)));
+        apply(watcher::Event::Apply(pod("b", "w0", Some("p"))));
+        apply(watcher::Event::Apply(pod("a", "w0", Some("p"))));
+        assert_eq!(by_ns.names("a"), ["plain", "w0", "w1"], "an update is not a second entry");
+        assert_eq!(by_ns.names("b"), ["w0"]);
+        assert_eq!(by_project.names("a/p"), ["w0", "w1"], "a pod without the label is no project's");
+        assert_eq!(by_project.names("b/p"), ["w0"], "projects are per namespace");
+
+        apply(watcher::Event::Delete(pod("a", "w1", Some("p"))));
+        apply(watcher::Event::Delete(pod("b", "w0", Some("p"))));
+        assert_eq!(by_ns.names("a"), ["plain", "w0"]);
+        assert!(by_ns.names("b").is_empty() && by_project.names("b/p").is_empty());
+
+        // A relist keeps answering from the old groups until it is done.
+        apply(watcher::Event::Init);
+        apply(watcher::Event::InitApply(pod("c", "w9", Some("q"))));
+        assert_eq!(by_ns.names("a"), ["plain", "w0"], "mid-relist: the groups before it");
+        apply(watcher::Event::InitDone);
+        assert!(by_ns.names("a").is_empty(), "what the relist did not list is gone");
+        assert_eq!(by_ns.names("c"), ["w9"]);
+        assert_eq!(by_project.names("c/q"), ["w9"]);
+
+        let of = PodIndex::by_namespace().of(&[pod("d", "x", None), pod("d", "y", Some("p"))]);
+        assert_eq!(of.names("d"), ["x", "y"]);
     }
 }

@@ -17,7 +17,7 @@ use super::Cluster;
 use crate::api::GpuAllocationStatus;
 use crate::controller::allocation::planned_status;
 use crate::controller::queue;
-use crate::controller::stores::{Shared, Stores};
+use crate::controller::stores::{PodIndex, Shared, Stores};
 use crate::controller::view::View;
 use crate::planner::grants::Phase;
 use crate::planner::placement::Outcome;
@@ -93,7 +93,9 @@ pub fn stores(cluster: &Cluster) -> Stores {
         slices: shared(&[]),
         projects: shared(&cluster.projects),
         workers: shared(&cluster.workers),
-        workers_by_project: Default::default(),
+        workers_by_project: PodIndex::by_project().of(&cluster.workers),
+        workers_by_namespace: PodIndex::by_namespace().of(&cluster.workers),
+        pods_by_namespace: PodIndex::by_namespace().of(&cluster.pods),
         model: crate::controller::model::Model::of(&cluster.nodes, &cluster.pods),
         epoch: Arc::new(AtomicU64::new(0)),
     }

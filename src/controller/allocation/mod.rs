@@ -26,6 +26,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
 use super::context::requeue;
+use super::stores::{PodIndex, Shared};
 use super::view::View;
 use super::{Context, Error, nodes};
 use crate::api::{GpuAllocation, ModelProject, ProjectUsage};
@@ -222,9 +223,18 @@ fn charged_pods(ctx: &Context, view: &View, alloc: &GpuAllocation, now: Timestam
     }
     let live: Vec<&AllocationState> = view.allocations.iter().filter(|a| !a.deleting).collect();
     let active = |a: &str| view.allocations.iter().any(|s| s.name == a && s.was_active);
-    let workers = ctx.stores.workers.store.state();
-    let plain = ctx.stores.pods.store.state();
-    let pods = workers.into_iter().chain(plain.into_iter().filter(|p| !p.labels().contains_key(PROJECT_LABEL)));
+    // The tenant's namespaces' pods only, by the stores' namespace indexes:
+    // workers in any phase, and running pods that are not workers.
+    let s = &ctx.stores;
+    let in_namespace = |ns: &str, index: &PodIndex, store: &Shared<Pod>| -> Vec<Arc<Pod>> {
+        index.names(ns).iter().filter_map(|n| store.store.get(&ObjectRef::new(n).within(ns))).collect()
+    };
+    let pods = namespaces.iter().flat_map(|&ns| {
+        let plain = in_namespace(ns, &s.pods_by_namespace, &s.pods);
+        in_namespace(ns, &s.workers_by_namespace, &s.workers)
+            .into_iter()
+            .chain(plain.into_iter().filter(|p| !p.labels().contains_key(PROJECT_LABEL)))
+    });
     let mut out = Charged { lives: Vec::new(), pods: BTreeMap::new(), settle_due: None };
     for pod in pods {
         let Some(ns) = pod.metadata.namespace.as_deref().filter(|ns| namespaces.contains(ns)) else { continue };
