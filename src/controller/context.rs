@@ -136,14 +136,11 @@ impl Context {
         self.views.get_recent(&self.stores, BURST_INTERVAL).await
     }
 
-
-
     /// The view the admission loop decides on: rebuilt if any store changed,
     /// unless the latest is younger than `reuse`.
     pub async fn admission_view(&self, reuse: Duration) -> Arc<View> {
         self.views.get_recent(&self.stores, reuse).await.0
     }
-
 
     /// Whether the pod was created a moment ago and the store has not shown it yet.
     pub fn recently_created(&self, key: &str) -> bool {

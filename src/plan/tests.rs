@@ -5,6 +5,7 @@ use serde_json::json;
 
 use super::proposals::parse;
 use super::*;
+use crate::admission::Decision as GangDecision;
 
 const NOW: &str = "2026-12-01T12:00:00Z";
 
@@ -182,4 +183,64 @@ fn files_name_only_the_kinds_plan_knows() {
     let p = parse(&project("p", "x", "a", 1, 0).replace(", namespace: x", ""), Action::Apply).unwrap();
     let Proposal::Project(_, p) = &p[0] else { panic!() };
     assert_eq!(p.metadata.namespace.as_deref(), Some("default"));
+}
+
+/// The cluster with `yaml` applied as objects (no settling): what the
+/// operator's stores would hold right after `kubectl apply`.
+fn with(c: &Cluster, yaml: &str) -> Cluster {
+    let mut next = c.clone();
+    for prop in parse(yaml, Action::Apply).unwrap() {
+        prop.apply(&mut next, now());
+    }
+    next
+}
+
+#[tokio::test]
+async fn the_loop_and_plan_take_the_same_decisions_on_the_same_cluster() {
+    let two = format!("{POOL}{}{}", alloc("a", "team-a", 16, ", borrowingLimit: 8"), alloc("b", "team-b", 8, ""));
+    let running = applied(&cluster(), &format!("{two}{}", project("low", "team-a", "a", 2, 0)));
+    let window = "  window: {end: \"2026-12-01T11:00:00Z\"}\n";
+    let fixtures = [
+        // Fresh arrivals, one beyond the grant (borrowed) and one that can never fit.
+        with(
+            &applied(&cluster(), &two),
+            &format!(
+                "{}{}{}",
+                project("first", "team-a", "a", 2, 0),
+                project("second", "team-a", "a", 1, 0),
+                project("huge", "team-b", "b", 9, 0)
+            ),
+        ),
+        // A higher priority arrival preempts; another tenant reclaims.
+        with(
+            &running,
+            &format!("{}{}", project("urgent", "team-a", "a", 2, 100), project("back", "team-b", "b", 1, 0)),
+        ),
+        // A grant that expired stops its run.
+        with(&running, &format!("{}{window}", alloc("a", "team-a", 16, "")).replacen("---\n", "", 1)),
+    ];
+    for (i, c) in fixtures.iter().enumerate() {
+        // The admission loop's path: its stores, its view cache, its decide.
+        let stores = super::stores(c);
+        let views = crate::controller::view::ViewCache::new(settings().node_grace, Default::default());
+        let (view, _) = views.get_recent(&stores, std::time::Duration::ZERO).await;
+        let projects = stores.projects.store.state();
+        let by_loop = crate::controller::admission::decide(&view, &stores, &projects, now(), &settings().admission());
+        // plan's path.
+        let by_plan = super::adapter::decide(c, now(), &settings()).gangs;
+        let kinds: std::collections::BTreeSet<&str> = by_loop
+            .gangs
+            .values()
+            .map(|d| match d {
+                GangDecision::Admit { borrowed: true, .. } => "borrowed",
+                GangDecision::Admit { .. } => "admit",
+                GangDecision::Wait { .. } => "wait",
+                GangDecision::Stop { .. } => "stop",
+                GangDecision::Evict { .. } => "evict",
+            })
+            .collect();
+        let expected: &[&str] = [&["admit", "borrowed", "wait"][..], &["evict", "wait"], &["stop"]][i];
+        assert!(expected.iter().all(|k| kinds.contains(k)), "fixture {i} decides {kinds:?}");
+        assert_eq!(by_loop, by_plan, "fixture {i}");
+    }
 }
