@@ -8,7 +8,7 @@ CARGO ?= cargo
 CHART := charts/sovereign-operator
 TOOLS = eval "$$(e2e/cluster tools)"
 
-.PHONY: all build image test lint unit crds check-crds chart e2e demo demo-contention demo-down cluster-up cluster-down clean
+.PHONY: all build image test lint shellcheck unit crds check-crds chart docs e2e demo demo-contention demo-down cluster-up cluster-down clean
 
 all: build
 
@@ -22,11 +22,34 @@ image:
 	e2e/image
 
 ## test: everything CI runs, in order of cost.
-test: lint unit check-crds chart e2e
+test: lint unit check-crds chart docs e2e
 
-lint:
+## lint: formatting, clippy, and shellcheck of every shell script.
+lint: shellcheck
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## shellcheck: every tracked shell script (by name or by its #! line); shellcheck itself is
+## installed from Debian's packages by scripts/tool when missing.
+shellcheck:
+	@sc=$$(scripts/tool shellcheck); scripts=(); \
+	while IFS= read -r -d '' f; do \
+	  first=$$(head -n1 "$$f" 2>/dev/null | tr -d '\0' || true); \
+	  if [[ "$$f" == *.sh || "$$first" =~ ^\#!.*[/\ ](ba)?sh([[:space:]].*)?$$ ]]; then scripts+=("$$f"); fi; \
+	done < <(git ls-files -z); \
+	"$$sc" -x "$${scripts[@]}"; \
+	echo "shellcheck: $${#scripts[@]} scripts clean"
+
+## docs: the book (mdBook, from docs/ with the API and CLI references generated from the CRDs
+## and the command line) into target/book/; fails on a CRD field missing from the reference
+## and on a broken internal link.
+docs:
+	@mdbook=$$(scripts/tool mdbook); \
+	rm -rf target/book-src target/book; mkdir -p target; cp -r docs target/book-src; \
+	$(CARGO) run -q --bin sovereign-operator -- docs --out-dir target/book-src/reference; \
+	log=$$("$$mdbook" build target/book-src --dest-dir "$(CURDIR)/target/book" 2>&1) || { echo "$$log" >&2; exit 1; }; \
+	if grep -E 'WARN|ERROR' <<<"$$log" >&2; then echo "docs: mdBook warned (above)" >&2; exit 1; fi; \
+	scripts/check-links target/book
 
 unit:
 	$(CARGO) test -p sovereign-operator

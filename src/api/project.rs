@@ -403,6 +403,7 @@ pub struct ModelProjectStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProjectUsage {
+    /// Charge-weighted accelerator-hours of the run's worker pods.
     #[serde(default)]
     pub accelerator_hours_used: f64,
     /// Per pool; they sum to `acceleratorHoursUsed`.
