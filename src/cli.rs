@@ -10,7 +10,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 /// Allocates sovereign AI compute: accelerator pools, dated grants with budgets,
 /// and gang-admitted training runs across GPU and NPU pools.
 #[derive(Parser, Debug)]
-#[command(name = "sovereign-operator", version, about, long_about = None)]
+// A flag given twice takes its last value, so the chart's `extraArgs` can
+// override a flag the chart sets itself.
+#[command(name = "sovereign-operator", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// Log format: `plain` for people, `json` for log pipelines. Filter with
     /// RUST_LOG (for example `RUST_LOG=info,sovereign_operator=debug`).
@@ -344,6 +346,13 @@ mod tests {
                 "{shell}"
             );
         }
+    }
+
+    #[test]
+    fn a_flag_given_twice_takes_its_last_value() {
+        let cli = try_parse(&["sovereign-operator", "run", "--min-run-seconds=600", "--min-run-seconds=60"]).unwrap();
+        let Command::Run(args) = cli.command else { panic!("expected run") };
+        assert_eq!(args.planning.min_run_seconds, 60);
     }
 
     #[test]
