@@ -283,6 +283,7 @@ pub struct GpuAllocationStatus {
     /// Conditions: Ready, WindowOpen, CapacityAvailable, WithinBudget,
     /// DomesticShareMet, NodesReserved, QuotaApplied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), transform = super::validation::conditions)]
     pub conditions: Vec<Condition>,
 }
 

@@ -389,6 +389,7 @@ pub struct ModelProjectStatus {
     /// Conditions: Queued, Admitted, Running, Finished, Valid, Preempted,
     /// WorkersCreated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), transform = super::validation::conditions)]
     pub conditions: Vec<Condition>,
     /// Accelerator-hours the run's worker pods used, by pool, from its
     /// allocation's ledger.
