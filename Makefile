@@ -42,14 +42,14 @@ shellcheck:
 
 ## docs: the book (mdBook, from docs/ with the API and CLI references generated from the CRDs
 ## and the command line) into target/book/; fails on a CRD field missing from the reference
-## and on a broken internal link.
+## and on a broken internal link (of the book, the README and the changelog).
 docs:
 	@mdbook=$$(scripts/tool mdbook); \
 	rm -rf target/book-src target/book; mkdir -p target; cp -r docs target/book-src; \
 	$(CARGO) run -q --bin sovereign-operator -- docs --out-dir target/book-src/reference; \
 	log=$$("$$mdbook" build target/book-src --dest-dir "$(CURDIR)/target/book" 2>&1) || { echo "$$log" >&2; exit 1; }; \
 	if grep -E 'WARN|ERROR' <<<"$$log" >&2; then echo "docs: mdBook warned (above)" >&2; exit 1; fi; \
-	scripts/check-links target/book
+	scripts/check-links target/book README.md CHANGELOG.md
 
 unit:
 	$(CARGO) test -p sovereign-operator
