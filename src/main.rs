@@ -11,6 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = cli::parse(std::env::args_os());
+    let operator = matches!(cli.command, Command::Run(_));
     let result = match cli.command {
         Command::Run(args) => {
             sovereign_operator::telemetry::init_logging(cli.log_format)?;
@@ -30,7 +31,13 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     if let Err(e) = result {
-        eprintln!("Error: {e:?}");
+        // The operator's log keeps the whole chain (and a backtrace when asked);
+        // a command prints one line and the hint.
+        if operator {
+            eprintln!("Error: {e:?}")
+        } else {
+            eprintln!("Error: {e:#}")
+        }
         if let Some(hint) = sovereign_operator::kubeclient::hint(&e) {
             eprintln!("hint: {hint}");
         }
