@@ -8,7 +8,7 @@ CARGO ?= cargo
 CHART := charts/sovereign-operator
 TOOLS = eval "$$(e2e/cluster tools)"
 
-.PHONY: all build image test lint unit crds check-crds chart e2e demo demo-contention demo-down cluster-up cluster-down clean
+.PHONY: all build image test lint shellcheck unit crds check-crds chart docs e2e demo demo-contention demo-down cluster-up cluster-down clean
 
 all: build
 
@@ -22,11 +22,34 @@ image:
 	e2e/image
 
 ## test: everything CI runs, in order of cost.
-test: lint unit check-crds chart e2e
+test: lint unit check-crds chart docs e2e
 
-lint:
+## lint: formatting, clippy, and shellcheck of every shell script.
+lint: shellcheck
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## shellcheck: every tracked shell script (by name or by its #! line); shellcheck itself is
+## installed from Debian's packages by scripts/tool when missing.
+shellcheck:
+	@sc=$$(scripts/tool shellcheck); scripts=(); \
+	while IFS= read -r -d '' f; do \
+	  first=$$(head -n1 "$$f" 2>/dev/null | tr -d '\0' || true); \
+	  if [[ "$$f" == *.sh || "$$first" =~ ^\#!.*[/\ ](ba)?sh([[:space:]].*)?$$ ]]; then scripts+=("$$f"); fi; \
+	done < <(git ls-files -z); \
+	"$$sc" -x "$${scripts[@]}"; \
+	echo "shellcheck: $${#scripts[@]} scripts clean"
+
+## docs: the book (mdBook, from docs/ with the API and CLI references generated from the CRDs
+## and the command line) into target/book/; fails on a CRD field missing from the reference
+## and on a broken internal link (of the book, the README and the changelog).
+docs:
+	@mdbook=$$(scripts/tool mdbook); \
+	rm -rf target/book-src target/book; mkdir -p target; cp -r docs target/book-src; \
+	$(CARGO) run -q --bin sovereign-operator -- docs --out-dir target/book-src/reference; \
+	log=$$("$$mdbook" build target/book-src --dest-dir "$(CURDIR)/target/book" 2>&1) || { echo "$$log" >&2; exit 1; }; \
+	if grep -E 'WARN|ERROR' <<<"$$log" >&2; then echo "docs: mdBook warned (above)" >&2; exit 1; fi; \
+	scripts/check-links target/book README.md CHANGELOG.md
 
 unit:
 	$(CARGO) test -p sovereign-operator
@@ -45,7 +68,8 @@ check-crds:
 	  || { echo "CRD YAML is out of date: run 'make crds' and commit the result" >&2; exit 1; }
 	@echo "CRD YAML matches the types"
 
-## chart: helm lint, render, and check that bad values are refused.
+## chart: helm lint, render, check that bad values are refused, and test the PrometheusRule's
+## alerts with Prometheus' own rule engine (promtool, from Debian's package: e2e/prometheus).
 chart:
 	@$(TOOLS); \
 	"$$HELM" lint --strict $(CHART); \
@@ -67,6 +91,32 @@ chart:
 	  echo "chart accepted replicaCount=2 without leader election" >&2; exit 1; fi; \
 	if "$$HELM" template t $(CHART) --set logging.format=xml >/dev/null 2>&1; then \
 	  echo "chart accepted logging.format=xml" >&2; exit 1; fi; \
+	version=$$(sed -n 's/^version: *//p' $(CHART)/Chart.yaml); \
+	app=$$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' $(CHART)/Chart.yaml); \
+	crate=$$(sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -1); \
+	[[ "$$version" == "$$app" && "$$app" == "$$crate" ]] \
+	  || { echo "chart: version $$version, appVersion $$app and the crate's $$crate must be one version" >&2; exit 1; }; \
+	digest=sha256:$$(printf '%064d' 0); \
+	sub=$$("$$HELM" template t $(CHART) --set global.imageRegistry=r,enabled=true,nameOverride=sov,commonLabels.team=platform \
+	  --set image.digest=$$digest,extraArgs[0]=--min-run-seconds=60,extraEnv[0].name=X,extraEnv[0].value=hello \
+	  --set topologySpreadConstraints[0].maxSkew=1,topologySpreadConstraints[0].topologyKey=zone,topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway); \
+	[[ $$(grep -c '^kind: ' <<<"$$sub") == $$(grep -c '^    team: platform$$' <<<"$$sub") ]] \
+	  || { echo "chart: commonLabels are not on every object" >&2; exit 1; }; \
+	[[ "$$sub" == *"image: \"sovereign-operator@$$digest\""* && "$$sub" == *'- --min-run-seconds=60'* \
+	   && "$$sub" == *$$'- name: X\n              value: hello'* && "$$sub" == *'name: t-sov'* \
+	   && "$$sub" == *$$'topologyKey: zone\n          whenUnsatisfiable: ScheduleAnyway'* \
+	   && "$$sub" == *$$'- labelSelector:\n            matchLabels:\n              app.kubernetes.io/instance: t\n              app.kubernetes.io/name: sov'* ]] \
+	  || { echo "chart: digest, extraArgs, extraEnv, nameOverride or topology spread not rendered" >&2; exit 1; }; \
+	if "$$HELM" template t $(CHART) --set image.digest=latest >/dev/null 2>&1; then \
+	  echo "chart accepted an image digest that is none" >&2; exit 1; fi; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	"$$HELM" template t $(CHART) --show-only templates/prometheusrule.yaml \
+	  --set metrics.prometheusRule.enabled=true,metrics.prometheusRule.job=sovereign \
+	  | sed -n '/^spec:/,$$p' | tail -n +2 | sed 's/^  //' > "$$tmp/rules.yaml"; \
+	cp charts/tests/alerts.test.yaml "$$tmp/"; \
+	promtool="$$(dirname "$$(e2e/prometheus)")/promtool"; \
+	"$$promtool" check rules "$$tmp/rules.yaml" >/dev/null; \
+	"$$promtool" test rules "$$tmp/alerts.test.yaml"; \
 	echo "chart: lint, template and values schema OK"
 
 ## e2e: the real-cluster suite (builds the image, brings the dev cluster up and down unless one

@@ -3,12 +3,16 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// Allocates sovereign AI compute: accelerator pools, dated grants with budgets,
 /// and gang-admitted training runs across GPU and NPU pools.
 #[derive(Parser, Debug)]
-#[command(name = "sovereign-operator", version, about, long_about = None)]
+// A flag given twice takes its last value, so the chart's `extraArgs` can
+// override a flag the chart sets itself.
+#[command(name = "sovereign-operator", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// Log format: `plain` for people, `json` for log pipelines. Filter with
     /// RUST_LOG (for example `RUST_LOG=info,sovereign_operator=debug`).
@@ -21,25 +25,68 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the operator: watch pools, allocations and projects and act on them.
-    /// Uses the in-cluster ServiceAccount, or --kubeconfig / $KUBECONFIG outside a cluster.
+    /// Run the operator (in a cluster, or with --kubeconfig).
+    ///
+    /// Watches pools, allocations and projects and acts on them. Uses the
+    /// in-cluster ServiceAccount, or --kubeconfig / $KUBECONFIG outside a cluster.
     Run(RunArgs),
-    /// Print the CustomResourceDefinitions as YAML (what `crds/` holds), or write
-    /// one file per CRD into a folder.
+    /// Print the CustomResourceDefinitions as YAML.
+    ///
+    /// What `crds/` holds; --out-dir writes one file per CRD into a folder.
     Crd(CrdArgs),
-    /// Report accelerator-hours and current use by program, tenant, pool and
-    /// domestic/non-domestic pools, grants against use, and the queue.
-    /// Read-only (view rights suffice); also `kubectl sovereign report` when
-    /// installed as `kubectl-sovereign`.
+    /// Report accelerator-hours and use by program, tenant and pool.
+    ///
+    /// Accelerator-hours and current use by program, tenant, pool and
+    /// domestic/non-domestic pools, grants against use, and the queue. Read-only.
+    /// Needs read access to AcceleratorPools and GpuAllocations (the chart's
+    /// ClusterRole <release>-tenant-reader) and to ModelProjects in the namespaces
+    /// reported (the built-in view role): every namespace by default or with -A,
+    /// one with -n, which reports only the allocations that list it.
     Report(ReportArgs),
-    /// Show what the operator would do if the objects in FILE were applied
-    /// (or deleted with --delete): allocations Active or Pending and why,
-    /// quotas, reserved nodes, admissions, waits and preemptions, pool totals
-    /// and the domestic share. Reads the cluster once; never writes. Also
-    /// `kubectl sovereign plan`.
+    /// Show what the operator would do with the objects of FILE, without writing.
+    ///
+    /// Allocations Active or Pending and why, quotas, reserved nodes, admissions,
+    /// waits and preemptions, pool totals and the domestic share, if the objects
+    /// in FILE were applied (or deleted with --delete). Reads the cluster once;
+    /// never writes. Needs the chart's ClusterRole <release>-planner.
     Plan(PlanArgs),
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
+    ///
+    /// bash: `kubectl sovereign completion bash > /etc/bash_completion.d/kubectl-sovereign`;
+    /// zsh: write it as `_kubectl-sovereign` into a folder of your $fpath.
+    Completion(CompletionArgs),
+    /// Write the generated reference pages of the docs (API and CLI).
+    #[command(hide = true)]
+    Docs(DocsArgs),
     /// Print the version.
     Version,
+}
+
+/// Flags of `completion`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CompletionArgs {
+    /// The shell to write the completion script for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// Flags of `docs`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DocsArgs {
+    /// Folder to write `api.md` and `cli.md` into.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: PathBuf,
+}
+
+/// How the read-only commands reach the cluster, as kubectl does.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct KubeArgs {
+    /// Kubeconfig file to use instead of the in-cluster config or $KUBECONFIG.
+    #[arg(long, env = "SOVEREIGN_KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use instead of its current context.
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
 }
 
 /// Flags of `plan`.
@@ -77,9 +124,15 @@ pub enum PlanFormat {
 /// Flags of `report`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReportArgs {
-    /// Kubeconfig file to use instead of the in-cluster config or $KUBECONFIG.
-    #[arg(long, env = "SOVEREIGN_KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    /// Report one namespace: its projects, and the allocations that list it
+    /// with their pools.
+    #[arg(short, long, value_name = "NAMESPACE", conflicts_with = "all_namespaces")]
+    pub namespace: Option<String>,
+    /// Report every namespace (the default).
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = ReportFormat::Table)]
     pub output: ReportFormat,
@@ -92,9 +145,14 @@ pub struct ReportArgs {
 /// Output format of `report`.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReportFormat {
+    /// Aligned columns per section.
     Table,
+    /// One record per row, every column.
     Csv,
+    /// `{generatedAt, domesticTarget, rows}`.
     Json,
+    /// The same document as json, in YAML.
+    Yaml,
 }
 
 /// Flags of `crd`.
@@ -176,10 +234,46 @@ pub struct PlanningArgs {
     pub node_grace_seconds: u64,
 }
 
+/// The name the binary was started as (`kubectl-sovereign` when installed as
+/// a kubectl plugin), from the first argument.
+pub fn invoked_name(mut args: impl Iterator<Item = OsString>) -> String {
+    args.next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "sovereign-operator".into())
+}
+
+/// The command line as seen under the name it was started as: as a kubectl
+/// plugin, usage lines say `kubectl sovereign` and the operator's own
+/// subcommands (`run`, `crd`) are left out of the help.
+pub fn command(invoked_as: &str) -> clap::Command {
+    let cmd = Cli::command();
+    if invoked_as.starts_with("kubectl-") {
+        cmd.name("kubectl-sovereign")
+            .bin_name("kubectl sovereign")
+            .mut_subcommand("run", |c| c.hide(true))
+            .mut_subcommand("crd", |c| c.hide(true))
+    } else {
+        cmd
+    }
+}
+
+/// Parses the arguments (the first is the binary's name); exits with clap's
+/// message on an error, as `Cli::parse` does.
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Cli {
+    let args: Vec<OsString> = args.into_iter().collect();
+    let matches = command(&invoked_name(args.iter().cloned())).get_matches_from(args);
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// Writes the completion script of `shell` for the binary named `bin`.
+pub fn completion(shell: clap_complete::Shell, bin: &str, out: &mut dyn std::io::Write) {
+    clap_complete::generate(shell, &mut command(bin), bin, out);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_well_formed() {
@@ -200,6 +294,65 @@ mod tests {
         let Command::Report(args) = cli.command else { panic!("expected report") };
         assert_eq!(args.output, ReportFormat::Csv);
         assert_eq!(args.svg.as_deref(), Some(std::path::Path::new("charts")));
+    }
+
+    fn try_parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        let matches = command(&invoked_name(args.iter().cloned())).try_get_matches_from(args)?;
+        Cli::from_arg_matches(&matches)
+    }
+
+    #[test]
+    fn as_a_kubectl_plugin_usage_says_kubectl_sovereign() {
+        let err = try_parse(&["/usr/local/bin/kubectl-sovereign", "report", "--bogus"]).unwrap_err();
+        let text = err.render().to_string();
+        assert!(text.contains("Usage: kubectl sovereign report"), "{text}");
+        let help = command("kubectl-sovereign").render_help().to_string();
+        assert!(help.contains("Usage: kubectl sovereign"), "{help}");
+        assert!(!help.contains("\n  run "), "the operator's own subcommands are hidden: {help}");
+        let help = command("sovereign-operator").render_help().to_string();
+        assert!(help.contains("Usage: sovereign-operator") && help.contains("\n  run "), "{help}");
+    }
+
+    #[test]
+    fn report_takes_kubectl_flags() {
+        let cli =
+            try_parse(&["kubectl-sovereign", "report", "-n", "wbl-lgai", "--context", "prod", "-o", "yaml"]).unwrap();
+        let Command::Report(args) = cli.command else { panic!("expected report") };
+        assert_eq!(args.namespace.as_deref(), Some("wbl-lgai"));
+        assert_eq!(args.kube.context.as_deref(), Some("prod"));
+        assert_eq!(args.output, ReportFormat::Yaml);
+        assert!(try_parse(&["kubectl-sovereign", "report", "-A"]).is_ok());
+        assert!(try_parse(&["kubectl-sovereign", "report", "-A", "-n", "x"]).is_err(), "-A and -n exclude each other");
+    }
+
+    #[test]
+    fn every_summary_is_one_line() {
+        for sub in Cli::command().get_subcommands() {
+            let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+            assert!(!about.is_empty() && !about.contains('\n'), "{}: {about:?}", sub.get_name());
+            assert!(about.len() <= 80, "{}: a summary of at most 80 characters: {about:?}", sub.get_name());
+        }
+    }
+
+    #[test]
+    fn completions_cover_the_subcommands() {
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            let mut out = Vec::new();
+            completion(shell, "kubectl-sovereign", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.contains("kubectl-sovereign") && text.contains("report") && text.contains("namespace"),
+                "{shell}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_flag_given_twice_takes_its_last_value() {
+        let cli = try_parse(&["sovereign-operator", "run", "--min-run-seconds=600", "--min-run-seconds=60"]).unwrap();
+        let Command::Run(args) = cli.command else { panic!("expected run") };
+        assert_eq!(args.planning.min_run_seconds, 60);
     }
 
     #[test]

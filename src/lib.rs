@@ -9,6 +9,7 @@
 //! - [`plan`]: what the operator would do with proposed objects (read-only).
 //! - [`report`]: the center's use, by program, tenant and pool (read-only).
 //! - [`admin`], [`telemetry`]: probes, metrics and logs.
+//! - [`reference`]: the generated API and CLI reference pages of the docs.
 
 pub mod admin;
 pub mod admission;
@@ -20,6 +21,7 @@ pub mod kubeclient;
 pub mod leader;
 pub mod plan;
 pub mod planner;
+pub mod reference;
 pub mod report;
 pub mod snapshot;
 pub mod telemetry;

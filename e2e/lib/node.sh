@@ -276,7 +276,7 @@ node_down() {
   for f in "${NODE_DIR}"/cni/relay/*.pid; do
     [[ -f "$f" ]] || continue
     pid=$(cat "$f")
-    [[ "$(cat "/proc/${pid}/comm" 2>/dev/null)" == socat ]] && kill -TERM -- "-${pid}" 2>/dev/null || true
+    if [[ "$(cat "/proc/${pid}/comm" 2>/dev/null)" == socat ]]; then kill -TERM -- "-${pid}" 2>/dev/null || true; fi
   done
   for f in "${NODE_DIR}"/cni/relay/*.netns; do
     [[ -f "$f" ]] || continue

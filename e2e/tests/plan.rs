@@ -226,6 +226,57 @@ pub async fn the_operator_does_what_plan_said(env: Arc<Env>) -> anyhow::Result<(
             if ok { Ok(()) } else { Err(format!("dedicated {dedicated}, run {run}")) }
         })
         .await?;
+
+        // A tenant with `view` in its namespace and the chart's tenant-reader role gets its
+        // own figures with -n; every namespace is refused with a hint that says -n.
+        env.kubectl_ok(&["-n", run_ns, "create", "serviceaccount", "tenant"], None)?;
+        scope.apply(&format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: tenant-view, namespace: {run_ns}}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}}\n\
+             subjects: [{{kind: ServiceAccount, name: tenant, namespace: {run_ns}}}]\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: {run_ns}-tenant-reader}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {RELEASE}-tenant-reader}}\n\
+             subjects: [{{kind: ServiceAccount, name: tenant, namespace: {run_ns}}}]\n"
+        ))?;
+        let tenant = env.service_account_kubeconfig(run_ns, "tenant", "tenant-kubeconfig")?;
+        let report = |kubeconfig: &std::path::Path, scope: &[&str]| {
+            std::process::Command::new(&env.operator_bin)
+                .args(["report", "-o", "json", "--kubeconfig"])
+                .arg(kubeconfig)
+                .args(scope)
+                .output()
+                .map_err(|e| e.to_string())
+        };
+        let names = |report: &Value, section: &str| -> Vec<String> {
+            let rows = report["rows"].as_array().into_iter().flatten();
+            rows.filter(|r| r["section"] == section).filter_map(|r| r["name"].as_str().map(str::to_string)).collect()
+        };
+        wait_for("a tenant's report of its own namespace", MINUTE, || async {
+            let out = report(&tenant, &["-n", run_ns])?;
+            if !out.status.success() {
+                return Err(format!("report -n failed: {}", String::from_utf8_lossy(&out.stderr)));
+            }
+            let r: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+            let (allocations, pools) = (names(&r, "allocation"), names(&r, "pool"));
+            let total = r["rows"].as_array().into_iter().flatten().find(|r| r["section"] == "total").cloned();
+            let total = total.unwrap_or_default();
+            let ok = allocations == ["e2e-plan-run"] && pools == ["e2e-atom"] && total["running"] == 1 && total["queued"] == 1;
+            if ok { Ok(()) } else { Err(format!("allocations {allocations:?}, pools {pools:?}, total {total}")) }
+        })
+        .await?;
+        let out = report(&tenant, &["-A"]).map_err(anyhow::Error::msg)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "a tenant read every namespace's projects");
+        ensure!(stderr.contains("hint:") && stderr.contains("-n NAMESPACE"), "no hint for the tenant: {stderr}");
+        // The suite's admin reads every namespace.
+        let out = report(&env.kubeconfig, &["-A"]).map_err(anyhow::Error::msg)?;
+        ensure!(out.status.success(), "admin report: {}", String::from_utf8_lossy(&out.stderr));
+        let all: Value = serde_json::from_slice(&out.stdout)?;
+        let allocations = names(&all, "allocation");
+        ensure!(
+            allocations.iter().any(|a| a == "e2e-plan-run") && allocations.iter().any(|a| a == "e2e-plan-dedicated"),
+            "admin report: {allocations:?}"
+        );
         Ok(())
     })
     .await

@@ -283,6 +283,7 @@ pub struct GpuAllocationStatus {
     /// Conditions: Ready, WindowOpen, CapacityAvailable, WithinBudget,
     /// DomesticShareMet, NodesReserved, QuotaApplied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), transform = super::validation::conditions)]
     pub conditions: Vec<Condition>,
 }
 
@@ -290,6 +291,7 @@ pub struct GpuAllocationStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolHours {
+    /// The AcceleratorPool.
     pub pool: String,
     /// Charge-factor weighted.
     pub accelerator_hours_used: f64,
@@ -301,6 +303,7 @@ pub struct PoolHours {
 pub struct ProjectHours {
     /// "namespace/name".
     pub project: String,
+    /// The AcceleratorPool.
     pub pool: String,
     /// Charge-factor weighted.
     pub accelerator_hours_used: f64,
@@ -332,10 +335,12 @@ pub struct UsageLedger {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SettledCharge {
+    /// The AcceleratorPool the pods ran in.
     pub pool: String,
     /// "namespace/name" of the ModelProject, for its worker pods while it exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
+    /// Whether the pool is domestic.
     #[serde(default)]
     pub domestic: bool,
     /// Charge-weighted accelerator-milliseconds.
@@ -346,10 +351,14 @@ pub struct SettledCharge {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OpenCharge {
+    /// The pod's UID.
     pub uid: String,
+    /// The AcceleratorPool the pod runs in.
     pub pool: String,
+    /// "namespace/name" of the ModelProject, for its worker pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
+    /// Whether the pool is domestic.
     #[serde(default)]
     pub domestic: bool,
     /// Devices x the pool's chargeFactor.

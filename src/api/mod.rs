@@ -110,4 +110,23 @@ mod tests {
             assert!(!crd.spec.names.short_names.as_ref().unwrap().is_empty());
         }
     }
+
+    #[test]
+    fn conditions_are_a_bounded_map_keyed_by_type() {
+        for crd in all_crds() {
+            let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+            let c = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+            let kind = &crd.spec.names.kind;
+            assert_eq!(c["x-kubernetes-list-type"], "map", "{kind}");
+            assert_eq!(c["x-kubernetes-list-map-keys"], serde_json::json!(["type"]), "{kind}");
+            assert_eq!(c["maxItems"], 16, "{kind}");
+            let item = &c["items"];
+            assert!(
+                item["required"].as_array().unwrap().contains(&"type".into()),
+                "{kind}: a map key must be required"
+            );
+            assert_eq!(item["properties"]["status"]["enum"], serde_json::json!(["True", "False", "Unknown"]));
+            assert_eq!(item["properties"]["type"]["maxLength"], 316);
+        }
+    }
 }

@@ -148,5 +148,6 @@ pub struct AcceleratorPoolStatus {
     pub observed_generation: Option<i64>,
     /// Conditions: Ready (nodes found, no conflict), NodeConflict, Overcommitted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), transform = super::validation::conditions)]
     pub conditions: Vec<Condition>,
 }

@@ -389,6 +389,7 @@ pub struct ModelProjectStatus {
     /// Conditions: Queued, Admitted, Running, Finished, Valid, Preempted,
     /// WorkersCreated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), transform = super::validation::conditions)]
     pub conditions: Vec<Condition>,
     /// Accelerator-hours the run's worker pods used, by pool, from its
     /// allocation's ledger.
@@ -403,6 +404,7 @@ pub struct ModelProjectStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProjectUsage {
+    /// Charge-weighted accelerator-hours of the run's worker pods.
     #[serde(default)]
     pub accelerator_hours_used: f64,
     /// Per pool; they sum to `acceleratorHoursUsed`.

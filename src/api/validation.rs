@@ -279,6 +279,21 @@ pub fn resources(schema: &mut Schema) {
     );
 }
 
+/// Status conditions as metav1.Condition's own markers make them: a list map
+/// keyed by `type` (one entry per type, merged by it under server-side apply),
+/// each field bounded, `status` one of True, False, Unknown. (The number of
+/// conditions is bounded where the field is declared.)
+pub fn conditions(schema: &mut Schema) {
+    let list = object(schema);
+    list.insert("x-kubernetes-list-type".into(), json!("map"));
+    list.insert("x-kubernetes-list-map-keys".into(), json!(["type"]));
+    let c = items(list);
+    property(c, "type").insert("maxLength".into(), json!(316));
+    property(c, "status").insert("enum".into(), json!(["True", "False", "Unknown"]));
+    property(c, "reason").insert("maxLength".into(), json!(1024));
+    property(c, "message").insert("maxLength".into(), json!(32768));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

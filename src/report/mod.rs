@@ -120,25 +120,48 @@ impl Report {
 /// The national goal for the share of domestic accelerators.
 pub const DOMESTIC_TARGET: f64 = 0.5;
 
-/// Lists the pools, allocations and projects once (read-only).
-pub async fn fetch(client: &Client) -> anyhow::Result<Inputs> {
+/// Lists the pools, allocations and projects once (read-only): the projects of
+/// every namespace, or of `namespace` alone.
+pub async fn fetch(client: &Client, namespace: Option<&str>) -> anyhow::Result<Inputs> {
     let lp = ListParams::default();
+    let projects = match namespace {
+        Some(ns) => Api::<ModelProject>::namespaced(client.clone(), ns),
+        None => Api::<ModelProject>::all(client.clone()),
+    };
     Ok(Inputs {
         pools: Api::<AcceleratorPool>::all(client.clone()).list(&lp).await?.items,
         allocations: Api::<GpuAllocation>::all(client.clone()).list(&lp).await?.items,
-        projects: Api::<ModelProject>::all(client.clone()).list(&lp).await?.items,
+        projects: projects.list(&lp).await?.items,
         now: Timestamp::now().round(k8s_openapi::jiff::Unit::Second)?,
     })
 }
 
+/// The inputs of one namespace's report: the allocations that list it, the
+/// pools they grant, and the projects in it.
+pub fn scope(mut inputs: Inputs, namespace: &str) -> Inputs {
+    inputs.allocations.retain(|a| a.spec.tenant.namespaces.iter().any(|n| n == namespace));
+    let granted: std::collections::BTreeSet<&str> =
+        inputs.allocations.iter().flat_map(|a| a.spec.grants.iter().map(|g| g.pool.as_str())).collect();
+    let granted: std::collections::BTreeSet<String> = granted.into_iter().map(str::to_string).collect();
+    inputs.pools.retain(|p| p.metadata.name.as_ref().is_some_and(|n| granted.contains(n)));
+    inputs.projects.retain(|p| p.metadata.namespace.as_deref() == Some(namespace));
+    inputs
+}
+
 /// `report`: fetch, build, print, and write the charts if asked.
 pub async fn run(args: &ReportArgs) -> anyhow::Result<()> {
-    let client = crate::kubeclient::client(args.kubeconfig.as_deref()).await?;
-    let report = build(&fetch(&client).await?);
+    let client = crate::kubeclient::connect(&args.kube).await?;
+    let namespace = args.namespace.as_deref();
+    let mut inputs = fetch(&client, namespace).await?;
+    if let Some(ns) = namespace {
+        inputs = scope(inputs, ns);
+    }
+    let report = build(&inputs);
     let text = match args.output {
         ReportFormat::Table => render::table(&report),
         ReportFormat::Csv => render::csv(&report)?,
         ReportFormat::Json => render::json(&report)?,
+        ReportFormat::Yaml => render::yaml(&report)?,
     };
     print!("{text}");
     if let Some(dir) = &args.svg {

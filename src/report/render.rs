@@ -97,18 +97,24 @@ pub fn table(report: &Report) -> String {
     out
 }
 
-/// Left-aligned columns two spaces apart, as kubectl prints them.
+/// Left-aligned columns two spaces apart, as kubectl prints them, by display
+/// width: a Hangul syllable or a CJK character takes two columns of a terminal.
 pub fn aligned(headers: &[String], cells: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    use unicode_width::UnicodeWidthStr;
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.width()).collect();
     for row in cells {
         for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
+            *w = (*w).max(c.width());
         }
     }
     let mut out = String::new();
     for row in std::iter::once(headers).chain(cells.iter().map(Vec::as_slice)) {
-        let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(line.join("  ").trim_end());
+        let mut line = String::new();
+        for (c, w) in row.iter().zip(&widths) {
+            line.push_str(c);
+            line.extend(std::iter::repeat_n(' ', w - c.width() + 2));
+        }
+        out.push_str(line.trim_end());
         out.push('\n');
     }
     out
@@ -165,4 +171,9 @@ pub fn csv(report: &Report) -> anyhow::Result<String> {
 
 pub fn json(report: &Report) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(report)? + "\n")
+}
+
+/// The JSON document in YAML.
+pub fn yaml(report: &Report) -> anyhow::Result<String> {
+    Ok(serde_saphyr::to_string(report)?)
 }

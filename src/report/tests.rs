@@ -129,6 +129,45 @@ fn table_has_a_section_per_group_with_aligned_columns() {
 }
 
 #[test]
+fn table_aligns_by_display_width_with_korean_names() {
+    use unicode_width::UnicodeWidthStr;
+    let mut i = inputs();
+    i.allocations[0].spec.tenant.display_name = "업스테이지 컨소시엄".into();
+    let text = render::table(&build(&i));
+    let header = text.split("By tenant\n").nth(1).and_then(|t| t.lines().next()).expect("tenant header");
+    let korean = text.lines().find(|l| l.starts_with("업스테이지")).expect("the Korean tenant's row");
+    // Every column after the name starts at the header's display column, so the
+    // name's nine characters take eighteen terminal columns.
+    let col = |line: &str, cell: &str| line.find(cell).map(|b| line[..b].width());
+    assert_eq!(col(header, "ACC-HOURS"), col(korean, "100.0"), "{text}");
+    assert_eq!(col(header, "ACC-HOURS"), Some("업스테이지 컨소시엄".width() + 2), "{text}");
+    let other = text.lines().find(|l| l.starts_with("team b ")).expect("another tenant");
+    assert_eq!(col(header, "GRANTED"), col(other, "32"), "{text}");
+    assert_eq!(render::aligned(&["이름".into(), "X".into()], &[vec!["a".into(), "1".into()]]), "이름  X\na     1\n");
+}
+
+#[test]
+fn one_namespace_reports_its_allocations_pools_and_projects() {
+    let mut i = inputs();
+    i.allocations[0].spec.grants.truncate(1); // a: h200 only
+    let scoped = scope(i, "a");
+    assert_eq!(scoped.allocations.iter().map(|a| a.metadata.name.clone().unwrap()).collect::<Vec<_>>(), ["a"]);
+    assert_eq!(scoped.pools.iter().map(|p| p.metadata.name.clone().unwrap()).collect::<Vec<_>>(), ["h200"]);
+    assert_eq!(scoped.projects.len(), 2);
+    assert!(scoped.projects.iter().all(|p| p.metadata.namespace.as_deref() == Some("a")));
+    let r = build(&scoped);
+    assert_eq!(row(&r, Section::Total, "all").accelerator_hours, 100.0);
+}
+
+#[test]
+fn yaml_is_the_json_document() {
+    let r = build(&inputs());
+    let from_yaml: serde_json::Value = serde_saphyr::from_str(&render::yaml(&r).unwrap()).unwrap();
+    let from_json: serde_json::Value = serde_json::from_str(&render::json(&r).unwrap()).unwrap();
+    assert_eq!(from_yaml, from_json);
+}
+
+#[test]
 fn csv_has_one_record_per_row_and_every_column() {
     let r = build(&inputs());
     let text = render::csv(&r).unwrap();
