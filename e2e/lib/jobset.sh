@@ -40,11 +40,10 @@ module_dir() {
 # jobset_webhooks: the JobSet webhooks of the module's config/components/webhook (with its
 # patches: pods only when they belong to a JobSet), served by our process on loopback.
 jobset_webhooks() {
-  local ca url="https://127.0.0.1:${JOBSET_WEBHOOK_PORT}" kind verb path pods
+  local ca url="https://127.0.0.1:${JOBSET_WEBHOOK_PORT}" kind verb path
   ca=$(b64 "${PKI}/ca.crt")
   for kind in Mutating Validating; do
     verb=$([[ $kind == Mutating ]] && echo mutate || echo validate)
-    pods="      objectSelector: {matchExpressions: [{key: jobset.sigs.k8s.io/jobset-name, operator: Exists}]}"
     path="${verb}-jobset-x-k8s-io-v1alpha2-jobset"
     cat <<EOF
 ---
@@ -66,7 +65,7 @@ webhooks:
     clientConfig: {url: "${url}/${verb}--v1-pod", caBundle: "${ca}"}
     failurePolicy: Fail
     sideEffects: None
-${pods}
+    objectSelector: {matchExpressions: [{key: jobset.sigs.k8s.io/jobset-name, operator: Exists}]}
     rules:
       - {apiGroups: [""], apiVersions: [v1], resources: [pods], operations: [CREATE]}
 EOF

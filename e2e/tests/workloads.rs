@@ -200,7 +200,7 @@ pub async fn labelled_workloads_are_held_at_creation_and_unlabelled_ones_untouch
 pub async fn a_workload_naming_a_foreign_allocation_is_refused_with_the_policys_words(
     env: Arc<Env>,
 ) -> anyhow::Result<()> {
-    in_namespaces(&env, &["wl-mine", "wl-theirs"], async |names, scope| {
+    in_namespaces(&env, &["wl-mine", "wl-theirs", "wl-nobody"], async |names, scope| {
         let (mine, theirs) = (names[0].clone(), names[1].clone());
         pools(scope)?;
         scope.apply(&alloc_yaml("e2e-wl-mine", &[&mine], "[{pool: e2e-b200, accelerators: 8}]", ""))?;
@@ -210,14 +210,25 @@ pub async fn a_workload_naming_a_foreign_allocation_is_refused_with_the_policys_
 
         let jobs: Api<Job> = Api::namespaced(env.client.clone(), &mine);
         let msg = refusal(&jobs, &job("borrowed", Some("e2e-wl-theirs"), 1, pod_template(8, None, json!({})))?).await?;
+        // Both policies refuse it (the namespace's quota lists e2e-wl-mine only; e2e-wl-theirs
+        // lists another namespace), in the same words.
         for words in [
             format!("GpuAllocation e2e-wl-theirs does not list namespace {mine}"),
-            "(the allocations that list it: e2e-wl-mine)".to_string(),
             format!("set the label {LABEL} to an allocation that lists {mine}"),
             format!("add {mine} to spec.tenant.namespaces of GpuAllocation e2e-wl-theirs"),
         ] {
             ensure!(msg.contains(&words), "refusal lacks {words:?}: {msg}");
         }
+        // A namespace no allocation lists (no quota): the allocation itself says no.
+        let outside: Api<Job> = Api::namespaced(env.client.clone(), &names[2]);
+        let msg = refusal(&outside, &job("stray", Some("e2e-wl-theirs"), 1, pod_template(8, None, json!({})))?).await?;
+        ensure!(
+            msg.contains(&format!(
+                "GpuAllocation e2e-wl-theirs does not list namespace {} (it lists {theirs})",
+                names[2]
+            )),
+            "{msg}"
+        );
         // One that does not exist, and a TrainJob, the same way.
         let msg = refusal(&jobs, &job("ghost", Some("e2e-wl-nowhere"), 1, pod_template(8, None, json!({})))?).await?;
         ensure!(msg.contains("GpuAllocation e2e-wl-nowhere does not list namespace"), "{msg}");
