@@ -19,12 +19,12 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::runtime::watcher;
 use serde_json::json;
+use sovereign_operator::admission::{Decision, Settings};
 use sovereign_operator::api::{GpuAllocation, ModelProject};
 use sovereign_operator::controller::model::ModelState;
 use sovereign_operator::controller::stores::Stores;
-use sovereign_operator::controller::{queue, view::View};
+use sovereign_operator::controller::{admission, view::View};
 use sovereign_operator::plan::{Cluster, stores};
-use sovereign_operator::telemetry::Metrics;
 
 const NATIONAL_NODES: usize = 2_752;
 /// (pool, resource, label key, label value, share of the nodes, devices per node)
@@ -167,10 +167,12 @@ fn now() -> Timestamp {
 /// One admission cycle: the view from the model, then every queue planned.
 /// With `previous`, the loop's steady state: no node and no pool changed since
 /// that view, so its node and pool part and its placement cache are reused.
-fn cycle(s: &Stores, previous: Option<&View>, projects: &[Arc<ModelProject>], metrics: &Metrics) -> usize {
+fn cycle(s: &Stores, previous: Option<&View>, projects: &[Arc<ModelProject>]) -> usize {
     let view = View::build_after(s, Duration::from_secs(300), now(), previous);
-    let q = queue::plan(&view, now(), projects, s, SignedDuration::from_secs(600), metrics, &|_| true);
-    q.outcomes.len()
+    let settings =
+        Settings { starvation_after: SignedDuration::from_secs(600), min_run: SignedDuration::from_secs(600) };
+    let d = admission::decide(&view, s, projects, now(), &settings);
+    d.gangs.values().filter(|d| matches!(d, Decision::Admit { .. } | Decision::Wait { .. })).count()
 }
 
 fn cycles(c: &mut Criterion) {
@@ -181,15 +183,12 @@ fn cycles(c: &mut Criterion) {
     for (axis, x, nodes, queued) in sizes.into_iter().chain(queues) {
         let s = stores(&cluster(nodes, queued));
         let projects = s.projects.store.state();
-        let metrics = Metrics::default();
-        assert_eq!(cycle(&s, None, &projects, &metrics), queued, "every queued project gets an outcome");
-        g.bench_with_input(BenchmarkId::new(axis, x), &x, |b, _| {
-            b.iter(|| black_box(cycle(&s, None, &projects, &metrics)))
-        });
+        assert_eq!(cycle(&s, None, &projects), queued, "every queued project gets an outcome");
+        g.bench_with_input(BenchmarkId::new(axis, x), &x, |b, _| b.iter(|| black_box(cycle(&s, None, &projects))));
         let previous = View::build(&s, Duration::from_secs(300), now());
-        cycle(&s, Some(&previous), &projects, &metrics);
+        cycle(&s, Some(&previous), &projects);
         g.bench_with_input(BenchmarkId::new(format!("steady_{axis}"), x), &x, |b, _| {
-            b.iter(|| black_box(cycle(&s, Some(&previous), &projects, &metrics)))
+            b.iter(|| black_box(cycle(&s, Some(&previous), &projects)))
         });
     }
     g.finish();

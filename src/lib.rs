@@ -11,6 +11,7 @@
 //! - [`admin`], [`telemetry`]: probes, metrics and logs.
 
 pub mod admin;
+pub mod admission;
 pub mod api;
 pub mod cli;
 pub mod controller;

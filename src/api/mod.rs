@@ -7,6 +7,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 mod allocation;
+pub mod policy;
 mod pool;
 mod project;
 pub mod validation;

@@ -433,3 +433,18 @@ pub struct WorkerStates {
     #[serde(default)]
     pub failed: i32,
 }
+
+/// Phases whose gang holds its devices.
+pub fn holds_devices(phase: Option<ProjectPhase>) -> bool {
+    matches!(phase, Some(ProjectPhase::Admitted | ProjectPhase::Running))
+}
+
+/// Back to admission: the gang holds nothing until admitted again.
+pub fn requeue_gang(status: &mut ModelProjectStatus, phase: ProjectPhase) {
+    status.phase = Some(phase);
+    status.pool = None;
+    status.nodes.clear();
+    status.borrowed = false;
+    status.preempted.clear();
+    status.protected_until = None;
+}

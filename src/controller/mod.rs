@@ -1,8 +1,9 @@
 //! Wiring of the running operator: client, admin server, CRD check, leader
 //! election, shared reflectors and the reconcilers.
 
-mod admission;
+pub mod admission;
 pub(crate) mod allocation;
+pub(crate) mod apply;
 mod context;
 mod error;
 mod lean;
@@ -10,14 +11,15 @@ pub mod model;
 mod nodes;
 mod pool;
 mod project;
-pub mod queue;
 mod quota;
 pub mod stores;
+mod unseen;
 pub mod view;
 
+pub use apply::FIELD_MANAGER;
+pub(crate) use apply::{apply_status, delete_if_present, object_key};
 pub use context::Context;
 pub use error::Error;
-pub(crate) use project::{holds_devices, validate};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,57 +33,6 @@ use crate::admin::{self, Readiness};
 use crate::api::{AcceleratorPool, GpuAllocation, ModelProject};
 use crate::cli::RunArgs;
 use crate::telemetry::Metrics;
-
-/// Field manager of every server-side apply the operator makes.
-pub const FIELD_MANAGER: &str = "sovereign-operator";
-
-/// Deletes the named object; one already gone is no error. True when this
-/// call deleted it.
-pub(crate) async fn delete_if_present<K>(api: &kube::Api<K>, name: &str) -> Result<bool, Error>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    match api.delete(name, &kube::api::DeleteParams::default()).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Writes `status` of the object by server-side apply with the operator's field
-/// manager (the one status writer of every kind). With `resource_version`, the
-/// write is refused (409) if the object changed since that version. Returns
-/// the object as written.
-pub(crate) async fn apply_status<K>(
-    api: &Api<K>,
-    name: &str,
-    resource_version: Option<&str>,
-    status: &impl serde::Serialize,
-) -> Result<K, Error>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let mut patch = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    if let Some(rv) = resource_version {
-        patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
-    }
-    Ok(api
-        .patch_status(name, &kube::api::PatchParams::apply(FIELD_MANAGER).force(), &kube::api::Patch::Apply(patch))
-        .await?)
-}
-
-/// "namespace/name" (or "name" for cluster-scoped objects): the key of
-/// per-object backoff and of log lines.
-pub(crate) fn object_key<K: Resource>(obj: &K) -> String {
-    match obj.meta().namespace.as_deref() {
-        Some(ns) => format!("{ns}/{}", obj.meta().name.as_deref().unwrap_or_default()),
-        None => obj.meta().name.clone().unwrap_or_default(),
-    }
-}
 
 /// Controller settings shared by every reconciler: a debounce that folds a
 /// burst of events on one object into one reconcile.

@@ -482,7 +482,7 @@ fn admission_key(p: &ModelProject) -> u64 {
     let waits = matches!(phase, None | Some(ProjectPhase::Queued | ProjectPhase::Restarting));
     let retry = status.and_then(|s| s.retry_after.as_ref()).map(|t| t.0.as_second());
     let mut h = std::hash::DefaultHasher::new();
-    (spec_key(p), waits, super::holds_devices(phase), retry).hash(&mut h);
+    (spec_key(p), waits, crate::api::holds_devices(phase), retry).hash(&mut h);
     h.finish()
 }
 

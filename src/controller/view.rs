@@ -1,7 +1,7 @@
 //! The cluster as the planner sees it: built from the reflector stores, planned
 //! once per change of any store, and shared by every reconciler of that moment.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,12 +9,14 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
 use super::stores::Stores;
+use crate::admission::{Gang, GangKind, Snapshot};
 use crate::api::BudgetEnforcement;
 use crate::planner::grants::{self, AllocationState, GrantInput, GrantPlan, Phase, PoolState};
 use crate::planner::inventory::{self, Membership, NodeInfo, PoolTotals};
 use crate::planner::placement::PlacementCache;
+use crate::planner::request::Releasing;
 use crate::planner::usage::{self, PoolRate, Usage};
-use crate::snapshot::{self, RESERVED_FOR};
+use crate::snapshot::{self, ALLOCATION_LABEL, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, pod_requests};
 use crate::telemetry::{AllocationGauges, Metrics};
 
 /// A plan older than this is rebuilt even when no store changed, since time
@@ -32,11 +34,11 @@ pub struct View {
     /// Pools with a usable selector, with totals.
     pub pools: Arc<Vec<PoolState>>,
     pub totals: Arc<BTreeMap<String, PoolTotals>>,
-    pub allocations: Vec<AllocationState>,
-    pub grants: GrantPlan,
+    pub allocations: Arc<Vec<AllocationState>>,
+    pub grants: Arc<GrantPlan>,
     pub usage: Usage,
     /// Node -> allocation named by its reservation label.
-    pub labelled: BTreeMap<String, String>,
+    pub labelled: Arc<BTreeMap<String, String>>,
     /// Allocation -> program, for metric labels.
     pub programs: BTreeMap<String, String>,
     /// Names of the namespaces that exist.
@@ -47,7 +49,7 @@ pub struct View {
     /// Allocations whose admins let projects be non-preemptible.
     pub allocation_allows_non_preemptible: BTreeSet<String>,
     /// Allocations whose budget enforcement is Hard (runs stop when it is used up).
-    pub hard_budget: BTreeSet<String>,
+    pub hard_budget: Arc<BTreeSet<String>>,
     capacity: Arc<Capacity>,
 }
 
@@ -141,6 +143,56 @@ impl View {
         &self.capacity.placement
     }
 
+    /// Everything an admission decision reads: this view's capacity and
+    /// grants, the gangs, and from the stores the devices held by pods the
+    /// operator does not own and by stopped gangs' pods still terminating.
+    /// The one builder of [`Snapshot`], for the admission loop and for `plan`.
+    pub fn snapshot(&self, stores: &Stores, gangs: Vec<Gang>) -> Snapshot {
+        let foreign = stores.model.read(|m| {
+            m.foreign()
+                .iter()
+                .filter_map(|(node, held)| Some((*self.node_index.get(node.as_str())?, held.clone())))
+                .collect()
+        });
+        let holding: HashSet<(&str, &str)> = gangs
+            .iter()
+            .filter(|g| g.holding().is_some() && g.key.kind == GangKind::ModelProject)
+            .map(|g| (g.key.namespace.as_str(), g.key.name.as_str()))
+            .collect();
+        // Pods of a gang that gave its devices back but are still terminating
+        // keep their node's devices and count in its grant until they are gone.
+        let mut releasing = Vec::new();
+        for pod in stores.workers.store.state() {
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            let labels = pod.labels();
+            let project = (pod.metadata.namespace.as_deref().unwrap_or_default(), labels[PROJECT_LABEL].as_str());
+            if matches!(phase, Some("Succeeded" | "Failed")) || holding.contains(&project) {
+                continue;
+            }
+            let (Some(allocation), Some(pool)) = (labels.get(ALLOCATION_LABEL), labels.get(POOL_LABEL)) else {
+                continue;
+            };
+            let Some(resource) = self.pool(pool).map(|p| p.resource_name.as_str()) else { continue };
+            let devices = pod_requests(&pod).get(resource).copied().unwrap_or(0);
+            let node =
+                pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).and_then(|n| self.node_index.get(n)).copied();
+            releasing.push(Releasing { node, allocation: allocation.clone(), pool: pool.clone(), devices });
+        }
+        Snapshot {
+            nodes: self.nodes.clone(),
+            node_index: self.node_index.clone(),
+            pools: self.pools.clone(),
+            allocations: self.allocations.clone(),
+            grants: self.grants.clone(),
+            labelled: self.labelled.clone(),
+            hard_budget: self.hard_budget.clone(),
+            placement: self.capacity.placement.clone(),
+            foreign,
+            releasing,
+            gangs,
+        }
+    }
+
     /// The view of this moment; `previous` lends its node and pool part when
     /// no node and no pool spec changed since it was built.
     pub fn build(stores: &Stores, node_grace: Duration, now: Timestamp) -> Self {
@@ -160,7 +212,7 @@ impl View {
         let allocations: Vec<AllocationState> = alloc_objs.iter().map(|a| snapshot::allocation_state(a, now)).collect();
         let allocation_allows_non_preemptible =
             alloc_objs.iter().filter(|a| a.spec.allow_non_preemptible).map(|a| a.name_any()).collect();
-        let hard_budget = alloc_objs
+        let hard_budget: BTreeSet<String> = alloc_objs
             .iter()
             .filter(|a| a.spec.budget.as_ref().is_some_and(|b| b.enforcement == BudgetEnforcement::Hard))
             .map(|a| a.name_any())
@@ -197,15 +249,15 @@ impl View {
             membership: capacity.membership.clone(),
             pools: capacity.pools.clone(),
             totals: capacity.totals.clone(),
-            allocations,
-            grants,
+            allocations: Arc::new(allocations),
+            grants: Arc::new(grants),
             usage,
-            labelled,
+            labelled: Arc::new(labelled),
             programs,
             namespaces,
             not_tenant,
             allocation_allows_non_preemptible,
-            hard_budget,
+            hard_budget: Arc::new(hard_budget),
             epoch,
             capacity,
         }
@@ -234,7 +286,7 @@ impl View {
                 dom_use += in_use;
             }
         }
-        for a in &self.allocations {
+        for a in self.allocations.iter() {
             let plan = &self.grants.allocations[&a.name];
             let granted: i64 = plan.pools.values().map(|g| g.granted).sum();
             let program = self.programs.get(&a.name).map(String::as_str).unwrap_or_default();

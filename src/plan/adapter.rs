@@ -14,14 +14,13 @@ use kube::runtime::reflector;
 use kube::runtime::watcher;
 
 use super::Cluster;
+use crate::admission::Decisions;
 use crate::api::GpuAllocationStatus;
+use crate::controller::admission;
 use crate::controller::allocation::planned_status;
-use crate::controller::queue;
 use crate::controller::stores::{PodIndex, Shared, Stores};
 use crate::controller::view::View;
 use crate::planner::grants::Phase;
-use crate::planner::placement::Outcome;
-use crate::telemetry::Metrics;
 
 /// The operator's settings that change decisions (`run`'s flags).
 #[derive(Clone, Copy, Debug)]
@@ -30,6 +29,13 @@ pub struct Settings {
     pub starvation_after: SignedDuration,
     /// How long a run admitted by preempting others is protected.
     pub min_run: SignedDuration,
+}
+
+impl Settings {
+    /// The part that the admission core reads.
+    pub fn admission(&self) -> crate::admission::Settings {
+        crate::admission::Settings { starvation_after: self.starvation_after, min_run: self.min_run }
+    }
 }
 
 /// A pool as planned.
@@ -49,19 +55,13 @@ pub struct PoolPlan {
 pub struct Decision {
     /// The status each allocation's reconcile would write.
     pub allocations: BTreeMap<String, GpuAllocationStatus>,
-    /// Allocations whose budget enforcement is Hard.
-    pub hard_budget: Vec<String>,
     /// Node -> allocation, for the nodes Active dedicated grants reserve.
     pub reserved: BTreeMap<String, String>,
     /// Namespace -> resource -> devices of its quota.
     pub quotas: BTreeMap<String, BTreeMap<String, i64>>,
     pub pools: BTreeMap<String, PoolPlan>,
-    /// Queued projects ("ns/name") -> admitted (pool, nodes) or waiting (why).
-    pub outcomes: BTreeMap<String, Outcome>,
-    /// Admitted projects that would run beyond their grant.
-    pub borrowed: Vec<String>,
-    /// Preemptions: preemptor, pool, victims, and which victims are reclaimed.
-    pub preemptions: Vec<crate::planner::preemption::Preemption>,
+    /// The admission core's decisions, as the admission loop takes them.
+    pub gangs: Decisions,
 }
 
 fn shared<K>(objects: &[K]) -> Shared<K>
@@ -102,21 +102,14 @@ pub fn stores(cluster: &Cluster) -> Stores {
 }
 
 /// One decision of the operator: the view, every allocation's status, and the
-/// admission pass, as the controllers compute them from their stores.
+/// admission core's decisions, as the controllers compute them from their
+/// stores (the admission loop's own path: `controller::admission::decide`).
 pub fn decide(cluster: &Cluster, now: Timestamp, settings: &Settings) -> Decision {
     let stores = stores(cluster);
     let view = View::build(&stores, settings.node_grace, now);
-    let metrics = Metrics::default();
     let projects = stores.projects.store.state();
-    // The admission loop's own validity rule: a project whose references do not resolve is not planned.
-    let valid = |p: &crate::api::ModelProject| {
-        let a = stores.allocations.store.get(&kube::runtime::reflector::ObjectRef::new(&p.spec.allocation));
-        crate::controller::validate(p, a.as_deref()).is_ok()
-    };
-    let pass = queue::plan(&view, now, &projects, &stores, settings.starvation_after, &metrics, &valid);
-
-    let mut d = Decision { quotas: view.grants.quotas.clone(), outcomes: pass.outcomes.clone(), ..Default::default() };
-    d.hard_budget = view.hard_budget.iter().cloned().collect();
+    let gangs = admission::decide(&view, &stores, &projects, now, &settings.admission());
+    let mut d = Decision { quotas: view.grants.quotas.clone(), gangs, ..Default::default() };
     for a in &cluster.allocations {
         let name = a.metadata.name.clone().unwrap_or_default();
         let (Some(plan), Some(status)) = (view.grants.allocations.get(&name), planned_status(a, &view)) else {
@@ -142,19 +135,5 @@ pub fn decide(cluster: &Cluster, now: Timestamp, settings: &Settings) -> Decisio
         };
         d.pools.insert(p.name.clone(), pool);
     }
-    // Borrowed: the project reconcile's rule, with the admissions of this pass
-    // counted one after the other (as the operator's in-flight admissions are).
-    let mut admitted = pass.admitted.clone();
-    for (key, outcome) in &d.outcomes {
-        if let (Outcome::Admitted { pool, .. }, Some(p)) = (outcome, projects.iter().find(|p| &queue::key(p) == key)) {
-            let total = p.spec.workers as i64 * p.spec.accelerators_per_worker as i64;
-            let before = admitted.entry((p.spec.allocation.clone(), pool.clone())).or_default();
-            if *before + total > queue::granted(&view, &p.spec.allocation, pool) {
-                d.borrowed.push(key.clone());
-            }
-            *before += total;
-        }
-    }
-    d.preemptions = pass.preempting.values().map(|p| (**p).clone()).collect();
     d
 }

@@ -9,13 +9,15 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use super::adapter::{Decision, Settings, decide};
+
+fn key(p: &ModelProject) -> String {
+    admission::project::key(p).to_string()
+}
 use super::{
     AllocationPlan, Cluster, DomesticShare, Fate, NodeChange, Plan, PoolRow, ProjectPlan, Proposal, QuotaChange,
 };
-use crate::api::{AllocationPhase, ModelProject, ProjectPhase, find_condition};
-use crate::controller::holds_devices;
-use crate::controller::queue::key;
-use crate::planner::placement::Outcome;
+use crate::admission::{self, Decision as GangDecision};
+use crate::api::{ModelProject, ProjectPhase, find_condition, holds_devices};
 use crate::snapshot::{PROJECT_LABEL, RESERVED_FOR};
 
 /// Enough rounds for: activate, reserve, admit, preempt, admit the preemptor.
@@ -40,7 +42,7 @@ pub fn plan(live: &Cluster, proposals: &[Proposal], now: Timestamp, settings: &S
     let mut admitted_devices: BTreeMap<String, i64> = BTreeMap::new();
     let mut last = decide(&c, now, settings);
     for _ in 0..MAX_ROUNDS {
-        if !step(&mut c, &last, now, settings, &mut events, &mut admitted_devices) {
+        if !step(&mut c, &last, now, &mut events, &mut admitted_devices) {
             break;
         }
         last = decide(&c, now, settings);
@@ -115,7 +117,7 @@ pub(super) fn settle(c: &mut Cluster, now: Timestamp, settings: &Settings) {
     let (mut events, mut devices) = (BTreeMap::new(), BTreeMap::new());
     for _ in 0..MAX_ROUNDS {
         let d = decide(c, now, settings);
-        if !step(c, &d, now, settings, &mut events, &mut devices) {
+        if !step(c, &d, now, &mut events, &mut devices) {
             break;
         }
     }
@@ -127,7 +129,6 @@ fn step(
     c: &mut Cluster,
     d: &Decision,
     now: Timestamp,
-    settings: &Settings,
     events: &mut BTreeMap<String, Event>,
     admitted_devices: &mut BTreeMap<String, i64>,
 ) -> bool {
@@ -151,67 +152,42 @@ fn step(
             changed = true;
         }
     }
-    for p in &d.preemptions {
-        for v in &p.victims {
-            let fate = if p.reclaimed.contains(v) { Fate::Reclaimed } else { Fate::Preempted };
-            let why = match fate {
-                Fate::Reclaimed => {
-                    format!("reclaimed: {} needs its guaranteed share of pool {} back", p.preemptor, p.pool)
-                }
-                _ => format!("preempted by {} to make room in pool {}", p.preemptor, p.pool),
-            };
-            changed |= stop(c, v, Event { fate, reason: Some(why), preempts: vec![] }, events, admitted_devices);
+    // The decisions as the admission loop writes them: victims and stopped
+    // runs give their devices back, admitted gangs take theirs.
+    for (k, decision) in &d.gangs.gangs {
+        let key = k.to_string();
+        match decision {
+            GangDecision::Evict { by, reclaimed, message, .. } => {
+                let fate = if *reclaimed { Fate::Reclaimed } else { Fate::Preempted };
+                let event = Event { fate, reason: Some(message.clone()), preempts: vec![] };
+                changed |= stop(c, &key, event, events, admitted_devices);
+                events
+                    .entry(by.to_string())
+                    .or_insert(Event { fate: Fate::Waiting, reason: None, preempts: vec![] })
+                    .preempts
+                    .push(key);
+            }
+            GangDecision::Stop { message } => {
+                let event = Event { fate: Fate::Stopped, reason: Some(message.clone()), preempts: vec![] };
+                changed |= stop(c, &key, event, events, admitted_devices);
+            }
+            GangDecision::Admit { pool, nodes, borrowed, protected_until } => {
+                let Some(p) = c.projects.iter_mut().find(|p| admission::project::key(p) == *k) else { continue };
+                let s = p.status.get_or_insert_with(Default::default);
+                s.phase = Some(ProjectPhase::Admitted);
+                s.pool = Some(pool.clone());
+                s.nodes = nodes.clone();
+                s.admitted_at = Some(Time(now));
+                s.borrowed = *borrowed;
+                s.protected_until = protected_until.map(Time);
+                let e = events.entry(key).or_insert(Event { fate: Fate::Admitted, reason: None, preempts: vec![] });
+                e.fate = Fate::Admitted;
+                *admitted_devices.entry(pool.clone()).or_default() +=
+                    p.spec.workers as i64 * p.spec.accelerators_per_worker as i64;
+                changed = true;
+            }
+            GangDecision::Wait { .. } => {}
         }
-        events
-            .entry(p.preemptor.clone())
-            .or_insert(Event { fate: Fate::Waiting, reason: None, preempts: vec![] })
-            .preempts
-            .extend(p.victims.iter().cloned());
-    }
-    for (k, outcome) in &d.outcomes {
-        let Outcome::Admitted { pool, nodes } = outcome else { continue };
-        let Some(p) = c.projects.iter_mut().find(|p| &key(p) == k) else { continue };
-        let s = p.status.get_or_insert_with(Default::default);
-        s.phase = Some(ProjectPhase::Admitted);
-        s.pool = Some(pool.clone());
-        s.nodes = nodes.clone();
-        s.admitted_at = Some(Time(now));
-        s.borrowed = d.borrowed.contains(k);
-        let e = events.entry(k.clone()).or_insert(Event { fate: Fate::Admitted, reason: None, preempts: vec![] });
-        e.fate = Fate::Admitted;
-        if !e.preempts.is_empty() {
-            s.protected_until = now.checked_add(settings.min_run).ok().map(Time);
-        }
-        *admitted_devices.entry(pool.clone()).or_default() +=
-            p.spec.workers as i64 * p.spec.accelerators_per_worker as i64;
-        changed = true;
-    }
-    // Runs of allocations no longer in force stop (a used-up budget only when Hard).
-    let inactive: BTreeMap<String, String> = d
-        .allocations
-        .iter()
-        .filter_map(|(name, s)| {
-            let phase = s.phase.unwrap_or_default();
-            let stops = match phase {
-                AllocationPhase::Active => false,
-                AllocationPhase::Exhausted => d.hard_budget.contains(name),
-                _ => true,
-            };
-            let why = find_condition(&s.conditions, "Ready").map(|c| c.message.clone()).unwrap_or_default();
-            // The project reconcile's words.
-            let msg = format!("allocation {name} is {phase:?} ({why}): workers stopped with their grace period");
-            stops.then_some((name.clone(), msg))
-        })
-        .collect();
-    let stopping: Vec<(String, String)> = c
-        .projects
-        .iter()
-        .filter(|p| holds_devices(p.status.as_ref().and_then(|s| s.phase)))
-        .filter_map(|p| Some((key(p), inactive.get(&p.spec.allocation)?.clone())))
-        .collect();
-    for (k, why) in stopping {
-        changed |=
-            stop(c, &k, Event { fate: Fate::Stopped, reason: Some(why), preempts: vec![] }, events, admitted_devices);
     }
     changed
 }
@@ -301,8 +277,8 @@ fn project_plans(live: &Cluster, c: &Cluster, d: &Decision, events: &BTreeMap<St
             let k = key(p);
             let s = p.status.clone().unwrap_or_default();
             let event = events.get(&k);
-            let waiting = match d.outcomes.get(&k) {
-                Some(Outcome::Waiting { reason, .. }) => Some(reason.clone()),
+            let waiting = match d.gangs.get(&admission::project::key(p)) {
+                Some(GangDecision::Wait { message, .. }) => Some(message.clone()),
                 _ => None,
             };
             let fate = match (event, &waiting) {

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use super::placement::AllocationQuota;
+use super::request::AllocationQuota;
 
 #[cfg(test)]
 mod tests;

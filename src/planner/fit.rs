@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::placement::{AllocationQuota, GangRequest};
+use super::request::{AllocationQuota, GangRequest};
 use crate::api::HOSTNAME_KEY;
 
 /// What bounds every placement in a pool, whatever runs there.

@@ -11,5 +11,6 @@ pub mod inventory;
 pub mod ledger;
 pub mod placement;
 pub mod preemption;
+pub mod request;
 pub mod reservation;
 pub mod usage;

@@ -79,93 +79,18 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::fair::Borrowers;
 use super::inventory::NodeInfo;
-use super::preemption::{Preemption, Releasing, RunningGang};
+use super::request::releasing_reason;
+pub use super::request::{
+    AllocationQuota, GangRequest, NodeFree, Outcome, PlacementPool, Preemption, Releasing, RunningGang, TopologyRequest,
+};
 pub use topology::PlacementCache;
 use topology::{CandidateSet, Shortfall};
 
+mod preempt;
 mod topology;
 
 #[cfg(test)]
 mod tests;
-
-/// Free devices on one node that a gang may use.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodeFree {
-    /// Index into [`PlacementInput::nodes`].
-    pub node: usize,
-    pub free: i64,
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct PlacementPool {
-    pub name: String,
-    pub resource_name: String,
-    /// Topology label keys coarse to fine WITHOUT kubernetes.io/hostname (e.g.
-    /// ["topology.sovereign.ai/block", "topology.sovereign.ai/rack"]).
-    pub levels: Vec<String>,
-    /// Ready nodes of the pool reserved by nobody, with their free devices.
-    pub shared_nodes: Vec<NodeFree>,
-    /// Nodes reserved by dedicated grants, per allocation name.
-    pub reserved_nodes: BTreeMap<String, Vec<NodeFree>>,
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct AllocationQuota {
-    pub name: String,
-    /// None when the allocation may admit; otherwise why not (shown verbatim,
-    /// e.g. "allocation lgai is Pending: window opens at ...").
-    pub blocked: Option<String>,
-    /// Per pool: devices the allocation may still admit (grant + borrowing
-    /// limit − gangs already admitted there). Pools absent here are not granted.
-    pub headroom: BTreeMap<String, i64>,
-    /// Pools where its grant is Dedicated: gangs there use only its reserved nodes.
-    pub dedicated: BTreeSet<String>,
-    /// Per pool: the borrowing limit, the part of `headroom` beyond the grant
-    /// (absent: 0). Only preemptible gangs borrow, after every gang that fits
-    /// within its own grant.
-    pub borrowing: BTreeMap<String, i64>,
-    /// Per pool: the grant, for the dominant share (absent: not counted).
-    pub granted: BTreeMap<String, i64>,
-}
-
-impl AllocationQuota {
-    pub(super) fn borrowing_in(&self, pool: &str) -> i64 {
-        self.borrowing.get(pool).copied().unwrap_or(0).max(0)
-    }
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct TopologyRequest {
-    pub key: String,
-    pub required: bool,
-}
-
-#[derive(Clone, Debug)]
-pub struct GangRequest {
-    /// "namespace/name", unique.
-    pub key: String,
-    pub allocation: String,
-    /// Preference order.
-    pub pools: Vec<String>,
-    pub workers: u32,
-    pub per_worker: i64,
-    pub priority: i32,
-    pub queued_since: Timestamp,
-    pub topology: Option<TopologyRequest>,
-    /// May borrow (and so be reclaimed); false also protects it once running.
-    pub preemptible: bool,
-    /// Compared with running gangs' priorities: the project's own priority
-    /// (`priority` may carry a boost for ordering).
-    pub preemption_priority: i32,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    /// `nodes[i]` is the node of worker i; all distinct.
-    Admitted { pool: String, nodes: Vec<String> },
-    /// 1-based position in its allocation's queue, and the reason in numbers.
-    Waiting { position: u32, reason: String },
-}
 
 pub struct PlacementInput<'a> {
     pub nodes: &'a [NodeInfo],
@@ -295,7 +220,7 @@ pub fn admit_pass(input: &PlacementInput<'_>) -> Pass {
     let mut outcomes = BTreeMap::new();
     for (g, decision, _) in decided {
         let outcome = match decision {
-            Ok((pool, nodes)) => Outcome::Admitted { pool, nodes },
+            Ok((pool, nodes, borrowed)) => Outcome::Admitted { pool, nodes, borrowed },
             Err(reason) => {
                 let p = positions.entry(g.allocation.as_str()).or_insert(0);
                 *p += 1;
@@ -307,12 +232,8 @@ pub fn admit_pass(input: &PlacementInput<'_>) -> Pass {
     Pass { outcomes, preemptions }
 }
 
-pub(super) fn releasing_reason(pool: &str) -> String {
-    format!("fits in pool {pool} once the workers of stopped runs are gone; waiting for them")
-}
-
-/// Admitted (pool, node per worker) or the reason to wait.
-type Decision = Result<(String, Vec<String>), String>;
+/// Admitted (pool, node per worker, beyond the grant) or the reason to wait.
+type Decision = Result<(String, Vec<String>, bool), String>;
 
 /// The mutable state of one pass: free devices per node, and candidate sets
 /// indexed by topology domain, built once per pool (and reserving allocation)
@@ -419,9 +340,13 @@ impl<'a> World<'a> {
                     for &n in &chosen {
                         self.free[n] -= g.per_worker;
                     }
-                    *headroom.get_mut(&(a.name.as_str(), pool_name.as_str())).expect("looked up above") -= need;
+                    let left = headroom.get_mut(&(a.name.as_str(), pool_name.as_str())).expect("looked up above");
+                    *left -= need;
+                    // Headroom is grant + borrowing limit - admitted: below the
+                    // limit, the admitted total (this gang included) exceeds the grant.
+                    let borrowed = *left < a.borrowing_in(pool_name);
                     let nodes = chosen.iter().map(|&n| self.input.nodes[n].name.clone()).collect();
-                    return Ok((pool.name.clone(), nodes));
+                    return Ok((pool.name.clone(), nodes, borrowed));
                 }
                 Err(short) => {
                     let on = match reserved_for {

@@ -17,11 +17,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
-use super::policy;
 use super::refusal::Refusal;
+use crate::api::policy::{Invalid, validate};
 use crate::api::{
     AcceleratorPool, GpuAllocation, ModelProject, ModelProjectStatus, ProjectPhase, WorkerStates, condition,
-    find_condition, set_condition,
+    find_condition, holds_devices, requeue_gang, set_condition,
 };
 use crate::planner::gang::{self, GangView, Next, PodState, Stop, WorkerObs};
 use crate::snapshot::WORKER_INDEX_LABEL;
@@ -87,61 +87,6 @@ impl Decision {
     fn requeue_within(&mut self, d: Duration) {
         self.requeue = self.requeue.min(d);
     }
-}
-
-/// Phases whose gang holds its devices.
-pub fn holds_devices(phase: Option<ProjectPhase>) -> bool {
-    matches!(phase, Some(ProjectPhase::Admitted | ProjectPhase::Running))
-}
-
-/// Why a project cannot be admitted: the condition reason and what to fix.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Invalid {
-    pub reason: &'static str,
-    pub message: String,
-}
-
-/// The references a project needs: the allocation exists, lists its namespace
-/// and grants its pools, consents to `preemptible: false` and allows what the
-/// template asks of the node (its `workloadPolicy`). The message says what to fix.
-pub fn validate(project: &ModelProject, allocation: Option<&GpuAllocation>) -> Result<(), Invalid> {
-    let invalid = |message: String| Invalid { reason: "InvalidReference", message };
-    let ns = project.namespace().unwrap_or_default();
-    let name = &project.spec.allocation;
-    let Some(a) = allocation else {
-        return Err(invalid(format!("GpuAllocation {name} does not exist")));
-    };
-    if !a.spec.tenant.namespaces.contains(&ns) {
-        return Err(invalid(format!("GpuAllocation {name} does not list namespace {ns} in tenant.namespaces")));
-    }
-    let ungranted: Vec<&str> = project
-        .spec
-        .placement
-        .pools
-        .iter()
-        .filter(|p| !a.spec.grants.iter().any(|g| &g.pool == *p))
-        .map(String::as_str)
-        .collect();
-    if !ungranted.is_empty() {
-        return Err(invalid(format!(
-            "placement.pools names pools that GpuAllocation {name} grants nothing in: {}",
-            ungranted.join(", ")
-        )));
-    }
-    if !project.spec.preemptible && !a.spec.allow_non_preemptible {
-        return Err(invalid(format!("preemptible: false needs GpuAllocation {name} to set allowNonPreemptible")));
-    }
-    policy::check(&project.spec.template, a).map_err(|message| Invalid { reason: "NotAllowedByAllocation", message })
-}
-
-/// Back to admission: the gang holds nothing until admitted again.
-pub fn requeue_gang(status: &mut ModelProjectStatus, phase: ProjectPhase) {
-    status.phase = Some(phase);
-    status.pool = None;
-    status.nodes.clear();
-    status.borrowed = false;
-    status.preempted.clear();
-    status.protected_until = None;
 }
 
 pub fn decide(project: &ModelProject, obs: &Observed<'_>) -> Decision {

@@ -5,12 +5,12 @@
 //! (`super::admission`), which writes them to status.
 
 mod decide;
-mod policy;
+
 mod refusal;
 #[cfg(test)]
 mod tests;
 
-pub use decide::{Decision, Note, Observed, decide, holds_devices, requeue_gang, until, validate};
+pub use decide::{Decision, Note, Observed, decide, until};
 use refusal::{Refusal, classify};
 
 use std::collections::BTreeSet;

@@ -9,7 +9,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::*;
-use crate::api::{AcceleratorPool, GpuAllocation, ModelProject, ModelProjectStatus, ProjectPhase, find_condition};
+use crate::api::policy::validate;
+use crate::api::{
+    AcceleratorPool, GpuAllocation, ModelProject, ModelProjectStatus, ProjectPhase, find_condition, holds_devices,
+};
 
 fn t(s: i64) -> Timestamp {
     Timestamp::from_second(1_800_000_000 + s).unwrap()

@@ -164,7 +164,7 @@ fn topo(mut g: GangRequest, key: &str, required: bool) -> GangRequest {
 
 fn nodes_of(o: &Outcome) -> (&str, Vec<&str>) {
     match o {
-        Outcome::Admitted { pool, nodes } => (pool.as_str(), nodes.iter().map(String::as_str).collect()),
+        Outcome::Admitted { pool, nodes, .. } => (pool.as_str(), nodes.iter().map(String::as_str).collect()),
         other => panic!("expected admitted, got {other:?}"),
     }
 }
@@ -869,7 +869,7 @@ proptest! {
         let mut positions: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
         for g in &queue {
             match &out[&g.key] {
-                Outcome::Admitted { pool, nodes } => {
+                Outcome::Admitted { pool, nodes, .. } => {
                     prop_assert!(g.pools.contains(pool), "{} admitted into {} not in {:?}", g.key, pool, g.pools);
                     prop_assert_eq!(nodes.len(), g.workers as usize);
                     let distinct: BTreeSet<&String> = nodes.iter().collect();

@@ -11,7 +11,9 @@
 
 use k8s_openapi::api::core::v1::{Capabilities, SELinuxOptions, SeccompProfile, Volume};
 
-use crate::api::{GpuAllocation, WorkerTemplate};
+use kube::ResourceExt;
+
+use crate::api::{GpuAllocation, ModelProject, WorkerTemplate};
 
 /// The volume types Pod Security `restricted` allows: they give the pod its own
 /// storage, never the node's.
@@ -106,6 +108,46 @@ fn profile_access(out: &mut Vec<String>, at: &str, seccomp: Option<&SeccompProfi
     if selinux.is_some_and(|s| s.user.is_some() || s.role.is_some() || s.type_.is_some()) {
         out.push(format!("{at}.seLinuxOptions"));
     }
+}
+
+/// Why a project cannot be admitted: the condition reason and what to fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The references a project needs: the allocation exists, lists its namespace
+/// and grants its pools, consents to `preemptible: false` and allows what the
+/// template asks of the node (its `workloadPolicy`). The message says what to fix.
+pub fn validate(project: &ModelProject, allocation: Option<&GpuAllocation>) -> Result<(), Invalid> {
+    let invalid = |message: String| Invalid { reason: "InvalidReference", message };
+    let ns = project.namespace().unwrap_or_default();
+    let name = &project.spec.allocation;
+    let Some(a) = allocation else {
+        return Err(invalid(format!("GpuAllocation {name} does not exist")));
+    };
+    if !a.spec.tenant.namespaces.contains(&ns) {
+        return Err(invalid(format!("GpuAllocation {name} does not list namespace {ns} in tenant.namespaces")));
+    }
+    let ungranted: Vec<&str> = project
+        .spec
+        .placement
+        .pools
+        .iter()
+        .filter(|p| !a.spec.grants.iter().any(|g| &g.pool == *p))
+        .map(String::as_str)
+        .collect();
+    if !ungranted.is_empty() {
+        return Err(invalid(format!(
+            "placement.pools names pools that GpuAllocation {name} grants nothing in: {}",
+            ungranted.join(", ")
+        )));
+    }
+    if !project.spec.preemptible && !a.spec.allow_non_preemptible {
+        return Err(invalid(format!("preemptible: false needs GpuAllocation {name} to set allowNonPreemptible")));
+    }
+    check(&project.spec.template, a).map_err(|message| Invalid { reason: "NotAllowedByAllocation", message })
 }
 
 #[cfg(test)]

@@ -1,0 +1,19 @@
+//! The admission core: which gangs hold devices, decided purely.
+//!
+//! `watch events -> Snapshot -> decide(snapshot, now, settings) -> Decisions`,
+//! then the admission loop writes the decisions (`controller::admission`) and
+//! `plan` renders them. The core speaks of gangs ([`gang`]); each workload
+//! kind has an adapter into it and out of it ([`project`] for ModelProject).
+//! No client, no clock, no metrics in here: table and property tests in
+//! `tests.rs`, a criterion bench in `benches/decide.rs`.
+
+pub mod decide;
+pub mod gang;
+pub mod project;
+pub mod snapshot;
+#[cfg(test)]
+mod tests;
+
+pub use decide::{Decision, Decisions, Settings, WaitReason, decide};
+pub use gang::{Gang, GangKey, GangKind, GangState, Holding};
+pub use snapshot::Snapshot;

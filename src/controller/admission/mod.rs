@@ -1,0 +1,214 @@
+//! The admission loop: the one task that decides which gangs hold devices.
+//!
+//! Each cycle: snapshot (the view of the moment, the projects with the loop's
+//! own unseen writes standing in, the gangs) -> [`crate::admission::decide`]
+//! -> writes ([`writes::plan`], then [`write`]). The loop wakes on changes (a
+//! burst of watch events is one cycle) and admits everything that fits in
+//! the same cycle, however deep the queue.
+//!
+//! Each write is *assumed* at once: the written project stands in for the
+//! store's copy until the store shows a newer version, so the next cycle never
+//! gives the same devices twice even before the watch catches up. A write
+//! that fails is forgotten, and the project is planned again. A preemptor
+//! records its victims before they are stopped.
+//!
+//! The project reconcilers then materialize what status says (pods, Service)
+//! and observe the run; they never plan.
+
+#[cfg(test)]
+mod tests;
+mod write;
+pub mod writes;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::reflector::ObjectRef;
+
+use super::Context;
+use super::unseen::Unseen;
+use super::view::View;
+use crate::admission::{self, Decision, Decisions, GangKey, project};
+use crate::api::ModelProject;
+use crate::api::policy::validate;
+use crate::telemetry::Metrics;
+pub use write::Writer;
+
+/// A burst of events arriving within this pause is one cycle.
+const COALESCE: Duration = Duration::from_millis(20);
+/// The shortest pause between two cycles. Runs that arrive one by one (a
+/// `kubectl apply` of hundreds) are admitted a few cycles a second, each
+/// taking everything that arrived since: a pass per arrival would plan the
+/// whole cluster hundreds of times for nothing.
+const MIN_GAP: Duration = Duration::from_millis(200);
+/// A cycle runs at least this often, for what moves with time alone.
+const IDLE_CYCLE: Duration = Duration::from_secs(5);
+/// Queue reasons (positions, numbers) rewritten per cycle at most, and per
+/// project at most this often: admissions come first, a deep queue's reasons
+/// are refreshed without flooding the API server.
+const WAITING_WRITES_PER_CYCLE: usize = 200;
+const WAITING_REFRESH: Duration = Duration::from_secs(10);
+/// How long a cycle reuses the view when only projects and pods changed: the
+/// view's capacity, reservations and grant phases move with nodes, pools and
+/// allocations (or with time); projects and pods are read fresh each cycle.
+const VIEW_REUSE: Duration = Duration::from_secs(2);
+/// An assumed write the store never showed is dropped after this long.
+const ASSUME_TTL: Duration = Duration::from_secs(60);
+
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let s = &ctx.stores;
+    // Capacity: nodes, pools and grants. Occupancy: projects, and pods that
+    // stopped (a pod that starts frees nothing), which matter only while some
+    // project waits for admission.
+    let capacity = |c: futures::stream::BoxStream<'static, ()>| c.map(|_| true).boxed();
+    let occupancy = |c: futures::stream::BoxStream<'static, ()>| c.map(|_| false).boxed();
+    let mut changes = futures::stream::select_all([
+        capacity(s.nodes.changes().boxed()),
+        capacity(s.pools.changes().boxed()),
+        capacity(s.allocations.changes().boxed()),
+        occupancy(s.projects.changes().boxed()),
+        occupancy(s.pods.removals().boxed()),
+        occupancy(s.workers.removals().boxed()),
+    ]);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut state = LoopState::default();
+    let writer = Writer::of(&ctx);
+    let mut capacity_changed = true;
+    loop {
+        let started = Instant::now();
+        let wake = cycle(&ctx, &writer, &mut state, capacity_changed).await;
+        // A cycle costs O(cluster): wait at least as long as it took, so the
+        // loop never takes more than half of a core however busy the cluster.
+        let gap = started.elapsed().max(MIN_GAP);
+        let ready_at = tokio::time::Instant::now() + gap;
+        let next_tick = tokio::time::Instant::now() + wake;
+        capacity_changed = false;
+        loop {
+            tokio::select! {
+                c = changes.next() => capacity_changed |= c.unwrap_or(false),
+                _ = tokio::time::sleep_until(next_tick) => break,
+                _ = &mut shutdown => return,
+            }
+            tokio::time::sleep(COALESCE).await;
+            while let Some(Some(c)) = changes.next().now_or_never() {
+                capacity_changed |= c;
+            }
+            if capacity_changed || anyone_waits(&ctx) {
+                break;
+            }
+        }
+        tokio::time::sleep_until(ready_at).await;
+    }
+}
+
+/// Whether a project waits for admission: without one, a change of pods or
+/// projects decides nothing.
+fn anyone_waits(ctx: &Context) -> bool {
+    let now = Timestamp::now();
+    ctx.stores.projects.store.state().iter().any(|p| project::wants_admission(p, now))
+}
+
+/// What the loop remembers between cycles: its writes the store has not shown
+/// yet, and when it last wrote each waiting project's reason.
+pub(crate) struct LoopState {
+    pub(crate) assumed: Unseen<GangKey, Arc<ModelProject>>,
+    waiting_written: HashMap<GangKey, Instant>,
+}
+
+impl Default for LoopState {
+    fn default() -> Self {
+        Self { assumed: Unseen::new(ASSUME_TTL), waiting_written: HashMap::new() }
+    }
+}
+
+/// The projects of the store, with the loop's own writes standing in for
+/// copies the store has not caught up with.
+fn assume(ctx: &Context, state: &LoopState) -> Vec<Arc<ModelProject>> {
+    ctx.stores
+        .projects
+        .store
+        .state()
+        .into_iter()
+        .map(|p| {
+            let rv = p.metadata.resource_version.as_deref().unwrap_or_default();
+            state.assumed.over(&project::key(&p), rv).unwrap_or(p)
+        })
+        .collect()
+}
+
+/// The decisions of one moment: the gangs of `projects` on `view`, decided.
+/// The admission loop's path and `plan`'s path both come through here.
+pub fn decide(
+    view: &View,
+    stores: &super::stores::Stores,
+    projects: &[Arc<ModelProject>],
+    now: Timestamp,
+    settings: &admission::Settings,
+) -> Decisions {
+    let valid = validity(stores);
+    let gangs = projects.iter().filter_map(|p| project::gang(p, now, valid(p))).collect();
+    admission::decide(&view.snapshot(stores, gangs), now, settings)
+}
+
+/// The loop's validity rule: a project whose references do not resolve is
+/// neither planned nor written.
+pub fn validity(stores: &super::stores::Stores) -> impl Fn(&ModelProject) -> bool + '_ {
+    |p: &ModelProject| {
+        let a = stores.allocations.store.get(&ObjectRef::new(&p.spec.allocation));
+        validate(p, a.as_deref()).is_ok()
+    }
+}
+
+/// One cycle: decide everything, write the decisions; returns when to run
+/// again if nothing changes.
+async fn cycle(ctx: &Context, writer: &Writer, state: &mut LoopState, capacity_changed: bool) -> Duration {
+    let started = Instant::now();
+    let now = Timestamp::now();
+    let view = ctx.admission_view(if capacity_changed { Duration::ZERO } else { VIEW_REUSE }).await;
+    let projects = assume(ctx, state);
+    let plan_started = Instant::now();
+    let decisions = decide(&view, &ctx.stores, &projects, now, &ctx.settings);
+    ctx.metrics.observe_planning("admission", plan_started.elapsed().as_secs_f64());
+    record(&view, &projects, &decisions, &ctx.metrics);
+
+    let mut wake = IDLE_CYCLE;
+    for p in &projects {
+        if let Some(t) = p.status.as_ref().and_then(|s| s.retry_after.as_ref()).filter(|t| t.0 > now) {
+            wake = wake.min(super::project::until(now, t.0));
+        }
+    }
+    let valid = validity(&ctx.stores);
+    let mut w = writes::plan(&projects, &decisions, now, &valid);
+    let keys: HashSet<GangKey> = projects.iter().map(|p| project::key(p)).collect();
+    if writes::throttle(&mut w.waiting, &mut state.waiting_written, &keys, WAITING_REFRESH, WAITING_WRITES_PER_CYCLE) {
+        wake = wake.min(Duration::from_millis(500));
+    }
+    let decided = w.preemptors.len() + w.urgent.len() + w.waiting.len();
+    writer.write_cycle(w, &state.assumed).await;
+    if decided > 0 {
+        tracing::debug!(decided, elapsed_ms = started.elapsed().as_millis() as u64, "admission cycle");
+    }
+    wake
+}
+
+/// Project counts by phase and pool, and waiting projects by allocation.
+fn record(view: &View, projects: &[Arc<ModelProject>], decisions: &Decisions, metrics: &Metrics) {
+    let mut by_phase: HashMap<(crate::api::ProjectPhase, &str), i64> = HashMap::new();
+    let mut queued: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for p in projects {
+        let status = p.status.as_ref();
+        let phase = status.and_then(|s| s.phase).unwrap_or_default();
+        let pool = status.and_then(|s| s.pool.as_deref()).unwrap_or_default();
+        *by_phase.entry((phase, pool)).or_default() += 1;
+        if matches!(decisions.get(&project::key(p)), Some(Decision::Wait { .. })) {
+            let program = view.programs.get(&p.spec.allocation).cloned().unwrap_or_default();
+            *queued.entry((p.spec.allocation.clone(), program)).or_default() += 1;
+        }
+    }
+    let by_phase =
+        by_phase.into_iter().map(|((phase, pool), n)| ((format!("{phase:?}"), pool.to_string()), n)).collect();
+    metrics.projects(&by_phase, &queued);
+}
