@@ -85,8 +85,12 @@ chart:
 	netpol=$$("$$HELM" template t $(CHART) --show-only templates/networkpolicy.yaml); \
 	[[ "$$netpol" == *'ingress: []'* ]] \
 	  || { echo "chart: the default NetworkPolicy must admit no pod to the operator" >&2; exit 1; }; \
-	[[ $$("$$HELM" template t $(CHART) | grep -c '^kind: ValidatingAdmissionPolicy$$') == 3 ]] \
+	[[ $$("$$HELM" template t $(CHART) | grep -c '^kind: ValidatingAdmissionPolicy$$') == 7 ]] \
 	  || { echo "chart: the operator's admission policies are not rendered by default" >&2; exit 1; }; \
+	[[ $$("$$HELM" template t $(CHART) | grep -c '^kind: MutatingAdmissionPolicy$$') == 1 ]] \
+	  || { echo "chart: the policy that holds labelled workloads is not rendered by default" >&2; exit 1; }; \
+	if "$$HELM" template t $(CHART) --show-only templates/workload-policies.yaml | grep -q 'resource-policy'; then \
+	  echo "chart: the workload policies must be removed by helm uninstall (no resource-policy)" >&2; exit 1; fi; \
 	if "$$HELM" template t $(CHART) --set replicaCount=2 >/dev/null 2>&1; then \
 	  echo "chart accepted replicaCount=2 without leader election" >&2; exit 1; fi; \
 	if "$$HELM" template t $(CHART) --set logging.format=xml >/dev/null 2>&1; then \

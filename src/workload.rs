@@ -20,6 +20,8 @@ use crate::snapshot::{
     ALLOCATION_LABEL, LEDGER_FINALIZER, MANAGED_BY, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, WORKER_INDEX_LABEL,
 };
 
+pub mod kinds;
+
 /// Where an admitted gang runs.
 #[derive(Clone, Debug)]
 pub struct Placement<'a> {

@@ -99,7 +99,7 @@ stop() {
 # then the apiserver, then etcd.
 stop_all() {
   node_down
-  stop kwok kube-scheduler kube-controller-manager
+  stop jobset kwok kube-scheduler kube-controller-manager
   stop kube-apiserver
   stop etcd
 }
@@ -169,6 +169,20 @@ advertise_address() {
 
 # ---------------------------------------------------------------- certificates and kubeconfigs
 
+# issue_cert NAME SUBJECT EXTENDED_KEY_USAGE [SAN]: NAME.key and NAME.crt in the current
+# directory (the PKI folder), signed by its ca.crt/ca.key.
+issue_cert() {
+  local ext="basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=$3"
+  [[ -n "${4:-}" ]] && ext+=$'\n'"subjectAltName=$4"
+  openssl ecparam -name prime256v1 -genkey -noout -out "$1.key" 2>/dev/null
+  openssl req -new -key "$1.key" -subj "$2" -out "$1.csr" 2>/dev/null
+  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+    -sha256 -extfile <(echo "$ext") -out "$1.crt" 2>/dev/null
+  rm -f "$1.csr"
+}
+
 gen_certs() {
   mkdir -p "$PKI"
   (
@@ -179,24 +193,12 @@ gen_certs() {
     openssl req -x509 -new -key ca.key -sha256 -days "$days" -subj "/CN=sovereign-e2e-ca" \
       -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
       -out ca.crt 2>/dev/null
-    # cert NAME SUBJECT EXTENDED_KEY_USAGE [SAN]
-    cert() {
-      local ext="basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=$3"
-      [[ -n "${4:-}" ]] && ext+=$'\n'"subjectAltName=$4"
-      openssl ecparam -name prime256v1 -genkey -noout -out "$1.key" 2>/dev/null
-      openssl req -new -key "$1.key" -subj "$2" -out "$1.csr" 2>/dev/null
-      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days "$days" \
-        -sha256 -extfile <(echo "$ext") -out "$1.crt" 2>/dev/null
-      rm -f "$1.csr"
-    }
-    cert apiserver "/CN=kube-apiserver" serverAuth \
+    issue_cert apiserver "/CN=kube-apiserver" serverAuth \
       "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:${SERVICE_FIRST_IP}"
-    cert admin "/O=system:masters/CN=kubernetes-admin" clientAuth
-    cert controller-manager "/CN=system:kube-controller-manager" clientAuth
-    cert scheduler "/CN=system:kube-scheduler" clientAuth
-    cert kwok "/O=system:masters/CN=kwok-controller" clientAuth
+    issue_cert admin "/O=system:masters/CN=kubernetes-admin" clientAuth
+    issue_cert controller-manager "/CN=system:kube-controller-manager" clientAuth
+    issue_cert scheduler "/CN=system:kube-scheduler" clientAuth
+    issue_cert kwok "/O=system:masters/CN=kwok-controller" clientAuth
     # service-account token signing key pair
     openssl genrsa -out sa.key 2048 2>/dev/null
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
@@ -249,7 +251,7 @@ healthy() {
   [[ "$(cat "${STATE_DIR}/mode" 2>/dev/null)" == kwok ]] || return 1
   local c
   for c in "${COMPONENTS[@]}"; do pid_of "$c" >/dev/null || return 1; done
-  (load_env && node_healthy) || return 1
+  (load_env && node_healthy && workloads_healthy) || return 1
   [[ "$("$KUBECTL" --kubeconfig "$KUBECONFIG_OUT" get --raw /readyz 2>/dev/null)" == ok ]]
 }
 
@@ -411,6 +413,8 @@ EOF
     node_up
     n=$((n + 1))
   fi
+  # The dev profile runs the workload kinds tenants bring (JobSet controller, TrainJob CRD).
+  [[ "$profile" == dev ]] && workloads_up
 
   cp "${PKI}/admin.kubeconfig" "${KUBECONFIG_OUT}.tmp"
   mv -f "${KUBECONFIG_OUT}.tmp" "$KUBECONFIG_OUT"
@@ -450,6 +454,7 @@ cmd_status() {
   local c pid ok=1
   local all=("${COMPONENTS[@]}")
   [[ "${REAL_NODE:-0}" == 1 ]] && all+=("${NODE_COMPONENTS[@]}")
+  [[ "${JOBSET_CONTROLLER:-0}" == 1 ]] && all+=(jobset)
   for c in "${all[@]}"; do
     if pid=$(pid_of "$c"); then
       printf '%-24s running  pid %s\n' "$c" "$pid"

@@ -168,6 +168,7 @@ KUBECTL=${KUBECTL}
 KUBELET=${KUBELET}
 KWOK=${KWOK}
 HELM=${HELM}
+JOBSET=${JOBSET}
 E2E_TOOLS_PATH=${K8S_BIN_DIR}:${ETCD_BIN_DIR}:${KWOK_BIN_DIR}:${HELM_BIN_DIR}
 EOF
 }
@@ -175,7 +176,7 @@ EOF
 cmd_tools() {
   mkdir -p "$CACHE_DIR"
   # Fast path without the lock or Go when everything is cached.
-  if ! { k8s_ok && etcd_ok && kwok_ok && helm_ok; }; then
+  if ! { k8s_ok && etcd_ok && kwok_ok && helm_ok && jobset_ok; }; then
     ensure_go
     exec 9>"${CACHE_DIR}/.tools.lock"
     flock -n 9 || { log "waiting for another tools build (lock ${CACHE_DIR}/.tools.lock)"; flock 9; }
@@ -184,6 +185,7 @@ cmd_tools() {
     build_kwok
     build_helm
     build_k8s
+    build_jobset
     exec 9>&-
   else
     log "all tools cached under ${CACHE_DIR}/bin"

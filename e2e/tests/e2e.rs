@@ -26,6 +26,7 @@ mod privilege;
 mod projects;
 mod refusals;
 mod sharing;
+mod workloads;
 
 type TestFn = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
@@ -81,6 +82,10 @@ fn main() -> anyhow::Result<()> {
         grants::a_tiny_budget_is_used_up_by_a_running_pod,
         grants::a_deleted_reserved_node_is_replaced,
         grants::a_killed_operator_converges_and_a_restart_writes_nothing,
+        workloads::labelled_workloads_are_held_at_creation_and_unlabelled_ones_untouched,
+        workloads::a_workload_naming_a_foreign_allocation_is_refused_with_the_policys_words,
+        workloads::a_plain_pod_outside_the_grants_is_refused_with_the_way_in,
+        workloads::jobs_and_jobsets_run_to_completion_in_the_simulated_pools,
         projects::a_gang_lands_whole_on_the_npu_pool_and_falls_back_whole_to_gpus,
         projects::a_gang_larger_than_any_rack_waits_with_the_reason,
         projects::a_project_that_can_never_fit_says_why,

@@ -23,8 +23,10 @@ pub fn pool_yaml(name: &str, resource: &str, label: (&str, &str), charge: f64) -
     )
 }
 
+const H200_NODES: (&str, &str) = ("nvidia.com/gpu.product", "NVIDIA-H200");
+
 fn h200(name: &str) -> String {
-    pool_yaml(name, "nvidia.com/gpu", ("nvidia.com/gpu.product", "NVIDIA-H200"), 1.0)
+    pool_yaml(name, "nvidia.com/gpu", H200_NODES, 1.0)
 }
 
 pub fn alloc_yaml(name: &str, namespaces: &[&str], grants: &str, extra: &str) -> String {
@@ -71,10 +73,12 @@ async fn wait_quota(env: &Env, ns: &str, resource: &str, want: &str) -> anyhow::
     .await
 }
 
-fn gpu_pod(name: &str, resource: &str, n: u32) -> anyhow::Result<Pod> {
+/// A pod a tenant creates directly, confined by its nodeSelector to the pool
+/// with node label `on` (the chart's accelerator-pods policy refuses it otherwise).
+fn gpu_pod(name: &str, resource: &str, n: u32, on: (&str, &str)) -> anyhow::Result<Pod> {
     Ok(serde_json::from_value(serde_json::json!({
         "metadata": {"name": name},
-        "spec": {"containers": [{"name": "main", "image": "trainer:1",
+        "spec": {"nodeSelector": {on.0: on.1}, "containers": [{"name": "main", "image": "trainer:1",
             "resources": {"limits": {resource: n.to_string()}, "requests": {resource: n.to_string()}}}],
             "tolerations": [{"operator": "Exists"}]}
     }))?)
@@ -101,10 +105,10 @@ pub async fn two_allocations_sum_in_one_quota_that_the_api_server_enforces(env: 
 
         // The API server itself refuses a pod beyond the quota.
         let pods: Api<Pod> = Api::namespaced(env.client.clone(), &n);
-        let err = pods.create(&PostParams::default(), &gpu_pod("too-big", "nvidia.com/gpu", 24)?).await;
+        let err = pods.create(&PostParams::default(), &gpu_pod("too-big", "nvidia.com/gpu", 24, H200_NODES)?).await;
         let msg = format!("{err:?}");
         ensure!(err.is_err() && msg.contains("exceeded quota"), "pod beyond quota was not refused: {msg}");
-        pods.create(&PostParams::default(), &gpu_pod("fits", "nvidia.com/gpu", 8)?)
+        pods.create(&PostParams::default(), &gpu_pod("fits", "nvidia.com/gpu", 8, H200_NODES)?)
             .await
             .context("pod within quota")?;
 
@@ -238,7 +242,11 @@ pub async fn a_tiny_budget_is_used_up_by_a_running_pod(env: Arc<Env>) -> anyhow:
         wait_phase(&env, "e2e-budget", AllocationPhase::Active, Duration::from_secs(60)).await?;
         wait_quota(&env, &n, "furiosa.ai/rngd", "8").await?;
         let pods: Api<Pod> = Api::namespaced(env.client.clone(), &n);
-        pods.create(&PostParams::default(), &gpu_pod("burner", "furiosa.ai/rngd", 8)?).await?;
+        pods.create(
+            &PostParams::default(),
+            &gpu_pod("burner", "furiosa.ai/rngd", 8, ("furiosa.ai/npu.family", "rngd"))?,
+        )
+        .await?;
         let s = wait_phase(&env, "e2e-budget", AllocationPhase::Exhausted, Duration::from_secs(60)).await?;
         ensure!(s.accelerator_hours_used >= 2.0, "exhausted at {} hours", s.accelerator_hours_used);
         let within = find_condition(&s.conditions, "WithinBudget").cloned();

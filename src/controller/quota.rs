@@ -4,6 +4,12 @@
 //! and the namespace's rendezvous Service, which names worker 0 of every gang.
 //! One quota per namespace, never one per allocation: Kubernetes enforces every
 //! quota, so the smallest would win.
+//!
+//! The quota also carries, as annotations, what the chart's admission policies
+//! need to know about the namespace (they read it as their `params`: a tenant
+//! cannot write a ResourceQuota, and the API server finds it in the namespace of
+//! the request): the allocations that list the namespace, and the pools its
+//! Active grants are in with their node labels ([`policy_annotations`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,6 +27,8 @@ use serde_json::json;
 use super::context::requeue;
 use super::stores::MANAGED_BY;
 use super::{Context, Error, FIELD_MANAGER, delete_if_present};
+use crate::api::AcceleratorPool;
+use crate::planner::grants::Phase;
 use crate::workload::{RENDEZVOUS_SERVICE, rendezvous_service};
 
 const CONTROLLER: &str = "quota";
@@ -39,6 +47,38 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .reconcile_on(futures::stream::select(quota_namespaces, service_namespaces))
         .with_config(super::controller_config(Duration::from_millis(300)));
     super::drive(controller, CONTROLLER, ctx.clone(), shutdown, reconcile).await;
+}
+
+/// Annotation: the allocations that list the namespace, comma-separated.
+pub const ALLOCATIONS_ANNOTATION: &str = "sovereign.ai/allocations";
+/// Annotation prefix: `pool.sovereign.ai/<pool>: "<resourceName> <key>=<value>,..."` for
+/// every pool an Active allocation grants the namespace (the pool's matchLabels).
+pub const POOL_ANNOTATION_PREFIX: &str = "pool.sovereign.ai/";
+
+/// The annotations of a namespace's quota that the admission policies read:
+/// `listed` allocations (those that list the namespace), and one entry per pool
+/// in `granted` (the pools of the namespace's Active grants). A pool selected
+/// with matchExpressions is left out: a pod cannot be confined to it with a
+/// nodeSelector, so only admitted workloads reach it.
+pub fn policy_annotations(
+    listed: &[String],
+    granted: &std::collections::BTreeSet<String>,
+    pools: &[Arc<AcceleratorPool>],
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::from([(ALLOCATIONS_ANNOTATION.to_string(), listed.join(","))]);
+    for pool in pools.iter().filter(|p| granted.contains(&p.name_any())) {
+        let sel = &pool.spec.node_selector;
+        let labels = sel.match_labels.as_ref().filter(|l| !l.is_empty());
+        let (Some(labels), None) = (labels, sel.match_expressions.as_ref().filter(|e| !e.is_empty())) else {
+            continue;
+        };
+        let selector: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.insert(
+            format!("{POOL_ANNOTATION_PREFIX}{}", pool.name_any()),
+            format!("{} {}", pool.spec.resource_name, selector.join(",")),
+        );
+    }
+    out
 }
 
 /// The `hard` map of a quota from resource name -> devices.
@@ -63,21 +103,30 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
     match view.grants.quotas.get(&name) {
         Some(limits) => {
             let want = hard(limits);
+            let listing: Vec<_> =
+                view.allocations.iter().filter(|a| !a.deleting && a.namespaces.contains(&name)).collect();
+            let listed: Vec<String> = listing.iter().map(|a| a.name.clone()).collect();
+            let granted = listing
+                .iter()
+                .filter_map(|a| view.grants.allocations.get(&a.name))
+                .filter(|plan| plan.phase == Phase::Active)
+                .flat_map(|plan| plan.pools.keys().cloned())
+                .collect();
+            let annotations = policy_annotations(&listed, &granted, &ctx.stores.pools.store.state());
             let current = existing.as_ref().and_then(|q| q.spec.as_ref()).and_then(|s| s.hard.clone());
-            if current.as_ref() != Some(&want) {
-                let allocations: Vec<String> = view
-                    .allocations
-                    .iter()
-                    .filter(|a| !a.deleting && a.namespaces.contains(&name))
-                    .map(|a| a.name.clone())
-                    .collect();
+            let current_annotations = existing.as_ref().map(|q| q.annotations().clone()).unwrap_or_default();
+            let outdated = annotations.iter().any(|(k, v)| current_annotations.get(k) != Some(v))
+                || current_annotations
+                    .keys()
+                    .any(|k| k.starts_with(POOL_ANNOTATION_PREFIX) && !annotations.contains_key(k));
+            if current.as_ref() != Some(&want) || outdated {
                 let quota = json!({
                     "apiVersion": "v1",
                     "kind": "ResourceQuota",
                     "metadata": {
                         "name": QUOTA_NAME,
                         "labels": { MANAGED_BY.0: MANAGED_BY.1 },
-                        "annotations": { "sovereign.ai/allocations": allocations.join(",") },
+                        "annotations": annotations,
                     },
                     "spec": { "hard": want },
                 });
@@ -129,5 +178,42 @@ mod tests {
         assert_eq!(h["requests.nvidia.com/gpu"], Quantity("24".into()));
         assert_eq!(h["requests.furiosa.ai/rngd"], Quantity("0".into()));
         assert_eq!(h.len(), 2);
+    }
+
+    fn pool(name: &str, resource: &str, selector: serde_json::Value) -> Arc<AcceleratorPool> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "sovereign.ai/v1alpha1", "kind": "AcceleratorPool", "metadata": {"name": name},
+                "spec": {"resourceName": resource, "kind": "GPU", "vendor": "V", "model": name, "nodeSelector": selector}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn policy_annotations_list_allocations_and_the_granted_pools_node_labels() {
+        let pools = [
+            pool("h200", "nvidia.com/gpu", json!({"matchLabels": {"gpu": "H200", "a.io/zone": "z1"}})),
+            pool("b200", "nvidia.com/gpu", json!({"matchLabels": {"gpu": "B200"}})),
+            pool("atom", "rebellions.ai/ATOM", json!({"matchLabels": {"npu": "atom"}})),
+            pool("rngd", "furiosa.ai/rngd", json!({"matchExpressions": [{"key": "npu", "operator": "Exists"}]})),
+        ];
+        let granted = ["b200", "atom", "rngd", "gone"].map(String::from).into();
+        let a = policy_annotations(&["team-a".into(), "shared".into()], &granted, &pools);
+        let want: BTreeMap<String, String> = [
+            ("sovereign.ai/allocations", "team-a,shared"),
+            ("pool.sovereign.ai/b200", "nvidia.com/gpu gpu=B200"),
+            ("pool.sovereign.ai/atom", "rebellions.ai/ATOM npu=atom"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into();
+        assert_eq!(a, want, "h200 is not granted; rngd has expressions; a missing pool is skipped");
+
+        let both = policy_annotations(&[], &["h200".to_string()].into(), &pools);
+        assert_eq!(
+            both["pool.sovereign.ai/h200"], "nvidia.com/gpu a.io/zone=z1,gpu=H200",
+            "labels sorted, comma-joined"
+        );
+        assert_eq!(both["sovereign.ai/allocations"], "");
     }
 }

@@ -45,3 +45,36 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default "default" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
+
+{{/* The requests the workload policies look at: creating a top-level batch Job, JobSet or
+TrainJob labelled with the allocation label (the argument), or changing its label or suspend.
+Other updates (status, finalizers, the garbage collector's) pass untouched. */}}
+{{- define "sovereign-operator.workloadMatch" -}}
+matchConstraints:
+  resourceRules:
+    - apiGroups: ["batch"]
+      apiVersions: ["v1"]
+      operations: ["CREATE", "UPDATE"]
+      resources: ["jobs"]
+    - apiGroups: ["jobset.x-k8s.io"]
+      apiVersions: ["*"]
+      operations: ["CREATE", "UPDATE"]
+      resources: ["jobsets"]
+    - apiGroups: ["trainer.kubeflow.org"]
+      apiVersions: ["*"]
+      operations: ["CREATE", "UPDATE"]
+      resources: ["trainjobs"]
+matchConditions:
+  - name: labelled-now-or-before
+    expression: >-
+      (has(object.metadata.labels) && '{{ . }}' in object.metadata.labels) ||
+      (oldObject != null && has(oldObject.metadata.labels) && '{{ . }}' in oldObject.metadata.labels)
+  - name: top-level
+    expression: "!has(object.metadata.ownerReferences) || !object.metadata.ownerReferences.exists(r, has(r.controller) && r.controller)"
+  - name: creates-or-changes-allocation-or-suspend
+    expression: >-
+      request.operation == 'CREATE' ||
+      (has(object.metadata.labels) && '{{ . }}' in object.metadata.labels ? object.metadata.labels['{{ . }}'] : '') !=
+      (has(oldObject.metadata.labels) && '{{ . }}' in oldObject.metadata.labels ? oldObject.metadata.labels['{{ . }}'] : '') ||
+      (has(object.spec.suspend) && object.spec.suspend) != (has(oldObject.spec.suspend) && oldObject.spec.suspend)
+{{- end }}

@@ -1,0 +1,350 @@
+//! Workloads tenants bring (batch Job, JobSet, Kubeflow TrainJob) and plain
+//! accelerator pods, against the chart's admission policies in the real API
+//! server: labelled workloads are held at creation, foreign allocations and
+//! pods outside the grants are refused with the way in; Jobs and JobSets run to
+//! completion on the simulated pools (the JobSet controller of the dev cluster).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Event, Pod, ResourceQuota};
+use kube::api::{ListParams, PostParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use sovereign_e2e::{Env, in_namespaces, wait_for};
+use sovereign_operator::api::AllocationPhase;
+
+use crate::grants::{alloc_yaml, pool_yaml, wait_phase};
+
+const LABEL: &str = "sovereign.ai/allocation";
+const H200: (&str, &str) = ("nvidia.com/gpu.product", "NVIDIA-H200");
+const B200: (&str, &str) = ("nvidia.com/gpu.product", "NVIDIA-B200");
+
+fn pools(scope: &mut sovereign_e2e::Scope) -> anyhow::Result<()> {
+    scope.apply(&pool_yaml("e2e-h200", "nvidia.com/gpu", H200, 1.0))?;
+    scope.apply(&pool_yaml("e2e-b200", "nvidia.com/gpu", B200, 1.0))
+}
+
+/// Waits until the namespace's quota (the policies' params) lists `allocation`
+/// and the pools of its Active grants.
+async fn wait_policy_params(env: &Env, ns: &str, allocation: &str, pools: &[&str]) -> anyhow::Result<()> {
+    let api: Api<ResourceQuota> = Api::namespaced(env.client.clone(), ns);
+    wait_for(
+        &format!("the quota of {ns} to name {allocation} and pools {pools:?}"),
+        Duration::from_secs(60),
+        || async {
+            let q = api.get_opt("sovereign-accelerators").await.map_err(|e| e.to_string())?.ok_or("no quota")?;
+            let a = q.annotations();
+            let listed = a.get("sovereign.ai/allocations").is_some_and(|l| l.split(',').any(|x| x == allocation));
+            let granted = pools.iter().all(|p| a.contains_key(&format!("pool.sovereign.ai/{p}")));
+            if listed && granted { Ok(()) } else { Err(format!("{a:?}")) }
+        },
+    )
+    .await
+}
+
+/// A pod template asking for `gpus` devices on the nodes labelled `on`.
+fn pod_template(gpus: u32, on: Option<(&str, &str)>, annotations: Value) -> Value {
+    let mut spec = json!({"restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+        "tolerations": [{"operator": "Exists"}],
+        "containers": [{"name": "main", "image": "trainer:1",
+            "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}, "requests": {"nvidia.com/gpu": gpus.to_string()}}}]});
+    if let Some((k, v)) = on {
+        spec["nodeSelector"] = json!({k: v});
+    }
+    json!({"metadata": {"annotations": annotations}, "spec": spec})
+}
+
+fn job(name: &str, allocation: Option<&str>, pods: u32, template: Value) -> anyhow::Result<Job> {
+    let mut meta = json!({"name": name});
+    if let Some(a) = allocation {
+        meta["labels"] = json!({LABEL: a});
+    }
+    Ok(serde_json::from_value(json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+        "spec": {"completionMode": "Indexed", "parallelism": pods, "completions": pods, "backoffLimit": 0,
+                 "suspend": false, "template": template}}))?)
+}
+
+fn dynamic(env: &Env, ns: &str, group: &str, version: &str, kind: &str, plural: &str) -> Api<DynamicObject> {
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+    Api::namespaced_with(env.client.clone(), ns, &ar)
+}
+
+fn jobsets(env: &Env, ns: &str) -> Api<DynamicObject> {
+    dynamic(env, ns, "jobset.x-k8s.io", "v1alpha2", "JobSet", "jobsets")
+}
+
+fn trainjobs(env: &Env, ns: &str) -> Api<DynamicObject> {
+    dynamic(env, ns, "trainer.kubeflow.org", "v1alpha1", "TrainJob", "trainjobs")
+}
+
+fn object(value: Value) -> anyhow::Result<DynamicObject> {
+    Ok(serde_json::from_value(value)?)
+}
+
+fn jobset(name: &str, allocation: Option<&str>, template: Value) -> anyhow::Result<DynamicObject> {
+    let mut meta = json!({"name": name});
+    if let Some(a) = allocation {
+        meta["labels"] = json!({LABEL: a});
+    }
+    object(json!({"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": meta,
+        "spec": {"replicatedJobs": [{"name": "workers", "replicas": 2,
+            "template": {"spec": {"parallelism": 1, "completions": 1, "backoffLimit": 0, "template": template}}}]}}))
+}
+
+fn trainjob(name: &str, allocation: &str) -> anyhow::Result<DynamicObject> {
+    object(json!({"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+        "metadata": {"name": name, "labels": {LABEL: allocation}},
+        "spec": {"runtimeRef": {"name": "torch-distributed"}}}))
+}
+
+fn suspended(obj: &DynamicObject) -> Option<bool> {
+    obj.data.pointer("/spec/suspend").and_then(Value::as_bool)
+}
+
+/// Creates `obj`; a refusal right after the quota changed may come from the API
+/// server's own copy of it not having caught up: retried until `timeout`.
+async fn create_when_admitted<K>(api: &Api<K>, obj: &K) -> anyhow::Result<K>
+where
+    K: kube::Resource
+        + Clone
+        + k8s_openapi::serde::Serialize
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    wait_for("the create to be admitted", Duration::from_secs(20), || async {
+        api.create(&PostParams::default(), obj).await.map_err(|e| e.to_string())
+    })
+    .await
+}
+
+/// The message of a refused create (fails if the create succeeds).
+async fn refusal<K>(api: &Api<K>, obj: &K) -> anyhow::Result<String>
+where
+    K: kube::Resource
+        + Clone
+        + k8s_openapi::serde::Serialize
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), obj).await {
+        Ok(_) => anyhow::bail!("{} was admitted, not refused", obj.meta().name.clone().unwrap_or_default()),
+        Err(e) => Ok(e.to_string()),
+    }
+}
+
+pub async fn labelled_workloads_are_held_at_creation_and_unlabelled_ones_untouched(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-held"], async |names, scope| {
+        let ns = names[0].clone();
+        pools(scope)?;
+        scope.apply(&alloc_yaml("e2e-wl-held", &[&ns], "[{pool: e2e-b200, accelerators: 16}]", ""))?;
+        wait_phase(&env, "e2e-wl-held", AllocationPhase::Active, Duration::from_secs(60)).await?;
+        wait_policy_params(&env, &ns, "e2e-wl-held", &["e2e-b200"]).await?;
+
+        // Asked to start at once (suspend: false), held by the API server.
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+        let labelled = job("held", Some("e2e-wl-held"), 2, pod_template(8, Some(B200), json!({})))?;
+        let held = create_when_admitted(&jobs, &labelled).await?;
+        ensure!(
+            held.spec.as_ref().and_then(|s| s.suspend) == Some(true),
+            "labelled Job not suspended: {:?}",
+            held.spec
+        );
+        // An unlabelled one is left as written (no accelerators: plain pods are not the point here).
+        let plain = job(
+            "plain",
+            None,
+            1,
+            json!({"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "trainer:1"}]}}),
+        )?;
+        let plain = jobs.create(&PostParams::default(), &plain).await?;
+        ensure!(plain.spec.as_ref().and_then(|s| s.suspend) == Some(false), "unlabelled Job changed: {:?}", plain.spec);
+
+        // Only the operator starts it.
+        let out = env.kubectl(
+            &["-n", &ns, "patch", "job", "held", "--type=merge", "-p", r#"{"spec":{"suspend":false}}"#],
+            None,
+        )?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "an admin unsuspended a held Job");
+        ensure!(err.contains("is started by the sovereign operator when GpuAllocation e2e-wl-held admits it"), "{err}");
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
+        let held_pods = pods.list(&ListParams::default().labels("job-name=held")).await?;
+        ensure!(held_pods.items.is_empty(), "a held Job has pods: {}", held_pods.items.len());
+
+        // A JobSet and a TrainJob are held the same way.
+        let js = jobset("held-set", Some("e2e-wl-held"), pod_template(8, Some(B200), json!({})))?;
+        let js = create_when_admitted(&jobsets(&env, &ns), &js).await?;
+        ensure!(suspended(&js) == Some(true), "labelled JobSet not suspended: {:?}", js.data.get("spec"));
+        let tj = create_when_admitted(&trainjobs(&env, &ns), &trainjob("held-train", "e2e-wl-held")?).await?;
+        ensure!(suspended(&tj) == Some(true), "labelled TrainJob not suspended: {:?}", tj.data.get("spec"));
+        let plain_set = jobset(
+            "plain-set",
+            None,
+            json!({"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "trainer:1"}]}}),
+        )?;
+        let plain_set = jobsets(&env, &ns).create(&PostParams::default(), &plain_set).await?;
+        ensure!(suspended(&plain_set) != Some(true), "unlabelled JobSet suspended: {:?}", plain_set.data.get("spec"));
+        Ok(())
+    })
+    .await
+}
+
+pub async fn a_workload_naming_a_foreign_allocation_is_refused_with_the_policys_words(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-mine", "wl-theirs", "wl-nobody"], async |names, scope| {
+        let (mine, theirs) = (names[0].clone(), names[1].clone());
+        pools(scope)?;
+        scope.apply(&alloc_yaml("e2e-wl-mine", &[&mine], "[{pool: e2e-b200, accelerators: 8}]", ""))?;
+        scope.apply(&alloc_yaml("e2e-wl-theirs", &[&theirs], "[{pool: e2e-h200, accelerators: 8}]", ""))?;
+        wait_policy_params(&env, &mine, "e2e-wl-mine", &["e2e-b200"]).await?;
+        wait_policy_params(&env, &theirs, "e2e-wl-theirs", &["e2e-h200"]).await?;
+
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &mine);
+        let msg = refusal(&jobs, &job("borrowed", Some("e2e-wl-theirs"), 1, pod_template(8, None, json!({})))?).await?;
+        // Both policies refuse it (the namespace's quota lists e2e-wl-mine only; e2e-wl-theirs
+        // lists another namespace), in the same words.
+        for words in [
+            format!("GpuAllocation e2e-wl-theirs does not list namespace {mine}"),
+            format!("set the label {LABEL} to an allocation that lists {mine}"),
+            format!("add {mine} to spec.tenant.namespaces of GpuAllocation e2e-wl-theirs"),
+        ] {
+            ensure!(msg.contains(&words), "refusal lacks {words:?}: {msg}");
+        }
+        // A namespace no allocation lists (no quota): the allocation itself says no.
+        let outside: Api<Job> = Api::namespaced(env.client.clone(), &names[2]);
+        let msg = refusal(&outside, &job("stray", Some("e2e-wl-theirs"), 1, pod_template(8, None, json!({})))?).await?;
+        ensure!(
+            msg.contains(&format!(
+                "GpuAllocation e2e-wl-theirs does not list namespace {} (it lists {theirs})",
+                names[2]
+            )),
+            "{msg}"
+        );
+        // One that does not exist, and a TrainJob, the same way.
+        let msg = refusal(&jobs, &job("ghost", Some("e2e-wl-nowhere"), 1, pod_template(8, None, json!({})))?).await?;
+        ensure!(msg.contains("GpuAllocation e2e-wl-nowhere does not list namespace"), "{msg}");
+        let msg = refusal(&trainjobs(&env, &mine), &trainjob("borrowed-train", "e2e-wl-theirs")?).await?;
+        ensure!(msg.contains("GpuAllocation e2e-wl-theirs does not list namespace"), "{msg}");
+        // Relabelling an admitted-to-be workload to a foreign allocation is refused too.
+        create_when_admitted(&jobs, &job("mine", Some("e2e-wl-mine"), 1, pod_template(8, Some(B200), json!({})))?)
+            .await?;
+        let out = env
+            .kubectl(&["-n", &mine, "label", "job", "mine", "--overwrite", &format!("{LABEL}=e2e-wl-theirs")], None)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success() && err.contains("does not list namespace"), "relabel: {err}");
+        Ok(())
+    })
+    .await
+}
+
+pub async fn a_plain_pod_outside_the_grants_is_refused_with_the_way_in(env: Arc<Env>) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-b200", "wl-both"], async |names, scope| {
+        let (only_b200, both) = (names[0].clone(), names[1].clone());
+        pools(scope)?;
+        scope.apply(&alloc_yaml("e2e-wl-b200", &[&only_b200], "[{pool: e2e-b200, accelerators: 16}]", ""))?;
+        scope.apply(&alloc_yaml(
+            "e2e-wl-both",
+            &[&both],
+            "[{pool: e2e-h200, accelerators: 8}, {pool: e2e-b200, accelerators: 8}]",
+            "",
+        ))?;
+        wait_policy_params(&env, &only_b200, "e2e-wl-b200", &["e2e-b200"]).await?;
+        wait_policy_params(&env, &both, "e2e-wl-both", &["e2e-h200", "e2e-b200"]).await?;
+
+        let pod = |name: &str, on: Option<(&str, &str)>| -> anyhow::Result<Pod> {
+            let mut p = pod_template(8, on, json!({}));
+            p["metadata"]["name"] = json!(name);
+            Ok(serde_json::from_value(p)?)
+        };
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &only_b200);
+        // H200 devices in a namespace granted only B200.
+        let msg = refusal(&pods, &pod("on-h200", Some(H200))?).await?;
+        for words in [
+            format!("pod asks for nvidia.com/gpu outside the grants of namespace {only_b200} (GpuAllocation e2e-wl-b200)"),
+            format!("create it through a Job, JobSet or TrainJob labelled {LABEL}=e2e-wl-b200"),
+            "set its nodeSelector to the node labels of a pool granted to the namespace: e2e-b200 (nvidia.com/gpu: nvidia.com/gpu.product=NVIDIA-B200)".to_string(),
+        ] {
+            ensure!(msg.contains(&words), "refusal lacks {words:?}: {msg}");
+        }
+        // Anywhere a GPU is: refused too. On the granted pool: admitted.
+        let msg = refusal(&pods, &pod("anywhere", None)?).await?;
+        ensure!(msg.contains("outside the grants of namespace"), "{msg}");
+        create_when_admitted(&pods, &pod("on-b200", Some(B200))?).await.context("a pod confined to its grant")?;
+
+        // An unlabelled Job on H200 gets no pod: the Job controller reports the policy's words.
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &only_b200);
+        jobs.create(&PostParams::default(), &job("sneaky", None, 2, pod_template(8, Some(H200), json!({})))?).await?;
+        let events: Api<Event> = Api::namespaced(env.client.clone(), &only_b200);
+        wait_for("a FailedCreate Event of Job sneaky with the policy's words", Duration::from_secs(60), || async {
+            let list = events
+                .list(&ListParams::default().fields("involvedObject.name=sneaky"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let seen: Vec<String> = list.items.iter().filter_map(|e| e.message.clone()).collect();
+            if seen.iter().any(|m| m.contains("outside the grants of namespace") && m.contains(LABEL)) {
+                Ok(())
+            } else {
+                Err(format!("{seen:?}"))
+            }
+        })
+        .await?;
+        let sneaky = Api::<Pod>::namespaced(env.client.clone(), &only_b200)
+            .list(&ListParams::default().labels("job-name=sneaky"))
+            .await?;
+        ensure!(sneaky.items.is_empty(), "an unlabelled Job ran {} pods outside the grants", sneaky.items.len());
+
+        // Two granted pools of one resource name: the quota sums them, so only admission may use them.
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &both);
+        let msg = refusal(&pods, &pod("on-b200", Some(B200))?).await?;
+        ensure!(
+            msg.contains("share a resource name that the namespace quota sums: only admitted workloads may use them")
+                && msg.contains(&format!("{LABEL}=e2e-wl-both")),
+            "{msg}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+pub async fn jobs_and_jobsets_run_to_completion_in_the_simulated_pools(env: Arc<Env>) -> anyhow::Result<()> {
+    // A namespace no allocation lists: no quota, so the pod policy leaves it alone.
+    in_namespaces(&env, &["wl-run"], async |names, _scope| {
+        let ns = names[0].clone();
+        let done = json!({"sim.sovereign.ai/complete-after": "1s"});
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+        jobs.create(&PostParams::default(), &job("indexed", None, 2, pod_template(1, Some(H200), done.clone()))?)
+            .await?;
+        let sets = jobsets(&env, &ns);
+        sets.create(&PostParams::default(), &jobset("pair", None, pod_template(1, Some(H200), done))?).await?;
+
+        wait_for("Job indexed to complete", Duration::from_secs(90), || async {
+            let j = jobs.get("indexed").await.map_err(|e| e.to_string())?;
+            let status = j.status.unwrap_or_default();
+            let complete = status.conditions.iter().flatten().any(|c| c.type_ == "Complete" && c.status == "True");
+            if complete && status.succeeded == Some(2) { Ok(()) } else { Err(format!("{status:?}")) }
+        })
+        .await?;
+        wait_for("JobSet pair to complete", Duration::from_secs(90), || async {
+            let js = sets.get("pair").await.map_err(|e| e.to_string())?;
+            let conditions = js.data.pointer("/status/conditions").cloned().unwrap_or_default();
+            let done =
+                conditions.as_array().into_iter().flatten().any(|c| c["type"] == "Completed" && c["status"] == "True");
+            if done { Ok(()) } else { Err(conditions.to_string()) }
+        })
+        .await?;
+        // Its child Jobs were made by the JobSet controller, one per replica.
+        let children = jobs.list(&ListParams::default().labels("jobset.sigs.k8s.io/jobset-name=pair")).await?;
+        ensure!(children.items.len() == 2, "JobSet pair made {} Jobs", children.items.len());
+        Ok(())
+    })
+    .await
+}
