@@ -6,6 +6,7 @@ K8S_VERSION="v1.36.3"       # k8s.io/kubernetes; staging modules are v0.36.3
 ETCD_VERSION="v3.6.14"      # go.etcd.io/etcd/server/v3
 KWOK_VERSION="v0.8.0"       # sigs.k8s.io/kwok
 HELM_VERSION="v3.21.4"      # helm.sh/helm/v3
+COREDNS_VERSION="v1.15.0"   # github.com/coredns/coredns (cluster DNS of the real node)
 
 # Paths. E2E_DIR is e2e/, REPO_ROOT its parent: found from the script, not from cwd.
 E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +18,7 @@ K8S_BIN_DIR="${CACHE_DIR}/bin/kubernetes-${K8S_VERSION}"
 ETCD_BIN_DIR="${CACHE_DIR}/bin/etcd-${ETCD_VERSION}"
 KWOK_BIN_DIR="${CACHE_DIR}/bin/kwok-${KWOK_VERSION}"
 HELM_BIN_DIR="${CACHE_DIR}/bin/helm-${HELM_VERSION}"
+COREDNS_BIN_DIR="${CACHE_DIR}/bin/coredns-${COREDNS_VERSION}"
 
 ETCD="${ETCD_BIN_DIR}/etcd"
 KUBE_APISERVER="${K8S_BIN_DIR}/kube-apiserver"
@@ -26,6 +28,7 @@ KUBECTL="${K8S_BIN_DIR}/kubectl"
 KUBELET="${K8S_BIN_DIR}/kubelet"      # the real (system) node of the dev cluster
 KWOK="${KWOK_BIN_DIR}/kwok"
 HELM="${HELM_BIN_DIR}/helm"
+COREDNS="${COREDNS_BIN_DIR}/coredns"   # cluster DNS for the real node's pods
 
 # Logs go to stderr; a closed stderr (e.g. `| head`) must not abort a half-started cluster.
 log() { printf '[e2e %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2 2>/dev/null || true; }

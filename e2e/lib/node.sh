@@ -12,19 +12,30 @@
 # with no default route, so a pod reaches nothing but the bridge. The API server stays on the
 # host's 127.0.0.1; the chained CNI plugin e2e/node/apiserver-relay makes the `kubernetes` Service
 # address 10.96.0.1:443 answer inside each pod's own network namespace (see that file).
+#
+# Cluster DNS: CoreDNS (built by e2e/cluster tools) serves cluster.local from the API server and
+# is the kubelet's clusterDNS. It listens on the bridge's gateway address (.1 of the pod subnet),
+# and on no other: the bridge and that address are made here (node_bridge_up, before the CNI
+# plugin adopts the bridge) and deleted on `down`, so every pod reaches it on its own subnet and
+# nothing outside the host's own namespaces can. (A relay per pod, as for the API server, would
+# have to carry UDP datagrams; a bind on the bridge is plainer.) It forwards nothing: a name
+# outside cluster.local is refused, never sent on. Its health and readiness ports are on 127.0.0.1.
 
 NODE_DIR="${STATE_DIR}/node"
 NODE_NAME="sovereign-e2e-system"
-NODE_COMPONENTS=(containerd apiserver-relay kubelet)
+NODE_COMPONENTS=(containerd apiserver-relay coredns kubelet)
 NODE_IMAGE_PAUSE="localhost/sovereign-e2e/pause:1"
 # Debian packages the node needs: command -> package.
 NODE_PACKAGES=(containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins
-               buildah:buildah socat:socat jq:jq nsenter:util-linux ss:iproute2)
+               buildah:buildah socat:socat jq:jq nsenter:util-linux ss:iproute2 debootstrap:debootstrap)
 
 # node_key: a short number unique to this checkout (bridge name and pod subnet).
 node_key() { printf '%s' "$REPO_ROOT" | cksum | cut -d' ' -f1; }
 node_bridge() { echo "sove2e$(( $(node_key) % 100000 ))"; }
+NODE_SUBNET_BITS=24
 node_subnet() { echo "10.250.$(( $(node_key) % 250 )).0/24"; }
+# The bridge's own address: the pods' gateway and the cluster DNS server's only address.
+node_gateway() { echo "10.250.$(( $(node_key) % 250 )).1"; }
 ctr_node() { ctr --address "${NODE_DIR}/containerd/containerd.sock" --namespace k8s.io "$@"; }
 
 # Installs the Debian packages the node needs (skipped when present). Needs root, as the node does.
@@ -88,19 +99,57 @@ node_import() {
   ctr_node images import --no-unpack=false "$1" >/dev/null
 }
 
-node_certs() {
+# node_client_cert NAME SUBJECT USER: a client certificate signed by the cluster CA, and its
+# kubeconfig ${PKI}/NAME.kubeconfig.
+node_client_cert() {
+  local name=$1 subject=$2 user=$3
   (
     cd "$PKI"
     umask 077
-    openssl ecparam -name prime256v1 -genkey -noout -out kubelet.key 2>/dev/null
-    openssl req -new -key kubelet.key -subj "/O=system:nodes/CN=system:node:${NODE_NAME}" -out kubelet.csr 2>/dev/null
-    openssl x509 -req -in kubelet.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -sha256 \
+    openssl ecparam -name prime256v1 -genkey -noout -out "${name}.key" 2>/dev/null
+    openssl req -new -key "${name}.key" -subj "$subject" -out "${name}.csr" 2>/dev/null
+    openssl x509 -req -in "${name}.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -sha256 \
       -extfile <(printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n') \
-      -out kubelet.crt 2>/dev/null
-    rm -f kubelet.csr ca.srl
-  ) || die "kubelet certificate generation failed"
-  write_kubeconfig "${PKI}/kubelet.kubeconfig" kubelet "system:node:${NODE_NAME}"
+      -out "${name}.crt" 2>/dev/null
+    rm -f "${name}.csr" ca.srl
+  ) || die "${name} certificate generation failed"
+  write_kubeconfig "${PKI}/${name}.kubeconfig" "$name" "$user"
 }
+
+node_certs() {
+  node_client_cert kubelet "/O=system:nodes/CN=system:node:${NODE_NAME}" "system:node:${NODE_NAME}"
+  # CoreDNS reads Services, EndpointSlices and Namespaces cluster-wide (as kwok, a test-cluster
+  # component in system:masters).
+  node_client_cert coredns "/O=system:masters/CN=coredns" coredns
+}
+
+# The bridge with its gateway address, before CoreDNS binds that address and before the CNI
+# bridge plugin, which adopts an existing bridge and finds its gateway address already there.
+node_bridge_up() {
+  local br; br=$(node_bridge)
+  ip link show "$br" >/dev/null 2>&1 || ip link add name "$br" type bridge || die "cannot create bridge ${br}"
+  ip -4 addr show dev "$br" | grep -qF " $(node_gateway)/" \
+    || ip addr add "$(node_gateway)/${NODE_SUBNET_BITS}" dev "$br" || die "cannot address bridge ${br}"
+  ip link set "$br" up
+}
+
+node_coredns_config() {
+  mkdir -p "${NODE_DIR}/coredns"
+  cat > "${NODE_DIR}/coredns/Corefile" <<EOF
+cluster.local:53 in-addr.arpa:53 ip6.arpa:53 {
+    bind $(node_gateway)
+    errors
+    health 127.0.0.1:${COREDNS_HEALTH_PORT}
+    ready 127.0.0.1:${COREDNS_READY_PORT}
+    kubernetes cluster.local in-addr.arpa ip6.arpa {
+        kubeconfig ${PKI}/coredns.kubeconfig sovereign-e2e
+        ttl 1
+    }
+}
+EOF
+}
+
+coredns_ready() { curl -fsS "http://127.0.0.1:${COREDNS_READY_PORT}/ready"; }
 
 node_cni_config() {
   local cni="${NODE_DIR}/cni" p
@@ -184,7 +233,10 @@ authentication:
   webhook: {enabled: false}
   x509: {clientCAFile: ${PKI}/ca.crt}
 authorization: {mode: AlwaysAllow}
-# no cluster DNS and no host resolver in pods: nothing to resolve, nothing sent anywhere
+# cluster DNS (CoreDNS on the bridge's gateway address) and no host resolver in pods: only
+# cluster names resolve, nothing is sent anywhere else
+clusterDNS: [$(node_gateway)]
+clusterDomain: cluster.local
 resolvConf: ""
 podLogsDir: ${NODE_DIR}/pod-logs
 volumePluginDir: ${k}/volume-plugins
@@ -208,15 +260,18 @@ node_up() {
   node_packages
   command -v cc >/dev/null 2>&1 || die "a C compiler is needed for the pause image (apt-get install gcc libc6-dev)"
   [[ -x "$KUBELET" ]] || die "no kubelet at ${KUBELET} (run e2e/cluster tools)"
-  pick_port KUBELET_PORT; pick_port KUBELET_HEALTHZ_PORT
-  printf 'REAL_NODE=1\nNODE_NAME=%s\nKUBELET_PORT=%s\nKUBELET_HEALTHZ_PORT=%s\n' \
-    "$NODE_NAME" "$KUBELET_PORT" "$KUBELET_HEALTHZ_PORT" >> "${STATE_DIR}/cluster.env"
+  [[ -x "$COREDNS" ]] || die "no coredns at ${COREDNS} (run e2e/cluster tools)"
+  pick_port KUBELET_PORT; pick_port KUBELET_HEALTHZ_PORT; pick_port COREDNS_HEALTH_PORT; pick_port COREDNS_READY_PORT
+  printf 'REAL_NODE=1\nNODE_NAME=%s\nKUBELET_PORT=%s\nKUBELET_HEALTHZ_PORT=%s\nCLUSTER_DNS=%s\nCOREDNS_HEALTH_PORT=%s\nCOREDNS_READY_PORT=%s\n' \
+    "$NODE_NAME" "$KUBELET_PORT" "$KUBELET_HEALTHZ_PORT" "$(node_gateway)" "$COREDNS_HEALTH_PORT" "$COREDNS_READY_PORT" \
+    >> "${STATE_DIR}/cluster.env"
   mkdir -p "$NODE_DIR"
   local pause; pause=$(pause_archive)
   node_certs
   node_cni_config
   node_containerd_config
   node_kubelet_config
+  node_coredns_config
 
   # write_kubeconfig leaves umask 077 behind; containerd and the kubelet would create image
   # root dirs and volumes that the containers' non-root users cannot enter.
@@ -229,12 +284,42 @@ node_up() {
   start apiserver-relay "$(command -v socat)" \
     "UNIX-LISTEN:${NODE_DIR}/apiserver.sock,fork,mode=600" "TCP:127.0.0.1:${APISERVER_PORT}"
 
+  node_bridge_up
+  start coredns "$COREDNS" -conf "${NODE_DIR}/coredns/Corefile"
+  wait_until coredns 60 "CoreDNS ready on $(node_gateway):53" coredns_ready
+
   start kubelet "$KUBELET" --config="${NODE_DIR}/kubelet/config.yaml" \
     --kubeconfig="${PKI}/kubelet.kubeconfig" --root-dir="${NODE_DIR}/kubelet/root" \
     --cert-dir="${NODE_DIR}/kubelet/pki" --hostname-override="$NODE_NAME" \
     --node-labels=sovereign.ai/node-role=system,type=system --v=1
   wait_until kubelet 120 "node ${NODE_NAME} Ready" node_ready
+  node_trainer_pool
   log "real node ${NODE_NAME} Ready in $((SECONDS - t0))s (containerd, kubelet; pods on $(node_subnet))"
+}
+
+# The real node as an accelerator pool of its own for real training runs: it advertises
+# TRAINER_SLOTS of the extended resource TRAINER_RESOURCE (as a device plugin would: a patch of
+# status.capacity; the kubelet copies it to allocatable) and carries TRAINER_LABEL, which only the
+# tests' real-node pool selects (no vendor label: no other pool does). The trainer image is
+# imported into its containerd and named in cluster.env (TRAINER_IMAGE).
+TRAINER_RESOURCE="e2e.sovereign.ai/trainer"
+TRAINER_LABEL="e2e.sovereign.ai/trainer-node"
+TRAINER_SLOTS=4
+node_trainer_pool() {
+  local archive t0=$SECONDS
+  archive=$(trainer_archive)
+  node_import "$archive" || fail containerd "cannot import the trainer image"
+  printf 'TRAINER_IMAGE=%s\nTRAINER_RESOURCE=%s\nTRAINER_LABEL=%s\nTRAINER_SLOTS=%s\n' \
+    "$(trainer_image)" "$TRAINER_RESOURCE" "$TRAINER_LABEL" "$TRAINER_SLOTS" >> "${STATE_DIR}/cluster.env"
+  kc label node "$NODE_NAME" "${TRAINER_LABEL}=true" >/dev/null || fail kubelet "cannot label ${NODE_NAME}"
+  kc patch node "$NODE_NAME" --subresource=status --type=json \
+    -p "[{\"op\": \"add\", \"path\": \"/status/capacity/${TRAINER_RESOURCE/\//~1}\", \"value\": \"${TRAINER_SLOTS}\"}]" \
+    >/dev/null || fail kubelet "cannot advertise ${TRAINER_RESOURCE} on ${NODE_NAME}"
+  wait_until kubelet 60 "${TRAINER_RESOURCE} allocatable on ${NODE_NAME}" node_trainer_allocatable
+  log "trainer image $(trainer_image) and ${TRAINER_SLOTS} ${TRAINER_RESOURCE} on ${NODE_NAME} in $((SECONDS - t0))s"
+}
+node_trainer_allocatable() {
+  [[ "$(kc get node "$NODE_NAME" -o "jsonpath={.status.allocatable.${TRAINER_RESOURCE//./\\.}}")" == "$TRAINER_SLOTS" ]]
 }
 
 # Unmounts everything mounted below DIR, deepest first.
@@ -263,7 +348,7 @@ node_down() {
     for id in $(ctr_node tasks ls -q 2>/dev/null); do ctr_node tasks delete -f "$id" >/dev/null 2>&1 || true; done
     for id in $(ctr_node containers ls -q 2>/dev/null); do ctr_node containers delete "$id" >/dev/null 2>&1 || true; done
   fi
-  stop containerd apiserver-relay
+  stop containerd apiserver-relay coredns
   # shims that our containerd started (they name its socket on their command line)
   local p
   for p in /proc/[0-9]*; do

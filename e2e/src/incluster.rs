@@ -367,12 +367,17 @@ pub fn is_ready(pod: &Pod) -> bool {
 
 /// The containerd id of the pod's `operator` container.
 pub fn container_id(pod: &Pod) -> anyhow::Result<String> {
+    container_id_of(pod, "operator")
+}
+
+/// The containerd id of the pod's container `name`.
+pub fn container_id_of(pod: &Pod, name: &str) -> anyhow::Result<String> {
     let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.clone()).unwrap_or_default();
     let id = statuses
         .iter()
-        .find(|c| c.name == "operator")
+        .find(|c| c.name == name)
         .and_then(|c| c.container_id.clone())
-        .with_context(|| format!("pod {} has no operator container id", pod.name_any()))?;
+        .with_context(|| format!("pod {} has no {name} container id", pod.name_any()))?;
     Ok(id.trim_start_matches("containerd://").to_string())
 }
 
