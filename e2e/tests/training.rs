@@ -14,13 +14,15 @@ use std::time::Duration;
 use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use sovereign_e2e::incluster::{RealNode, container_id_of};
 use sovereign_e2e::{Env, Scope, in_namespaces, wait_for};
-use sovereign_operator::api::{AcceleratorPool, ProjectPhase, find_condition};
+use sovereign_operator::api::{AcceleratorPool, GpuAllocation, ProjectPhase, find_condition};
 
 use crate::grants::alloc_yaml;
+use crate::ledger::{Seen, truth, watch_pods};
 use crate::projects::{status, wait_project, workers};
 
 const POOL: &str = "e2e-real";
@@ -229,6 +231,8 @@ async fn real_run_agrees(env: Arc<Env>, test: &str, n: u32) -> anyhow::Result<()
     with_real_pool(&env, test, async |ns, scope, t| {
         pool_is_the_real_node(&env, t).await?;
         let rec = t.node.record_pod_logs(&ns);
+        let seen: Seen = Default::default();
+        let watch = watch_pods(&env, &ns, seen.clone());
         let steps = 20;
         scope.apply(&run_yaml(t, &ns, "run", n, "", &["--steps", &steps.to_string(), "--checkpoint-every", "5"]))?;
         wait_project(&env, &ns, "run", ProjectPhase::Running, MINUTE).await?;
@@ -254,6 +258,31 @@ async fn real_run_agrees(env: Arc<Env>, test: &str, n: u32) -> anyhow::Result<()
             of_kind(&lines, "step").iter().filter(|s| s.get("rank") == "0").map(|s| s.num("loss")).collect();
         ensure!(rank0.len() == steps as usize, "rank 0 logged {} steps", rank0.len());
         ensure!(rank0[rank0.len() - 1] < rank0[0] / 4.0, "loss did not fall: {rank0:?}");
+
+        // The ledger charged the pods' real lifetimes: status.startTime to the container's
+        // finishedAt (whole seconds in the API), one slot each at chargeFactor 1.
+        let allocs: Api<GpuAllocation> = Api::all(env.client.clone());
+        let charged = wait_for("the grant's books to close", MINUTE, || async {
+            let st = allocs.get(GRANT).await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+            let open = st.ledger.as_ref().map(|l| l.open.iter().any(|o| o.end_millis.is_none())).unwrap_or(false);
+            if st.charge_rate == 0.0 && st.in_use == 0 && !open {
+                Ok(st.accelerator_hours_used * 3_600_000.0)
+            } else {
+                Err(format!("rate {} in use {} open {open}", st.charge_rate, st.in_use))
+            }
+        })
+        .await?;
+        watch.abort();
+        let now = Timestamp::now().as_millisecond();
+        let pods = seen.lock().map_err(|_| anyhow::anyhow!("seen lock"))?.clone();
+        ensure!(pods.len() == n as usize, "{} pods seen", pods.len());
+        let truth_ms: f64 = pods.values().map(|(p, gone)| truth(p, *gone, 1.0, now)).sum();
+        println!(
+            "ledger: {n} real workers charged {:.3} s, their own timestamps say {:.3} s",
+            charged / 1e3,
+            truth_ms / 1e3
+        );
+        ensure!((charged - truth_ms).abs() <= 1000.0, "charged {charged} ms, the pods say {truth_ms} ms");
         Ok(())
     })
     .await
