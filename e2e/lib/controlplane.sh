@@ -409,7 +409,7 @@ EOF
   # The dev profile (what `make test` uses) adds one real node; E2E_REAL_NODE=0 leaves it out.
   if [[ "$profile" == dev && "${E2E_REAL_NODE:-1}" != 0 ]]; then
     node_up
-    n=$((n + 1))
+    n=$((n + 1 + $(trainer_node_count)))
   fi
 
   cp "${PKI}/admin.kubeconfig" "${KUBECONFIG_OUT}.tmp"
@@ -449,7 +449,7 @@ cmd_status() {
   echo "profile:    ${E2E_PROFILE:-?}"
   local c pid ok=1
   local all=("${COMPONENTS[@]}")
-  [[ "${REAL_NODE:-0}" == 1 ]] && all+=("${NODE_COMPONENTS[@]}")
+  [[ "${REAL_NODE:-0}" == 1 ]] && mapfile -t -O "${#all[@]}" all < <(node_components | tr ' ' '\n')
   for c in "${all[@]}"; do
     if pid=$(pid_of "$c"); then
       printf '%-24s running  pid %s\n' "$c" "$pid"

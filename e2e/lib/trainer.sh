@@ -71,9 +71,11 @@ trainer_archive() {
     buildah_cache copy --chmod 0644 "$c" "${REPO_ROOT}/examples/train/train.py" /opt/train/train.py >/dev/null
     # --redirects 1 --tee 1: torchrun 1.13 under Python 3.11 (bookworm) cannot parse its own
     # default 0 (a Flag no longer iterates its zero member); this tees each worker's stdout.
-    # PYTHONUNBUFFERED: torchrun's copy of it reaches the log line by line, not at exit.
+    # PYTHONUNBUFFERED: torchrun's copy of it reaches the log line by line, not at exit. PATH:
+    # containerd's CRI adds none to an image that sets none.
     buildah_cache config --entrypoint '["python3", "-m", "torch.distributed.run", "--redirects", "1", "--tee", "1"]' \
       --cmd '["/opt/train/train.py"]' --env PYTHONUNBUFFERED=1 \
+      --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
       --label org.opencontainers.image.title=sovereign-trainer \
       --label "org.opencontainers.image.description=DDP (gloo, CPU) example trainer: Debian ${TRAINER_SUITE} python3-torch" "$c"
     rm -f "${archive}.tmp"

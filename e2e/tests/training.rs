@@ -34,7 +34,9 @@ pub struct Trainer {
     pub image: String,
     pub resource: String,
     pub label: String,
+    /// Slots per trainer node.
     pub slots: i64,
+    pub nodes: Vec<String>,
     pub node: RealNode,
     checkpoints: PathBuf,
 }
@@ -50,6 +52,9 @@ impl Trainer {
             resource: get("TRAINER_RESOURCE")?,
             label: get("TRAINER_LABEL")?,
             slots: get("TRAINER_SLOTS")?.parse()?,
+            nodes: (1..=get("TRAINER_NODE_COUNT")?.parse::<usize>()?)
+                .map(|i| format!("sovereign-e2e-trainer-{i}"))
+                .collect(),
             node,
             checkpoints: env.state.join("node/checkpoints"),
         }))
@@ -62,8 +67,8 @@ pub fn available(env: &Env) -> bool {
 
 fn pool_yaml(t: &Trainer) -> String {
     format!(
-        "apiVersion: sovereign.ai/v1alpha1\nkind: AcceleratorPool\nmetadata: {{name: {POOL}}}\nspec:\n  resourceName: {}\n  kind: GPU\n  vendor: E2E\n  model: cpu-trainer\n  chargeFactor: 1.0\n  nodeSelector: {{matchLabels: {{\"{}\": \"true\"}}}}\n  topologyKeys: [kubernetes.io/hostname]\n  tolerations: [{{key: CriticalAddonsOnly, operator: Exists, effect: NoSchedule}}]\n",
-        t.resource, t.label
+        "apiVersion: sovereign.ai/v1alpha1\nkind: AcceleratorPool\nmetadata: {{name: {POOL}}}\nspec:\n  resourceName: {}\n  kind: GPU\n  vendor: E2E\n  model: cpu-trainer\n  chargeFactor: 1.0\n  nodeSelector: {{matchLabels: {{\"{}\": \"true\"}}}}\n  topologyKeys: [kubernetes.io/hostname]\n  tolerations: [{{key: {}, operator: Exists, effect: NoSchedule}}]\n",
+        t.resource, t.label, t.label
     )
 }
 
@@ -76,15 +81,15 @@ fn checkpoint_volume_yaml(ns: &str, dir: &std::path::Path) -> String {
     )
 }
 
-/// A real run: `workers` workers of one slot each, train.py with `args`.
-fn run_yaml(t: &Trainer, ns: &str, name: &str, workers: u32, spec: &str, args: &[&str]) -> String {
+/// A real run: `workers` workers of `per` slots (torchrun processes) each, train.py with `args`.
+fn run_yaml(t: &Trainer, ns: &str, name: &str, (workers, per): (u32, u32), spec: &str, args: &[&str]) -> String {
     let args: Vec<String> = ["/opt/train/train.py", "--checkpoint-dir", &format!("/checkpoints/{name}")]
         .iter()
         .map(|a| format!("\"{a}\""))
         .chain(args.iter().map(|a| format!("\"{a}\"")))
         .collect();
     format!(
-        "apiVersion: sovereign.ai/v1alpha1\nkind: ModelProject\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  allocation: {GRANT}\n  placement: {{pools: [{POOL}]}}\n  workers: {workers}\n  acceleratorsPerWorker: 1\n{spec}  template:\n    image: {}\n    imagePullPolicy: Never\n    args: [{}]\n    resources: {{requests: {{cpu: 50m, memory: 256Mi}}}}\n    volumes: [{{name: checkpoints, persistentVolumeClaim: {{claimName: checkpoints}}}}]\n    volumeMounts: [{{name: checkpoints, mountPath: /checkpoints}}]\n    terminationGracePeriodSeconds: 30\n",
+        "apiVersion: sovereign.ai/v1alpha1\nkind: ModelProject\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  allocation: {GRANT}\n  placement: {{pools: [{POOL}]}}\n  workers: {workers}\n  acceleratorsPerWorker: {per}\n{spec}  template:\n    image: {}\n    imagePullPolicy: Never\n    args: [{}]\n    resources: {{requests: {{cpu: 50m, memory: 256Mi}}}}\n    volumes: [{{name: checkpoints, persistentVolumeClaim: {{claimName: checkpoints}}}}]\n    volumeMounts: [{{name: checkpoints, mountPath: /checkpoints}}]\n    terminationGracePeriodSeconds: 30\n",
         t.image,
         args.join(", ")
     )
@@ -106,7 +111,8 @@ async fn with_real_pool(
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
         let res = async {
             scope.apply(&pool_yaml(&t))?;
-            scope.apply(&alloc_yaml(GRANT, &[&ns], &format!("[{{pool: {POOL}, accelerators: {}}}]", t.slots), ""))?;
+            let all = t.slots * t.nodes.len() as i64;
+            scope.apply(&alloc_yaml(GRANT, &[&ns], &format!("[{{pool: {POOL}, accelerators: {all}}}]"), ""))?;
             scope.apply(&checkpoint_volume_yaml(&ns, &dir))?;
             let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), &ns);
             wait_for("the checkpoint claim to bind", MINUTE, || async {
@@ -184,32 +190,38 @@ fn agreed_final(lines: &[Said], workers: u32, steps: u32) -> anyhow::Result<Stri
     Ok(hashes.into_iter().next().unwrap_or_default().to_string())
 }
 
-/// Worker pods of the project that are bound to the real node, and how many there are.
-async fn on_real_node(env: &Env, t: &Trainer, ns: &str, name: &str) -> anyhow::Result<Vec<Pod>> {
+/// Worker pods of the project, each on its own trainer node.
+async fn on_trainer_nodes(env: &Env, t: &Trainer, ns: &str, name: &str) -> anyhow::Result<Vec<Pod>> {
     let pods = workers(env, ns, name).await?;
+    let mut seen = BTreeSet::new();
     for p in &pods {
-        let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
-        ensure!(node.as_deref() == Some(t.node.name.as_str()), "{} is on {node:?}", p.name_any());
+        let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+        ensure!(t.nodes.contains(&node) && seen.insert(node.clone()), "{} is on {node:?}", p.name_any());
     }
     Ok(pods)
 }
 
-/// The pool selects the real node and nothing else, with all its slots.
-async fn pool_is_the_real_node(env: &Env, t: &Trainer) -> anyhow::Result<()> {
+/// The pool selects the trainer nodes and nothing else, with all their slots.
+async fn pool_is_the_trainer_nodes(env: &Env, t: &Trainer) -> anyhow::Result<()> {
     let pools: Api<AcceleratorPool> = Api::all(env.client.clone());
-    wait_for("the real-node pool to count its node", MINUTE, || async {
+    let (n, all) = (t.nodes.len() as i64, t.slots * t.nodes.len() as i64);
+    wait_for("the trainer pool to count its nodes", MINUTE, || async {
         let s = pools.get(POOL).await.map_err(|e| e.to_string())?.status.unwrap_or_default();
-        if s.nodes == 1 && s.ready_nodes == 1 && s.capacity == t.slots && s.allocatable == t.slots {
+        if s.nodes as i64 == n && s.ready_nodes as i64 == n && s.capacity == all && s.allocatable == all {
             Ok(())
         } else {
             Err(format!("{s:?}"))
         }
     })
     .await?;
-    // No simulated node carries the trainer resource or label: no other pool can select the real node's.
+    // Only the trainer nodes carry the label, and they carry no vendor label: no other pool selects them.
     let nodes = Api::<Node>::all(env.client.clone()).list(&ListParams::default().labels(&t.label)).await?;
     let names: Vec<String> = nodes.items.iter().map(|n| n.name_any()).collect();
-    ensure!(names == vec![t.node.name.clone()], "nodes labelled {}: {names:?}", t.label);
+    ensure!(names == t.nodes, "nodes labelled {}: {names:?}", t.label);
+    for n in &nodes.items {
+        let vendor = n.labels().keys().find(|k| k.ends_with("gpu.present") || k.ends_with("npu.present")).cloned();
+        ensure!(vendor.is_none(), "{} carries {vendor:?}", n.name_any());
+    }
     Ok(())
 }
 
@@ -229,14 +241,21 @@ async fn wait_said(
 
 async fn real_run_agrees(env: Arc<Env>, test: &str, n: u32) -> anyhow::Result<()> {
     with_real_pool(&env, test, async |ns, scope, t| {
-        pool_is_the_real_node(&env, t).await?;
+        pool_is_the_trainer_nodes(&env, t).await?;
         let rec = t.node.record_pod_logs(&ns);
         let seen: Seen = Default::default();
         let watch = watch_pods(&env, &ns, seen.clone());
         let steps = 20;
-        scope.apply(&run_yaml(t, &ns, "run", n, "", &["--steps", &steps.to_string(), "--checkpoint-every", "5"]))?;
+        scope.apply(&run_yaml(
+            t,
+            &ns,
+            "run",
+            (n, 1),
+            "",
+            &["--steps", &steps.to_string(), "--checkpoint-every", "5"],
+        ))?;
         wait_project(&env, &ns, "run", ProjectPhase::Running, MINUTE).await?;
-        let pods = on_real_node(&env, t, &ns, "run").await?;
+        let pods = on_trainer_nodes(&env, t, &ns, "run").await?;
         ensure!(pods.len() == n as usize, "{} workers", pods.len());
         let s = wait_project(&env, &ns, "run", ProjectPhase::Succeeded, 3 * MINUTE).await?;
         ensure!(s.restarts == 0 && s.disruptions == 0, "restarts {} disruptions {}", s.restarts, s.disruptions);
@@ -314,16 +333,17 @@ pub async fn a_killed_real_worker_restarts_the_gang_from_its_checkpoint(env: Arc
         let steps = 40;
         let spec = "  runPolicy: {maxRestarts: 2}\n";
         let args = ["--steps", "40", "--checkpoint-every", "5", "--step-seconds", "0.3"];
-        scope.apply(&run_yaml(t, &ns, "sturdy", 2, spec, &args))?;
+        scope.apply(&run_yaml(t, &ns, "sturdy", (2, 1), spec, &args))?;
         wait_project(&env, &ns, "sturdy", ProjectPhase::Running, MINUTE).await?;
         // Mid-run, after a checkpoint: kill worker 1's torchrun (its container's first process).
         let ckpt = wait_said(&rec, "a checkpoint at step 10", 2 * MINUTE, |l| {
             of_kind(l, "checkpoint").into_iter().find(|s| s.num("step") >= 10.0).cloned()
         })
         .await?;
-        let pods = on_real_node(&env, t, &ns, "sturdy").await?;
+        let pods = on_trainer_nodes(&env, t, &ns, "sturdy").await?;
         let victim = pods.iter().find(|p| p.name_any() == "sturdy-worker-1").context("no worker 1")?;
-        let pid = t.node.container_pid(&container_id_of(victim, "trainer")?)?;
+        let on = victim.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+        let pid = t.node.trainer_container_pid(&on, &container_id_of(victim, "trainer")?)?;
         let killed = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
         ensure!(killed.success(), "kill -KILL {pid} failed");
 
@@ -359,17 +379,17 @@ pub async fn a_killed_real_worker_restarts_the_gang_from_its_checkpoint(env: Arc
 pub async fn a_preempted_real_run_checkpoints_in_its_grace_period_and_resumes(env: Arc<Env>) -> anyhow::Result<()> {
     with_real_pool(&env, "realpreempt", async |ns, scope, t| {
         let rec = t.node.record_pod_logs(&ns);
-        // The victim takes 3 of the 4 slots; the urgent run needs 2.
+        // The victim takes one slot on each of 3 nodes (of 2 each); the urgent run needs 2 nodes with 2 free.
         let steps = 40;
         let args = ["--steps", "40", "--checkpoint-every", "100", "--step-seconds", "0.3"];
-        scope.apply(&run_yaml(t, &ns, "patient", 3, "  priority: 0\n", &args))?;
+        scope.apply(&run_yaml(t, &ns, "patient", (3, 1), "  priority: 0\n", &args))?;
         wait_project(&env, &ns, "patient", ProjectPhase::Running, MINUTE).await?;
         wait_said(&rec, "the victim at step 5", 2 * MINUTE, |l| {
             of_kind(l, "step").into_iter().find(|s| s.num("step") >= 5.0).cloned()
         })
         .await?;
         let quick = ["--steps", "10", "--checkpoint-every", "5"];
-        scope.apply(&run_yaml(t, &ns, "urgent", 2, "  priority: 100\n", &quick))?;
+        scope.apply(&run_yaml(t, &ns, "urgent", (2, 2), "  priority: 100\n", &quick))?;
 
         // SIGTERM, then the grace period: the victim's ranks stop together and rank 0
         // writes a checkpoint (periodic ones are off: every 100 steps).
