@@ -79,8 +79,9 @@ trainer_archive() {
       --label org.opencontainers.image.title=sovereign-trainer \
       --label "org.opencontainers.image.description=DDP (gloo, CPU) example trainer: Debian ${TRAINER_SUITE} python3-torch" "$c"
     rm -f "${archive}.tmp"
-    # layers left uncompressed: the archive stays in the cache and imports faster
-    buildah_cache commit --quiet --rm --format oci "$c" "oci-archive:${archive}.tmp:${image}" >/dev/null \
+    # gzip-compressed layers: each node's containerd keeps the layer blob beside its unpacked
+    # copy, and three trainer nodes' copies of 1.2 GB filled these machines' disks
+    buildah_cache commit --quiet --rm --format oci --disable-compression=false "$c" "oci-archive:${archive}.tmp:${image}" >/dev/null \
       || die "cannot write the trainer image archive"
     mv -f "${archive}.tmp" "$archive"
     # older archives of this image: only the current one is kept
