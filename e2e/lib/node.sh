@@ -259,7 +259,8 @@ volumePluginDir: ${k}/volume-plugins
 registerWithTaints:
   - ${taint}
 maxPods: 20
-evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}
+# absolute floors: on a big shared disk 1% is gigabytes that other work may be using
+evictionHard: {memory.available: "100Mi", nodefs.available: "512Mi", imagefs.available: "512Mi"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
