@@ -9,6 +9,7 @@ HELM_VERSION="v3.21.4"      # helm.sh/helm/v3
 # The proxy refuses the version lists of these two (403); named versions download.
 JOBSET_VERSION="v0.10.1"    # sigs.k8s.io/jobset: the JobSet controller (dev profile)
 TRAINER_VERSION="v2.0.0"    # github.com/kubeflow/trainer/v2: its CRDs only (TrainJob)
+COREDNS_VERSION="v1.15.0"   # github.com/coredns/coredns (cluster DNS of the real node)
 
 # Paths. E2E_DIR is e2e/, REPO_ROOT its parent: found from the script, not from cwd.
 E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +22,7 @@ ETCD_BIN_DIR="${CACHE_DIR}/bin/etcd-${ETCD_VERSION}"
 KWOK_BIN_DIR="${CACHE_DIR}/bin/kwok-${KWOK_VERSION}"
 HELM_BIN_DIR="${CACHE_DIR}/bin/helm-${HELM_VERSION}"
 JOBSET_BIN_DIR="${CACHE_DIR}/bin/jobset-${JOBSET_VERSION}"
+COREDNS_BIN_DIR="${CACHE_DIR}/bin/coredns-${COREDNS_VERSION}"
 
 ETCD="${ETCD_BIN_DIR}/etcd"
 KUBE_APISERVER="${K8S_BIN_DIR}/kube-apiserver"
@@ -31,6 +33,7 @@ KUBELET="${K8S_BIN_DIR}/kubelet"      # the real (system) node of the dev cluste
 KWOK="${KWOK_BIN_DIR}/kwok"
 HELM="${HELM_BIN_DIR}/helm"
 JOBSET="${JOBSET_BIN_DIR}/jobset"
+COREDNS="${COREDNS_BIN_DIR}/coredns"   # cluster DNS for the real node's pods
 
 # Logs go to stderr; a closed stderr (e.g. `| head`) must not abort a half-started cluster.
 log() { printf '[e2e %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2 2>/dev/null || true; }

@@ -411,7 +411,7 @@ EOF
   # The dev profile (what `make test` uses) adds one real node; E2E_REAL_NODE=0 leaves it out.
   if [[ "$profile" == dev && "${E2E_REAL_NODE:-1}" != 0 ]]; then
     node_up
-    n=$((n + 1))
+    n=$((n + 1 + $(trainer_node_count)))
   fi
   # The dev profile runs the workload kinds tenants bring (JobSet controller, TrainJob CRD).
   [[ "$profile" == dev ]] && workloads_up
@@ -453,7 +453,7 @@ cmd_status() {
   echo "profile:    ${E2E_PROFILE:-?}"
   local c pid ok=1
   local all=("${COMPONENTS[@]}")
-  [[ "${REAL_NODE:-0}" == 1 ]] && all+=("${NODE_COMPONENTS[@]}")
+  [[ "${REAL_NODE:-0}" == 1 ]] && mapfile -t -O "${#all[@]}" all < <(node_components | tr ' ' '\n')
   [[ "${JOBSET_CONTROLLER:-0}" == 1 ]] && all+=(jobset)
   for c in "${all[@]}"; do
     if pid=$(pid_of "$c"); then

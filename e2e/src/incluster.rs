@@ -37,7 +37,10 @@ pub struct RealNode {
     kubelet_port: u16,
     ctr_socket: PathBuf,
     pki: PathBuf,
-    pod_logs: PathBuf,
+    /// The kubelets' log folders: this node's and the trainer nodes' (`.e2e/node-t<i>/`).
+    pod_logs: Vec<PathBuf>,
+    /// Containerd socket of each trainer node, by node name.
+    trainer_sockets: BTreeMap<String, PathBuf>,
 }
 
 impl RealNode {
@@ -49,37 +52,57 @@ impl RealNode {
             return Ok(None);
         }
         let node = env.state.join("node");
+        let trainers: usize = vars.get("TRAINER_NODE_COUNT").map_or(Ok(0), |n| n.parse())?;
+        let trainer_dirs: Vec<(String, PathBuf)> = (1..=trainers)
+            .map(|i| (format!("sovereign-e2e-trainer-{i}"), env.state.join(format!("node-t{i}"))))
+            .collect();
         Ok(Some(Self {
             name: vars.get("NODE_NAME").context("NODE_NAME")?.to_string(),
             kubelet_port: vars.get("KUBELET_PORT").context("KUBELET_PORT")?.parse()?,
             ctr_socket: node.join("containerd/containerd.sock"),
             pki: env.state.join("pki"),
-            pod_logs: node.join("pod-logs"),
+            pod_logs: std::iter::once(node.join("pod-logs"))
+                .chain(trainer_dirs.iter().map(|(_, d)| d.join("pod-logs")))
+                .collect(),
+            trainer_sockets: trainer_dirs.into_iter().map(|(n, d)| (n, d.join("containerd/containerd.sock"))).collect(),
         }))
     }
 
     fn ctr(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = run(
-            Command::new("ctr").arg("--address").arg(&self.ctr_socket).args(["--namespace", "k8s.io"]).args(args),
-            None,
-        )?;
-        ensure!(out.status.success(), "ctr {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        ctr_at(&self.ctr_socket, args)
     }
 
     /// Host PID of a running container (the task's init process).
     pub fn container_pid(&self, container_id: &str) -> anyhow::Result<u32> {
-        let tasks = self.ctr(&["tasks", "ls"])?;
-        tasks
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() >= 3 && f[0] == container_id && f[2] == "RUNNING").then(|| f[1].parse().ok()).flatten()
-            })
-            .next()
-            .with_context(|| format!("no running task {container_id} on the node: {tasks}"))
+        container_pid_at(&self.ctr_socket, container_id)
     }
 
+    /// Host PID of a running container on the trainer node `node`.
+    pub fn trainer_container_pid(&self, node: &str, container_id: &str) -> anyhow::Result<u32> {
+        let socket = self.trainer_sockets.get(node).with_context(|| format!("{node} is no trainer node"))?;
+        container_pid_at(socket, container_id)
+    }
+}
+
+fn ctr_at(socket: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = run(Command::new("ctr").arg("--address").arg(socket).args(["--namespace", "k8s.io"]).args(args), None)?;
+    ensure!(out.status.success(), "ctr {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn container_pid_at(socket: &std::path::Path, container_id: &str) -> anyhow::Result<u32> {
+    let tasks = ctr_at(socket, &["tasks", "ls"])?;
+    tasks
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && f[0] == container_id && f[2] == "RUNNING").then(|| f[1].parse().ok()).flatten()
+        })
+        .next()
+        .with_context(|| format!("no running task {container_id} on the node: {tasks}"))
+}
+
+impl RealNode {
     /// Containers of `image_repository` whose task runs now: the operator
     /// processes alive on the node.
     pub fn running_containers_of(&self, image_repository: &str) -> anyhow::Result<Vec<String>> {
@@ -146,8 +169,15 @@ impl RealNode {
 
 /// The content of every log file of the pods of `ns`, by its label
 /// (`<ns>_<pod>_<uid>/<container>/<restart>.log`).
-fn read_pod_logs(root: &std::path::Path, ns: &str) -> anyhow::Result<BTreeMap<String, String>> {
+fn read_pod_logs(roots: &[PathBuf], ns: &str) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
+    for root in roots {
+        read_pod_logs_in(root, ns, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn read_pod_logs_in(root: &std::path::Path, ns: &str, out: &mut BTreeMap<String, String>) -> anyhow::Result<()> {
     for dir in std::fs::read_dir(root)? {
         let dir = dir?.path();
         let name = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
@@ -164,7 +194,7 @@ fn read_pod_logs(root: &std::path::Path, ns: &str) -> anyhow::Result<BTreeMap<St
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 fn log_lines(files: &BTreeMap<String, String>) -> Vec<(String, String)> {
@@ -180,30 +210,30 @@ pub struct PodLogRecorder {
     kept: Arc<Mutex<BTreeMap<String, String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
-    root: PathBuf,
+    roots: Vec<PathBuf>,
     ns: String,
 }
 
 impl PodLogRecorder {
-    fn start(root: PathBuf, ns: String) -> Self {
+    fn start(roots: Vec<PathBuf>, ns: String) -> Self {
         let kept = Arc::new(Mutex::new(BTreeMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (kept, stop, root, ns) = (kept.clone(), stop.clone(), root.clone(), ns.clone());
+            let (kept, stop, roots, ns) = (kept.clone(), stop.clone(), roots.clone(), ns.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    Self::merge(&kept, &root, &ns);
+                    Self::merge(&kept, &roots, &ns);
                     std::thread::sleep(Duration::from_millis(200));
                 }
             })
         };
-        Self { kept, stop, thread: Some(thread), root, ns }
+        Self { kept, stop, thread: Some(thread), roots, ns }
     }
 
     /// Keeps the newest content of every file; a file the kubelet removed keeps
     /// what was read of it last.
-    fn merge(kept: &Mutex<BTreeMap<String, String>>, root: &std::path::Path, ns: &str) {
-        let Ok(now) = read_pod_logs(root, ns) else { return };
+    fn merge(kept: &Mutex<BTreeMap<String, String>>, roots: &[PathBuf], ns: &str) {
+        let Ok(now) = read_pod_logs(roots, ns) else { return };
         let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
         for (label, text) in now {
             let old = kept.entry(label).or_default();
@@ -216,7 +246,7 @@ impl PodLogRecorder {
 
     /// Every line recorded so far, after one more read.
     pub fn lines(&self) -> Vec<(String, String)> {
-        Self::merge(&self.kept, &self.root, &self.ns);
+        Self::merge(&self.kept, &self.roots, &self.ns);
         log_lines(&self.kept.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
@@ -367,12 +397,17 @@ pub fn is_ready(pod: &Pod) -> bool {
 
 /// The containerd id of the pod's `operator` container.
 pub fn container_id(pod: &Pod) -> anyhow::Result<String> {
+    container_id_of(pod, "operator")
+}
+
+/// The containerd id of the pod's container `name`.
+pub fn container_id_of(pod: &Pod, name: &str) -> anyhow::Result<String> {
     let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.clone()).unwrap_or_default();
     let id = statuses
         .iter()
-        .find(|c| c.name == "operator")
+        .find(|c| c.name == name)
         .and_then(|c| c.container_id.clone())
-        .with_context(|| format!("pod {} has no operator container id", pod.name_any()))?;
+        .with_context(|| format!("pod {} has no {name} container id", pod.name_any()))?;
     Ok(id.trim_start_matches("containerd://").to_string())
 }
 

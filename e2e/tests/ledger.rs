@@ -43,9 +43,9 @@ pub fn scale() -> u64 {
 }
 
 /// Every pod of the namespaces as last seen, and when the watch saw it go.
-type Seen = Arc<Mutex<BTreeMap<String, (Pod, Option<i64>)>>>;
+pub type Seen = Arc<Mutex<BTreeMap<String, (Pod, Option<i64>)>>>;
 
-fn watch_pods(env: &Env, ns: &str, seen: Seen) -> tokio::task::JoinHandle<()> {
+pub fn watch_pods(env: &Env, ns: &str, seen: Seen) -> tokio::task::JoinHandle<()> {
     let api: Api<Pod> = Api::namespaced(env.client.clone(), ns);
     tokio::spawn(async move {
         let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
@@ -72,7 +72,7 @@ fn ms(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> i64 {
 /// Ground truth of one pod in charge-weighted accelerator-milliseconds: from
 /// `status.startTime` to the last container's `finishedAt` if it finished,
 /// else to its deletion time or the moment it went, whichever came first.
-fn truth(pod: &Pod, gone: Option<i64>, weight: f64, now: i64) -> f64 {
+pub fn truth(pod: &Pod, gone: Option<i64>, weight: f64, now: i64) -> f64 {
     let Some(status) = pod.status.as_ref() else { return 0.0 };
     let Some(start) = status.start_time.as_ref().map(ms) else { return 0.0 };
     let finished = status

@@ -205,6 +205,13 @@ fn run_gang(project: &ModelProject, obs: &Observed<'_>, d: &mut Decision) {
         d.requeue_within(Duration::from_secs(2));
         return;
     }
+    let admitted = d.status.admitted_at.as_ref().map(|t| t.0);
+    if obs.pods.iter().any(|p| earlier_attempt(p, admitted)) {
+        // The previous attempt's pods are still in their grace period: they are
+        // not this attempt's lost workers. Wait until they are gone.
+        d.requeue_within(Duration::from_secs(2));
+        return;
+    }
     let observed: Vec<WorkerObs> = obs.pods.iter().filter_map(|p| observe(p)).collect();
     let run_policy = &project.spec.run_policy;
     let scheduling_timeout = SignedDuration::from_secs(run_policy.scheduling_timeout_seconds as i64);
@@ -396,6 +403,14 @@ pub fn until(now: Timestamp, t: Timestamp) -> Duration {
 fn owned(project: &ModelProject, pod: &Pod) -> bool {
     let uid = project.metadata.uid.as_deref();
     pod.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid)
+}
+
+/// A pod being deleted that was created before this attempt's admission (in
+/// an earlier second: creation times are whole seconds): a worker of the
+/// attempt a restart or a preemption stopped, still terminating.
+fn earlier_attempt(pod: &Pod, admitted: Option<Timestamp>) -> bool {
+    let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second());
+    pod.metadata.deletion_timestamp.is_some() && created.zip(admitted).is_some_and(|(c, a)| c < a.as_second())
 }
 
 /// The gang's view of one worker pod (pods being deleted are not counted).

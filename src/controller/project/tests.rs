@@ -91,6 +91,14 @@ fn pod(index: usize, phase: &str) -> Arc<Pod> {
     )
 }
 
+/// `pod` being deleted, created at `t(created)` (whole seconds, as the API keeps them).
+fn terminating(pod: Arc<Pod>, created: i64) -> Arc<Pod> {
+    let mut p = (*pod).clone();
+    p.metadata.creation_timestamp = Some(Time(t(created)));
+    p.metadata.deletion_timestamp = Some(Time(t(created + 1)));
+    Arc::new(p)
+}
+
 /// What a case expects of the decision.
 #[derive(Debug, Default)]
 struct Want {
@@ -183,6 +191,18 @@ fn phase_machine() {
             "a vanished worker after running is lost, not failed",
             Some(Running),
             vec![pod(1, "Running")],
+            Want { stop: true, event: Some("WorkerLost"), writes: true, ..w(Restarting) },
+        ),
+        case(
+            "admitted again while the last attempt's workers end their grace period: wait, create nothing",
+            Some(Admitted),
+            vec![terminating(pod(0, "Running"), -5), terminating(pod(1, "Failed"), -5)],
+            w(Admitted),
+        ),
+        case(
+            "a worker of this attempt deleted before the gang ran is lost",
+            Some(Admitted),
+            vec![terminating(pod(0, "Running"), 0), pod(1, "Running")],
             Want { stop: true, event: Some("WorkerLost"), writes: true, ..w(Restarting) },
         ),
         case(
