@@ -26,8 +26,8 @@ mod privilege;
 mod projects;
 mod refusals;
 mod sharing;
-mod workloads;
 mod training;
+mod workloads;
 
 type TestFn = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
