@@ -1,6 +1,6 @@
 //! The admission core's `decide` on a national snapshot (about 2,750 nodes
 //! in five pools, 40 allocations, 1,000 waiting gangs beside running ones) and
-//! on one eight times larger (22,000 nodes, 180,000 devices, 8,000 waiting
+//! on one eight times larger (22,000 nodes, 144,000 devices, 8,000 waiting
 //! gangs). `steady` is the loop's cycle when nothing changed since the last:
 //! the same snapshot again, its placement cache warm.
 //!
