@@ -219,6 +219,10 @@ fn admit_body(
     let mut unique: Vec<&String> = nodes.iter().collect();
     unique.sort();
     unique.dedup();
+    let terms: Vec<Value> = unique
+        .iter()
+        .map(|n| json!({"matchFields": [{"key": "metadata.name", "operator": "In", "values": [n]}]}))
+        .collect();
     let mut annotations = json!({
         ADMITTED_POOL: pin.pool,
         ADMITTED_NODES: nodes.join(","),
@@ -246,11 +250,10 @@ fn admit_body(
                 "spec": {
                     "nodeSelector": pin.node_labels,
                     "tolerations": tolerations,
-                    // Pods go to the planned nodes (the scheduler still binds and checks).
+                    // Pods go to the planned nodes (the scheduler still binds and
+                    // checks): one term per node, as a node field selector names one.
                     "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-                        "nodeSelectorTerms": [{"matchFields": [
-                            {"key": "metadata.name", "operator": "In", "values": unique}
-                        ]}]
+                        "nodeSelectorTerms": terms,
                     }}},
                 },
             },
@@ -340,7 +343,8 @@ mod tests {
         assert_eq!(spec["tolerations"].as_array().unwrap().len(), 2, "the template's own and the pool's");
         let terms =
             &spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
-        assert_eq!(terms[0]["matchFields"][0]["values"], json!(["n1", "n2"]));
+        let pinned: Vec<&Value> = terms.as_array().unwrap().iter().map(|t| &t["matchFields"][0]["values"]).collect();
+        assert_eq!(pinned, [&json!(["n1"]), &json!(["n2"])], "one term per planned node");
         assert_eq!(body["spec"]["template"]["metadata"]["labels"][POOL_LABEL], "b200");
         assert_eq!(body["metadata"]["annotations"][ADMITTED_NODES], "n2,n1,n1");
         assert_eq!(body["metadata"]["annotations"][BORROWED], "true");
