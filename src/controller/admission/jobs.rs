@@ -6,7 +6,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -77,16 +76,16 @@ pub struct JobWrite {
 }
 
 /// The writes `decisions` ask of `jobs`, in two groups: admissions and
-/// suspensions first, then `Queued` Events (each Job's at most every
-/// `refresh` unless its reason changed; `announced` remembers them). Job
-/// preemptors are ready at once: their victims are listed in no status.
+/// suspensions first, then `Queued` Events (as for a project: when a Job
+/// starts waiting and when the reason changes, never per cycle; `announced`
+/// remembers why each waits). Job preemptors are ready at once: their
+/// victims are listed in no status.
 pub fn plan(
     stores: &Stores,
     jobs: &[Arc<Job>],
     decisions: &Decisions,
     now: Timestamp,
-    announced: &mut HashMap<GangKey, (WaitReason, Instant)>,
-    refresh: Duration,
+    announced: &mut HashMap<GangKey, WaitReason>,
 ) -> (Vec<JobWrite>, Vec<JobWrite>, HashSet<GangKey>) {
     let keys: HashSet<GangKey> = jobs.iter().map(|j| job::key(j)).collect();
     announced.retain(|k, _| keys.contains(k));
@@ -99,7 +98,10 @@ pub fn plan(
             if !victims.is_empty() {
                 ready.insert(key.clone());
             }
-            announce = announced.get(&key).is_none_or(|(w, at)| w != why || at.elapsed() >= refresh);
+            announce = announced.get(&key).is_none_or(|w| w != why);
+        } else {
+            // Admitted, stopped or evicted: its next wait is announced again.
+            announced.remove(&key);
         }
         let pool = match d {
             Decision::Admit { pool, .. } => stores.pools.store.get(&ObjectRef::new(pool)),
@@ -133,7 +135,7 @@ pub fn plan(
         };
         let write = JobWrite { key: key.clone(), job: j.clone(), change, preemptor, admission_wait };
         if let Decision::Wait { why, .. } = d {
-            announced.insert(key, (*why, Instant::now()));
+            announced.insert(key, *why);
             waiting.push(write);
         } else {
             urgent.push(write);

@@ -122,8 +122,8 @@ pub(crate) struct LoopState {
     waiting_written: HashMap<GangKey, Instant>,
     /// The loop's writes to Jobs the store has not shown yet.
     assumed_jobs: Unseen<GangKey, Arc<Job>>,
-    /// When each waiting Job last got its `Queued` Event, and why it waited.
-    jobs_announced: HashMap<GangKey, (WaitReason, Instant)>,
+    /// Why each waiting Job waited when it last got its `Queued` Event.
+    jobs_announced: HashMap<GangKey, WaitReason>,
 }
 
 impl Default for LoopState {
@@ -228,7 +228,7 @@ async fn cycle(ctx: &Context, writer: &Writer, state: &mut LoopState, capacity_c
         wake = wake.min(Duration::from_millis(500));
     }
     let (job_urgent, job_waiting, job_preemptors) =
-        jobs::plan(&ctx.stores, &labelled_jobs, &decisions, now, &mut state.jobs_announced, WAITING_REFRESH);
+        jobs::plan(&ctx.stores, &labelled_jobs, &decisions, now, &mut state.jobs_announced);
     w.ready.extend(job_preemptors);
     let decided = w.preemptors.len() + w.urgent.len() + w.waiting.len() + job_urgent.len() + job_waiting.len();
     let ready = writer.write_cycle(w, &state.assumed).await;
