@@ -197,3 +197,100 @@ impl Writer {
         written.map(|j| (w.key, rv, Arc::new(j)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::controller::view::View;
+    use crate::plan::Cluster;
+
+    fn now() -> Timestamp {
+        "2026-12-01T12:00:00Z".parse().unwrap()
+    }
+
+    /// Four 8-device ATOM nodes, pool atom, allocation a granting team-a 16.
+    fn cluster() -> Cluster {
+        let node = |i: usize| {
+            serde_json::from_value(json!({
+                "metadata": {"name": format!("atom-{i}"), "labels": {
+                    "npu": "atom", "kubernetes.io/hostname": format!("atom-{i}")}},
+                "status": {"capacity": {"rebellions.ai/ATOM": "8"}, "allocatable": {"rebellions.ai/ATOM": "8"},
+                           "conditions": [{"type": "Ready", "status": "True"}]}
+            }))
+            .unwrap()
+        };
+        let pool = serde_json::from_value(json!({
+            "metadata": {"name": "atom", "uid": "u1", "generation": 1},
+            "spec": {"resourceName": "rebellions.ai/ATOM", "kind": "NPU", "vendor": "R", "model": "ATOM",
+                     "nodeSelector": {"matchLabels": {"npu": "atom"}},
+                     "topologyKeys": ["kubernetes.io/hostname"],
+                     "tolerations": [{"key": "npu", "operator": "Exists", "effect": "NoSchedule"}]}
+        }))
+        .unwrap();
+        let alloc = serde_json::from_value(json!({
+            "metadata": {"name": "a"},
+            "spec": {"tenant": {"displayName": "T", "namespaces": ["team-a"]},
+                     "grants": [{"pool": "atom", "accelerators": 16}]},
+            "status": {"phase": "Active"}
+        }))
+        .unwrap();
+        let ns = serde_json::from_value(json!({"metadata": {"name": "team-a"}})).unwrap();
+        Cluster {
+            nodes: (0..4).map(node).collect(),
+            pools: vec![pool],
+            allocations: vec![alloc],
+            namespaces: vec![ns],
+            ..Default::default()
+        }
+    }
+
+    fn job(name: &str, created: &str) -> Arc<Job> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "team-a", "resourceVersion": "1", "creationTimestamp": created,
+                             "labels": {"sovereign.ai/allocation": "a"}},
+                "spec": {"suspend": true, "parallelism": 2, "completions": 2,
+                         "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "m", "image": "i",
+                            "resources": {"limits": {"rebellions.ai/ATOM": "8"}}}]}}}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn held_jobs_are_planned_with_the_projects_the_first_admitted_and_pinned_the_second_queued_once() {
+        let c = cluster();
+        let stores = crate::plan::stores(&c);
+        let view = View::build(&stores, std::time::Duration::from_secs(300), now());
+        let jobs = [job("first", "2026-12-01T11:00:00Z"), job("second", "2026-12-01T11:30:00Z")];
+        let settings = crate::admission::Settings {
+            starvation_after: k8s_openapi::jiff::SignedDuration::from_secs(900),
+            min_run: k8s_openapi::jiff::SignedDuration::from_secs(600),
+        };
+        let decisions = super::super::decide_with_jobs(&view, &stores, &[], &jobs, now(), &settings);
+        assert!(
+            matches!(decisions.get(&GangKey::job("team-a", "first")), Some(Decision::Admit { pool, nodes, .. }) if pool == "atom" && nodes.len() == 2),
+            "{decisions:?}"
+        );
+        assert!(
+            matches!(decisions.get(&GangKey::job("team-a", "second")), Some(Decision::Wait { .. })),
+            "the grant of 16 holds one Job of 2 x 8: {decisions:?}"
+        );
+
+        let mut announced = HashMap::new();
+        let (urgent, waiting, ready) = plan(&stores, &jobs, &decisions, now(), &mut announced);
+        assert!(ready.is_empty());
+        assert_eq!(urgent.len(), 1);
+        let Action::Admit(body) = &urgent[0].change.action else { panic!("{:?}", urgent[0].change) };
+        let spec = &body["spec"]["template"]["spec"];
+        assert_eq!(spec["nodeSelector"], json!({"npu": "atom"}), "the pool's node labels");
+        assert_eq!(spec["tolerations"][0]["key"], "npu", "the pool's tolerations");
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(waiting[0].change.events[0].reason, "Queued");
+
+        let (_, again, _) = plan(&stores, &jobs, &decisions, now(), &mut announced);
+        assert!(again.is_empty(), "the same wait is announced once");
+    }
+}
