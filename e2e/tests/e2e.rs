@@ -88,6 +88,7 @@ fn main() -> anyhow::Result<()> {
         workloads::jobs_and_jobsets_run_to_completion_in_the_simulated_pools,
         workloads::an_indexed_job_falls_back_whole_from_a_full_h200_grant_to_b200_and_completes,
         workloads::a_higher_priority_project_preempts_a_running_job_which_resumes_later,
+        workloads::a_higher_priority_job_preempts_a_running_project_which_resumes_later,
         projects::a_gang_lands_whole_on_the_npu_pool_and_falls_back_whole_to_gpus,
         projects::a_gang_larger_than_any_rack_waits_with_the_reason,
         projects::a_project_that_can_never_fit_says_why,

@@ -15,10 +15,10 @@ use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use sovereign_e2e::{Env, in_namespaces, wait_for};
-use sovereign_operator::api::AllocationPhase;
+use sovereign_operator::api::{AllocationPhase, ProjectPhase};
 
 use crate::grants::{alloc_yaml, pool_yaml, wait_phase};
-use crate::projects::project_yaml;
+use crate::projects::{project_yaml, wait_no_workers, wait_project};
 
 const LABEL: &str = "sovereign.ai/allocation";
 const H200: (&str, &str) = ("nvidia.com/gpu.product", "NVIDIA-H200");
@@ -515,6 +515,46 @@ pub async fn a_higher_priority_project_preempts_a_running_job_which_resumes_late
         // The project runs and finishes; the Job is admitted again and runs.
         ensure!(wait_admitted(&jobs, "low", Duration::from_secs(120)).await? == "e2e-b200", "low not back on e2e-b200");
         running_on(&env, &ns, "low", 2).await?;
+        Ok(())
+    })
+    .await
+}
+
+pub async fn a_higher_priority_job_preempts_a_running_project_which_resumes_later(env: Arc<Env>) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-reverse"], async |names, scope| {
+        let ns = names[0].clone();
+        pools(scope)?;
+        scope.apply(&alloc_yaml("e2e-wl-reverse", &[&ns], "[{pool: e2e-b200, accelerators: 16}]", ""))?;
+        wait_phase(&env, "e2e-wl-reverse", AllocationPhase::Active, Duration::from_secs(60)).await?;
+        wait_policy_params(&env, &ns, "e2e-wl-reverse", &["e2e-b200"]).await?;
+
+        // The project takes the whole grant (2 workers of 8) and runs until preempted.
+        scope.apply(&project_yaml("low", &ns, "e2e-wl-reverse", "[e2e-b200]", 2, "", ""))?;
+        wait_project(&env, &ns, "low", ProjectPhase::Running, Duration::from_secs(60)).await?;
+
+        // A Job of priority 100 needs the same 16: the project is preempted, the Job runs and completes.
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+        let done = json!({"sim.sovereign.ai/complete-after": "3s"});
+        let urgent = job("urgent", Some("e2e-wl-reverse"), 2, pod_template(8, None, done))?;
+        create_when_admitted(&jobs, &annotated(urgent, &[("sovereign.ai/priority", "100")])).await?;
+        let preempted = wait_for("project low to be preempted", Duration::from_secs(60), || async {
+            let s = crate::projects::status(&env, &ns, "low").await?;
+            if s.preemptions >= 1 { Ok(s) } else { Err(format!("{:?} preemptions {}", s.phase, s.preemptions)) }
+        })
+        .await?;
+        let why = preempted.conditions.iter().find(|c| c.type_ == "Preempted").map(|c| c.message.clone());
+        ensure!(why.as_deref().is_some_and(|m| m.contains("urgent")), "{why:?}");
+        wait_no_workers(&env, &ns, "low").await?;
+        ensure!(wait_admitted(&jobs, "urgent", Duration::from_secs(60)).await? == "e2e-b200", "urgent not on e2e-b200");
+        wait_for("Job urgent to complete", Duration::from_secs(60), || async {
+            let status = jobs.get("urgent").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+            let complete = status.conditions.iter().flatten().any(|c| c.type_ == "Complete" && c.status == "True");
+            if complete { Ok(()) } else { Err(format!("{status:?}")) }
+        })
+        .await?;
+
+        // Its devices back, the project runs again.
+        wait_project(&env, &ns, "low", ProjectPhase::Running, Duration::from_secs(60)).await?;
         Ok(())
     })
     .await

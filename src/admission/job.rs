@@ -165,8 +165,13 @@ pub fn action(
             Some(JobChange { action: Action::Admit(body), events })
         }
         Decision::Wait { why, message, .. } => {
+            // As for a project: Preempting when it chose victims, Unsatisfiable
+            // (a warning) when it can never fit, else Queued.
             let warning = *why == WaitReason::Unsatisfiable;
-            let reason = if warning { "Unsatisfiable" } else { "Queued" };
+            let reason = match why {
+                WaitReason::Unsatisfiable | WaitReason::Preempting => why.as_str(),
+                WaitReason::Waiting | WaitReason::AllocationInactive => "Queued",
+            };
             let events = vec![Notice { warning, reason, message: message.clone() }];
             announce_wait.then_some(JobChange { action: Action::Announce, events })
         }
