@@ -511,6 +511,9 @@ pub async fn a_higher_priority_project_preempts_a_running_job_which_resumes_late
         .await?;
         let preempted = wait_event(&env, &ns, "low", "Preempted").await?;
         ensure!(preempted.contains("high"), "{preempted}");
+        // It waits again, and says so on the Job with the reason.
+        let queued = wait_event(&env, &ns, "low", "Queued").await?;
+        ensure!(!queued.is_empty(), "a Queued Event without its reason");
 
         // The project runs and finishes; the Job is admitted again and runs.
         ensure!(wait_admitted(&jobs, "low", Duration::from_secs(120)).await? == "e2e-b200", "low not back on e2e-b200");
