@@ -28,8 +28,8 @@ use crate::workload::kinds::WorkloadGang;
 const WRITE_CONCURRENCY: usize = 32;
 
 /// The gangs of `jobs`: each labelled Job that holds devices or waits. A
-/// labelled Job that cannot be one gang is left out (logged once per
-/// version: the chart's policies refuse most such Jobs at creation).
+/// labelled Job that cannot be one gang is left out (logged at debug level;
+/// it gets no Event yet).
 pub fn gangs(stores: &Stores, jobs: &[Arc<Job>], now: Timestamp) -> Vec<Gang> {
     let pools = |w: &WorkloadGang| pools_of(stores, w);
     jobs.iter()
