@@ -17,6 +17,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod crdgen;
+pub mod events;
 pub mod kubeclient;
 pub mod leader;
 pub mod plan;

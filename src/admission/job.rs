@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 
 use super::decide::{Decision, WaitReason};
 use super::gang::{Gang, GangKey, GangState, Holding, TopologyRequest};
-use super::project::Notice;
 use crate::api::TopologyMode;
+use crate::events::Note;
 use crate::snapshot::{ALLOCATION_LABEL, JOB_LABEL, POOL_LABEL, RESERVED_FOR};
 use crate::workload::kinds::{WorkloadError, WorkloadGang, read_job};
 
@@ -141,7 +141,7 @@ pub enum Action {
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobChange {
     pub action: Action,
-    pub events: Vec<Notice>,
+    pub events: Vec<Note>,
 }
 
 /// What a decision writes to the Job, or None when it changes nothing. A
@@ -161,7 +161,7 @@ pub fn action(
             let body = admit_body(job, pin, nodes, *borrowed, *protected_until, now);
             let on_borrowed = if *borrowed { " on borrowed capacity" } else { "" };
             let message = format!("admitted to pool {pool}{on_borrowed} on nodes {}", nodes.join(", "));
-            let events = vec![Notice { warning: false, reason: "Admitted", message }];
+            let events = vec![Note::normal("Admitted", message)];
             Some(JobChange { action: Action::Admit(body), events })
         }
         Decision::Wait { why, message, .. } => {
@@ -172,18 +172,18 @@ pub fn action(
                 WaitReason::Unsatisfiable | WaitReason::Preempting => why.as_str(),
                 WaitReason::Waiting | WaitReason::AllocationInactive => "Queued",
             };
-            let events = vec![Notice { warning, reason, message: message.clone() }];
+            let events = vec![Note::new(warning, reason, message.clone())];
             announce_wait.then_some(JobChange { action: Action::Announce, events })
         }
         Decision::Stop { message } => holding(job).map(|_| JobChange {
             action: Action::Suspend(suspend_body(job)),
-            events: vec![Notice { warning: true, reason: "AllocationInactive", message: message.clone() }],
+            events: vec![Note::warning("AllocationInactive", message.clone())],
         }),
         Decision::Evict { reclaimed, message, .. } => {
             let reason = if *reclaimed { "Reclaimed" } else { "Preempted" };
             holding(job).map(|_| JobChange {
                 action: Action::Suspend(suspend_body(job)),
-                events: vec![Notice { warning: true, reason, message: message.clone() }],
+                events: vec![Note::warning(reason, message.clone())],
             })
         }
     }

@@ -12,6 +12,7 @@ use crate::api::{
     ModelProject, ModelProjectStatus, ProjectPhase, TopologyMode, condition, find_condition, holds_devices,
     requeue_gang, set_condition,
 };
+use crate::events::Note;
 
 pub fn key(p: &ModelProject) -> GangKey {
     GangKey::model_project(p.namespace().unwrap_or_default(), p.name_any())
@@ -65,19 +66,11 @@ pub fn gang(p: &ModelProject, now: Timestamp, valid: bool) -> Option<Gang> {
     })
 }
 
-/// An Event to publish with a status change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Notice {
-    pub warning: bool,
-    pub reason: &'static str,
-    pub message: String,
-}
-
 /// A status to write for a decision, with its Events.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StatusChange {
     pub status: ModelProjectStatus,
-    pub events: Vec<Notice>,
+    pub events: Vec<Note>,
 }
 
 /// The status a decision gives the project, or None when it changes nothing.
@@ -128,7 +121,7 @@ fn admit(
     set_condition(&mut s.conditions, c, &at);
     let on_borrowed = if borrowed { " on borrowed capacity" } else { "" };
     let message = format!("admitted to pool {pool}{on_borrowed} on nodes {}", nodes.join(", "));
-    StatusChange { status: s, events: vec![Notice { warning: false, reason: "Admitted", message }] }
+    StatusChange { status: s, events: vec![Note::normal("Admitted", message)] }
 }
 
 fn wait(
@@ -146,16 +139,16 @@ fn wait(
     let mut events = Vec::new();
     if why == WaitReason::Preempting && s.preempted != victims {
         s.preempted = victims;
-        events.push(Notice { warning: false, reason: "Preempting", message: message.to_string() });
+        events.push(Note::normal("Preempting", message.to_string()));
     }
     let reason = why.as_str();
     let c = condition("Queued", true, reason, message.to_string(), p.metadata.generation);
     set_condition(&mut s.conditions, c, &Time(now));
     let old_why = p.status.as_ref().and_then(|s| find_condition(&s.conditions, "Queued")).map(|c| c.reason.as_str());
     if why == WaitReason::Unsatisfiable && old_why != Some(reason) {
-        events.push(Notice { warning: true, reason: "Unsatisfiable", message: message.to_string() });
+        events.push(Note::warning("Unsatisfiable", message.to_string()));
     } else if first && why != WaitReason::Preempting {
-        events.push(Notice { warning: false, reason: "Queued", message: message.to_string() });
+        events.push(Note::normal("Queued", message.to_string()));
     }
     (Some(&s) != p.status.as_ref()).then_some(StatusChange { status: s, events })
 }
@@ -165,7 +158,7 @@ fn stop(p: &ModelProject, now: Timestamp, message: &str) -> StatusChange {
     requeue_gang(&mut s, ProjectPhase::Queued);
     let c = condition("Queued", true, "AllocationInactive", message.to_string(), p.metadata.generation);
     set_condition(&mut s.conditions, c, &Time(now));
-    let events = vec![Notice { warning: true, reason: "AllocationInactive", message: message.to_string() }];
+    let events = vec![Note::warning("AllocationInactive", message.to_string())];
     StatusChange { status: s, events }
 }
 
@@ -178,5 +171,5 @@ fn evict(p: &ModelProject, now: Timestamp, reclaimed: bool, message: &str) -> St
     s.preemptions += 1;
     set_condition(&mut s.conditions, condition("Preempted", true, reason, message.to_string(), g), &at);
     set_condition(&mut s.conditions, condition("Queued", true, reason, message.to_string(), g), &at);
-    StatusChange { status: s, events: vec![Notice { warning: true, reason, message: message.to_string() }] }
+    StatusChange { status: s, events: vec![Note::warning(reason, message)] }
 }

@@ -183,9 +183,8 @@ impl Context {
     }
 
     /// Publishes an Event; a failure to publish is logged, never fatal.
-    pub async fn event(&self, on: &ObjectReference, warning: bool, reason: &str, note: String) {
-        let kind = if warning { EventType::Warning } else { EventType::Normal };
-        super::apply::publish_event(&self.recorder, on, kind, reason, note).await;
+    pub async fn event(&self, on: &ObjectReference, type_: EventType, reason: &str, note: String) {
+        super::apply::publish_event(&self.recorder, on, type_, reason, note).await;
     }
 
     /// Counts and times the reconcile that holds the guard.

@@ -167,7 +167,7 @@ async fn publish_transitions(
         let bad = (c.status == "True") == bad_when_true;
         let was_bad = prev.is_some_and(|p| (p.status == "True") == bad_when_true && p.reason == c.reason);
         if bad && !was_bad && c.reason != "NoNodes" {
-            ctx.event(&on, true, &c.reason, c.message.clone()).await;
+            ctx.event(&on, kube::runtime::events::EventType::Warning, &c.reason, c.message.clone()).await;
         }
     }
 }

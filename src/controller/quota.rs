@@ -105,7 +105,10 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
             let want = hard(limits);
             let listing: Vec<_> =
                 view.allocations.iter().filter(|a| !a.deleting && a.namespaces.contains(&name)).collect();
-            let listed: Vec<String> = listing.iter().map(|a| a.name.clone()).collect();
+            // Sorted: the store's order changes between processes, and an
+            // annotation that only changed order would be written again.
+            let mut listed: Vec<String> = listing.iter().map(|a| a.name.clone()).collect();
+            listed.sort();
             let granted = listing
                 .iter()
                 .filter_map(|a| view.grants.allocations.get(&a.name))

@@ -441,7 +441,11 @@ where
 
 /// Watch retries: 250 ms doubling to 1 s, reset by the first good event.
 /// kube's default grows to 30 s, so after an API server outage the stores
-/// (and every admission) could wait ~15 s for the next try.
+/// (and every admission) could wait ~15 s for the next try; and kube 5 keeps
+/// the constructor of its jittered `ExponentialBackoff` private, so its
+/// bounds cannot be set (`watcher::DefaultBackoff` is the only one offered).
+/// Without jitter: one operator's few watches do not stampede a restarted
+/// API server.
 struct WatchBackoff(Duration);
 
 const WATCH_RETRY_FIRST: Duration = Duration::from_millis(250);

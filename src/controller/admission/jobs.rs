@@ -11,7 +11,6 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
@@ -191,8 +190,7 @@ impl Writer {
         tracing::debug!(job = %w.key, events = ?w.change.events.iter().map(|e| e.reason).collect::<Vec<_>>(), "written");
         let on = w.job.object_ref(&());
         for note in w.change.events {
-            let kind = if note.warning { EventType::Warning } else { EventType::Normal };
-            publish_event(&self.recorder, &on, kind, note.reason, note.message).await;
+            publish_event(&self.recorder, &on, note.type_, note.reason, note.message).await;
         }
         written.map(|j| (w.key, rv, Arc::new(j)))
     }

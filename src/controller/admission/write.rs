@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use super::writes::{Write, Writes};
@@ -79,8 +79,7 @@ impl Writer {
                 }
                 let on = w.project.object_ref(&());
                 for note in w.change.events {
-                    let kind = if note.warning { EventType::Warning } else { EventType::Normal };
-                    publish_event(&self.recorder, &on, kind, note.reason, note.message).await;
+                    publish_event(&self.recorder, &on, note.type_, note.reason, note.message).await;
                 }
                 Some((w.key, rv, Arc::new(written)))
             }

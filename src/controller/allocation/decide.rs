@@ -8,11 +8,11 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use super::super::project::Note;
 use crate::api::{
     AllocationPhase, DomesticShare, GpuAllocation, GpuAllocationStatus, GrantMode, PoolGrantStatus, PoolHours,
     ProjectHours, ProjectUsage, SettledCharge, UsageLedger, condition, find_condition, set_condition,
 };
+use crate::events::Note;
 use crate::planner::grants::{AllocationPlan, Blocker, Phase};
 use crate::planner::ledger::{self, Books, MILLIS_PER_HOUR, PodLife};
 use crate::planner::preemption;
@@ -430,7 +430,7 @@ fn next_wake(obs: &Observed<'_>, alloc: &GpuAllocation, hours_now: f64, rate: f6
 /// Events on phase and condition transitions only.
 fn transitions(old: &GpuAllocationStatus, new: &GpuAllocationStatus, plan: &AllocationPlan) -> Vec<Note> {
     let mut out = Vec::new();
-    let mut note = |warning: bool, reason: &'static str, message: String| out.push(Note { warning, reason, message });
+    let mut note = |warning: bool, reason: &'static str, message: String| out.push(Note::new(warning, reason, message));
     if old.phase != new.phase {
         match (new.phase, &plan.blocker) {
             (Some(AllocationPhase::Active), _) => {

@@ -99,7 +99,7 @@ async fn cleanup(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> 
     let released = reconcile_nodes(ctx, &name, &BTreeSet::new()).await?;
     if !released.is_empty() {
         let note = format!("released reserved nodes {}", released.join(", "));
-        ctx.event(&alloc.object_ref(&()), false, "NodesReleased", note).await;
+        ctx.event(&alloc.object_ref(&()), kube::runtime::events::EventType::Normal, "NodesReleased", note).await;
     }
     Ok(Action::await_change())
 }
@@ -164,7 +164,7 @@ async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
     }
     let on = alloc.object_ref(&());
     for note in d.events {
-        ctx.event(&on, note.warning, note.reason, note.message).await;
+        ctx.event(&on, note.type_, note.reason, note.message).await;
     }
     Ok(requeue(stale, Some(d.requeue)))
 }

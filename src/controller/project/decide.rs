@@ -23,6 +23,7 @@ use crate::api::{
     AcceleratorPool, GpuAllocation, ModelProject, ModelProjectStatus, ProjectPhase, WorkerStates, condition,
     find_condition, holds_devices, requeue_gang, set_condition,
 };
+use crate::events::Note;
 use crate::planner::gang::{self, GangView, Next, PodState, Stop, WorkerObs};
 use crate::snapshot::WORKER_INDEX_LABEL;
 
@@ -55,14 +56,6 @@ pub struct Observed<'a> {
     pub refusal: Option<&'a Refusal>,
 }
 
-/// An Event to publish.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Note {
-    pub warning: bool,
-    pub reason: &'static str,
-    pub message: String,
-}
-
 /// The decision: the status to write and what to do first.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
@@ -81,7 +74,7 @@ pub struct Decision {
 
 impl Decision {
     fn note(&mut self, warning: bool, reason: &'static str, message: impl Into<String>) {
-        self.events.push(Note { warning, reason, message: message.into() });
+        self.events.push(Note::new(warning, reason, message));
     }
 
     fn requeue_within(&mut self, d: Duration) {

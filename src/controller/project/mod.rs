@@ -10,7 +10,7 @@ mod refusal;
 #[cfg(test)]
 mod tests;
 
-pub use decide::{Decision, Note, Observed, decide, until};
+pub use decide::{Decision, Observed, decide, until};
 use refusal::{Refusal, classify};
 
 use std::collections::BTreeSet;
@@ -140,7 +140,7 @@ async fn apply(ctx: &Context, project: &ModelProject, obs: &Observed<'_>, d: Dec
     publish_rendezvous(ctx, project, obs.pods).await?;
     let on = project.object_ref(&());
     for note in d.events {
-        ctx.event(&on, note.warning, note.reason, note.message).await;
+        ctx.event(&on, note.type_, note.reason, note.message).await;
     }
     Ok(Action::requeue(d.requeue))
 }

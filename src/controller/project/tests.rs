@@ -442,7 +442,7 @@ fn refused_creates_block_or_retry() {
         assert_eq!(d.status.pool.is_some(), r.holds, "{name}: pool");
         assert_eq!(!d.events.is_empty(), r.event, "{name}: events {:?}", d.events);
         if r.event {
-            assert!(d.events[0].warning && d.events[0].message.contains("the API server's own words"), "{name}");
+            assert!(d.events[0].is_warning() && d.events[0].message.contains("the API server's own words"), "{name}");
         }
         let cond = find_condition(&d.status.conditions, super::decide::WORKERS_CREATED);
         assert_eq!(cond.map(|c| c.reason.as_str()), r.condition, "{name}: condition");
