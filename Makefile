@@ -85,7 +85,7 @@ chart:
 	netpol=$$("$$HELM" template t $(CHART) --show-only templates/networkpolicy.yaml); \
 	[[ "$$netpol" == *'ingress: []'* ]] \
 	  || { echo "chart: the default NetworkPolicy must admit no pod to the operator" >&2; exit 1; }; \
-	[[ $$("$$HELM" template t $(CHART) | grep -c '^kind: ValidatingAdmissionPolicy$$') == 7 ]] \
+	[[ $$("$$HELM" template t $(CHART) | grep -c '^kind: ValidatingAdmissionPolicy$$') == 8 ]] \
 	  || { echo "chart: the operator's admission policies are not rendered by default" >&2; exit 1; }; \
 	[[ $$("$$HELM" template t $(CHART) | grep -c '^kind: MutatingAdmissionPolicy$$') == 1 ]] \
 	  || { echo "chart: the policy that holds labelled workloads is not rendered by default" >&2; exit 1; }; \

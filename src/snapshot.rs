@@ -25,6 +25,9 @@ pub const PROJECT_LABEL: &str = "sovereign.ai/project";
 pub const WORKER_INDEX_LABEL: &str = "sovereign.ai/worker-index";
 /// Label of a worker pod: the pool it was placed in.
 pub const POOL_LABEL: &str = "sovereign.ai/pool";
+/// Label the operator puts on the pod template of a batch Job it admitted: the
+/// Job's name. Its pods hold devices as the Job's gang, not as foreign pods.
+pub const JOB_LABEL: &str = "sovereign.ai/job";
 /// Label (value `true`) the admin puts on tenant namespaces: the chart's admission
 /// policy lets the operator create quotas and worker pods only there.
 pub const TENANT_LABEL: &str = "sovereign.ai/tenant";

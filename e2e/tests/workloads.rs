@@ -15,9 +15,10 @@ use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use sovereign_e2e::{Env, in_namespaces, wait_for};
-use sovereign_operator::api::AllocationPhase;
+use sovereign_operator::api::{AllocationPhase, ProjectPhase};
 
 use crate::grants::{alloc_yaml, pool_yaml, wait_phase};
+use crate::projects::{project_yaml, wait_no_workers, wait_project};
 
 const LABEL: &str = "sovereign.ai/allocation";
 const H200: (&str, &str) = ("nvidia.com/gpu.product", "NVIDIA-H200");
@@ -146,9 +147,11 @@ pub async fn labelled_workloads_are_held_at_creation_and_unlabelled_ones_untouch
         wait_phase(&env, "e2e-wl-held", AllocationPhase::Active, Duration::from_secs(60)).await?;
         wait_policy_params(&env, &ns, "e2e-wl-held", &["e2e-b200"]).await?;
 
-        // Asked to start at once (suspend: false), held by the API server.
+        // Asked to start at once (suspend: false), held by the API server. It
+        // prefers a pool its allocation holds no grant in: the operator keeps it held.
         let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
-        let labelled = job("held", Some("e2e-wl-held"), 2, pod_template(8, Some(B200), json!({})))?;
+        let mut labelled = job("held", Some("e2e-wl-held"), 2, pod_template(8, Some(B200), json!({})))?;
+        labelled.metadata.annotations = Some([("sovereign.ai/pools".to_string(), "e2e-h200".to_string())].into());
         let held = create_when_admitted(&jobs, &labelled).await?;
         ensure!(
             held.spec.as_ref().and_then(|s| s.suspend) == Some(true),
@@ -344,6 +347,217 @@ pub async fn jobs_and_jobsets_run_to_completion_in_the_simulated_pools(env: Arc<
         // Its child Jobs were made by the JobSet controller, one per replica.
         let children = jobs.list(&ListParams::default().labels("jobset.sigs.k8s.io/jobset-name=pair")).await?;
         ensure!(children.items.len() == 2, "JobSet pair made {} Jobs", children.items.len());
+        Ok(())
+    })
+    .await
+}
+
+/// Sets the Job's annotations (the workload contract: pools, priority).
+fn annotated(mut j: Job, notes: &[(&str, &str)]) -> Job {
+    j.metadata.annotations = Some(notes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+    j
+}
+
+/// Waits until the operator admitted the Job (started, its pool annotated) and
+/// returns the pool.
+async fn wait_admitted(jobs: &Api<Job>, name: &str, timeout: Duration) -> anyhow::Result<String> {
+    wait_for(&format!("Job {name} to be admitted"), timeout, || async {
+        let j = jobs.get(name).await.map_err(|e| e.to_string())?;
+        let running = j.spec.as_ref().and_then(|s| s.suspend) == Some(false);
+        match j.annotations().get("sovereign.ai/admitted-pool") {
+            Some(pool) if running => Ok(pool.clone()),
+            _ => Err(format!("suspend {:?}, annotations {:?}", j.spec.and_then(|s| s.suspend), j.metadata.annotations)),
+        }
+    })
+    .await
+}
+
+/// Waits for an Event of `reason` on the Job; returns its note.
+async fn wait_event(env: &Env, ns: &str, job: &str, reason: &str) -> anyhow::Result<String> {
+    let events: Api<Event> = Api::namespaced(env.client.clone(), ns);
+    wait_for(&format!("an Event {reason} on Job {job}"), Duration::from_secs(30), || async {
+        let list = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+        let seen: Vec<_> = list
+            .items
+            .iter()
+            .filter(|e| {
+                e.involved_object.kind.as_deref() == Some("Job") && e.involved_object.name.as_deref() == Some(job)
+            })
+            .map(|e| (e.reason.clone().unwrap_or_default(), e.message.clone().unwrap_or_default()))
+            .collect();
+        seen.iter().find(|(r, _)| r == reason).map(|(_, m)| m.clone()).ok_or(format!("{seen:?}"))
+    })
+    .await
+}
+
+/// The nodes the Job's pods run on, once `count` of them run.
+async fn running_on(env: &Env, ns: &str, job: &str, count: usize) -> anyhow::Result<Vec<String>> {
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), ns);
+    wait_for(&format!("{count} pods of Job {job} to run"), Duration::from_secs(60), || async {
+        let list =
+            pods.list(&ListParams::default().labels(&format!("job-name={job}"))).await.map_err(|e| e.to_string())?;
+        let nodes: Vec<String> = list
+            .items
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .collect();
+        if nodes.len() == count { Ok(nodes) } else { Err(format!("{} running of {}", nodes.len(), list.items.len())) }
+    })
+    .await
+}
+
+pub async fn an_indexed_job_falls_back_whole_from_a_full_h200_grant_to_b200_and_completes(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-fallback"], async |names, scope| {
+        let ns = names[0].clone();
+        pools(scope)?;
+        let grants = "[{pool: e2e-h200, accelerators: 8}, {pool: e2e-b200, accelerators: 32}]";
+        scope.apply(&alloc_yaml("e2e-wl-fallback", &[&ns], grants, ""))?;
+        wait_phase(&env, "e2e-wl-fallback", AllocationPhase::Active, Duration::from_secs(60)).await?;
+        wait_policy_params(&env, &ns, "e2e-wl-fallback", &["e2e-h200", "e2e-b200"]).await?;
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+
+        // One pod of 8 fills the H200 grant (it runs until deleted).
+        let filler = job("filler", Some("e2e-wl-fallback"), 1, pod_template(8, None, json!({})))?;
+        create_when_admitted(&jobs, &annotated(filler, &[("sovereign.ai/pools", "e2e-h200")])).await?;
+        let pool = wait_admitted(&jobs, "filler", Duration::from_secs(60)).await?;
+        ensure!(pool == "e2e-h200", "filler admitted to {pool}");
+        running_on(&env, &ns, "filler", 1).await?;
+
+        // 4 pods of 4 prefer H200, whose grant is full: all four go to B200.
+        let done = json!({"sim.sovereign.ai/complete-after": "2s"});
+        let indexed = job("indexed", Some("e2e-wl-fallback"), 4, pod_template(4, None, done))?;
+        create_when_admitted(&jobs, &annotated(indexed, &[("sovereign.ai/pools", "e2e-h200,e2e-b200")])).await?;
+        let pool = wait_admitted(&jobs, "indexed", Duration::from_secs(60)).await?;
+        ensure!(pool == "e2e-b200", "indexed admitted to {pool}, not whole to e2e-b200");
+        let admitted = wait_event(&env, &ns, "indexed", "Admitted").await?;
+        ensure!(admitted.starts_with("admitted to pool e2e-b200 on nodes "), "{admitted}");
+        let j = jobs.get("indexed").await?;
+        let template = j.spec.and_then(|s| s.template.spec).context("a pod template")?;
+        ensure!(
+            template.node_selector.as_ref().and_then(|n| n.get(B200.0)).map(String::as_str) == Some(B200.1),
+            "the template is not pinned to the B200 node labels: {:?}",
+            template.node_selector
+        );
+        // Every pod on a B200 node, then the Job completes.
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
+        let planned =
+            j.metadata.annotations.unwrap_or_default().get("sovereign.ai/admitted-nodes").cloned().unwrap_or_default();
+        let seen = std::sync::Mutex::new(Vec::<String>::new());
+        wait_for("Job indexed to complete with 4 pods on B200 nodes", Duration::from_secs(90), || async {
+            let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
+            for p in
+                pods.list(&ListParams::default().labels("job-name=indexed")).await.map_err(|e| e.to_string())?.items
+            {
+                let mut seen = seen.lock().expect("seen");
+                if let Some(n) = p.spec.and_then(|s| s.node_name)
+                    && !seen.contains(&n)
+                {
+                    seen.push(n);
+                }
+            }
+            let status = jobs.get("indexed").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+            let complete = status.conditions.iter().flatten().any(|c| c.type_ == "Complete" && c.status == "True");
+            if complete && status.succeeded == Some(4) { Ok(()) } else { Err(format!("{status:?}")) }
+        })
+        .await?;
+        let seen = seen.into_inner().expect("seen");
+        for n in &seen {
+            let node = nodes.get(n).await?;
+            ensure!(node.labels().get(B200.0).map(String::as_str) == Some(B200.1), "a pod ran on {n}, not a B200 node");
+            ensure!(planned.split(',').any(|p| p == n), "a pod ran on {n}, not a planned node ({planned})");
+        }
+        ensure!(!seen.is_empty(), "no pod of indexed was seen");
+
+        // The template labels that mark an admitted Job's pods are the operator's alone.
+        let mut forged = pod_template(8, Some(B200), json!({}));
+        forged["metadata"]["labels"] = json!({"sovereign.ai/job": "forged", "sovereign.ai/pool": "e2e-b200"});
+        let msg = refusal(&jobs, &job("forged", None, 1, forged)?).await?;
+        ensure!(msg.contains("are set by the sovereign operator when it admits a Job labelled"), "{msg}");
+        Ok(())
+    })
+    .await
+}
+
+pub async fn a_higher_priority_project_preempts_a_running_job_which_resumes_later(env: Arc<Env>) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-preempt"], async |names, scope| {
+        let ns = names[0].clone();
+        pools(scope)?;
+        scope.apply(&alloc_yaml("e2e-wl-preempt", &[&ns], "[{pool: e2e-b200, accelerators: 16}]", ""))?;
+        wait_phase(&env, "e2e-wl-preempt", AllocationPhase::Active, Duration::from_secs(60)).await?;
+        wait_policy_params(&env, &ns, "e2e-wl-preempt", &["e2e-b200"]).await?;
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+
+        // The Job takes the whole grant (2 pods of 8) and runs until preempted.
+        create_when_admitted(&jobs, &job("low", Some("e2e-wl-preempt"), 2, pod_template(8, None, json!({})))?).await?;
+        ensure!(wait_admitted(&jobs, "low", Duration::from_secs(60)).await? == "e2e-b200", "low not on e2e-b200");
+        running_on(&env, &ns, "low", 2).await?;
+
+        // A project of priority 100 needs the same 16: the Job is suspended again, its pods go.
+        let done = "sim.sovereign.ai/complete-after: \"5s\"";
+        scope.apply(&project_yaml("high", &ns, "e2e-wl-preempt", "[e2e-b200]", 2, "  priority: 100\n", done))?;
+        wait_for("Job low to be suspended again", Duration::from_secs(60), || async {
+            let j = jobs.get("low").await.map_err(|e| e.to_string())?;
+            let suspended = j.spec.as_ref().and_then(|s| s.suspend) == Some(true);
+            let forgotten = !j.annotations().contains_key("sovereign.ai/admitted-pool");
+            if suspended && forgotten {
+                Ok(())
+            } else {
+                Err(format!("{:?} {:?}", j.spec.map(|s| s.suspend), j.metadata.annotations))
+            }
+        })
+        .await?;
+        let preempted = wait_event(&env, &ns, "low", "Preempted").await?;
+        ensure!(preempted.contains("high"), "{preempted}");
+        // It waits again, and says so on the Job with the reason.
+        let queued = wait_event(&env, &ns, "low", "Queued").await?;
+        ensure!(!queued.is_empty(), "a Queued Event without its reason");
+
+        // The project runs and finishes; the Job is admitted again and runs.
+        ensure!(wait_admitted(&jobs, "low", Duration::from_secs(120)).await? == "e2e-b200", "low not back on e2e-b200");
+        running_on(&env, &ns, "low", 2).await?;
+        Ok(())
+    })
+    .await
+}
+
+pub async fn a_higher_priority_job_preempts_a_running_project_which_resumes_later(env: Arc<Env>) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-reverse"], async |names, scope| {
+        let ns = names[0].clone();
+        pools(scope)?;
+        scope.apply(&alloc_yaml("e2e-wl-reverse", &[&ns], "[{pool: e2e-b200, accelerators: 16}]", ""))?;
+        wait_phase(&env, "e2e-wl-reverse", AllocationPhase::Active, Duration::from_secs(60)).await?;
+        wait_policy_params(&env, &ns, "e2e-wl-reverse", &["e2e-b200"]).await?;
+
+        // The project takes the whole grant (2 workers of 8) and runs until preempted.
+        scope.apply(&project_yaml("low", &ns, "e2e-wl-reverse", "[e2e-b200]", 2, "", ""))?;
+        wait_project(&env, &ns, "low", ProjectPhase::Running, Duration::from_secs(60)).await?;
+
+        // A Job of priority 100 needs the same 16: the project is preempted, the Job runs and completes.
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+        let done = json!({"sim.sovereign.ai/complete-after": "3s"});
+        let urgent = job("urgent", Some("e2e-wl-reverse"), 2, pod_template(8, None, done))?;
+        create_when_admitted(&jobs, &annotated(urgent, &[("sovereign.ai/priority", "100")])).await?;
+        let preempted = wait_for("project low to be preempted", Duration::from_secs(60), || async {
+            let s = crate::projects::status(&env, &ns, "low").await?;
+            if s.preemptions >= 1 { Ok(s) } else { Err(format!("{:?} preemptions {}", s.phase, s.preemptions)) }
+        })
+        .await?;
+        let why = preempted.conditions.iter().find(|c| c.type_ == "Preempted").map(|c| c.message.clone());
+        ensure!(why.as_deref().is_some_and(|m| m.contains("urgent")), "{why:?}");
+        wait_no_workers(&env, &ns, "low").await?;
+        ensure!(wait_admitted(&jobs, "urgent", Duration::from_secs(60)).await? == "e2e-b200", "urgent not on e2e-b200");
+        wait_for("Job urgent to complete", Duration::from_secs(60), || async {
+            let status = jobs.get("urgent").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+            let complete = status.conditions.iter().flatten().any(|c| c.type_ == "Complete" && c.status == "True");
+            if complete { Ok(()) } else { Err(format!("{status:?}")) }
+        })
+        .await?;
+
+        // Its devices back, the project runs again.
+        wait_project(&env, &ns, "low", ProjectPhase::Running, Duration::from_secs(60)).await?;
         Ok(())
     })
     .await

@@ -11,6 +11,8 @@ pub use crate::planner::request::TopologyRequest;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum GangKind {
     ModelProject,
+    /// A batch Job labelled `sovereign.ai/allocation` ([`super::job`]).
+    Job,
 }
 
 /// Which object a gang is: its kind, namespace and name.
@@ -25,14 +27,19 @@ impl GangKey {
     pub fn model_project(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         Self { kind: GangKind::ModelProject, namespace: namespace.into(), name: name.into() }
     }
+
+    pub fn job(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { kind: GangKind::Job, namespace: namespace.into(), name: name.into() }
+    }
 }
 
 /// How a gang is named in reasons and Events: "namespace/name" for the
-/// operator's own kind.
+/// operator's own kind, "Job namespace/name" for a batch Job.
 impl fmt::Display for GangKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
             GangKind::ModelProject => write!(f, "{}/{}", self.namespace, self.name),
+            GangKind::Job => write!(f, "Job {}/{}", self.namespace, self.name),
         }
     }
 }

@@ -14,7 +14,7 @@ use kube::runtime::watcher;
 
 use crate::planner::inventory::NodeInfo;
 use crate::planner::usage::PodUse;
-use crate::snapshot::{self, PROJECT_LABEL, RESERVED_FOR};
+use crate::snapshot::{self, JOB_LABEL, PROJECT_LABEL, RESERVED_FOR};
 
 /// The model shared by the store tasks (writers) and the planners (readers).
 #[derive(Clone, Default)]
@@ -51,7 +51,8 @@ impl Model {
 #[derive(Clone, Debug)]
 struct PodEntry {
     used: PodUse,
-    /// A worker of a ModelProject (its devices are the admission loop's own books).
+    /// A worker of a ModelProject or a pod of an admitted Job (its devices are
+    /// the admission loop's own books).
     worker: bool,
 }
 
@@ -142,7 +143,9 @@ impl ModelState {
 
     pub fn apply_pod(&mut self, event: &watcher::Event<Pod>) {
         let entry = |p: &Pod| {
-            snapshot::pod_use(p).map(|used| PodEntry { used, worker: p.labels().contains_key(PROJECT_LABEL) })
+            // Workers of projects and pods of admitted Jobs count in their gangs.
+            let worker = p.labels().contains_key(PROJECT_LABEL) || p.labels().contains_key(JOB_LABEL);
+            snapshot::pod_use(p).map(|used| PodEntry { used, worker })
         };
         match self.pods.apply(event, entry) {
             Applied::One { old, new } => {

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ResourceQuota, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
@@ -23,7 +24,7 @@ use super::lean::{Decoded, Lean};
 use super::model::{Applied, Keyed, Model};
 use crate::api::{AcceleratorPool, GpuAllocation, ModelProject, ProjectPhase};
 pub use crate::snapshot::MANAGED_BY;
-use crate::snapshot::PROJECT_LABEL;
+use crate::snapshot::{ALLOCATION_LABEL, PROJECT_LABEL};
 
 /// Changed objects a slow subscriber may lag behind before it misses some (it
 /// then still gets the change signal and the periodic requeue).
@@ -116,6 +117,8 @@ pub struct Stores {
     /// The rendezvous endpoints this operator manages (worker 0 of each gang).
     pub slices: Shared<EndpointSlice>,
     pub projects: Shared<ModelProject>,
+    /// Batch Jobs labelled `sovereign.ai/allocation` (gangs of the admission loop).
+    pub jobs: Shared<Job>,
     /// Worker pods of every project, in any phase.
     pub workers: Shared<Pod>,
     /// Worker pods by project ("namespace/project"), kept per watch event.
@@ -141,6 +144,7 @@ impl Stores {
         self.services.store.wait_until_ready().await?;
         self.slices.store.wait_until_ready().await?;
         self.projects.store.wait_until_ready().await?;
+        self.jobs.store.wait_until_ready().await?;
         self.workers.store.wait_until_ready().await?;
         Ok(())
     }
@@ -222,6 +226,14 @@ pub fn start(client: Client) -> Stores {
     // Admission wakes on what it reads of a project, not on every status write.
     let projects =
         keyed(Api::<Lean<ModelProject>>::all(client.clone()), all.clone(), &not_viewed, Signal::Key(admission_key));
+    // Labelled Jobs only (the label opts in): admission wakes on what it reads
+    // of one, not on every status update of its pods' counts.
+    let jobs = keyed(
+        Api::<Job>::all(client.clone()),
+        all.clone().labels(ALLOCATION_LABEL),
+        &not_viewed,
+        Signal::Key(job_admission_key),
+    );
     let workers_by_project = PodIndex::by_project();
     let workers_by_namespace = PodIndex::by_namespace();
     let (by_project, by_namespace) = (workers_by_project.clone(), workers_by_namespace.clone());
@@ -254,6 +266,7 @@ pub fn start(client: Client) -> Stores {
         services,
         slices,
         projects,
+        jobs,
         workers,
         workers_by_project,
         workers_by_namespace,
@@ -487,6 +500,16 @@ fn admission_key(p: &ModelProject) -> u64 {
     let retry = status.and_then(|s| s.retry_after.as_ref()).map(|t| t.0.as_second());
     let mut h = std::hash::DefaultHasher::new();
     (spec_key(p), waits, crate::api::holds_devices(phase), retry).hash(&mut h);
+    h.finish()
+}
+
+/// What admission reads of a labelled Job: its spec (suspend included),
+/// whether it is being deleted, the admission annotations and whether it finished.
+fn job_admission_key(j: &Job) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let admitted = j.metadata.annotations.as_ref().and_then(|a| a.get(crate::admission::job::ADMITTED_POOL));
+    let mut h = std::hash::DefaultHasher::new();
+    (spec_key(j), admitted, crate::admission::job::finished(j)).hash(&mut h);
     h.finish()
 }
 

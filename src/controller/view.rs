@@ -16,7 +16,7 @@ use crate::planner::inventory::{self, Membership, NodeInfo, PoolTotals};
 use crate::planner::placement::PlacementCache;
 use crate::planner::request::Releasing;
 use crate::planner::usage::{self, PoolRate, Usage};
-use crate::snapshot::{self, ALLOCATION_LABEL, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, pod_requests};
+use crate::snapshot::{self, ALLOCATION_LABEL, JOB_LABEL, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, pod_requests};
 use crate::telemetry::{AllocationGauges, Metrics};
 
 /// A plan older than this is rebuilt even when no store changed, since time
@@ -154,19 +154,32 @@ impl View {
                 .filter_map(|(node, held)| Some((*self.node_index.get(node.as_str())?, held.clone())))
                 .collect()
         });
-        let holding: HashSet<(&str, &str)> = gangs
-            .iter()
-            .filter(|g| g.holding().is_some() && g.key.kind == GangKind::ModelProject)
-            .map(|g| (g.key.namespace.as_str(), g.key.name.as_str()))
-            .collect();
+        let holding = |kind: GangKind| -> HashSet<(&str, &str)> {
+            gangs
+                .iter()
+                .filter(|g| g.holding().is_some() && g.key.kind == kind)
+                .map(|g| (g.key.namespace.as_str(), g.key.name.as_str()))
+                .collect()
+        };
+        let (projects, jobs) = (holding(GangKind::ModelProject), holding(GangKind::Job));
         // Pods of a gang that gave its devices back but are still terminating
-        // keep their node's devices and count in its grant until they are gone.
+        // keep their node's devices and count in its grant until they are gone:
+        // workers of projects (any phase), running pods of admitted Jobs.
         let mut releasing = Vec::new();
-        for pod in stores.workers.store.state() {
+        let job_pods = stores.pods.store.state().into_iter().filter(|p| p.labels().contains_key(JOB_LABEL));
+        for (pod, gang, of_job) in stores
+            .workers
+            .store
+            .state()
+            .into_iter()
+            .map(|p| (p, PROJECT_LABEL, false))
+            .chain(job_pods.map(|p| (p, JOB_LABEL, true)))
+        {
             let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
             let labels = pod.labels();
-            let project = (pod.metadata.namespace.as_deref().unwrap_or_default(), labels[PROJECT_LABEL].as_str());
-            if matches!(phase, Some("Succeeded" | "Failed")) || holding.contains(&project) {
+            let owner = (pod.metadata.namespace.as_deref().unwrap_or_default(), labels[gang].as_str());
+            let holds = if of_job { jobs.contains(&owner) } else { projects.contains(&owner) };
+            if matches!(phase, Some("Succeeded" | "Failed")) || holds {
                 continue;
             }
             let (Some(allocation), Some(pool)) = (labels.get(ALLOCATION_LABEL), labels.get(POOL_LABEL)) else {

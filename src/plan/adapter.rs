@@ -92,6 +92,7 @@ pub fn stores(cluster: &Cluster) -> Stores {
         services: shared(&[]),
         slices: shared(&[]),
         projects: shared(&cluster.projects),
+        jobs: shared(&[]),
         workers: shared(&cluster.workers),
         workers_by_project: PodIndex::by_project().of(&cluster.workers),
         workers_by_namespace: PodIndex::by_namespace().of(&cluster.workers),

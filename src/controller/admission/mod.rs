@@ -15,6 +15,7 @@
 //! The project reconcilers then materialize what status says (pods, Service)
 //! and observe the run; they never plan.
 
+pub mod jobs;
 #[cfg(test)]
 mod tests;
 mod write;
@@ -25,13 +26,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 
 use super::Context;
 use super::unseen::Unseen;
 use super::view::View;
-use crate::admission::{self, Decision, Decisions, GangKey, project};
+use crate::admission::{self, Decision, Decisions, GangKey, WaitReason, job, project};
 use crate::api::ModelProject;
 use crate::api::policy::validate;
 use crate::telemetry::Metrics;
@@ -70,6 +72,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         capacity(s.pools.changes().boxed()),
         capacity(s.allocations.changes().boxed()),
         occupancy(s.projects.changes().boxed()),
+        occupancy(s.jobs.changes().boxed()),
         occupancy(s.pods.removals().boxed()),
         occupancy(s.workers.removals().boxed()),
     ]);
@@ -104,11 +107,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     }
 }
 
-/// Whether a project waits for admission: without one, a change of pods or
-/// projects decides nothing.
+/// Whether a project or a labelled Job waits for admission: without one, a
+/// change of pods, projects or Jobs decides nothing.
 fn anyone_waits(ctx: &Context) -> bool {
     let now = Timestamp::now();
     ctx.stores.projects.store.state().iter().any(|p| project::wants_admission(p, now))
+        || ctx.stores.jobs.store.state().iter().any(|j| job::wants_admission(j))
 }
 
 /// What the loop remembers between cycles: its writes the store has not shown
@@ -116,12 +120,35 @@ fn anyone_waits(ctx: &Context) -> bool {
 pub(crate) struct LoopState {
     pub(crate) assumed: Unseen<GangKey, Arc<ModelProject>>,
     waiting_written: HashMap<GangKey, Instant>,
+    /// The loop's writes to Jobs the store has not shown yet.
+    assumed_jobs: Unseen<GangKey, Arc<Job>>,
+    /// Why each waiting Job waited when it last got its `Queued` Event.
+    jobs_announced: HashMap<GangKey, WaitReason>,
 }
 
 impl Default for LoopState {
     fn default() -> Self {
-        Self { assumed: Unseen::new(ASSUME_TTL), waiting_written: HashMap::new() }
+        Self {
+            assumed: Unseen::new(ASSUME_TTL),
+            waiting_written: HashMap::new(),
+            assumed_jobs: Unseen::new(ASSUME_TTL),
+            jobs_announced: HashMap::new(),
+        }
     }
+}
+
+/// The labelled Jobs of the store, with the loop's own writes standing in.
+fn assume_jobs(ctx: &Context, state: &LoopState) -> Vec<Arc<Job>> {
+    ctx.stores
+        .jobs
+        .store
+        .state()
+        .into_iter()
+        .map(|j| {
+            let rv = j.metadata.resource_version.as_deref().unwrap_or_default();
+            state.assumed_jobs.over(&job::key(&j), rv).unwrap_or(j)
+        })
+        .collect()
 }
 
 /// The projects of the store, with the loop's own writes standing in for
@@ -148,8 +175,21 @@ pub fn decide(
     now: Timestamp,
     settings: &admission::Settings,
 ) -> Decisions {
+    decide_with_jobs(view, stores, projects, &stores.jobs.store.state(), now, settings)
+}
+
+/// [`decide`], over these labelled Jobs (the loop's: with its own writes standing in).
+pub fn decide_with_jobs(
+    view: &View,
+    stores: &super::stores::Stores,
+    projects: &[Arc<ModelProject>],
+    jobs: &[Arc<Job>],
+    now: Timestamp,
+    settings: &admission::Settings,
+) -> Decisions {
     let valid = validity(stores);
-    let gangs = projects.iter().filter_map(|p| project::gang(p, now, valid(p))).collect();
+    let mut gangs: Vec<_> = projects.iter().filter_map(|p| project::gang(p, now, valid(p))).collect();
+    gangs.extend(jobs::gangs(stores, jobs, now));
     admission::decide(&view.snapshot(stores, gangs), now, settings)
 }
 
@@ -169,8 +209,9 @@ async fn cycle(ctx: &Context, writer: &Writer, state: &mut LoopState, capacity_c
     let now = Timestamp::now();
     let view = ctx.admission_view(if capacity_changed { Duration::ZERO } else { VIEW_REUSE }).await;
     let projects = assume(ctx, state);
+    let labelled_jobs = assume_jobs(ctx, state);
     let plan_started = Instant::now();
-    let decisions = decide(&view, &ctx.stores, &projects, now, &ctx.settings);
+    let decisions = decide_with_jobs(&view, &ctx.stores, &projects, &labelled_jobs, now, &ctx.settings);
     ctx.metrics.observe_planning("admission", plan_started.elapsed().as_secs_f64());
     record(&view, &projects, &decisions, &ctx.metrics);
 
@@ -186,8 +227,16 @@ async fn cycle(ctx: &Context, writer: &Writer, state: &mut LoopState, capacity_c
     if writes::throttle(&mut w.waiting, &mut state.waiting_written, &keys, WAITING_REFRESH, WAITING_WRITES_PER_CYCLE) {
         wake = wake.min(Duration::from_millis(500));
     }
-    let decided = w.preemptors.len() + w.urgent.len() + w.waiting.len();
-    writer.write_cycle(w, &state.assumed).await;
+    let (job_urgent, job_waiting, job_preemptors) =
+        jobs::plan(&ctx.stores, &labelled_jobs, &decisions, now, &mut state.jobs_announced);
+    w.ready.extend(job_preemptors);
+    let decided = w.preemptors.len() + w.urgent.len() + w.waiting.len() + job_urgent.len() + job_waiting.len();
+    let ready = writer.write_cycle(w, &state.assumed).await;
+    // A Job evicted for a project only once that project's status lists it.
+    let job_urgent =
+        job_urgent.into_iter().filter(|w| w.preemptor.as_ref().is_none_or(|k| ready.contains(k))).collect();
+    writer.write_jobs(job_urgent, &state.assumed_jobs).await;
+    writer.write_jobs(job_waiting, &state.assumed_jobs).await;
     if decided > 0 {
         tracing::debug!(decided, elapsed_ms = started.elapsed().as_millis() as u64, "admission cycle");
     }

@@ -35,12 +35,14 @@ impl Writer {
     /// Writes a cycle's decisions in order: preemptors first, then admissions,
     /// stops and evictions (a victim only once its preemptor's status lists
     /// it), then waiting reasons. Every write that succeeds is assumed.
-    pub async fn write_cycle(&self, w: Writes, assumed: &Unseen<GangKey, Arc<ModelProject>>) {
+    /// Returns the preemptors whose victims may now be stopped.
+    pub async fn write_cycle(&self, w: Writes, assumed: &Unseen<GangKey, Arc<ModelProject>>) -> HashSet<GangKey> {
         let Writes { preemptors, mut urgent, waiting, mut ready } = w;
         ready.extend(self.write_all(preemptors, assumed).await);
         urgent.retain(|w| w.preemptor.as_ref().is_none_or(|k| ready.contains(k)));
         self.write_all(urgent, assumed).await;
         self.write_all(waiting, assumed).await;
+        ready
     }
 
     /// Writes a batch concurrently and assumes what was written; returns the keys written.
