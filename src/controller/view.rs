@@ -409,4 +409,43 @@ mod tests {
         assert!(!Arc::ptr_eq(&third.membership, &fourth.membership), "a label change recomputes membership");
         assert_eq!(fourth.nodes[1].labels["rack"], "r2");
     }
+
+    #[test]
+    fn a_running_pod_of_an_admitted_job_is_its_gangs_not_foreign_and_releasing_once_the_job_holds_nothing() {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "train-0", "namespace": "lab", "labels": {
+                JOB_LABEL: "train", ALLOCATION_LABEL: "a1", POOL_LABEL: "a"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "m",
+                "resources": {"requests": {"nvidia.com/gpu": "4"}}}]},
+            "status": {"phase": "Running"},
+        }))
+        .expect("a pod");
+        let stores = crate::plan::stores(&crate::plan::Cluster { pods: vec![pod], ..cluster() });
+        let view = View::build(&stores, Duration::from_secs(300), Timestamp::UNIX_EPOCH);
+        let holding = Gang {
+            key: crate::admission::GangKey::job("lab", "train"),
+            allocation: "a1".into(),
+            pools: vec!["a".into()],
+            workers: 1,
+            per_worker: 4,
+            topology: None,
+            priority: 0,
+            preemptible: true,
+            queued_since: Timestamp::UNIX_EPOCH,
+            state: crate::admission::GangState::Holding(crate::admission::Holding {
+                pool: "a".into(),
+                nodes: vec!["n1".into()],
+                borrowed: false,
+                admitted_at: None,
+                protected_until: None,
+            }),
+        };
+        let snap = view.snapshot(&stores, vec![holding]);
+        assert!(snap.foreign.is_empty(), "counted in its gang, not as a foreign pod: {:?}", snap.foreign);
+        assert!(snap.releasing.is_empty(), "its Job holds the devices");
+
+        let snap = view.snapshot(&stores, vec![]);
+        assert_eq!(snap.releasing.len(), 1, "suspended again, its pod holds its devices until it is gone");
+        assert_eq!((snap.releasing[0].devices, snap.releasing[0].node), (4, Some(0)));
+    }
 }
