@@ -79,6 +79,20 @@ impl<K: Eq + Hash + Clone, V: Clone> Unseen<K, V> {
     }
 }
 
+impl<K: Eq + Hash + Clone, T: kube::Resource> Unseen<K, std::sync::Arc<T>> {
+    /// The store's objects, each replaced by what this process wrote over it
+    /// while the store still shows the copy that write replaced.
+    pub fn overlay(&self, objects: Vec<std::sync::Arc<T>>, key: impl Fn(&T) -> K) -> Vec<std::sync::Arc<T>> {
+        objects
+            .into_iter()
+            .map(|o| {
+                let rv = o.meta().resource_version.as_deref().unwrap_or_default();
+                self.over(&key(&o), rv).unwrap_or(o)
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -139,31 +139,13 @@ impl Default for LoopState {
 
 /// The labelled Jobs of the store, with the loop's own writes standing in.
 fn assume_jobs(ctx: &Context, state: &LoopState) -> Vec<Arc<Job>> {
-    ctx.stores
-        .jobs
-        .store
-        .state()
-        .into_iter()
-        .map(|j| {
-            let rv = j.metadata.resource_version.as_deref().unwrap_or_default();
-            state.assumed_jobs.over(&job::key(&j), rv).unwrap_or(j)
-        })
-        .collect()
+    state.assumed_jobs.overlay(ctx.stores.jobs.store.state(), job::key)
 }
 
 /// The projects of the store, with the loop's own writes standing in for
 /// copies the store has not caught up with.
 fn assume(ctx: &Context, state: &LoopState) -> Vec<Arc<ModelProject>> {
-    ctx.stores
-        .projects
-        .store
-        .state()
-        .into_iter()
-        .map(|p| {
-            let rv = p.metadata.resource_version.as_deref().unwrap_or_default();
-            state.assumed.over(&project::key(&p), rv).unwrap_or(p)
-        })
-        .collect()
+    state.assumed.overlay(ctx.stores.projects.store.state(), project::key)
 }
 
 /// The decisions of one moment: the gangs of `projects` on `view`, decided.
