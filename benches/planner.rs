@@ -222,7 +222,7 @@ fn describe(label: &str, s: &Snapshot) {
     let mut admitted = 0;
     let mut behind = 0;
     let mut blocked = 0;
-    for o in out.values() {
+    for o in &out {
         match o {
             Outcome::Admitted { .. } => admitted += 1,
             Outcome::Waiting { reason, .. } if reason.starts_with("waiting behind") => behind += 1,

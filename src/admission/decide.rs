@@ -10,12 +10,13 @@
 //!   used-up budget stops it only when enforcement is Hard); else a holding
 //!   gang chosen as a victim is evicted (preempted or reclaimed).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use super::gang::{Gang, GangKey, GangState};
+use super::gang::{GangKey, GangState};
 use super::snapshot::Snapshot;
+use crate::planner::FastMap as HashMap;
 use crate::planner::fit::{self, PoolShape};
 use crate::planner::grants::Phase;
 use crate::planner::placement::{self, PlacementInput};
@@ -89,24 +90,33 @@ impl Decisions {
 
 /// Decides every gang of the snapshot at `now`.
 pub fn decide(snap: &Snapshot, now: Timestamp, settings: &Settings) -> Decisions {
-    let keys: HashMap<String, &Gang> = snap.gangs.iter().map(|g| (g.key.to_string(), g)).collect();
-    let mut used: Vec<BTreeMap<String, i64>> = vec![BTreeMap::new(); snap.nodes.len()];
+    // Devices in use per pools' resource and node: foreign pods, holding
+    // gangs, pods still releasing (one dense row per resource name).
+    let mut used: HashMap<&str, Vec<i64>> =
+        snap.pools.iter().map(|p| (p.resource_name.as_str(), vec![0; snap.nodes.len()])).collect();
     for (i, held) in &snap.foreign {
-        if let Some(u) = used.get_mut(*i) {
-            u.clone_from(held);
+        for (resource, devices) in held {
+            if let Some(row) = used.get_mut(resource.as_str())
+                && let Some(u) = row.get_mut(*i)
+            {
+                *u = *devices;
+            }
         }
     }
     // Devices admitted per (allocation, pool): holding gangs and the pods of
     // stopped gangs still terminating (they count until they are gone).
     let mut admitted: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     let mut running: Vec<RunningGang> = Vec::new();
-    for g in &snap.gangs {
+    // The gang (index into `snap.gangs`) of each running gang and of each queued one.
+    let mut running_gang: Vec<usize> = Vec::new();
+    for (gi, g) in snap.gangs.iter().enumerate() {
         let Some(h) = g.holding() else { continue };
         let Some(pool) = snap.pool(&h.pool) else { continue };
         let mut at: Vec<usize> = Vec::with_capacity(h.nodes.len());
+        let row = used.get_mut(pool.resource_name.as_str()).expect("a row per pool's resource");
         for node in &h.nodes {
             if let Some(&i) = snap.node_index.get(node.as_str()) {
-                *used[i].entry(pool.resource_name.clone()).or_default() += g.per_worker;
+                row[i] += g.per_worker;
                 at.push(i);
             }
         }
@@ -122,23 +132,26 @@ pub fn decide(snap: &Snapshot, now: Timestamp, settings: &Settings) -> Decisions
             preemptible: g.preemptible,
             protected_until: h.protected_until,
         });
+        running_gang.push(gi);
         *admitted.entry((g.allocation.as_str(), pool.name.as_str())).or_default() += g.devices();
     }
     for r in &snap.releasing {
-        let resource = snap.pool(&r.pool).map(|p| p.resource_name.clone()).unwrap_or_default();
-        if let Some(i) = r.node {
-            *used[i].entry(resource).or_default() += r.devices;
+        if let (Some(i), Some(pool)) = (r.node, snap.pool(&r.pool)) {
+            used.get_mut(pool.resource_name.as_str()).expect("a row per pool's resource")[i] += r.devices;
         }
         *admitted.entry((r.allocation.as_str(), r.pool.as_str())).or_default() += r.devices;
     }
 
     let pools = placement_pools(snap, &used);
     let allocations = quotas(snap, &admitted);
+    let mut queue_gang: Vec<usize> = Vec::new();
     let queue: Vec<GangRequest> = snap
         .gangs
         .iter()
-        .filter_map(|g| {
+        .enumerate()
+        .filter_map(|(gi, g)| {
             let GangState::Waiting { restarting, .. } = g.state else { return None };
+            queue_gang.push(gi);
             Some(GangRequest {
                 key: g.key.to_string(),
                 allocation: g.allocation.clone(),
@@ -169,13 +182,23 @@ pub fn decide(snap: &Snapshot, now: Timestamp, settings: &Settings) -> Decisions
     let unsatisfiable = never_fitting(snap, &queue, &allocations, &mut outcomes);
 
     let mut out = Decisions::default();
-    let key_of = |k: &str| keys.get(k).map(|g| g.key.clone());
-    let mut victims_of: BTreeMap<String, Vec<GangKey>> = BTreeMap::new();
+    // The pass names gangs by their key strings only in its preemptions (few):
+    // the lookup is built only when there are some.
+    let by_key: HashMap<&str, usize> = if pass.preemptions.is_empty() {
+        HashMap::default()
+    } else {
+        let queued = queue.iter().map(|q| q.key.as_str()).zip(queue_gang.iter().copied());
+        running.iter().map(|r| r.key.as_str()).zip(running_gang.iter().copied()).chain(queued).collect()
+    };
+    let gang_of = |k: &str| by_key.get(k).map(|&gi| &snap.gangs[gi]);
+    let mut victims_of: HashMap<&str, Vec<GangKey>> = HashMap::default();
     for p in &pass.preemptions {
-        let (Some(by), Some(preemptor)) = (key_of(&p.preemptor), keys.get(p.preemptor.as_str())) else { continue };
-        victims_of.insert(p.preemptor.clone(), p.victims.iter().filter_map(|v| key_of(v)).collect());
+        let Some(preemptor) = gang_of(&p.preemptor) else { continue };
+        let by = &preemptor.key;
+        victims_of
+            .insert(p.preemptor.as_str(), p.victims.iter().filter_map(|v| gang_of(v)).map(|g| g.key.clone()).collect());
         for v in &p.victims {
-            let Some(victim) = keys.get(v.as_str()) else { continue };
+            let Some(victim) = gang_of(v) else { continue };
             let reclaimed = p.reclaimed.contains(v);
             let message = if reclaimed {
                 format!(
@@ -201,8 +224,8 @@ pub fn decide(snap: &Snapshot, now: Timestamp, settings: &Settings) -> Decisions
             out.gangs.insert(g.key.clone(), Decision::Stop { message });
         }
     }
-    for (k, outcome) in outcomes {
-        let Some(g) = keys.get(k.as_str()) else { continue };
+    for (qi, outcome) in outcomes.into_iter().enumerate() {
+        let g = &snap.gangs[queue_gang[qi]];
         let d = match outcome {
             Outcome::Admitted { pool, nodes, borrowed } => {
                 let displaced = matches!(g.state, GangState::Waiting { displaced: true, .. });
@@ -211,12 +234,12 @@ pub fn decide(snap: &Snapshot, now: Timestamp, settings: &Settings) -> Decisions
             }
             Outcome::Waiting { position, reason } => {
                 let inactive = snap.grants.allocations.get(&g.allocation).is_some_and(|a| a.phase != Phase::Active);
-                let victims = victims_of.remove(&k).unwrap_or_default();
+                let victims = victims_of.remove(queue[qi].key.as_str()).unwrap_or_default();
                 let why = if !victims.is_empty() {
                     WaitReason::Preempting
                 } else if inactive {
                     WaitReason::AllocationInactive
-                } else if unsatisfiable.contains(&k) {
+                } else if unsatisfiable[qi] {
                     WaitReason::Unsatisfiable
                 } else {
                     WaitReason::Waiting
@@ -247,7 +270,7 @@ fn stop_reason(snap: &Snapshot, allocation: &str) -> Option<String> {
 /// Each pool's ready nodes with their free devices: shared nodes, and nodes
 /// reserved per allocation (a node labelled for a grant not yet reserved is
 /// neither).
-fn placement_pools(snap: &Snapshot, used: &[BTreeMap<String, i64>]) -> Vec<PlacementPool> {
+fn placement_pools(snap: &Snapshot, used: &HashMap<&str, Vec<i64>>) -> Vec<PlacementPool> {
     snap.pools
         .iter()
         .map(|p| {
@@ -257,12 +280,13 @@ fn placement_pools(snap: &Snapshot, used: &[BTreeMap<String, i64>]) -> Vec<Place
                 levels: p.levels.clone(),
                 ..Default::default()
             };
+            let used = &used[p.resource_name.as_str()];
             for &i in &p.members {
                 let n = &snap.nodes[i];
                 if !n.ready {
                     continue;
                 }
-                let free = n.allocatable_of(&p.resource_name) - used[i].get(&p.resource_name).copied().unwrap_or(0);
+                let free = n.allocatable_of(&p.resource_name) - used[i];
                 let slot = NodeFree { node: i, free: free.max(0) };
                 match snap.grants.reserved_for.get(&n.name) {
                     Some(a) => pp.reserved_nodes.entry(a.clone()).or_default().push(slot),
@@ -314,20 +338,20 @@ fn quotas(snap: &Snapshot, admitted: &BTreeMap<(&str, &str), i64>) -> Vec<Alloca
 }
 
 /// Rewrites the reason of every waiting gang that can never be admitted as
-/// the pools and its grant are; returns their keys.
+/// the pools and its grant are; returns which (by queue index).
 fn never_fitting(
     snap: &Snapshot,
     queue: &[GangRequest],
     allocations: &[AllocationQuota],
-    outcomes: &mut BTreeMap<String, Outcome>,
-) -> BTreeSet<String> {
-    let waiting: Vec<&GangRequest> =
-        queue.iter().filter(|g| matches!(outcomes.get(&g.key), Some(Outcome::Waiting { .. }))).collect();
+    outcomes: &mut [Outcome],
+) -> Vec<bool> {
+    let mut out = vec![false; queue.len()];
+    let waiting: Vec<usize> = (0..queue.len()).filter(|&i| matches!(outcomes[i], Outcome::Waiting { .. })).collect();
     if waiting.is_empty() {
-        return BTreeSet::new();
+        return out;
     }
     let requested: BTreeSet<&str> =
-        waiting.iter().filter_map(|g| g.topology.as_ref()).map(|t| t.key.as_str()).collect();
+        waiting.iter().filter_map(|&i| queue[i].topology.as_ref()).map(|t| t.key.as_str()).collect();
     let shapes: BTreeMap<String, PoolShape> = snap
         .pools
         .iter()
@@ -349,14 +373,14 @@ fn never_fitting(
             (p.name.clone(), shape)
         })
         .collect();
-    let mut out = BTreeSet::new();
-    for g in waiting {
-        let quota = allocations.iter().find(|a| a.name == g.allocation);
-        if let Some(why) = fit::never_fits(g, &shapes, quota)
-            && let Some(Outcome::Waiting { reason, .. }) = outcomes.get_mut(&g.key)
+    let quota: HashMap<&str, &AllocationQuota> = allocations.iter().rev().map(|a| (a.name.as_str(), a)).collect();
+    for i in waiting {
+        let g = &queue[i];
+        if let Some(why) = fit::never_fits(g, &shapes, quota.get(g.allocation.as_str()).copied())
+            && let Outcome::Waiting { reason, .. } = &mut outcomes[i]
         {
             *reason = why;
-            out.insert(g.key.clone());
+            out[i] = true;
         }
     }
     out

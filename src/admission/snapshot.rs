@@ -3,10 +3,11 @@
 //! read, both through `controller::view::View::snapshot`); `decide` reads
 //! nothing else.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::gang::Gang;
+use crate::planner::FastMap;
 use crate::planner::grants::{AllocationState, GrantPlan, PoolState};
 use crate::planner::inventory::NodeInfo;
 use crate::planner::placement::PlacementCache;
@@ -18,7 +19,7 @@ use crate::planner::request::Releasing;
 pub struct Snapshot {
     pub nodes: Arc<Vec<NodeInfo>>,
     /// Node name -> index into `nodes`.
-    pub node_index: Arc<HashMap<String, usize>>,
+    pub node_index: Arc<FastMap<String, usize>>,
     /// Pools with a usable selector: resource, topology levels, member nodes.
     pub pools: Arc<Vec<PoolState>>,
     /// Allocations with their grants.

@@ -1,7 +1,7 @@
 //! The cluster as the planner sees it: built from the reflector stores, planned
 //! once per change of any store, and shared by every reconciler of that moment.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use kube::ResourceExt;
 use super::stores::Stores;
 use crate::admission::{Gang, GangKind, Snapshot};
 use crate::api::BudgetEnforcement;
+use crate::planner::FastMap;
 use crate::planner::grants::{self, AllocationState, GrantInput, GrantPlan, Phase, PoolState};
 use crate::planner::inventory::{self, Membership, NodeInfo, PoolTotals};
 use crate::planner::placement::PlacementCache;
@@ -29,7 +30,7 @@ pub struct View {
     pub now: Timestamp,
     pub nodes: Arc<Vec<NodeInfo>>,
     /// Node name -> index into `nodes`.
-    pub node_index: Arc<HashMap<String, usize>>,
+    pub node_index: Arc<FastMap<String, usize>>,
     pub membership: Arc<Membership>,
     /// Pools with a usable selector, with totals.
     pub pools: Arc<Vec<PoolState>>,
@@ -62,7 +63,7 @@ struct Capacity {
     /// The model's label version and the same pools: what membership depends on.
     membership_key: (u64, Vec<(String, String, i64)>),
     nodes: Arc<Vec<NodeInfo>>,
-    node_index: Arc<HashMap<String, usize>>,
+    node_index: Arc<FastMap<String, usize>>,
     membership: Arc<Membership>,
     pools: Arc<Vec<PoolState>>,
     totals: Arc<BTreeMap<String, PoolTotals>>,

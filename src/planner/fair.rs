@@ -2,7 +2,9 @@
 //! dominant share, and the order in which round 2 of a pass (rule 8 of
 //! [`super::placement`]) gives idle capacity to borrowers.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use super::FastMap as HashMap;
 
 use super::request::AllocationQuota;
 

@@ -72,11 +72,11 @@
 //! beside it, the preemption search (rule 9) in [`super::preemption`] beside
 //! its rules, and the order of round 2 in [`super::fair`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
+use super::FastMap as HashMap;
 use super::fair::Borrowers;
 use super::inventory::NodeInfo;
 use super::request::releasing_reason;
@@ -84,7 +84,7 @@ pub use super::request::{
     AllocationQuota, GangRequest, NodeFree, Outcome, PlacementPool, Preemption, Releasing, RunningGang, TopologyRequest,
 };
 pub use topology::PlacementCache;
-use topology::{CandidateSet, Shortfall};
+use topology::{SetTally, Shortfall};
 
 mod preempt;
 mod topology;
@@ -114,28 +114,31 @@ pub struct PlacementInput<'a> {
 /// to stop so that waiting ones fit.
 #[derive(Debug, Default)]
 pub struct Pass {
-    pub outcomes: BTreeMap<String, Outcome>,
+    /// The outcome of `queue[i]` at `i` (no map keyed by strings: the caller
+    /// already holds the gangs in that order).
+    pub outcomes: Vec<Outcome>,
     pub preemptions: Vec<Preemption>,
 }
 
 /// Decides every queued gang in one pass: admitted (pool and a node per
-/// worker) or waiting (position and reason). See the module rules.
+/// worker) or waiting (position and reason), by key. See the module rules.
 pub fn admit(input: &PlacementInput<'_>) -> BTreeMap<String, Outcome> {
-    admit_pass(input).outcomes
+    let pass = admit_pass(input);
+    input.queue.iter().map(|g| g.key.clone()).zip(pass.outcomes).collect()
 }
 
 /// [`admit`], with the preemptions that the pass decided (rules 8 and 9).
 pub fn admit_pass(input: &PlacementInput<'_>) -> Pass {
-    let mut order: Vec<&GangRequest> = input.queue.iter().collect();
-    order.sort_by(|a, b| {
+    let mut order: Vec<(usize, &GangRequest)> = input.queue.iter().enumerate().collect();
+    order.sort_by(|(_, a), (_, b)| {
         b.priority.cmp(&a.priority).then(a.queued_since.cmp(&b.queued_since)).then_with(|| a.key.cmp(&b.key))
     });
 
-    let mut allocations: HashMap<&str, &AllocationQuota> = HashMap::new();
+    let mut allocations: HashMap<&str, &AllocationQuota> = HashMap::default();
     for a in input.allocations {
         allocations.entry(a.name.as_str()).or_insert(a);
     }
-    let mut headroom: HashMap<(&str, &str), i64> = HashMap::new();
+    let mut headroom: HashMap<(&str, &str), i64> = HashMap::default();
     for a in allocations.values() {
         for (pool, h) in &a.headroom {
             headroom.insert((a.name.as_str(), pool.as_str()), *h);
@@ -143,15 +146,16 @@ pub fn admit_pass(input: &PlacementInput<'_>) -> Pass {
     }
     let mut world = World::new(input);
     // Allocation -> the starving head of its queue, which stops backfill.
-    let mut stopper: HashMap<&str, &GangRequest> = HashMap::new();
+    let mut stopper: HashMap<&str, &GangRequest> = HashMap::default();
     // Allocations that already have a waiting gang in this pass.
     let mut has_waiting: BTreeSet<&str> = BTreeSet::new();
     // Each gang's decision, and whether it may still borrow or preempt (its
     // allocation may admit and no starving head stops it).
     let mut decided: Vec<(&GangRequest, Decision, bool)> = Vec::with_capacity(order.len());
+    let queue_index: Vec<usize> = order.iter().map(|(i, _)| *i).collect();
 
     // Round 1: within each allocation's own grant.
-    for g in order {
+    for (_, g) in order {
         let alloc = g.allocation.as_str();
         let (decision, open) = match allocations.get(alloc) {
             None => (Err(format!("allocation {alloc} not found")), false),
@@ -216,9 +220,9 @@ pub fn admit_pass(input: &PlacementInput<'_>) -> Pass {
         }
     }
 
-    let mut positions: HashMap<&str, u32> = HashMap::new();
-    let mut outcomes = BTreeMap::new();
-    for (g, decision, _) in decided {
+    let mut positions: HashMap<&str, u32> = HashMap::default();
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; decided.len()];
+    for ((g, decision, _), at) in decided.into_iter().zip(queue_index) {
         let outcome = match decision {
             Ok((pool, nodes, borrowed)) => Outcome::Admitted { pool, nodes, borrowed },
             Err(reason) => {
@@ -227,9 +231,9 @@ pub fn admit_pass(input: &PlacementInput<'_>) -> Pass {
                 Outcome::Waiting { position: *p, reason }
             }
         };
-        outcomes.insert(g.key.clone(), outcome);
+        outcomes[at] = Some(outcome);
     }
-    Pass { outcomes, preemptions }
+    Pass { outcomes: outcomes.into_iter().map(|o| o.expect("every queued gang is decided")).collect(), preemptions }
 }
 
 /// Admitted (pool, node per worker, beyond the grant) or the reason to wait.
@@ -245,17 +249,24 @@ pub(super) struct World<'a> {
     free: Vec<i64>,
     /// Position of each node in name order: cheap name comparisons.
     rank: Vec<u32>,
-    /// (pool index, reserving allocation or None for shared) -> candidate set.
-    sets: HashMap<(usize, Option<&'a str>), Arc<CandidateSet>>,
-    /// Running gangs (indexes into `input.running`) per pool.
-    pub(super) running_in: HashMap<&'a str, Vec<usize>>,
+    /// (pool index, reserving allocation or None for shared) -> index into `tallies`.
+    set_ids: HashMap<(usize, Option<&'a str>), usize>,
+    /// The candidate sets used in this pass, with their tallies.
+    tallies: Vec<SetTally>,
+    /// Per node index: (set index, position in the set) of every set holding it.
+    member_of: Vec<Vec<(usize, u32)>>,
+    /// Running gangs (indexes into `input.running`) per (pool, allocation):
+    /// a gang's own candidates for preemption.
+    pub(super) running_in: HashMap<(&'a str, &'a str), Vec<usize>>,
+    /// Running gangs on borrowed capacity per pool: candidates for reclaim.
+    pub(super) borrowed_in: HashMap<&'a str, Vec<usize>>,
     /// Running gangs chosen as victims in this pass.
     pub(super) evicted: BTreeSet<usize>,
 }
 
 impl<'a> World<'a> {
     fn new(input: &'a PlacementInput<'a>) -> Self {
-        let mut pool_by_name = HashMap::new();
+        let mut pool_by_name = HashMap::default();
         for (i, p) in input.pools.iter().enumerate() {
             pool_by_name.entry(p.name.as_str()).or_insert(i);
         }
@@ -278,11 +289,26 @@ impl<'a> World<'a> {
             Some(c) => c.rank(input.nodes),
             None => topology::name_rank(input.nodes),
         };
-        let mut running_in: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut running_in: HashMap<(&str, &str), Vec<usize>> = HashMap::default();
+        let mut borrowed_in: HashMap<&str, Vec<usize>> = HashMap::default();
         for (i, r) in input.running.iter().enumerate() {
-            running_in.entry(r.pool.as_str()).or_default().push(i);
+            running_in.entry((r.pool.as_str(), r.allocation.as_str())).or_default().push(i);
+            if r.borrowed {
+                borrowed_in.entry(r.pool.as_str()).or_default().push(i);
+            }
         }
-        World { input, pool_by_name, free, rank, sets: HashMap::new(), running_in, evicted: BTreeSet::new() }
+        World {
+            input,
+            pool_by_name,
+            member_of: vec![Vec::new(); free.len()],
+            free,
+            rank,
+            set_ids: HashMap::default(),
+            tallies: Vec::new(),
+            running_in,
+            borrowed_in,
+            evicted: BTreeSet::new(),
+        }
     }
 
     /// Rules 3 to 6 for one gang whose allocation may admit.
@@ -338,7 +364,7 @@ impl<'a> World<'a> {
             match self.place(pi, reserved_for, g) {
                 Ok(chosen) => {
                     for &n in &chosen {
-                        self.free[n] -= g.per_worker;
+                        self.adjust_free(n, -g.per_worker);
                     }
                     let left = headroom.get_mut(&(a.name.as_str(), pool_name.as_str())).expect("looked up above");
                     *left -= need;
@@ -415,7 +441,7 @@ impl<'a> World<'a> {
             for &n in &chosen {
                 let coming = released.get(&n).copied().unwrap_or(0);
                 let held = (g.per_worker - coming).clamp(0, self.free[n].max(0));
-                self.free[n] -= held;
+                self.adjust_free(n, -held);
             }
             let key = (a.name.as_str(), pool_name.as_str());
             *headroom.get_mut(&key).expect("looked up above") -= (need - released_quota).max(0);

@@ -1,7 +1,9 @@
 //! Rule 9 of the pass: preemption and reclaim for a gang that still waits,
 //! by the rules of [`crate::planner::preemption`].
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use crate::planner::FastMap as HashMap;
 
 use super::World;
 use crate::planner::preemption::{smallest_set, victim_order};
@@ -37,21 +39,17 @@ impl<'a> World<'a> {
             let (released, released_quota) = released_in(input.releasing, pool_name, &a.name);
             let now = input.now;
             let evicted = &self.evicted;
-            let mut candidates: Vec<usize> = self
-                .running_in
-                .get(pool_name.as_str())
-                .into_iter()
-                .flatten()
+            // Rule 1: its own allocation's lower-priority gangs, and other
+            // allocations' borrowed gangs when it fits within its own grant.
+            let own = self.running_in.get(&(pool_name.as_str(), a.name.as_str())).into_iter().flatten();
+            let own = own.filter(|&&i| input.running[i].priority < g.preemption_priority);
+            let reclaiming = guaranteed + released_quota >= need;
+            let lent = self.borrowed_in.get(pool_name.as_str()).into_iter().flatten().filter(|_| reclaiming);
+            let lent = lent.filter(|&&i| input.running[i].allocation != a.name);
+            let mut candidates: Vec<usize> = own
+                .chain(lent)
                 .copied()
-                .filter(|&i| {
-                    let r = &input.running[i];
-                    let eligible = if r.allocation == a.name {
-                        r.priority < g.preemption_priority
-                    } else {
-                        r.borrowed && guaranteed + released_quota >= need
-                    };
-                    eligible && !evicted.contains(&i) && !r.protected_at(now)
-                })
+                .filter(|&i| !evicted.contains(&i) && !input.running[i].protected_at(now))
                 .collect();
             candidates.sort_by_cached_key(|&i| victim_order(&input.running[i]));
             let limit = if g.preemptible { with_borrowing } else { guaranteed };

@@ -14,6 +14,12 @@ fn t(secs: i64) -> Timestamp {
     Timestamp::from_second(1_800_000_000 + secs).unwrap()
 }
 
+/// A pass's outcomes by key, as the tests read them.
+struct KeyedPass {
+    outcomes: BTreeMap<String, Outcome>,
+    preemptions: Vec<Preemption>,
+}
+
 /// Pools `atom` (NPU) and `h200` (GPU), both with levels block and rack,
 /// empty until nodes are added.
 #[derive(Clone)]
@@ -99,8 +105,8 @@ impl World {
         });
     }
 
-    fn pass(&self, queue: &[GangRequest]) -> Pass {
-        admit_pass(&PlacementInput {
+    fn pass(&self, queue: &[GangRequest]) -> KeyedPass {
+        let pass = admit_pass(&PlacementInput {
             nodes: &self.nodes,
             pools: &self.pools,
             allocations: &self.allocs,
@@ -110,7 +116,9 @@ impl World {
             running: &self.running,
             releasing: &self.releasing,
             cache: None,
-        })
+        });
+        let outcomes = queue.iter().map(|g| g.key.clone()).zip(pass.outcomes).collect();
+        KeyedPass { outcomes, preemptions: pass.preemptions }
     }
 
     fn run_cached(&self, queue: &[GangRequest], cache: &PlacementCache) -> BTreeMap<String, Outcome> {
@@ -461,7 +469,7 @@ fn workers_are_numbered_in_topology_order() {
     assert_eq!(nodes_of(&out["ns/run"]).1, vec!["r5-0", "r9-0", "r9-1"], "block b1 before b2");
 }
 
-fn victims_of<'p>(pass: &'p Pass, key: &str) -> Option<&'p Preemption> {
+fn victims_of<'p>(pass: &'p KeyedPass, key: &str) -> Option<&'p Preemption> {
     pass.preemptions.iter().find(|p| p.preemptor == key)
 }
 

@@ -1,8 +1,9 @@
 //! Topology packing (rule 4 of [`super`]): the candidate sets of a pool,
 //! indexed by topology domain, and the choice of nodes for one gang.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{GangRequest, NodeFree, PlacementInput, World};
@@ -105,13 +106,45 @@ impl<'a> World<'a> {
         extra: &BTreeMap<usize, i64>,
     ) -> Option<Vec<usize>> {
         for (&n, &d) in extra {
-            self.free[n] += d;
+            self.adjust_free(n, d);
         }
         let placed = self.place(pool, reserved_for, g).ok();
         for (&n, &d) in extra {
-            self.free[n] -= d;
+            self.adjust_free(n, -d);
         }
         placed
+    }
+
+    /// Changes a node's free devices, and the tallies of the sets that hold it.
+    pub(super) fn adjust_free(&mut self, n: usize, delta: i64) {
+        let (old, new) = (self.free[n], self.free[n] + delta);
+        self.free[n] = new;
+        for &(sid, m) in &self.member_of[n] {
+            self.tallies[sid].moved(m as usize, old, new);
+        }
+    }
+
+    /// The index of the pool's candidate set for a gang reserved for
+    /// `reserved_for` (None: shared nodes), built or taken from the cache on
+    /// first use in the pass.
+    fn set_index(&mut self, pool: usize, reserved_for: Option<&'a str>) -> usize {
+        if let Some(&sid) = self.set_ids.get(&(pool, reserved_for)) {
+            return sid;
+        }
+        let input = self.input;
+        let p = &input.pools[pool];
+        let listed = match reserved_for {
+            Some(alloc) => p.reserved_nodes.get(alloc).map(Vec::as_slice),
+            None => Some(p.shared_nodes.as_slice()),
+        };
+        let set = CandidateSet::cached(input, &p.name, reserved_for, listed.unwrap_or(&[]), &p.levels);
+        let sid = self.tallies.len();
+        for (m, &n) in set.nodes.iter().enumerate() {
+            self.member_of[n].push((sid, m as u32));
+        }
+        self.tallies.push(SetTally::new(set, &self.free));
+        self.set_ids.insert((pool, reserved_for), sid);
+        sid
     }
 
     /// Rule 4: `workers` distinct nodes of the candidate set, in worker order.
@@ -123,33 +156,38 @@ impl<'a> World<'a> {
     ) -> Result<Vec<usize>, Shortfall> {
         let input = self.input;
         let p = &input.pools[pool];
-        let set = self.sets.entry((pool, reserved_for)).or_insert_with(|| {
-            let listed = match reserved_for {
-                Some(alloc) => p.reserved_nodes.get(alloc).map(Vec::as_slice),
-                None => Some(p.shared_nodes.as_slice()),
-            };
-            CandidateSet::cached(input, &p.name, reserved_for, listed.unwrap_or(&[]), &p.levels)
-        });
+        let sid = self.set_index(pool, reserved_for);
         let wanted = g.topology.as_ref();
         let level_of_key = wanted.and_then(|t| p.levels.iter().position(|l| *l == t.key));
         if let (Some(t), None) = (wanted, level_of_key)
-            && !set.extra.contains_key(&t.key)
+            && !self.tallies[sid].set.extra.contains_key(&t.key)
         {
+            let set = &mut self.tallies[sid].set;
             let idx = LevelIndex::new(input.nodes, &set.nodes, std::slice::from_ref(&t.key));
             Arc::make_mut(set).extra.insert(t.key.clone(), idx);
         }
-        let set: &CandidateSet = set;
-        let free = &self.free;
-        let rank = &self.rank;
         let q = g.per_worker;
         let workers = g.workers as usize;
-
-        let fits: Vec<bool> = set.nodes.iter().map(|&n| free[n] >= q).collect();
-        let fitting = fits.iter().filter(|f| **f).count();
-        if fitting < workers {
-            let free = set.nodes.iter().map(|&n| free[n].max(0)).sum();
-            return Err(Shortfall::Set { free, fitting });
+        let free = &self.free;
+        let rank = &self.rank;
+        let st = &mut self.tallies[sid];
+        let tally = st.tally(q, free);
+        #[cfg(debug_assertions)]
+        st.check(q, free);
+        let set: &CandidateSet = &st.set;
+        let tally: &Tally = &st.by_need[tally].1;
+        if tally.fitting < workers {
+            return Err(Shortfall::Set { free: st.free, fitting: tally.fitting });
         }
+        let fits = |m: usize| free[set.nodes[m]] >= q;
+        // Fitting nodes per domain of a level: kept for the pool's levels,
+        // counted for another requested key.
+        let counts_of = |level: &LevelIndex| -> Cow<'_, [u32]> {
+            match set.levels.iter().position(|l| std::ptr::eq(l, level)) {
+                Some(i) => Cow::Borrowed(tally.per_level[i].as_slice()),
+                None => Cow::Owned(level.fitting_counts(&fits)),
+            }
+        };
         let requested: Option<&LevelIndex> = wanted.map(|t| match level_of_key {
             Some(i) => &set.levels[i],
             None => &set.extra[&t.key],
@@ -161,9 +199,9 @@ impl<'a> World<'a> {
             (Some(_), None) => vec![requested.expect("requested")],
             (None, _) => set.levels.iter().rev().collect(),
         };
-        let mut counts: Vec<Vec<u32>> = Vec::with_capacity(tried.len());
+        let mut counts: Vec<Cow<'_, [u32]>> = Vec::with_capacity(tried.len());
         for level in &tried {
-            let c = level.fitting_counts(&fits);
+            let c = counts_of(level);
             let best = c
                 .iter()
                 .enumerate()
@@ -172,7 +210,7 @@ impl<'a> World<'a> {
                 .map(|(d, _)| d);
             if let Some(d) = best {
                 let mut members: Vec<u32> =
-                    level.domains[d].members.iter().copied().filter(|&m| fits[m as usize]).collect();
+                    level.domains[d].members.iter().copied().filter(|&m| fits(m as usize)).collect();
                 members.sort_by_key(|&m| {
                     let n = set.nodes[m as usize];
                     (free[n] - q, rank[n])
@@ -201,7 +239,7 @@ impl<'a> World<'a> {
         }
         // Spread: coarsest tried level first, fullest domains first.
         let mut keyed: Vec<SpreadKey> = (0..set.nodes.len())
-            .filter(|&m| fits[m])
+            .filter(|&m| fits(m))
             .map(|m| {
                 let n = set.nodes[m];
                 let path = tried
@@ -222,6 +260,74 @@ impl<'a> World<'a> {
     }
 }
 
+/// A candidate set in one pass, with what its gangs ask kept up to date as
+/// free devices change (by [`World::adjust_free`]): a gang that cannot fit is
+/// told so, and a domain is found, without a walk of every node per gang.
+pub(super) struct SetTally {
+    set: Arc<CandidateSet>,
+    /// Free devices on the set's nodes (negatives count as 0).
+    free: i64,
+    /// Per devices-per-worker asked so far in the pass.
+    by_need: Vec<(i64, Tally)>,
+}
+
+/// The set's nodes with at least some number of free devices.
+struct Tally {
+    fitting: usize,
+    /// Per pool level (as `CandidateSet::levels`): fitting nodes per domain.
+    per_level: Vec<Vec<u32>>,
+}
+
+impl SetTally {
+    fn new(set: Arc<CandidateSet>, free: &[i64]) -> Self {
+        let total = set.nodes.iter().map(|&n| free[n].max(0)).sum();
+        SetTally { set, free: total, by_need: Vec::new() }
+    }
+
+    /// The index in `by_need` of the tally for `q` devices, counted on first use.
+    fn tally(&mut self, q: i64, free: &[i64]) -> usize {
+        if let Some(i) = self.by_need.iter().position(|(need, _)| *need == q) {
+            return i;
+        }
+        let set = &self.set;
+        let fits = |m: usize| free[set.nodes[m]] >= q;
+        let fitting = (0..set.nodes.len()).filter(|&m| fits(m)).count();
+        let per_level = set.levels.iter().map(|l| l.fitting_counts(&fits)).collect();
+        self.by_need.push((q, Tally { fitting, per_level }));
+        self.by_need.len() - 1
+    }
+
+    /// Member `m` of the set went from `old` to `new` free devices.
+    fn moved(&mut self, m: usize, old: i64, new: i64) {
+        self.free += new.max(0) - old.max(0);
+        for (q, t) in &mut self.by_need {
+            let (was, is) = (old >= *q, new >= *q);
+            if was == is {
+                continue;
+            }
+            let up = is;
+            t.fitting = if up { t.fitting + 1 } else { t.fitting - 1 };
+            for (level, counts) in self.set.levels.iter().zip(&mut t.per_level) {
+                if let Some(d) = level.of[m] {
+                    let c = &mut counts[d as usize];
+                    *c = if up { *c + 1 } else { *c - 1 };
+                }
+            }
+        }
+    }
+
+    /// The kept tally equals one counted afresh (debug builds: every test
+    /// checks the incremental bookkeeping).
+    #[cfg(debug_assertions)]
+    fn check(&self, q: i64, free: &[i64]) {
+        let mut fresh = SetTally::new(self.set.clone(), free);
+        let i = fresh.tally(q, free);
+        let kept = self.by_need.iter().find(|(need, _)| *need == q).map(|(_, t)| t).expect("tallied");
+        assert_eq!((self.free, kept.fitting), (fresh.free, fresh.by_need[i].1.fitting), "set tally drifted");
+        assert_eq!(kept.per_level, fresh.by_need[i].1.per_level, "domain tally drifted");
+    }
+}
+
 impl CandidateSet {
     /// The set of `listed` nodes, from the input's cache when an earlier pass
     /// built the same one.
@@ -233,11 +339,24 @@ impl CandidateSet {
         levels: &[String],
     ) -> Arc<Self> {
         let nodes = input.nodes;
-        let mut seen = BTreeSet::new();
-        let members: Vec<usize> =
-            listed.iter().map(|nf| nf.node).filter(|&n| n < nodes.len() && seen.insert(n)).collect();
-        let Some(cache) = input.cache else { return Arc::new(Self::new(nodes, members, levels)) };
         let key = (pool.to_string(), reserved_for.map(str::to_string));
+        // The steady case: the same nodes listed in the same order as when
+        // the cached set was built (its members are these, without repeats).
+        if let Some(cache) = input.cache
+            && let Some(c) = cache.sets.lock().expect("placement cache").get(&key)
+            && c.levels == levels
+            && c.members.len() == listed.len()
+            && c.members.iter().zip(listed).all(|(&m, nf)| m == nf.node)
+        {
+            return c.set.clone();
+        }
+        let mut seen = vec![false; nodes.len()];
+        let members: Vec<usize> = listed
+            .iter()
+            .map(|nf| nf.node)
+            .filter(|&n| n < nodes.len() && !std::mem::replace(&mut seen[n], true))
+            .collect();
+        let Some(cache) = input.cache else { return Arc::new(Self::new(nodes, members, levels)) };
         if let Some(c) = cache.sets.lock().expect("placement cache").get(&key)
             && c.members == members
             && c.levels == levels
@@ -298,12 +417,12 @@ impl LevelIndex {
         LevelIndex { short: key.rsplit('/').next().unwrap_or(key).to_string(), of, domains }
     }
 
-    /// Fitting nodes per domain.
-    fn fitting_counts(&self, fits: &[bool]) -> Vec<u32> {
+    /// Fitting nodes per domain (`fits` of a set position).
+    fn fitting_counts(&self, fits: &impl Fn(usize) -> bool) -> Vec<u32> {
         let mut c = vec![0u32; self.domains.len()];
         for (m, d) in self.of.iter().enumerate() {
             if let Some(d) = d
-                && fits[m]
+                && fits(m)
             {
                 c[*d as usize] += 1;
             }
