@@ -8,7 +8,7 @@ CARGO ?= cargo
 CHART := charts/sovereign-operator
 TOOLS = eval "$$(e2e/cluster tools)"
 
-.PHONY: all build image test lint shellcheck unit crds check-crds chart docs e2e demo demo-contention demo-down cluster-up cluster-down clean
+.PHONY: all build image test lint shellcheck unit crds check-crds chart chart-readme docs e2e demo demo-contention demo-down cluster-up cluster-down clean
 
 all: build
 
@@ -68,52 +68,24 @@ check-crds:
 	  || { echo "CRD YAML is out of date: run 'make crds' and commit the result" >&2; exit 1; }
 	@echo "CRD YAML matches the types"
 
-## chart: helm lint, render, check that bad values are refused, and test the PrometheusRule's
-## alerts with Prometheus' own rule engine (promtool, from Debian's package: e2e/prometheus).
+## chart: helm lint; the chart's unit tests (helm-unittest, charts/sovereign-operator/tests:
+## defaults, refused values, the rendered objects); its README against its values (helm-docs);
+## one version for chart, app and crate; and the PrometheusRule's alerts tested with
+## Prometheus' own rule engine (promtool, from Debian's package: e2e/prometheus).
 chart:
 	@$(TOOLS); \
 	"$$HELM" lint --strict $(CHART); \
-	"$$HELM" template t $(CHART) >/dev/null; \
-	"$$HELM" template t $(CHART) --set leaderElection.enabled=true,replicaCount=2 >/dev/null; \
-	monitored=$$("$$HELM" template t $(CHART) --set metrics.serviceMonitor.enabled=true,metrics.networkPolicy.enabled=true); \
-	[[ "$$monitored" == *$$'\nkind: ServiceMonitor\n'* ]] || { echo "chart did not render the ServiceMonitor" >&2; exit 1; }; \
-	if "$$HELM" template t $(CHART) --set leaderElection.renewDeadlineSeconds=15 >/dev/null 2>&1; then \
-	  echo "chart accepted a renew deadline not shorter than the lease duration" >&2; exit 1; fi; \
-	dash=$$("$$HELM" template t $(CHART) --set dashboard.enabled=true --show-only templates/dashboard.yaml); \
-	[[ "$$dash" == *'grafana_dashboard: "1"'* && "$$dash" == *'"uid": "sovereign-operator"'* ]] \
-	  || { echo "chart: dashboard.enabled=true renders no Grafana dashboard ConfigMap" >&2; exit 1; }; \
-	netpol=$$("$$HELM" template t $(CHART) --show-only templates/networkpolicy.yaml); \
-	[[ "$$netpol" == *'ingress: []'* ]] \
-	  || { echo "chart: the default NetworkPolicy must admit no pod to the operator" >&2; exit 1; }; \
-	[[ $$("$$HELM" template t $(CHART) | grep -c '^kind: ValidatingAdmissionPolicy$$') == 8 ]] \
-	  || { echo "chart: the operator's admission policies are not rendered by default" >&2; exit 1; }; \
-	[[ $$("$$HELM" template t $(CHART) | grep -c '^kind: MutatingAdmissionPolicy$$') == 1 ]] \
-	  || { echo "chart: the policy that holds labelled workloads is not rendered by default" >&2; exit 1; }; \
-	if "$$HELM" template t $(CHART) --show-only templates/workload-policies.yaml | grep -q 'resource-policy'; then \
-	  echo "chart: the workload policies must be removed by helm uninstall (no resource-policy)" >&2; exit 1; fi; \
-	if "$$HELM" template t $(CHART) --set replicaCount=2 >/dev/null 2>&1; then \
-	  echo "chart accepted replicaCount=2 without leader election" >&2; exit 1; fi; \
-	if "$$HELM" template t $(CHART) --set logging.format=xml >/dev/null 2>&1; then \
-	  echo "chart accepted logging.format=xml" >&2; exit 1; fi; \
+	"$$(scripts/tool helm-unittest)" --strict --color=false $(CHART); \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	cp -r $(CHART) "$$tmp/"; \
+	"$$(scripts/tool helm-docs)" --log-level=warning --chart-search-root "$$tmp" --template-files README.md.gotmpl; \
+	diff -u $(CHART)/README.md "$$tmp/sovereign-operator/README.md" \
+	  || { echo "chart: README.md is out of date with values.yaml: run 'make chart-readme' and commit it" >&2; exit 1; }; \
 	version=$$(sed -n 's/^version: *//p' $(CHART)/Chart.yaml); \
 	app=$$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' $(CHART)/Chart.yaml); \
 	crate=$$(sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -1); \
 	[[ "$$version" == "$$app" && "$$app" == "$$crate" ]] \
 	  || { echo "chart: version $$version, appVersion $$app and the crate's $$crate must be one version" >&2; exit 1; }; \
-	digest=sha256:$$(printf '%064d' 0); \
-	sub=$$("$$HELM" template t $(CHART) --set global.imageRegistry=r,enabled=true,nameOverride=sov,commonLabels.team=platform \
-	  --set image.digest=$$digest,extraArgs[0]=--min-run-seconds=60,extraEnv[0].name=X,extraEnv[0].value=hello \
-	  --set topologySpreadConstraints[0].maxSkew=1,topologySpreadConstraints[0].topologyKey=zone,topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway); \
-	[[ $$(grep -c '^kind: ' <<<"$$sub") == $$(grep -c '^    team: platform$$' <<<"$$sub") ]] \
-	  || { echo "chart: commonLabels are not on every object" >&2; exit 1; }; \
-	[[ "$$sub" == *"image: \"sovereign-operator@$$digest\""* && "$$sub" == *'- --min-run-seconds=60'* \
-	   && "$$sub" == *$$'- name: X\n              value: hello'* && "$$sub" == *'name: t-sov'* \
-	   && "$$sub" == *$$'topologyKey: zone\n          whenUnsatisfiable: ScheduleAnyway'* \
-	   && "$$sub" == *$$'- labelSelector:\n            matchLabels:\n              app.kubernetes.io/instance: t\n              app.kubernetes.io/name: sov'* ]] \
-	  || { echo "chart: digest, extraArgs, extraEnv, nameOverride or topology spread not rendered" >&2; exit 1; }; \
-	if "$$HELM" template t $(CHART) --set image.digest=latest >/dev/null 2>&1; then \
-	  echo "chart accepted an image digest that is none" >&2; exit 1; fi; \
-	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	"$$HELM" template t $(CHART) --show-only templates/prometheusrule.yaml \
 	  --set metrics.prometheusRule.enabled=true,metrics.prometheusRule.job=sovereign \
 	  | sed -n '/^spec:/,$$p' | tail -n +2 | sed 's/^  //' > "$$tmp/rules.yaml"; \
@@ -121,7 +93,11 @@ chart:
 	promtool="$$(dirname "$$(e2e/prometheus)")/promtool"; \
 	"$$promtool" check rules "$$tmp/rules.yaml" >/dev/null; \
 	"$$promtool" test rules "$$tmp/alerts.test.yaml"; \
-	echo "chart: lint, template and values schema OK"
+	echo "chart: lint, unit tests, README and alerts OK"
+
+## chart-readme: regenerate the chart's README from the comments in its values.yaml (helm-docs).
+chart-readme:
+	"$$(scripts/tool helm-docs)" --log-level=warning --chart-search-root charts --template-files README.md.gotmpl
 
 ## e2e: the real-cluster suite (builds the image, brings the dev cluster up and down unless one
 ## runs, loads the image into its real node).

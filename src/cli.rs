@@ -92,9 +92,8 @@ pub struct KubeArgs {
 /// Flags of `plan`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PlanArgs {
-    /// Kubeconfig file to use instead of the in-cluster config or $KUBECONFIG.
-    #[arg(long, env = "SOVEREIGN_KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
     /// Files (or folders of .yaml files) with AcceleratorPools, GpuAllocations,
     /// ModelProjects and Namespaces to plan.
     #[arg(short = 'f', long = "filename", value_name = "FILE", required = true, num_args = 1..)]
@@ -324,6 +323,28 @@ mod tests {
         assert_eq!(args.output, ReportFormat::Yaml);
         assert!(try_parse(&["kubectl-sovereign", "report", "-A"]).is_ok());
         assert!(try_parse(&["kubectl-sovereign", "report", "-A", "-n", "x"]).is_err(), "-A and -n exclude each other");
+    }
+
+    #[test]
+    fn plan_takes_kubectl_flags() {
+        let cli = try_parse(&[
+            "kubectl-sovereign",
+            "plan",
+            "-f",
+            "grants.yaml",
+            "--context",
+            "prod",
+            "--kubeconfig",
+            "/etc/k/admin.conf",
+        ])
+        .unwrap();
+        let Command::Plan(args) = cli.command else { panic!("expected plan") };
+        assert_eq!(args.kube.context.as_deref(), Some("prod"));
+        assert_eq!(args.kube.kubeconfig.as_deref(), Some(std::path::Path::new("/etc/k/admin.conf")));
+        assert_eq!(args.files, [PathBuf::from("grants.yaml")]);
+        let cli = try_parse(&["kubectl-sovereign", "plan", "-f", "grants.yaml"]).unwrap();
+        let Command::Plan(args) = cli.command else { panic!("expected plan") };
+        assert_eq!(args.kube.context, None);
     }
 
     #[test]

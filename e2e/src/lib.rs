@@ -80,13 +80,18 @@ impl Env {
     /// Installs (or upgrades) the chart with the in-cluster operator scaled to
     /// zero: no container runtime exists here, the binary runs on the host.
     pub fn install_chart(&self) -> anyhow::Result<()> {
-        let chart = self.repo.join("charts/sovereign-operator");
+        self.install_chart_from(&self.repo.join("charts/sovereign-operator"))
+    }
+
+    /// Installs or upgrades the suite's release (in-cluster operator scaled to zero) to the
+    /// chart in the folder given: this tree's, or an earlier one (the upgrade test).
+    pub fn install_chart_from(&self, chart: &Path) -> anyhow::Result<()> {
         let out = run(
             Command::new(&self.helm)
                 .arg("--kubeconfig")
                 .arg(&self.kubeconfig)
                 .args(["upgrade", "--install", RELEASE])
-                .arg(&chart)
+                .arg(chart)
                 .args(["--namespace", RELEASE_NAMESPACE, "--create-namespace", "--set", "replicaCount=0", "--wait"]),
             None,
         )?;

@@ -27,6 +27,7 @@ mod projects;
 mod refusals;
 mod sharing;
 mod training;
+mod upgrade;
 mod workloads;
 
 type TestFn = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
@@ -122,6 +123,7 @@ fn main() -> anyhow::Result<()> {
         dashboard::every_dashboard_query_returns_series_from_a_real_prometheus,
         plan::the_operator_does_what_plan_said,
         incluster::the_chart_roles_let_tenants_submit_runs_and_only_admins_grant,
+        upgrade::objects_made_under_an_earlier_chart_are_served_and_reconciled_after_an_upgrade,
     ]
     .into_iter()
     .map(|t| (t, true))

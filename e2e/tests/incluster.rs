@@ -24,10 +24,13 @@ const BOTH: &str = "[e2e-atom, e2e-h200]";
 const LEASE_S: u64 = 8;
 const RENEW_S: u64 = 5;
 
+/// The chart's defaults (two replicas, leader election) with short timings: these tests
+/// install what `helm install` installs.
+/// One operator without leader election (the chart's other supported shape).
+const SINGLE: &[&str] = &["replicaCount=1", "leaderElection.enabled=false"];
+
 fn two_replicas_with_leader_election() -> Vec<String> {
     vec![
-        "replicaCount=2".to_string(),
-        "leaderElection.enabled=true".into(),
         format!("leaderElection.leaseDurationSeconds={LEASE_S}"),
         format!("leaderElection.renewDeadlineSeconds={RENEW_S}"),
         "leaderElection.retryPeriodSeconds=1".into(),
@@ -57,7 +60,7 @@ pub async fn the_image_runs_on_the_real_node_in_a_restricted_namespace_and_finis
     env: Arc<Env>,
 ) -> anyhow::Result<()> {
     stop_host_operator(&env).await?;
-    with_release(&env, "pod", &[], async |rel, node, _| {
+    with_release(&env, "pod", SINGLE, async |rel, node, _| {
         let pod = rel.ready_pods(1, Duration::from_secs(60)).await?.remove(0);
         let spec = pod.spec.clone().unwrap_or_default();
         ensure!(spec.node_name.as_deref() == Some(node.name.as_str()), "scheduled on {:?}", spec.node_name);
@@ -117,7 +120,7 @@ pub async fn the_image_runs_on_the_real_node_in_a_restricted_namespace_and_finis
 
 pub async fn an_upgrade_to_another_tag_never_runs_two_operators(env: Arc<Env>) -> anyhow::Result<()> {
     stop_host_operator(&env).await?;
-    with_release(&env, "upg", &[], async |rel, _, image| {
+    with_release(&env, "upg", SINGLE, async |rel, _, image| {
         let before = rel.ready_pods(1, Duration::from_secs(60)).await?.remove(0);
         let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &rel.namespace);
         let strategy = deployments.get(&rel.fullname()).await?.spec.and_then(|s| s.strategy).and_then(|s| s.type_);

@@ -301,7 +301,7 @@ pub async fn a_finished_run_frees_its_devices_for_the_next(env: Arc<Env>) -> any
     .await
 }
 
-fn suspend(env: &Env, ns: &str, name: &str, on: bool) -> anyhow::Result<()> {
+pub fn suspend(env: &Env, ns: &str, name: &str, on: bool) -> anyhow::Result<()> {
     let patch = format!(r#"{{"spec":{{"runPolicy":{{"suspend":{on}}}}}}}"#);
     env.kubectl_ok(&["-n", ns, "patch", "modelproject", name, "--type=merge", "-p", &patch], None)?;
     Ok(())

@@ -185,7 +185,7 @@ pub async fn run(args: &PlanArgs) -> anyhow::Result<()> {
     };
     let action = if args.delete { Action::Delete } else { Action::Apply };
     let proposals = read_files(&args.files, action)?;
-    let client = crate::kubeclient::client(args.kubeconfig.as_deref()).await?;
+    let client = crate::kubeclient::connect(&args.kube).await?;
     let live = fetch(&client).await?;
     let settings = Settings {
         node_grace: std::time::Duration::from_secs(args.planning.node_grace_seconds),
