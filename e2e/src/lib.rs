@@ -87,7 +87,9 @@ impl Env {
                 .arg(&self.kubeconfig)
                 .args(["upgrade", "--install", RELEASE])
                 .arg(&chart)
-                .args(["--namespace", RELEASE_NAMESPACE, "--create-namespace", "--set", "replicaCount=0", "--wait"]),
+                .args(["--namespace", RELEASE_NAMESPACE, "--create-namespace", "--set", "replicaCount=0", "--wait"])
+                // The dev cluster's JobSet controller authenticates as this user (e2e/lib/jobset.sh).
+                .args(["--set", "workloadPolicies.jobsetControllers={jobset-controller}"]),
             None,
         )?;
         if !out.status.success() {

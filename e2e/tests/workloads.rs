@@ -475,7 +475,7 @@ pub async fn an_indexed_job_falls_back_whole_from_a_full_h200_grant_to_b200_and_
         let mut forged = pod_template(8, Some(B200), json!({}));
         forged["metadata"]["labels"] = json!({"sovereign.ai/job": "forged", "sovereign.ai/pool": "e2e-b200"});
         let msg = refusal(&jobs, &job("forged", None, 1, forged)?).await?;
-        ensure!(msg.contains("are set by the sovereign operator when it admits a Job labelled"), "{msg}");
+        ensure!(msg.contains("are set by the sovereign operator when it admits a Job or JobSet labelled"), "{msg}");
         Ok(())
     })
     .await
