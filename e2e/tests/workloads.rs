@@ -29,6 +29,22 @@ fn pools(scope: &mut sovereign_e2e::Scope) -> anyhow::Result<()> {
     scope.apply(&pool_yaml("e2e-b200", "nvidia.com/gpu", B200, 1.0))
 }
 
+/// The two pools, and `allocation` granting `grants` to `ns`: Active, and
+/// named with its pools in the policies' params.
+async fn granted(
+    env: &Env,
+    scope: &mut sovereign_e2e::Scope,
+    ns: &str,
+    allocation: &str,
+    grants: &str,
+    pools_granted: &[&str],
+) -> anyhow::Result<()> {
+    pools(scope)?;
+    scope.apply(&alloc_yaml(allocation, &[ns], grants, ""))?;
+    wait_phase(env, allocation, AllocationPhase::Active, Duration::from_secs(60)).await?;
+    wait_policy_params(env, ns, allocation, pools_granted).await
+}
+
 /// Waits until the namespace's quota (the policies' params) lists `allocation`
 /// and the pools of its Active grants.
 async fn wait_policy_params(env: &Env, ns: &str, allocation: &str, pools: &[&str]) -> anyhow::Result<()> {
@@ -142,10 +158,7 @@ pub async fn labelled_workloads_are_held_at_creation_and_unlabelled_ones_untouch
 ) -> anyhow::Result<()> {
     in_namespaces(&env, &["wl-held"], async |names, scope| {
         let ns = names[0].clone();
-        pools(scope)?;
-        scope.apply(&alloc_yaml("e2e-wl-held", &[&ns], "[{pool: e2e-b200, accelerators: 16}]", ""))?;
-        wait_phase(&env, "e2e-wl-held", AllocationPhase::Active, Duration::from_secs(60)).await?;
-        wait_policy_params(&env, &ns, "e2e-wl-held", &["e2e-b200"]).await?;
+        granted(&env, scope, &ns, "e2e-wl-held", "[{pool: e2e-b200, accelerators: 16}]", &["e2e-b200"]).await?;
 
         // Asked to start at once (suspend: false), held by the API server. It
         // prefers a pool its allocation holds no grant in: the operator keeps it held.
@@ -499,10 +512,7 @@ pub async fn an_indexed_job_falls_back_whole_from_a_full_h200_grant_to_b200_and_
 pub async fn a_higher_priority_project_preempts_a_running_job_which_resumes_later(env: Arc<Env>) -> anyhow::Result<()> {
     in_namespaces(&env, &["wl-preempt"], async |names, scope| {
         let ns = names[0].clone();
-        pools(scope)?;
-        scope.apply(&alloc_yaml("e2e-wl-preempt", &[&ns], "[{pool: e2e-b200, accelerators: 16}]", ""))?;
-        wait_phase(&env, "e2e-wl-preempt", AllocationPhase::Active, Duration::from_secs(60)).await?;
-        wait_policy_params(&env, &ns, "e2e-wl-preempt", &["e2e-b200"]).await?;
+        granted(&env, scope, &ns, "e2e-wl-preempt", "[{pool: e2e-b200, accelerators: 16}]", &["e2e-b200"]).await?;
         let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
 
         // The Job takes the whole grant (2 pods of 8) and runs until preempted.
@@ -541,10 +551,7 @@ pub async fn a_higher_priority_project_preempts_a_running_job_which_resumes_late
 pub async fn a_higher_priority_job_preempts_a_running_project_which_resumes_later(env: Arc<Env>) -> anyhow::Result<()> {
     in_namespaces(&env, &["wl-reverse"], async |names, scope| {
         let ns = names[0].clone();
-        pools(scope)?;
-        scope.apply(&alloc_yaml("e2e-wl-reverse", &[&ns], "[{pool: e2e-b200, accelerators: 16}]", ""))?;
-        wait_phase(&env, "e2e-wl-reverse", AllocationPhase::Active, Duration::from_secs(60)).await?;
-        wait_policy_params(&env, &ns, "e2e-wl-reverse", &["e2e-b200"]).await?;
+        granted(&env, scope, &ns, "e2e-wl-reverse", "[{pool: e2e-b200, accelerators: 16}]", &["e2e-b200"]).await?;
 
         // The project takes the whole grant (2 workers of 8) and runs until preempted.
         scope.apply(&project_yaml("low", &ns, "e2e-wl-reverse", "[e2e-b200]", 2, "", ""))?;
@@ -617,10 +624,7 @@ pub async fn a_jobset_of_two_replicated_jobs_waits_whole_then_runs_whole_and_in_
 ) -> anyhow::Result<()> {
     in_namespaces(&env, &["wl-jobset"], async |names, scope| {
         let ns = names[0].clone();
-        pools(scope)?;
-        scope.apply(&alloc_yaml("e2e-wl-jobset", &[&ns], "[{pool: e2e-b200, accelerators: 32}]", ""))?;
-        wait_phase(&env, "e2e-wl-jobset", AllocationPhase::Active, Duration::from_secs(60)).await?;
-        wait_policy_params(&env, &ns, "e2e-wl-jobset", &["e2e-b200"]).await?;
+        granted(&env, scope, &ns, "e2e-wl-jobset", "[{pool: e2e-b200, accelerators: 32}]", &["e2e-b200"]).await?;
         let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
         let sets = jobsets(&env, &ns);
 
@@ -694,10 +698,7 @@ pub async fn a_jobset_of_two_replicated_jobs_waits_whole_then_runs_whole_and_in_
 pub async fn a_jobset_that_a_trainjob_made_is_admitted_by_the_same_path(env: Arc<Env>) -> anyhow::Result<()> {
     in_namespaces(&env, &["wl-trainjob"], async |names, scope| {
         let ns = names[0].clone();
-        pools(scope)?;
-        scope.apply(&alloc_yaml("e2e-wl-trainjob", &[&ns], "[{pool: e2e-b200, accelerators: 16}]", ""))?;
-        wait_phase(&env, "e2e-wl-trainjob", AllocationPhase::Active, Duration::from_secs(60)).await?;
-        wait_policy_params(&env, &ns, "e2e-wl-trainjob", &["e2e-b200"]).await?;
+        granted(&env, scope, &ns, "e2e-wl-trainjob", "[{pool: e2e-b200, accelerators: 16}]", &["e2e-b200"]).await?;
 
         // The TrainJob as a researcher writes it: the label on it (the API server holds it) and in
         // spec.labels (the Trainer puts those on the JobSet it makes), the pools in spec.annotations.
