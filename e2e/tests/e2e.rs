@@ -104,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         workloads::a_higher_priority_job_preempts_a_running_project_which_resumes_later,
         workloads::a_jobset_of_two_replicated_jobs_waits_whole_then_runs_whole_and_in_one_rack_when_required,
         workloads::a_jobset_that_a_trainjob_made_is_admitted_by_the_same_path,
+        workloads::a_higher_priority_project_preempts_a_running_jobset_which_resumes_whole_later,
         projects::a_gang_lands_whole_on_the_npu_pool_and_falls_back_whole_to_gpus,
         projects::a_gang_larger_than_any_rack_waits_with_the_reason,
         projects::a_project_that_can_never_fit_says_why,

@@ -744,3 +744,43 @@ pub async fn a_jobset_that_a_trainjob_made_is_admitted_by_the_same_path(env: Arc
     })
     .await
 }
+
+pub async fn a_higher_priority_project_preempts_a_running_jobset_which_resumes_whole_later(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-set-preempt"], async |names, scope| {
+        let ns = names[0].clone();
+        let grant = "[{pool: e2e-b200, accelerators: 16}]";
+        granted(&env, scope, &ns, "e2e-wl-set-preempt", grant, &["e2e-b200"]).await?;
+        let sets = jobsets(&env, &ns);
+
+        // The JobSet takes the whole grant (2 replicated jobs x 1 pod x 8) and runs until preempted.
+        create_when_admitted(&sets, &two_replicated_jobs("low", "e2e-wl-set-preempt", 1, json!({}), json!({}))?)
+            .await?;
+        ensure!(wait_admitted(&sets, "low", Duration::from_secs(60)).await? == "e2e-b200", "low not on B200");
+        running_selected(&env, &ns, &jobset_pods("low"), 2).await?;
+
+        // A project of priority 100 needs the same 16: the JobSet is suspended again, its pods go.
+        let done = "sim.sovereign.ai/complete-after: \"5s\"";
+        scope.apply(&project_yaml("high", &ns, "e2e-wl-set-preempt", "[e2e-b200]", 2, "  priority: 100\n", done))?;
+        wait_for("JobSet low to be suspended again", Duration::from_secs(60), || async {
+            let js = sets.get("low").await.map_err(|e| e.to_string())?;
+            let forgotten = !js.annotations().contains_key("sovereign.ai/admitted-pool");
+            if suspended(&js) == Some(true) && forgotten {
+                Ok(())
+            } else {
+                Err(format!("{:?}", js.metadata.annotations))
+            }
+        })
+        .await?;
+        let preempted = wait_event_on(&env, &ns, "JobSet", "low", "Preempted").await?;
+        ensure!(preempted.contains("high"), "{preempted}");
+        wait_project(&env, &ns, "high", ProjectPhase::Running, Duration::from_secs(60)).await?;
+
+        // The project finishes; the JobSet is admitted again and all its pods run again.
+        ensure!(wait_admitted(&sets, "low", Duration::from_secs(120)).await? == "e2e-b200", "low not back on B200");
+        running_selected(&env, &ns, &jobset_pods("low"), 2).await?;
+        Ok(())
+    })
+    .await
+}
