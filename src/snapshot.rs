@@ -28,6 +28,9 @@ pub const POOL_LABEL: &str = "sovereign.ai/pool";
 /// Label the operator puts on the pod template of a batch Job it admitted: the
 /// Job's name. Its pods hold devices as the Job's gang, not as foreign pods.
 pub const JOB_LABEL: &str = "sovereign.ai/job";
+/// Label the operator puts on every pod template of a JobSet it admitted: the
+/// JobSet's name. Its pods hold devices as the JobSet's gang.
+pub const JOBSET_LABEL: &str = "sovereign.ai/jobset";
 /// Label (value `true`) the admin puts on tenant namespaces: the chart's admission
 /// policy lets the operator create quotas and worker pods only there.
 pub const TENANT_LABEL: &str = "sovereign.ai/tenant";

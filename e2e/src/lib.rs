@@ -80,19 +80,23 @@ impl Env {
     /// Installs (or upgrades) the chart with the in-cluster operator scaled to
     /// zero: no container runtime exists here, the binary runs on the host.
     pub fn install_chart(&self) -> anyhow::Result<()> {
-        self.install_chart_from(&self.repo.join("charts/sovereign-operator"))
+        // The dev cluster's JobSet controller authenticates as this user (e2e/lib/jobset.sh).
+        let sets = ["workloadPolicies.jobsetControllers={jobset-controller}"];
+        self.install_chart_from(&self.repo.join("charts/sovereign-operator"), &sets)
     }
 
     /// Installs or upgrades the suite's release (in-cluster operator scaled to zero) to the
-    /// chart in the folder given: this tree's, or an earlier one (the upgrade test).
-    pub fn install_chart_from(&self, chart: &Path) -> anyhow::Result<()> {
+    /// chart in the folder given: this tree's, or an earlier one (the upgrade test), with
+    /// `--set` values that chart knows.
+    pub fn install_chart_from(&self, chart: &Path, sets: &[&str]) -> anyhow::Result<()> {
         let out = run(
             Command::new(&self.helm)
                 .arg("--kubeconfig")
                 .arg(&self.kubeconfig)
                 .args(["upgrade", "--install", RELEASE])
-                .arg(chart)
-                .args(["--namespace", RELEASE_NAMESPACE, "--create-namespace", "--set", "replicaCount=0", "--wait"]),
+.arg(chart)
+                .args(["--namespace", RELEASE_NAMESPACE, "--create-namespace", "--set", "replicaCount=0", "--wait"])
+                .args(sets.iter().flat_map(|s| ["--set", s])),
             None,
         )?;
         if !out.status.success() {

@@ -64,7 +64,7 @@ pub async fn objects_made_under_an_earlier_chart_are_served_and_reconciled_after
     env: Arc<Env>,
 ) -> anyhow::Result<()> {
     let earlier = chart_at(&env, EARLIER)?;
-    env.install_chart_from(&earlier).context("helm upgrade to the earlier chart")?;
+    env.install_chart_from(&earlier, &[]).context("helm upgrade to the earlier chart")?;
     let res = under_the_earlier_chart_then_upgraded(&env, &earlier).await;
     // Whatever happened: the suite's release is this tree's chart again.
     let restored = env.install_chart();

@@ -29,6 +29,22 @@ fn pools(scope: &mut sovereign_e2e::Scope) -> anyhow::Result<()> {
     scope.apply(&pool_yaml("e2e-b200", "nvidia.com/gpu", B200, 1.0))
 }
 
+/// The two pools, and `allocation` granting `grants` to `ns`: Active, and
+/// named with its pools in the policies' params.
+async fn granted(
+    env: &Env,
+    scope: &mut sovereign_e2e::Scope,
+    ns: &str,
+    allocation: &str,
+    grants: &str,
+    pools_granted: &[&str],
+) -> anyhow::Result<()> {
+    pools(scope)?;
+    scope.apply(&alloc_yaml(allocation, &[ns], grants, ""))?;
+    wait_phase(env, allocation, AllocationPhase::Active, Duration::from_secs(60)).await?;
+    wait_policy_params(env, ns, allocation, pools_granted).await
+}
+
 /// Waits until the namespace's quota (the policies' params) lists `allocation`
 /// and the pools of its Active grants.
 async fn wait_policy_params(env: &Env, ns: &str, allocation: &str, pools: &[&str]) -> anyhow::Result<()> {
@@ -142,10 +158,7 @@ pub async fn labelled_workloads_are_held_at_creation_and_unlabelled_ones_untouch
 ) -> anyhow::Result<()> {
     in_namespaces(&env, &["wl-held"], async |names, scope| {
         let ns = names[0].clone();
-        pools(scope)?;
-        scope.apply(&alloc_yaml("e2e-wl-held", &[&ns], "[{pool: e2e-b200, accelerators: 16}]", ""))?;
-        wait_phase(&env, "e2e-wl-held", AllocationPhase::Active, Duration::from_secs(60)).await?;
-        wait_policy_params(&env, &ns, "e2e-wl-held", &["e2e-b200"]).await?;
+        granted(&env, scope, &ns, "e2e-wl-held", "[{pool: e2e-b200, accelerators: 16}]", &["e2e-b200"]).await?;
 
         // Asked to start at once (suspend: false), held by the API server. It
         // prefers a pool its allocation holds no grant in: the operator keeps it held.
@@ -358,30 +371,41 @@ fn annotated(mut j: Job, notes: &[(&str, &str)]) -> Job {
     j
 }
 
-/// Waits until the operator admitted the Job (started, its pool annotated) and
-/// returns the pool.
-async fn wait_admitted(jobs: &Api<Job>, name: &str, timeout: Duration) -> anyhow::Result<String> {
-    wait_for(&format!("Job {name} to be admitted"), timeout, || async {
-        let j = jobs.get(name).await.map_err(|e| e.to_string())?;
-        let running = j.spec.as_ref().and_then(|s| s.suspend) == Some(false);
-        match j.annotations().get("sovereign.ai/admitted-pool") {
-            Some(pool) if running => Ok(pool.clone()),
-            _ => Err(format!("suspend {:?}, annotations {:?}", j.spec.and_then(|s| s.suspend), j.metadata.annotations)),
+/// Waits until the operator admitted the workload (a Job, a JobSet: started,
+/// its pool annotated) and returns the pool.
+async fn wait_admitted<K>(api: &Api<K>, name: &str, timeout: Duration) -> anyhow::Result<String>
+where
+    K: kube::Resource
+        + Clone
+        + k8s_openapi::serde::Serialize
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    wait_for(&format!("{name} to be admitted"), timeout, || async {
+        let w = api.get(name).await.map_err(|e| e.to_string())?;
+        let suspend = serde_json::to_value(&w).ok().and_then(|v| v.pointer("/spec/suspend").and_then(Value::as_bool));
+        match w.meta().annotations.as_ref().and_then(|a| a.get("sovereign.ai/admitted-pool")) {
+            Some(pool) if suspend == Some(false) => Ok(pool.clone()),
+            _ => Err(format!("suspend {suspend:?}, annotations {:?}", w.meta().annotations)),
         }
     })
     .await
 }
 
-/// Waits for an Event of `reason` on the Job; returns its note.
+/// Waits for an Event of `reason` on the Job (or another `kind`); returns its note.
 async fn wait_event(env: &Env, ns: &str, job: &str, reason: &str) -> anyhow::Result<String> {
+    wait_event_on(env, ns, "Job", job, reason).await
+}
+
+async fn wait_event_on(env: &Env, ns: &str, kind: &str, name: &str, reason: &str) -> anyhow::Result<String> {
     let events: Api<Event> = Api::namespaced(env.client.clone(), ns);
-    wait_for(&format!("an Event {reason} on Job {job}"), Duration::from_secs(30), || async {
+    wait_for(&format!("an Event {reason} on {kind} {name}"), Duration::from_secs(30), || async {
         let list = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
         let seen: Vec<_> = list
             .items
             .iter()
             .filter(|e| {
-                e.involved_object.kind.as_deref() == Some("Job") && e.involved_object.name.as_deref() == Some(job)
+                e.involved_object.kind.as_deref() == Some(kind) && e.involved_object.name.as_deref() == Some(name)
             })
             .map(|e| (e.reason.clone().unwrap_or_default(), e.message.clone().unwrap_or_default()))
             .collect();
@@ -392,10 +416,14 @@ async fn wait_event(env: &Env, ns: &str, job: &str, reason: &str) -> anyhow::Res
 
 /// The nodes the Job's pods run on, once `count` of them run.
 async fn running_on(env: &Env, ns: &str, job: &str, count: usize) -> anyhow::Result<Vec<String>> {
+    running_selected(env, ns, &format!("job-name={job}"), count).await
+}
+
+/// The nodes the pods that `selector` selects run on, once `count` of them run.
+async fn running_selected(env: &Env, ns: &str, selector: &str, count: usize) -> anyhow::Result<Vec<String>> {
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), ns);
-    wait_for(&format!("{count} pods of Job {job} to run"), Duration::from_secs(60), || async {
-        let list =
-            pods.list(&ListParams::default().labels(&format!("job-name={job}"))).await.map_err(|e| e.to_string())?;
+    wait_for(&format!("{count} pods {selector} to run"), Duration::from_secs(60), || async {
+        let list = pods.list(&ListParams::default().labels(selector)).await.map_err(|e| e.to_string())?;
         let nodes: Vec<String> = list
             .items
             .iter()
@@ -475,7 +503,7 @@ pub async fn an_indexed_job_falls_back_whole_from_a_full_h200_grant_to_b200_and_
         let mut forged = pod_template(8, Some(B200), json!({}));
         forged["metadata"]["labels"] = json!({"sovereign.ai/job": "forged", "sovereign.ai/pool": "e2e-b200"});
         let msg = refusal(&jobs, &job("forged", None, 1, forged)?).await?;
-        ensure!(msg.contains("are set by the sovereign operator when it admits a Job labelled"), "{msg}");
+        ensure!(msg.contains("are set by the sovereign operator when it admits a Job or JobSet labelled"), "{msg}");
         Ok(())
     })
     .await
@@ -484,10 +512,7 @@ pub async fn an_indexed_job_falls_back_whole_from_a_full_h200_grant_to_b200_and_
 pub async fn a_higher_priority_project_preempts_a_running_job_which_resumes_later(env: Arc<Env>) -> anyhow::Result<()> {
     in_namespaces(&env, &["wl-preempt"], async |names, scope| {
         let ns = names[0].clone();
-        pools(scope)?;
-        scope.apply(&alloc_yaml("e2e-wl-preempt", &[&ns], "[{pool: e2e-b200, accelerators: 16}]", ""))?;
-        wait_phase(&env, "e2e-wl-preempt", AllocationPhase::Active, Duration::from_secs(60)).await?;
-        wait_policy_params(&env, &ns, "e2e-wl-preempt", &["e2e-b200"]).await?;
+        granted(&env, scope, &ns, "e2e-wl-preempt", "[{pool: e2e-b200, accelerators: 16}]", &["e2e-b200"]).await?;
         let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
 
         // The Job takes the whole grant (2 pods of 8) and runs until preempted.
@@ -526,10 +551,7 @@ pub async fn a_higher_priority_project_preempts_a_running_job_which_resumes_late
 pub async fn a_higher_priority_job_preempts_a_running_project_which_resumes_later(env: Arc<Env>) -> anyhow::Result<()> {
     in_namespaces(&env, &["wl-reverse"], async |names, scope| {
         let ns = names[0].clone();
-        pools(scope)?;
-        scope.apply(&alloc_yaml("e2e-wl-reverse", &[&ns], "[{pool: e2e-b200, accelerators: 16}]", ""))?;
-        wait_phase(&env, "e2e-wl-reverse", AllocationPhase::Active, Duration::from_secs(60)).await?;
-        wait_policy_params(&env, &ns, "e2e-wl-reverse", &["e2e-b200"]).await?;
+        granted(&env, scope, &ns, "e2e-wl-reverse", "[{pool: e2e-b200, accelerators: 16}]", &["e2e-b200"]).await?;
 
         // The project takes the whole grant (2 workers of 8) and runs until preempted.
         scope.apply(&project_yaml("low", &ns, "e2e-wl-reverse", "[e2e-b200]", 2, "", ""))?;
@@ -558,6 +580,206 @@ pub async fn a_higher_priority_job_preempts_a_running_project_which_resumes_late
 
         // Its devices back, the project runs again.
         wait_project(&env, &ns, "low", ProjectPhase::Running, Duration::from_secs(60)).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// A labelled JobSet of two replicated jobs ("launcher": 1 Job, "workers": 1
+/// Job), each of `pods` pods of 8 devices on any pool, with `annotations`.
+fn two_replicated_jobs(
+    name: &str,
+    allocation: &str,
+    pods: u32,
+    annotations: Value,
+    done: Value,
+) -> anyhow::Result<DynamicObject> {
+    let rj = |rj: &str| {
+        json!({"name": rj, "replicas": 1, "template": {"spec": {"parallelism": pods, "completions": pods,
+            "completionMode": "Indexed", "backoffLimit": 0, "template": pod_template(8, None, done.clone())}}})
+    };
+    object(json!({"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+        "metadata": {"name": name, "labels": {LABEL: allocation}, "annotations": annotations},
+        "spec": {"replicatedJobs": [rj("launcher"), rj("workers")]}}))
+}
+
+fn jobset_pods(name: &str) -> String {
+    format!("jobset.sigs.k8s.io/jobset-name={name}")
+}
+
+/// Waits until the JobSet reports Completed.
+async fn wait_jobset_completed(sets: &Api<DynamicObject>, name: &str) -> anyhow::Result<()> {
+    wait_for(&format!("JobSet {name} to complete"), Duration::from_secs(120), || async {
+        let js = sets.get(name).await.map_err(|e| e.to_string())?;
+        let conditions = js.data.pointer("/status/conditions").cloned().unwrap_or_default();
+        let done =
+            conditions.as_array().into_iter().flatten().any(|c| c["type"] == "Completed" && c["status"] == "True");
+        if done { Ok(()) } else { Err(conditions.to_string()) }
+    })
+    .await
+}
+
+pub async fn a_jobset_of_two_replicated_jobs_waits_whole_then_runs_whole_and_in_one_rack_when_required(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-jobset"], async |names, scope| {
+        let ns = names[0].clone();
+        granted(&env, scope, &ns, "e2e-wl-jobset", "[{pool: e2e-b200, accelerators: 32}]", &["e2e-b200"]).await?;
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+        let sets = jobsets(&env, &ns);
+
+        // A Job of 2 x 8 holds half the grant until deleted.
+        create_when_admitted(&jobs, &job("filler", Some("e2e-wl-jobset"), 2, pod_template(8, None, json!({})))?)
+            .await?;
+        ensure!(wait_admitted(&jobs, "filler", Duration::from_secs(60)).await? == "e2e-b200", "filler not on B200");
+        running_on(&env, &ns, "filler", 2).await?;
+
+        // 2 replicated jobs x 2 pods x 8 = 32: half of it would fit, none of it runs.
+        let done = json!({"sim.sovereign.ai/complete-after": "3s"});
+        create_when_admitted(&sets, &two_replicated_jobs("pair", "e2e-wl-jobset", 2, json!({}), done.clone())?).await?;
+        let queued = wait_event_on(&env, &ns, "JobSet", "pair", "Queued").await?;
+        ensure!(queued.contains("32"), "the Queued reason does not give the 32 devices it needs: {queued}");
+        let js = sets.get("pair").await?;
+        ensure!(suspended(&js) == Some(true), "JobSet pair started while only half of it fits");
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
+        let started = pods.list(&ListParams::default().labels(&jobset_pods("pair"))).await?;
+        ensure!(started.items.is_empty(), "JobSet pair half-runs: {} pods", started.items.len());
+
+        // The filler goes: the whole JobSet is admitted, pinned, runs on B200 and completes.
+        jobs.delete("filler", &kube::api::DeleteParams::background()).await?;
+        ensure!(wait_admitted(&sets, "pair", Duration::from_secs(90)).await? == "e2e-b200", "pair not on B200");
+        let admitted = wait_event_on(&env, &ns, "JobSet", "pair", "Admitted").await?;
+        ensure!(admitted.starts_with("admitted to pool e2e-b200 on nodes "), "{admitted}");
+        let js = sets.get("pair").await?;
+        for rj in js.data.pointer("/spec/replicatedJobs").and_then(Value::as_array).context("replicatedJobs")? {
+            let t = &rj["template"]["spec"]["template"];
+            ensure!(t["spec"]["nodeSelector"][B200.0] == B200.1, "{} not pinned to B200: {}", rj["name"], t["spec"]);
+            ensure!(
+                t["metadata"]["labels"]["sovereign.ai/jobset"] == "pair",
+                "{} pods not labelled: {}",
+                rj["name"],
+                t
+            );
+        }
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
+        for n in running_selected(&env, &ns, &jobset_pods("pair"), 4).await? {
+            let node = nodes.get(&n).await?;
+            ensure!(node.labels().get(B200.0).map(String::as_str) == Some(B200.1), "a pod of pair ran on {n}");
+        }
+        wait_jobset_completed(&sets, "pair").await?;
+
+        // Required in one rack (2 B200 nodes of 8): one pod of 8 holds a node of some rack; the
+        // JobSet of 2 x 1 x 8 runs whole in one rack.
+        create_when_admitted(&jobs, &job("corner", Some("e2e-wl-jobset"), 1, pod_template(8, None, json!({})))?)
+            .await?;
+        wait_admitted(&jobs, "corner", Duration::from_secs(60)).await?;
+        running_on(&env, &ns, "corner", 1).await?;
+        let rack = "topology.sovereign.ai/rack";
+        let notes = json!({"sovereign.ai/topology-key": rack, "sovereign.ai/topology-mode": "Required"});
+        create_when_admitted(&sets, &two_replicated_jobs("racked", "e2e-wl-jobset", 1, notes, done)?).await?;
+        wait_admitted(&sets, "racked", Duration::from_secs(60)).await?;
+        let admitted = wait_event_on(&env, &ns, "JobSet", "racked", "Admitted").await?;
+        let js = sets.get("racked").await?;
+        let selector = &js.data["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["nodeSelector"];
+        let domain = selector[rack].as_str().context(format!("no rack in the pinned nodeSelector {selector}"))?;
+        ensure!(admitted.ends_with(&format!("(all in {rack}={domain})")), "{admitted}");
+        let mut racks = Vec::new();
+        for n in running_selected(&env, &ns, &jobset_pods("racked"), 2).await? {
+            racks.push(nodes.get(&n).await?.labels().get(rack).cloned().unwrap_or_default());
+        }
+        racks.dedup();
+        ensure!(racks == [domain], "the pods of racked ran in racks {racks:?}, not all in {domain}");
+        wait_jobset_completed(&sets, "racked").await?;
+        Ok(())
+    })
+    .await
+}
+
+pub async fn a_jobset_that_a_trainjob_made_is_admitted_by_the_same_path(env: Arc<Env>) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-trainjob"], async |names, scope| {
+        let ns = names[0].clone();
+        granted(&env, scope, &ns, "e2e-wl-trainjob", "[{pool: e2e-b200, accelerators: 16}]", &["e2e-b200"]).await?;
+
+        // The TrainJob as a researcher writes it: the label on it (the API server holds it) and in
+        // spec.labels (the Trainer puts those on the JobSet it makes), the pools in spec.annotations.
+        let trainjobs = trainjobs(&env, &ns);
+        let tj = object(json!({"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+            "metadata": {"name": "llm", "labels": {LABEL: "e2e-wl-trainjob"}},
+            "spec": {"runtimeRef": {"name": "torch-distributed"},
+                     "labels": {LABEL: "e2e-wl-trainjob"}, "annotations": {"sovereign.ai/pools": "e2e-b200"},
+                     "trainer": {"numNodes": 2, "resourcesPerNode": {"limits": {"nvidia.com/gpu": "8"}}}}}))?;
+        let tj = create_when_admitted(&trainjobs, &tj).await?;
+        ensure!(suspended(&tj) == Some(true), "the TrainJob is not held: {:?}", tj.data.get("spec"));
+
+        // The JobSet the Trainer (not run here) makes of it: same name, its controller the TrainJob,
+        // the TrainJob's spec.labels and spec.annotations, suspended as the TrainJob is, one
+        // replicated job "node" of numNodes pods.
+        let done = json!({"sim.sovereign.ai/complete-after": "3s"});
+        let mut template = pod_template(8, None, done);
+        template["metadata"]["labels"] = json!({"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"});
+        let made = object(json!({"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+            "metadata": {"name": "llm", "labels": {LABEL: "e2e-wl-trainjob"},
+                "annotations": {"sovereign.ai/pools": "e2e-b200"},
+                "ownerReferences": [{"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "name": "llm",
+                    "uid": tj.metadata.uid, "controller": true, "blockOwnerDeletion": true}]},
+            "spec": {"suspend": true, "replicatedJobs": [{"name": "node", "replicas": 1,
+                "template": {"metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+                    "spec": {"parallelism": 2, "completions": 2, "backoffLimit": 0, "template": template}}}]}}))?;
+        let sets = jobsets(&env, &ns);
+        create_when_admitted(&sets, &made).await?;
+
+        // Admitted by the same path: pinned, started; the TrainJob is started with it (the
+        // Trainer would otherwise hold its JobSet suspended).
+        ensure!(wait_admitted(&sets, "llm", Duration::from_secs(60)).await? == "e2e-b200", "llm not on B200");
+        wait_for("the TrainJob to be started with its JobSet", Duration::from_secs(30), || async {
+            let tj = trainjobs.get("llm").await.map_err(|e| e.to_string())?;
+            if suspended(&tj) == Some(false) { Ok(()) } else { Err(format!("{:?}", tj.data.get("spec"))) }
+        })
+        .await?;
+        let admitted = wait_event_on(&env, &ns, "JobSet", "llm", "Admitted").await?;
+        ensure!(admitted.starts_with("admitted to pool e2e-b200"), "{admitted}");
+        running_selected(&env, &ns, &jobset_pods("llm"), 2).await?;
+        wait_jobset_completed(&sets, "llm").await?;
+        Ok(())
+    })
+    .await
+}
+
+pub async fn a_higher_priority_project_preempts_a_running_jobset_which_resumes_whole_later(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-set-preempt"], async |names, scope| {
+        let ns = names[0].clone();
+        let grant = "[{pool: e2e-b200, accelerators: 16}]";
+        granted(&env, scope, &ns, "e2e-wl-set-preempt", grant, &["e2e-b200"]).await?;
+        let sets = jobsets(&env, &ns);
+
+        // The JobSet takes the whole grant (2 replicated jobs x 1 pod x 8) and runs until preempted.
+        create_when_admitted(&sets, &two_replicated_jobs("low", "e2e-wl-set-preempt", 1, json!({}), json!({}))?)
+            .await?;
+        ensure!(wait_admitted(&sets, "low", Duration::from_secs(60)).await? == "e2e-b200", "low not on B200");
+        running_selected(&env, &ns, &jobset_pods("low"), 2).await?;
+
+        // A project of priority 100 needs the same 16: the JobSet is suspended again, its pods go.
+        let done = "sim.sovereign.ai/complete-after: \"5s\"";
+        scope.apply(&project_yaml("high", &ns, "e2e-wl-set-preempt", "[e2e-b200]", 2, "  priority: 100\n", done))?;
+        wait_for("JobSet low to be suspended again", Duration::from_secs(60), || async {
+            let js = sets.get("low").await.map_err(|e| e.to_string())?;
+            let forgotten = !js.annotations().contains_key("sovereign.ai/admitted-pool");
+            if suspended(&js) == Some(true) && forgotten {
+                Ok(())
+            } else {
+                Err(format!("{:?}", js.metadata.annotations))
+            }
+        })
+        .await?;
+        let preempted = wait_event_on(&env, &ns, "JobSet", "low", "Preempted").await?;
+        ensure!(preempted.contains("high"), "{preempted}");
+        wait_project(&env, &ns, "high", ProjectPhase::Running, Duration::from_secs(60)).await?;
+
+        // The project finishes; the JobSet is admitted again and all its pods run again.
+        ensure!(wait_admitted(&sets, "low", Duration::from_secs(120)).await? == "e2e-b200", "low not back on B200");
+        running_selected(&env, &ns, &jobset_pods("low"), 2).await?;
         Ok(())
     })
     .await

@@ -13,6 +13,9 @@ pub enum GangKind {
     ModelProject,
     /// A batch Job labelled `sovereign.ai/allocation` ([`super::job`]).
     Job,
+    /// A JobSet labelled `sovereign.ai/allocation` (its own, or made by a
+    /// Kubeflow TrainJob): every pod of every replicated job ([`super::job`]).
+    JobSet,
 }
 
 /// Which object a gang is: its kind, namespace and name.
@@ -31,15 +34,21 @@ impl GangKey {
     pub fn job(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         Self { kind: GangKind::Job, namespace: namespace.into(), name: name.into() }
     }
+
+    pub fn jobset(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { kind: GangKind::JobSet, namespace: namespace.into(), name: name.into() }
+    }
 }
 
 /// How a gang is named in reasons and Events: "namespace/name" for the
-/// operator's own kind, "Job namespace/name" for a batch Job.
+/// operator's own kind, "Job namespace/name" for a batch Job, "JobSet
+/// namespace/name" for a JobSet.
 impl fmt::Display for GangKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
             GangKind::ModelProject => write!(f, "{}/{}", self.namespace, self.name),
             GangKind::Job => write!(f, "Job {}/{}", self.namespace, self.name),
+            GangKind::JobSet => write!(f, "JobSet {}/{}", self.namespace, self.name),
         }
     }
 }

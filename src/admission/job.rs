@@ -1,29 +1,31 @@
-//! A batch Job labelled `sovereign.ai/allocation`, adapted into the core and
-//! out of it. The chart's admission policy holds such a Job (suspended) from
-//! its creation: held, it is a waiting gang ([`gang`]); started by the
-//! operator, it holds devices, as the annotations written with its start say
-//! ([`holding`]). A decision about its gang is a write to the Job with its
-//! Events ([`action`]): an admission pins the pod template to the pool (node
-//! labels, tolerations, the planned nodes) and unsuspends it; a preemption,
-//! a reclaim or a stopped grant suspends it again (its pods go, it waits
-//! again).
+//! A workload labelled `sovereign.ai/allocation` that the operator holds and
+//! starts, a batch Job or a JobSet (its own, or the one a Kubeflow TrainJob
+//! makes), adapted into the core and out of it ([`Workload`] is what differs
+//! between the kinds). The chart's admission policy holds such a workload
+//! (suspended) from its creation: held, it is a waiting gang ([`gang`]);
+//! started by the operator, it holds devices, as the annotations written with
+//! its start say ([`holding`]). A decision about its gang is a write to the
+//! workload with its Events ([`action`]): an admission pins its pod templates
+//! to the pool (node labels, tolerations, the topology domain, a Job's planned
+//! nodes) and unsuspends it; a preemption, a reclaim or a stopped grant
+//! suspends it again (its pods go, it waits again).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::api::core::v1::{PodTemplateSpec, Toleration};
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
 use super::decide::{Decision, WaitReason};
-use super::gang::{Gang, GangKey, GangState, Holding, TopologyRequest};
+use super::gang::{Gang, GangKey, GangKind, GangState, Holding, TopologyRequest};
 use crate::api::TopologyMode;
 use crate::events::Note;
-use crate::snapshot::{ALLOCATION_LABEL, JOB_LABEL, POOL_LABEL, RESERVED_FOR};
-use crate::workload::kinds::{WorkloadError, WorkloadGang, read_job};
+use crate::snapshot::{ALLOCATION_LABEL, JOB_LABEL, JOBSET_LABEL, POOL_LABEL, RESERVED_FOR};
+use crate::workload::kinds::{JobSet, WorkloadError, WorkloadGang, read_job, read_jobset};
 
-/// The pool the operator admitted the Job to (present while it holds devices).
+/// The pool the operator admitted the workload to (present while it holds devices).
 pub const ADMITTED_POOL: &str = "sovereign.ai/admitted-pool";
 /// The planned node of each pod, comma-separated.
 pub const ADMITTED_NODES: &str = "sovereign.ai/admitted-nodes";
@@ -33,40 +35,160 @@ pub const ADMITTED_AT: &str = "sovereign.ai/admitted-at";
 pub const BORROWED: &str = "sovereign.ai/borrowed";
 /// Neither preempted nor reclaimed before this time (RFC 3339).
 pub const PROTECTED_UNTIL: &str = "sovereign.ai/protected-until";
-/// The annotations of an admission, all dropped when the Job is suspended again.
+/// The annotations of an admission, all dropped when the workload is suspended again.
 const ADMISSION_ANNOTATIONS: [&str; 5] = [ADMITTED_POOL, ADMITTED_NODES, ADMITTED_AT, BORROWED, PROTECTED_UNTIL];
 
-pub fn key(job: &Job) -> GangKey {
-    GangKey::job(job.namespace().unwrap_or_default(), job.name_any())
+/// What differs between the kinds of workload the operator holds and starts.
+pub trait Workload:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    const GANG: GangKind;
+    /// The pod template label, set on admission, that names the workload on
+    /// its pods (they count in its gang, and the chart's pod policy lets them in).
+    const POD_LABEL: &'static str;
+    /// Whether an admission pins its pods to the planned nodes (node
+    /// affinity). A JobSet's pod templates may change only in their labels,
+    /// annotations, node selector, tolerations and scheduling gates while
+    /// suspended (the JobSet webhook's rule, and what the JobSet controller
+    /// copies to its Jobs when it resumes them): its pods are pinned to the
+    /// pool and, when the topology is required, to the planned domain.
+    const PINS_NODES: bool;
+    fn suspended(&self) -> bool;
+    /// What the loop's writes set (and `plan` plays in memory).
+    fn set_suspended(&mut self, suspend: bool);
+    /// Complete or Failed: its pods hold nothing any more.
+    fn finished(&self) -> bool;
+    /// Its gang's shape; `None` without the label.
+    fn read(&self) -> Result<Option<WorkloadGang>, WorkloadError>;
+    /// Another workload runs it (a Job of a JobSet follows its JobSet's
+    /// suspend): then it is no gang of its own.
+    fn run_by_another(&self) -> bool {
+        false
+    }
+    /// The `spec` of an admission: every pod template as `pin` makes it, and `suspend: false`.
+    fn admitted_spec(&self, pin: &dyn Fn(&PodTemplateSpec) -> Value) -> Value;
 }
 
-/// Complete or Failed: its pods hold nothing any more.
-pub fn finished(job: &Job) -> bool {
-    job.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| matches!(c.type_.as_str(), "Complete" | "Failed") && c.status == "True"))
+impl Workload for Job {
+    const GANG: GangKind = GangKind::Job;
+    const POD_LABEL: &'static str = JOB_LABEL;
+    const PINS_NODES: bool = true;
+
+    fn suspended(&self) -> bool {
+        self.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false)
+    }
+
+    fn set_suspended(&mut self, suspend: bool) {
+        self.spec.get_or_insert_with(Default::default).suspend = Some(suspend);
+    }
+
+    fn finished(&self) -> bool {
+        let conditions = self.status.as_ref().and_then(|s| s.conditions.as_ref());
+        conditions.is_some_and(|cs| cs.iter().any(|c| terminal(&c.type_, &c.status)))
+    }
+
+    fn read(&self) -> Result<Option<WorkloadGang>, WorkloadError> {
+        read_job(self)
+    }
+
+    fn run_by_another(&self) -> bool {
+        self.owner_references().iter().any(|o| o.controller == Some(true) && o.kind == "JobSet")
+    }
+
+    fn admitted_spec(&self, pin: &dyn Fn(&PodTemplateSpec) -> Value) -> Value {
+        let template = self.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
+        json!({"suspend": false, "template": pin(&template)})
+    }
 }
 
-pub fn suspended(job: &Job) -> bool {
-    job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false)
+impl Workload for JobSet {
+    const GANG: GangKind = GangKind::JobSet;
+    const POD_LABEL: &'static str = JOBSET_LABEL;
+    const PINS_NODES: bool = false;
+
+    fn suspended(&self) -> bool {
+        self.spec.suspend.unwrap_or(false)
+    }
+
+    fn set_suspended(&mut self, suspend: bool) {
+        self.spec.suspend = Some(suspend);
+    }
+
+    fn finished(&self) -> bool {
+        let conditions = self.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+        conditions.iter().any(|c| terminal(&c.type_, &c.status))
+    }
+
+    fn read(&self) -> Result<Option<WorkloadGang>, WorkloadError> {
+        read_jobset(self)
+    }
+
+    /// `replicatedJobs` is a list keyed by name: the apply names each and
+    /// touches only its pod template's pinned fields.
+    fn admitted_spec(&self, pin: &dyn Fn(&PodTemplateSpec) -> Value) -> Value {
+        let replicated: Vec<Value> = self
+            .spec
+            .replicated_jobs
+            .iter()
+            .map(|rj| {
+                let template = rj.template.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
+                json!({"name": rj.name, "template": {"spec": {"template": pin(&template)}}})
+            })
+            .collect();
+        json!({"suspend": false, "replicatedJobs": replicated})
+    }
 }
 
-/// Whether the Job asks for admission now: labelled, held, not finished,
-/// not being deleted.
-pub fn wants_admission(job: &Job) -> bool {
-    job.labels().contains_key(ALLOCATION_LABEL)
-        && suspended(job)
-        && !finished(job)
-        && job.metadata.deletion_timestamp.is_none()
+/// A Job's `Complete`/`Failed`, a JobSet's `Completed`/`Failed`, when true.
+fn terminal(type_: &str, status: &str) -> bool {
+    matches!(type_, "Complete" | "Completed" | "Failed") && status == "True"
 }
 
-/// What a Job the operator started holds: its annotations, while it runs.
-pub fn holding(job: &Job) -> Option<Holding> {
-    if suspended(job) || finished(job) {
+pub fn key<W: Workload>(w: &W) -> GangKey {
+    GangKey { kind: W::GANG, namespace: w.namespace().unwrap_or_default(), name: w.name_any() }
+}
+
+/// Whether the workload asks for admission now: labelled, held, not
+/// finished, not being deleted, not run by another workload.
+pub fn wants_admission<W: Workload>(w: &W) -> bool {
+    w.labels().contains_key(ALLOCATION_LABEL)
+        && w.suspended()
+        && !w.finished()
+        && w.meta().deletion_timestamp.is_none()
+        && !w.run_by_another()
+}
+
+/// Plays an admission or a suspension on the object in memory (`plan`): its
+/// suspend and its admission annotations, as the loop's writes leave them.
+pub fn play<W: Workload>(w: &mut W, admitted: Option<(&str, &[String], bool, Timestamp)>) {
+    let notes = w.meta_mut().annotations.get_or_insert_with(Default::default);
+    for k in ADMISSION_ANNOTATIONS {
+        notes.remove(k);
+    }
+    if let Some((pool, nodes, borrowed, at)) = admitted {
+        notes.insert(ADMITTED_POOL.into(), pool.into());
+        notes.insert(ADMITTED_NODES.into(), nodes.join(","));
+        notes.insert(ADMITTED_AT.into(), at.to_string());
+        if borrowed {
+            notes.insert(BORROWED.into(), "true".into());
+        }
+    }
+    w.set_suspended(admitted.is_none());
+}
+
+/// What a workload the operator started holds: its annotations, while it runs.
+pub fn holding<W: Workload>(w: &W) -> Option<Holding> {
+    if w.suspended() || w.finished() {
         return None;
     }
-    let notes = job.metadata.annotations.as_ref()?;
+    let notes = w.meta().annotations.as_ref()?;
     let time = |k: &str| notes.get(k).and_then(|t| t.parse::<Timestamp>().ok());
     Some(Holding {
         pool: notes.get(ADMITTED_POOL)?.clone(),
@@ -77,44 +199,44 @@ pub fn holding(job: &Job) -> Option<Holding> {
     })
 }
 
-/// The Job's gang, if it holds devices or waits for them. `pools` gives the
-/// pools the gang may use in order (those it names, else its allocation's,
-/// of the resource its pods ask for). `Err`: a labelled Job that cannot be
-/// one gang (the text says what to change).
-pub fn gang(
-    job: &Job,
+/// The workload's gang, if it holds devices or waits for them. `pools` gives
+/// the pools the gang may use in order (those it names, else its
+/// allocation's, of the resource its pods ask for). `Err`: a labelled
+/// workload that cannot be one gang (the text says what to change).
+pub fn gang<W: Workload>(
+    w: &W,
     now: Timestamp,
     pools: &dyn Fn(&WorkloadGang) -> Vec<String>,
 ) -> Result<Option<Gang>, WorkloadError> {
-    let Some(w) = read_job(job)? else { return Ok(None) };
-    if job.metadata.deletion_timestamp.is_some() {
+    let Some(shape) = w.read()? else { return Ok(None) };
+    if w.meta().deletion_timestamp.is_some() || w.run_by_another() {
         return Ok(None);
     }
-    let state = match holding(job) {
+    let state = match holding(w) {
         Some(h) => GangState::Holding(h),
-        None if wants_admission(job) => GangState::Waiting { restarting: false, displaced: false },
+        None if wants_admission(w) => GangState::Waiting { restarting: false, displaced: false },
         // Running without the operator's admission (started before the chart
         // held it), or finished: not a gang.
         None => return Ok(None),
     };
     Ok(Some(Gang {
-        key: key(job),
-        allocation: w.allocation.clone(),
-        pools: pools(&w),
-        workers: w.pods(),
-        per_worker: w.members.first().map(|m| m.per_pod).unwrap_or(0),
-        topology: w
+        key: key(w),
+        allocation: shape.allocation.clone(),
+        pools: pools(&shape),
+        workers: shape.workers(),
+        per_worker: shape.per_worker(),
+        topology: shape
             .topology
             .as_ref()
             .map(|t| TopologyRequest { key: t.key.clone(), required: t.mode == TopologyMode::Required }),
-        priority: w.priority,
+        priority: shape.priority,
         preemptible: true,
-        queued_since: job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now),
+        queued_since: w.meta().creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now),
         state,
     }))
 }
 
-/// The pool an admitted Job is pinned to.
+/// The pool an admitted workload is pinned to.
 #[derive(Clone, Debug)]
 pub struct Pin<'a> {
     pub pool: &'a str,
@@ -123,12 +245,15 @@ pub struct Pin<'a> {
     pub tolerations: &'a [Toleration],
     /// The allocation holds a dedicated grant in the pool: its reserved nodes' taint is tolerated.
     pub dedicated: bool,
+    /// The topology domain (node label key and value) of the planned nodes,
+    /// when the gang requires one.
+    pub domain: Option<(String, String)>,
 }
 
-/// What a decision writes to a Job.
+/// What a decision writes to a workload.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    /// Server-side apply of this body: the pod template pinned, the admission
+    /// Server-side apply of this body: the pod templates pinned, the admission
     /// annotations, `suspend: false`.
     Admit(Value),
     /// JSON merge patch: `suspend: true`, the admission annotations removed.
@@ -137,19 +262,19 @@ pub enum Action {
     Announce,
 }
 
-/// A write to a Job for a decision, with its Events.
+/// A write to a workload for a decision, with its Events.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobChange {
     pub action: Action,
     pub events: Vec<Note>,
 }
 
-/// What a decision writes to the Job, or None when it changes nothing. A
-/// waiting Job gets its `Queued` Event only when `announce_wait` (the loop
-/// throttles them); `pin` is the admitted pool's (None: the pool is gone,
-/// nothing is written).
-pub fn action(
-    job: &Job,
+/// What a decision writes to the workload, or None when it changes nothing.
+/// A waiting workload gets its `Queued` Event only when `announce_wait` (the
+/// loop throttles them); `pin` is the admitted pool's (None: the pool is
+/// gone, nothing is written).
+pub fn action<W: Workload>(
+    w: &W,
     d: &Decision,
     now: Timestamp,
     pin: Option<&Pin<'_>>,
@@ -158,9 +283,12 @@ pub fn action(
     match d {
         Decision::Admit { pool, nodes, borrowed, protected_until } => {
             let pin = pin.filter(|p| p.pool == pool)?;
-            let body = admit_body(job, pin, nodes, *borrowed, *protected_until, now);
+            let body = admit_body(w, pin, nodes, *borrowed, *protected_until, now);
             let on_borrowed = if *borrowed { " on borrowed capacity" } else { "" };
-            let message = format!("admitted to pool {pool}{on_borrowed} on nodes {}", nodes.join(", "));
+            let mut message = format!("admitted to pool {pool}{on_borrowed} on nodes {}", nodes.join(", "));
+            if let Some((k, v)) = &pin.domain {
+                message.push_str(&format!(" (all in {k}={v})"));
+            }
             let events = vec![Note::normal("Admitted", message)];
             Some(JobChange { action: Action::Admit(body), events })
         }
@@ -175,37 +303,35 @@ pub fn action(
             let events = vec![Note::new(warning, reason, message.clone())];
             announce_wait.then_some(JobChange { action: Action::Announce, events })
         }
-        Decision::Stop { message } => holding(job).map(|_| JobChange {
-            action: Action::Suspend(suspend_body(job)),
+        Decision::Stop { message } => holding(w).map(|_| JobChange {
+            action: Action::Suspend(suspend_body(w)),
             events: vec![Note::warning("AllocationInactive", message.clone())],
         }),
         Decision::Evict { reclaimed, message, .. } => {
             let reason = if *reclaimed { "Reclaimed" } else { "Preempted" };
-            holding(job).map(|_| JobChange {
-                action: Action::Suspend(suspend_body(job)),
+            holding(w).map(|_| JobChange {
+                action: Action::Suspend(suspend_body(w)),
                 events: vec![Note::warning(reason, message.clone())],
             })
         }
     }
 }
 
-/// The admission, by server-side apply (the operator's field manager): the
-/// pod template's node labels, tolerations and required nodes, its pods'
-/// labels (allocation and pool, for the ledger and the accounting; the Job's
-/// name, so they count as its gang), the admission annotations, and
-/// `suspend: false`. Guarded by the resourceVersion it was decided on.
-fn admit_body(
-    job: &Job,
+/// The admission, by server-side apply (the operator's field manager): each
+/// pod template's node labels (with the topology domain), tolerations and,
+/// where the kind allows, required nodes; its pods' labels (allocation and
+/// pool, for the ledger and the accounting; the workload's name, so they
+/// count as its gang); the admission annotations; and `suspend: false`.
+/// Guarded by the resourceVersion it was decided on.
+fn admit_body<W: Workload>(
+    w: &W,
     pin: &Pin<'_>,
     nodes: &[String],
     borrowed: bool,
     protected_until: Option<Timestamp>,
     now: Timestamp,
 ) -> Value {
-    let allocation = job.labels().get(ALLOCATION_LABEL).cloned().unwrap_or_default();
-    // Tolerations are one atomic list: the template's own, then the pool's.
-    let template = job.spec.as_ref().and_then(|s| s.template.spec.as_ref());
-    let mut tolerations: Vec<Toleration> = template.and_then(|s| s.tolerations.clone()).unwrap_or_default();
+    let allocation = w.labels().get(ALLOCATION_LABEL).cloned().unwrap_or_default();
     let mut wanted: Vec<Toleration> = pin.tolerations.to_vec();
     if pin.dedicated {
         wanted.push(Toleration {
@@ -216,10 +342,9 @@ fn admit_body(
             ..Default::default()
         });
     }
-    for t in wanted {
-        if !tolerations.contains(&t) {
-            tolerations.push(t);
-        }
+    let mut node_selector = pin.node_labels.clone();
+    if let Some((k, v)) = &pin.domain {
+        node_selector.insert(k.clone(), v.clone());
     }
     let mut unique: Vec<&String> = nodes.iter().collect();
     unique.sort();
@@ -228,6 +353,24 @@ fn admit_body(
         .iter()
         .map(|n| json!({"matchFields": [{"key": "metadata.name", "operator": "In", "values": [n]}]}))
         .collect();
+    let labels = json!({ALLOCATION_LABEL: allocation, POOL_LABEL: pin.pool, W::POD_LABEL: w.name_any()});
+    let pinned = |template: &PodTemplateSpec| {
+        // Tolerations are one atomic list: the template's own, then the pool's.
+        let mut tolerations: Vec<Toleration> =
+            template.spec.as_ref().and_then(|s| s.tolerations.clone()).unwrap_or_default();
+        for t in &wanted {
+            if !tolerations.contains(t) {
+                tolerations.push(t.clone());
+            }
+        }
+        let mut spec = json!({"nodeSelector": node_selector, "tolerations": tolerations});
+        if W::PINS_NODES {
+            // Pods go to the planned nodes (the scheduler still binds and
+            // checks): one term per node, as a node field selector names one.
+            spec["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}});
+        }
+        json!({"metadata": {"labels": labels}, "spec": spec})
+    };
     let mut annotations = json!({
         ADMITTED_POOL: pin.pool,
         ADMITTED_NODES: nodes.join(","),
@@ -240,41 +383,27 @@ fn admit_body(
         annotations[PROTECTED_UNTIL] = json!(t.to_string());
     }
     json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
+        "apiVersion": W::api_version(&()),
+        "kind": W::kind(&()),
         "metadata": {
-            "name": job.name_any(),
-            "namespace": job.namespace(),
-            "resourceVersion": job.resource_version(),
+            "name": w.name_any(),
+            "namespace": w.namespace(),
+            "resourceVersion": w.resource_version(),
             "annotations": annotations,
         },
-        "spec": {
-            "suspend": false,
-            "template": {
-                "metadata": {"labels": {ALLOCATION_LABEL: allocation, POOL_LABEL: pin.pool, JOB_LABEL: job.name_any()}},
-                "spec": {
-                    "nodeSelector": pin.node_labels,
-                    "tolerations": tolerations,
-                    // Pods go to the planned nodes (the scheduler still binds and
-                    // checks): one term per node, as a node field selector names one.
-                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-                        "nodeSelectorTerms": terms,
-                    }}},
-                },
-            },
-        },
+        "spec": w.admitted_spec(&pinned),
     })
 }
 
 /// Suspended again, by JSON merge patch guarded by the resourceVersion it was
-/// decided on: the Job controller deletes its pods and it waits again. The
-/// pod template is left as pinned (a running Job's template cannot change);
-/// the next admission pins it anew.
-fn suspend_body(job: &Job) -> Value {
+/// decided on: the Job controller (for a JobSet, the JobSet controller)
+/// deletes its pods and it waits again. The pod templates are left as pinned
+/// (a running Job's template cannot change); the next admission pins them anew.
+fn suspend_body<W: Workload>(w: &W) -> Value {
     let annotations: serde_json::Map<String, Value> =
         ADMISSION_ANNOTATIONS.iter().map(|k| (k.to_string(), Value::Null)).collect();
     json!({
-        "metadata": {"resourceVersion": job.resource_version(), "annotations": annotations},
+        "metadata": {"resourceVersion": w.resource_version(), "annotations": annotations},
         "spec": {"suspend": true},
     })
 }
@@ -331,7 +460,7 @@ mod tests {
         let labels = BTreeMap::from([("gpu".to_string(), "b200".to_string())]);
         let pool_tol =
             vec![Toleration { key: Some("b200".into()), operator: Some("Exists".into()), ..Default::default() }];
-        let pin = Pin { pool: "b200", node_labels: &labels, tolerations: &pool_tol, dedicated: false };
+        let pin = Pin { pool: "b200", node_labels: &labels, tolerations: &pool_tol, dedicated: false, domain: None };
         let d = Decision::Admit {
             pool: "b200".into(),
             nodes: vec!["n2".into(), "n1".into(), "n1".into()],
@@ -377,5 +506,93 @@ mod tests {
         assert_eq!(action(&held, &wait, now(), None, false), None, "a throttled wait writes nothing");
         let change = action(&held, &wait, now(), None, true).unwrap();
         assert_eq!((change.action, change.events[0].reason), (Action::Announce, "Queued"));
+    }
+
+    fn jobset(suspend: bool, owner: Value) -> JobSet {
+        let template = |gpus: &str| {
+            json!({"spec": {"parallelism": 2, "completions": 2, "template": {"spec": {"restartPolicy": "Never",
+                "containers": [{"name": "m", "image": "i", "resources": {"limits": {"nvidia.com/gpu": gpus}}}]}}}})
+        };
+        serde_json::from_value(json!({
+            "apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+            "metadata": {"name": "pair", "namespace": "lab", "resourceVersion": "3",
+                         "creationTimestamp": "2026-01-01T00:00:00Z", "ownerReferences": owner,
+                         "labels": {ALLOCATION_LABEL: "a1"},
+                         "annotations": {"sovereign.ai/topology-key": "rack", "sovereign.ai/topology-mode": "Required"}},
+            "spec": {"suspend": suspend, "replicatedJobs": [
+                {"name": "driver", "template": template("0")},
+                {"name": "workers", "replicas": 2, "template": template("8")}]},
+        }))
+        .expect("a jobset")
+    }
+
+    #[test]
+    fn a_jobset_is_one_gang_of_its_device_pods_pinned_to_the_pool_and_domain_by_node_selector() {
+        let held = jobset(true, json!([]));
+        let g = gang(&held, now(), &pools).unwrap().unwrap();
+        assert_eq!(g.key, GangKey::jobset("lab", "pair"));
+        assert_eq!(g.key.to_string(), "JobSet lab/pair");
+        assert_eq!((g.workers, g.per_worker), (4, 8), "2 replicas x 2 pods of 8; the driver asks for none");
+        assert_eq!(g.topology, Some(TopologyRequest { key: "rack".into(), required: true }));
+        assert!(wants_admission(&held));
+
+        let labels = BTreeMap::from([("gpu".to_string(), "b200".to_string())]);
+        let domain = Some(("rack".to_string(), "r1".to_string()));
+        let pin = Pin { pool: "b200", node_labels: &labels, tolerations: &[], dedicated: false, domain };
+        let nodes: Vec<String> = ["n1", "n1", "n2", "n2"].map(String::from).to_vec();
+        let d = Decision::Admit { pool: "b200".into(), nodes, borrowed: false, protected_until: None };
+        let change = action(&held, &d, now(), Some(&pin), false).unwrap();
+        let Action::Admit(body) = &change.action else { panic!("{change:?}") };
+        assert_eq!(
+            (body["apiVersion"].as_str(), body["kind"].as_str()),
+            (Some("jobset.x-k8s.io/v1alpha2"), Some("JobSet"))
+        );
+        assert_eq!(body["spec"]["suspend"], false);
+        let replicated = body["spec"]["replicatedJobs"].as_array().unwrap();
+        assert_eq!(replicated.len(), 2, "every replicated job, named (a list keyed by name)");
+        for (rj, name) in replicated.iter().zip(["driver", "workers"]) {
+            assert_eq!(rj["name"], name);
+            let t = &rj["template"]["spec"]["template"];
+            assert_eq!(t["spec"]["nodeSelector"], json!({"gpu": "b200", "rack": "r1"}), "the pool and the one rack");
+            assert_eq!(t["spec"]["affinity"], Value::Null, "a JobSet's affinity cannot change: not pinned to nodes");
+            assert_eq!(t["metadata"]["labels"][JOBSET_LABEL], "pair");
+            assert_eq!(t["metadata"]["labels"][POOL_LABEL], "b200");
+        }
+        assert!(change.events[0].message.ends_with("(all in rack=r1)"), "{:?}", change.events);
+
+        let mut running = held.clone();
+        play(&mut running, Some(("b200", &["n1".to_string()], false, now())));
+        assert_eq!(holding(&running).map(|h| h.pool), Some("b200".into()));
+        let evict = Decision::Evict {
+            by: GangKey::model_project("lab", "big"),
+            pool: "b200".into(),
+            reclaimed: true,
+            message: "m".into(),
+        };
+        let change = action(&running, &evict, now(), None, false).unwrap();
+        assert!(matches!(&change.action, Action::Suspend(b) if b["spec"]["suspend"] == true));
+        assert_eq!(change.events[0].reason, "Reclaimed");
+
+        let mut done = running.clone();
+        done.status = Some(crate::workload::kinds::JobSetStatus {
+            conditions: vec![
+                serde_json::from_value(json!({"type": "Completed", "status": "True",
+                "lastTransitionTime": "2026-01-01T00:40:00Z", "reason": "AllJobsCompleted", "message": ""}))
+                .unwrap(),
+            ],
+        });
+        assert_eq!(gang(&done, now(), &pools).unwrap(), None, "a completed JobSet holds nothing");
+    }
+
+    #[test]
+    fn a_job_of_a_jobset_follows_its_jobset_and_is_no_gang_of_its_own() {
+        let mut child = job(true, json!({}), json!([]));
+        child.metadata.owner_references = Some(vec![
+            serde_json::from_value(json!({"apiVersion": "jobset.x-k8s.io/v1alpha2",
+            "kind": "JobSet", "name": "pair", "uid": "u", "controller": true}))
+            .unwrap(),
+        ]);
+        assert!(!wants_admission(&child));
+        assert_eq!(gang(&child, now(), &pools).unwrap(), None);
     }
 }

@@ -105,7 +105,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut controllers = tokio::task::JoinSet::new();
     let work = async {
         wait_for_crds(&client, &readiness).await;
-        let stores = stores::start(client.clone());
+        let stores = stores::start(client.clone(), stores::jobsets_served(&client).await);
         readiness.set_not_ready("waiting for the caches to sync");
         let synced = std::time::Instant::now();
         stores.wait_until_ready().await?;

@@ -14,7 +14,7 @@ use kube::runtime::watcher;
 
 use crate::planner::inventory::NodeInfo;
 use crate::planner::usage::PodUse;
-use crate::snapshot::{self, JOB_LABEL, PROJECT_LABEL, RESERVED_FOR};
+use crate::snapshot::{self, JOB_LABEL, JOBSET_LABEL, PROJECT_LABEL, RESERVED_FOR};
 
 /// The model shared by the store tasks (writers) and the planners (readers).
 #[derive(Clone, Default)]
@@ -51,7 +51,7 @@ impl Model {
 #[derive(Clone, Debug)]
 struct PodEntry {
     used: PodUse,
-    /// A worker of a ModelProject or a pod of an admitted Job (its devices are
+    /// A worker of a ModelProject or a pod of an admitted Job or JobSet (its devices are
     /// the admission loop's own books).
     worker: bool,
 }
@@ -143,8 +143,8 @@ impl ModelState {
 
     pub fn apply_pod(&mut self, event: &watcher::Event<Pod>) {
         let entry = |p: &Pod| {
-            // Workers of projects and pods of admitted Jobs count in their gangs.
-            let worker = p.labels().contains_key(PROJECT_LABEL) || p.labels().contains_key(JOB_LABEL);
+            // Workers of projects and pods of admitted Jobs and JobSets count in their gangs.
+            let worker = [PROJECT_LABEL, JOB_LABEL, JOBSET_LABEL].iter().any(|l| p.labels().contains_key(*l));
             snapshot::pod_use(p).map(|used| PodEntry { used, worker })
         };
         match self.pods.apply(event, entry) {

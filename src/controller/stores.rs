@@ -22,9 +22,11 @@ use tokio::sync::{broadcast, watch};
 
 use super::lean::{Decoded, Lean};
 use super::model::{Applied, Keyed, Model};
+use crate::admission::job::Workload;
 use crate::api::{AcceleratorPool, GpuAllocation, ModelProject, ProjectPhase};
 pub use crate::snapshot::MANAGED_BY;
 use crate::snapshot::{ALLOCATION_LABEL, PROJECT_LABEL};
+use crate::workload::kinds::JobSet;
 
 /// Changed objects a slow subscriber may lag behind before it misses some (it
 /// then still gets the change signal and the periodic requeue).
@@ -67,6 +69,22 @@ where
             rx.changed().await.ok()?;
             Some(((), rx))
         })
+    }
+
+    /// A store that holds `objects` and never changes (a kind the API server
+    /// does not serve, or `plan`'s objects read once).
+    pub fn fixed(objects: &[K]) -> Self
+    where
+        K::DynamicType: Default,
+    {
+        let (store, mut writer) = reflector::store();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for o in objects {
+            writer.apply_watcher_event(&watcher::Event::InitApply(o.clone()));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let quiet = || watch::channel(()).1;
+        Shared { store, changed: quiet(), removed: quiet(), events: broadcast::channel(1).0 }
     }
 
     /// Every applied or deleted object, as it happens. After a relist (the
@@ -119,6 +137,9 @@ pub struct Stores {
     pub projects: Shared<ModelProject>,
     /// Batch Jobs labelled `sovereign.ai/allocation` (gangs of the admission loop).
     pub jobs: Shared<Job>,
+    /// JobSets labelled `sovereign.ai/allocation` (gangs of the admission
+    /// loop); empty where the API server serves no JobSets.
+    pub jobsets: Shared<JobSet>,
     /// Worker pods of every project, in any phase.
     pub workers: Shared<Pod>,
     /// Worker pods by project ("namespace/project"), kept per watch event.
@@ -145,6 +166,7 @@ impl Stores {
         self.slices.store.wait_until_ready().await?;
         self.projects.store.wait_until_ready().await?;
         self.jobs.store.wait_until_ready().await?;
+        self.jobsets.store.wait_until_ready().await?;
         self.workers.store.wait_until_ready().await?;
         Ok(())
     }
@@ -164,8 +186,20 @@ impl Stores {
     }
 }
 
-/// Starts every reflector in the background.
-pub fn start(client: Client) -> Stores {
+/// Whether the API server serves JobSets (jobset.x-k8s.io/v1alpha2): the
+/// JobSet controller may be installed or not; its kind is watched only if so.
+pub async fn jobsets_served(client: &Client) -> bool {
+    match client.list_api_group_resources(&JobSet::api_version(&())).await {
+        Ok(list) => list.resources.iter().any(|r| r.name == JobSet::plural(&())),
+        Err(e) => {
+            tracing::info!(error = %e, "JobSets are not served: labelled JobSets are not admitted until the operator restarts with them installed");
+            false
+        }
+    }
+}
+
+/// Starts every reflector in the background (JobSets' only if `jobsets` are served).
+pub fn start(client: Client, jobsets: bool) -> Stores {
     let epoch = Arc::new(AtomicU64::new(0));
     let all = watcher::Config::default().any_semantic();
     // Heartbeat times and image lists change often and matter to no decision:
@@ -234,6 +268,16 @@ pub fn start(client: Client) -> Stores {
         &not_viewed,
         Signal::Key(job_admission_key),
     );
+    let jobsets = if jobsets {
+        keyed(
+            Api::<JobSet>::all(client.clone()),
+            all.clone().labels(ALLOCATION_LABEL),
+            &not_viewed,
+            Signal::Key(job_admission_key),
+        )
+    } else {
+        Shared::fixed(&[])
+    };
     let workers_by_project = PodIndex::by_project();
     let workers_by_namespace = PodIndex::by_namespace();
     let (by_project, by_namespace) = (workers_by_project.clone(), workers_by_namespace.clone());
@@ -267,6 +311,7 @@ pub fn start(client: Client) -> Stores {
         slices,
         projects,
         jobs,
+        jobsets,
         workers,
         workers_by_project,
         workers_by_namespace,
@@ -503,13 +548,13 @@ fn admission_key(p: &ModelProject) -> u64 {
     h.finish()
 }
 
-/// What admission reads of a labelled Job: its spec (suspend included),
+/// What admission reads of a labelled workload: its spec (suspend included),
 /// whether it is being deleted, the admission annotations and whether it finished.
-fn job_admission_key(j: &Job) -> u64 {
+fn job_admission_key<W: Workload>(j: &W) -> u64 {
     use std::hash::{Hash, Hasher};
-    let admitted = j.metadata.annotations.as_ref().and_then(|a| a.get(crate::admission::job::ADMITTED_POOL));
+    let admitted = j.meta().annotations.as_ref().and_then(|a| a.get(crate::admission::job::ADMITTED_POOL));
     let mut h = std::hash::DefaultHasher::new();
-    (spec_key(j), admitted, crate::admission::job::finished(j)).hash(&mut h);
+    (spec_key(j), admitted, j.finished()).hash(&mut h);
     h.finish()
 }
 

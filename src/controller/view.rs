@@ -17,7 +17,11 @@ use crate::planner::inventory::{self, Membership, NodeInfo, PoolTotals};
 use crate::planner::placement::PlacementCache;
 use crate::planner::request::Releasing;
 use crate::planner::usage::{self, PoolRate, Usage};
-use crate::snapshot::{self, ALLOCATION_LABEL, JOB_LABEL, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, pod_requests};
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::snapshot::{
+    self, ALLOCATION_LABEL, JOB_LABEL, JOBSET_LABEL, POOL_LABEL, PROJECT_LABEL, RESERVED_FOR, pod_requests,
+};
 use crate::telemetry::{AllocationGauges, Metrics};
 
 /// A plan older than this is rebuilt even when no store changed, since time
@@ -162,24 +166,22 @@ impl View {
                 .map(|g| (g.key.namespace.as_str(), g.key.name.as_str()))
                 .collect()
         };
-        let (projects, jobs) = (holding(GangKind::ModelProject), holding(GangKind::Job));
+        let holders: [(GangKind, &str); 3] =
+            [(GangKind::ModelProject, PROJECT_LABEL), (GangKind::Job, JOB_LABEL), (GangKind::JobSet, JOBSET_LABEL)];
+        let held: Vec<HashSet<(&str, &str)>> = holders.iter().map(|(kind, _)| holding(*kind)).collect();
         // Pods of a gang that gave its devices back but are still terminating
         // keep their node's devices and count in its grant until they are gone:
-        // workers of projects (any phase), running pods of admitted Jobs.
+        // workers of projects (any phase), running pods of admitted Jobs and JobSets.
         let mut releasing = Vec::new();
-        let job_pods = stores.pods.store.state().into_iter().filter(|p| p.labels().contains_key(JOB_LABEL));
-        for (pod, gang, of_job) in stores
-            .workers
-            .store
-            .state()
-            .into_iter()
-            .map(|p| (p, PROJECT_LABEL, false))
-            .chain(job_pods.map(|p| (p, JOB_LABEL, true)))
-        {
+        // Workers come from their own store (any phase); Jobs' and JobSets' pods from the running ones.
+        let labelled_by =
+            |pod: &Pod| holders[1..].iter().position(|(_, label)| pod.labels().contains_key(*label)).map(|i| i + 1);
+        let workload_pods = stores.pods.store.state().into_iter().filter_map(|p| Some((labelled_by(&p)?, p)));
+        for (which, pod) in stores.workers.store.state().into_iter().map(|p| (0, p)).chain(workload_pods) {
             let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
             let labels = pod.labels();
-            let owner = (pod.metadata.namespace.as_deref().unwrap_or_default(), labels[gang].as_str());
-            let holds = if of_job { jobs.contains(&owner) } else { projects.contains(&owner) };
+            let owner = (pod.metadata.namespace.as_deref().unwrap_or_default(), labels[holders[which].1].as_str());
+            let holds = held[which].contains(&owner);
             if matches!(phase, Some("Succeeded" | "Failed")) || holds {
                 continue;
             }

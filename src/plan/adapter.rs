@@ -10,8 +10,6 @@ use std::sync::atomic::AtomicU64;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Resource;
-use kube::runtime::reflector;
-use kube::runtime::watcher;
 
 use super::Cluster;
 use crate::admission::Decisions;
@@ -69,14 +67,7 @@ where
     K: Resource + Clone + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
 {
-    let (store, mut writer) = reflector::store();
-    writer.apply_watcher_event(&watcher::Event::Init);
-    for o in objects {
-        writer.apply_watcher_event(&watcher::Event::InitApply(o.clone()));
-    }
-    writer.apply_watcher_event(&watcher::Event::InitDone);
-    let quiet = || tokio::sync::watch::channel(()).1;
-    Shared { store, changed: quiet(), removed: quiet(), events: tokio::sync::broadcast::channel(1).0 }
+    Shared::fixed(objects)
 }
 
 /// The operator's stores (and model) filled with the cluster's objects, as its
@@ -92,7 +83,8 @@ pub fn stores(cluster: &Cluster) -> Stores {
         services: shared(&[]),
         slices: shared(&[]),
         projects: shared(&cluster.projects),
-        jobs: shared(&[]),
+        jobs: shared(&cluster.jobs),
+        jobsets: shared(&cluster.jobsets),
         workers: shared(&cluster.workers),
         workers_by_project: PodIndex::by_project().of(&cluster.workers),
         workers_by_namespace: PodIndex::by_namespace().of(&cluster.workers),

@@ -12,6 +12,7 @@ mod simulate;
 #[cfg(test)]
 mod tests;
 
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ResourceQuota};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::ListParams;
@@ -24,8 +25,9 @@ pub use simulate::plan;
 
 use crate::api::{AcceleratorPool, GpuAllocation, ModelProject};
 use crate::cli::{PlanArgs, PlanFormat};
-use crate::controller::stores::MANAGED_BY;
-use crate::snapshot::PROJECT_LABEL;
+use crate::controller::stores::{MANAGED_BY, jobsets_served};
+use crate::snapshot::{ALLOCATION_LABEL, PROJECT_LABEL};
+use crate::workload::kinds::JobSet;
 
 /// The objects the operator's decisions are made from, as its stores hold them.
 #[derive(Clone, Debug, Default)]
@@ -41,12 +43,16 @@ pub struct Cluster {
     pub projects: Vec<ModelProject>,
     /// Worker pods of every project, in any phase.
     pub workers: Vec<Pod>,
+    /// Batch Jobs and JobSets labelled `sovereign.ai/allocation`.
+    pub jobs: Vec<Job>,
+    pub jobsets: Vec<JobSet>,
 }
 
 /// Lists what the operator watches, once: read-only.
 pub async fn fetch(client: &Client) -> anyhow::Result<Cluster> {
     let all = ListParams::default();
     let managed = ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+    let labelled = ListParams::default().labels(ALLOCATION_LABEL);
     Ok(Cluster {
         nodes: Api::<Node>::all(client.clone()).list(&all).await?.items,
         pools: Api::<AcceleratorPool>::all(client.clone()).list(&all).await?.items,
@@ -56,6 +62,12 @@ pub async fn fetch(client: &Client) -> anyhow::Result<Cluster> {
         quotas: Api::<ResourceQuota>::all(client.clone()).list(&managed).await?.items,
         projects: Api::<ModelProject>::all(client.clone()).list(&all).await?.items,
         workers: Api::<Pod>::all(client.clone()).list(&all.clone().labels(PROJECT_LABEL)).await?.items,
+        jobs: Api::<Job>::all(client.clone()).list(&labelled).await?.items,
+        jobsets: if jobsets_served(client).await {
+            Api::<JobSet>::all(client.clone()).list(&labelled).await?.items
+        } else {
+            Vec::new()
+        },
     })
 }
 

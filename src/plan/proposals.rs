@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -10,7 +11,9 @@ use kube::ResourceExt;
 use serde::de::DeserializeOwned;
 
 use super::Cluster;
+use crate::admission::job::Workload;
 use crate::api::{AcceleratorPool, GpuAllocation, ModelProject};
+use crate::workload::kinds::JobSet;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -27,6 +30,8 @@ pub enum Proposal {
     Allocation(Action, Box<GpuAllocation>),
     Project(Action, Box<ModelProject>),
     Namespace(Action, Box<Namespace>),
+    Job(Action, Box<Job>),
+    JobSet(Action, Box<JobSet>),
 }
 
 /// Reads every YAML document of the files (a folder: its .yaml, .yml and
@@ -71,13 +76,26 @@ pub fn parse(text: &str, action: Action) -> anyhow::Result<Vec<Proposal>> {
                 Proposal::Project(action, Box::new(p))
             }
             ("v1", "Namespace") => Proposal::Namespace(action, obj(doc)?),
+            ("batch/v1", "Job") => Proposal::Job(action, Box::new(held(obj(doc)?))),
+            ("jobset.x-k8s.io/v1alpha2", "JobSet") => Proposal::JobSet(action, Box::new(held(obj(doc)?))),
             _ => bail!(
-                "plan reads AcceleratorPools, GpuAllocations, ModelProjects (sovereign.ai/v1alpha1) and Namespaces, not {api} {kind}"
+                "plan reads AcceleratorPools, GpuAllocations, ModelProjects (sovereign.ai/v1alpha1), Namespaces, batch/v1 Jobs and jobset.x-k8s.io/v1alpha2 JobSets, not {api} {kind}"
             ),
         };
         out.push(p);
     }
     Ok(out)
+}
+
+/// A proposed Job or JobSet as the API server would store it: in the
+/// namespace `default` unless it names one, and, labelled, held suspended by
+/// the chart's admission policy.
+fn held<W: Workload>(mut w: W) -> W {
+    w.meta_mut().namespace.get_or_insert_with(|| "default".into());
+    if w.labels().contains_key(crate::snapshot::ALLOCATION_LABEL) && w.owner_references().is_empty() {
+        w.set_suspended(true);
+    }
+    w
 }
 
 impl Proposal {
@@ -86,13 +104,12 @@ impl Proposal {
         let (action, kind, name, exists) = match self {
             Proposal::Pool(a, o) => (a, "AcceleratorPool", o.name_any(), find(&cluster.pools, o).is_some()),
             Proposal::Allocation(a, o) => (a, "GpuAllocation", o.name_any(), find(&cluster.allocations, o).is_some()),
-            Proposal::Project(a, o) => (
-                a,
-                "ModelProject",
-                format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()),
-                find(&cluster.projects, o).is_some(),
-            ),
+            Proposal::Project(a, o) => {
+                (a, "ModelProject", namespaced(o.as_ref()), find(&cluster.projects, o).is_some())
+            }
             Proposal::Namespace(a, o) => (a, "Namespace", o.name_any(), find(&cluster.namespaces, o).is_some()),
+            Proposal::Job(a, o) => (a, "Job", namespaced(o.as_ref()), find(&cluster.jobs, o).is_some()),
+            Proposal::JobSet(a, o) => (a, "JobSet", namespaced(o.as_ref()), find(&cluster.jobsets, o).is_some()),
         };
         let verb = match (action, exists) {
             (Action::Delete, true) => "delete",
@@ -123,8 +140,15 @@ impl Proposal {
                 }
             }
             Proposal::Namespace(a, o) => upsert(&mut cluster.namespaces, o, *a, now, |_, _| {}),
+            // A workload's spec is kept as it is (a held one's template may change).
+            Proposal::Job(a, o) => upsert(&mut cluster.jobs, o, *a, now, |old, new| old.spec = new.spec.clone()),
+            Proposal::JobSet(a, o) => upsert(&mut cluster.jobsets, o, *a, now, |old, new| old.spec = new.spec.clone()),
         }
     }
+}
+
+fn namespaced<K: ResourceExt>(o: &K) -> String {
+    format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any())
 }
 
 fn same<K: ResourceExt>(a: &K, b: &K) -> bool {

@@ -16,9 +16,10 @@ fn key(p: &ModelProject) -> String {
 use super::{
     AllocationPlan, Cluster, DomesticShare, Fate, NodeChange, Plan, PoolRow, ProjectPlan, Proposal, QuotaChange,
 };
-use crate::admission::{self, Decision as GangDecision};
+use crate::admission::job::{self, Workload};
+use crate::admission::{self, Decision as GangDecision, GangKey, GangKind};
 use crate::api::{ModelProject, ProjectPhase, find_condition, holds_devices};
-use crate::snapshot::{PROJECT_LABEL, RESERVED_FOR};
+use crate::snapshot::{JOB_LABEL, JOBSET_LABEL, PROJECT_LABEL, RESERVED_FOR};
 
 /// Enough rounds for: activate, reserve, admit, preempt, admit the preemptor.
 const MAX_ROUNDS: usize = 10;
@@ -160,7 +161,7 @@ fn step(
             GangDecision::Evict { by, reclaimed, message, .. } => {
                 let fate = if *reclaimed { Fate::Reclaimed } else { Fate::Preempted };
                 let event = Event { fate, reason: Some(message.clone()), preempts: vec![] };
-                changed |= stop(c, &key, event, events, admitted_devices);
+                changed |= stop(c, k, event, events, admitted_devices);
                 events
                     .entry(by.to_string())
                     .or_insert(Event { fate: Fate::Waiting, reason: None, preempts: vec![] })
@@ -169,21 +170,35 @@ fn step(
             }
             GangDecision::Stop { message } => {
                 let event = Event { fate: Fate::Stopped, reason: Some(message.clone()), preempts: vec![] };
-                changed |= stop(c, &key, event, events, admitted_devices);
+                changed |= stop(c, k, event, events, admitted_devices);
             }
             GangDecision::Admit { pool, nodes, borrowed, protected_until } => {
-                let Some(p) = c.projects.iter_mut().find(|p| admission::project::key(p) == *k) else { continue };
-                let s = p.status.get_or_insert_with(Default::default);
-                s.phase = Some(ProjectPhase::Admitted);
-                s.pool = Some(pool.clone());
-                s.nodes = nodes.clone();
-                s.admitted_at = Some(Time(now));
-                s.borrowed = *borrowed;
-                s.protected_until = protected_until.map(Time);
+                let devices = match k.kind {
+                    GangKind::ModelProject => {
+                        let Some(p) = c.projects.iter_mut().find(|p| admission::project::key(p) == *k) else {
+                            continue;
+                        };
+                        let s = p.status.get_or_insert_with(Default::default);
+                        s.phase = Some(ProjectPhase::Admitted);
+                        s.pool = Some(pool.clone());
+                        s.nodes = nodes.clone();
+                        s.admitted_at = Some(Time(now));
+                        s.borrowed = *borrowed;
+                        s.protected_until = protected_until.map(Time);
+                        p.spec.workers as i64 * p.spec.accelerators_per_worker as i64
+                    }
+                    GangKind::Job => {
+                        let Some(d) = admit(&mut c.jobs, k, pool, nodes, *borrowed, now) else { continue };
+                        d
+                    }
+                    GangKind::JobSet => {
+                        let Some(d) = admit(&mut c.jobsets, k, pool, nodes, *borrowed, now) else { continue };
+                        d
+                    }
+                };
                 let e = events.entry(key).or_insert(Event { fate: Fate::Admitted, reason: None, preempts: vec![] });
                 e.fate = Fate::Admitted;
-                *admitted_devices.entry(pool.clone()).or_default() +=
-                    p.spec.workers as i64 * p.spec.accelerators_per_worker as i64;
+                *admitted_devices.entry(pool.clone()).or_default() += devices;
                 changed = true;
             }
             GangDecision::Wait { .. } => {}
@@ -192,36 +207,73 @@ fn step(
     changed
 }
 
-/// Stops a project's gang: back to the queue, its pods gone.
+/// Admits a Job or JobSet in memory: started, its admission annotated; the
+/// devices of its gang.
+fn admit<W: Workload>(
+    list: &mut [W],
+    k: &GangKey,
+    pool: &str,
+    nodes: &[String],
+    borrowed: bool,
+    now: Timestamp,
+) -> Option<i64> {
+    let w = list.iter_mut().find(|w| job::key(*w) == *k)?;
+    let shape = w.read().ok()??;
+    job::play(w, Some((pool, nodes, borrowed, now)));
+    Some(i64::from(shape.workers()) * shape.per_worker())
+}
+
+/// Stops a gang: back to the queue, its pods gone.
 fn stop(
     c: &mut Cluster,
-    k: &str,
+    k: &GangKey,
     event: Event,
     events: &mut BTreeMap<String, Event>,
     admitted_devices: &mut BTreeMap<String, i64>,
 ) -> bool {
-    let Some(p) = c.projects.iter_mut().find(|p| key(p) == k) else { return false };
-    let s = p.status.get_or_insert_with(Default::default);
-    if !holds_devices(s.phase) {
-        return false;
-    }
+    let key = k.to_string();
     // A gang admitted earlier in the simulation gives back what it was counted for.
-    if events.get(k).is_some_and(|e| e.fate == Fate::Admitted)
-        && let Some(pool) = &s.pool
-    {
-        *admitted_devices.entry(pool.clone()).or_default() -=
-            p.spec.workers as i64 * p.spec.accelerators_per_worker as i64;
+    let admitted_here = events.get(&key).is_some_and(|e| e.fate == Fate::Admitted);
+    let (label, pool, devices) = match k.kind {
+        GangKind::ModelProject => {
+            let Some(p) = c.projects.iter_mut().find(|p| admission::project::key(p) == *k) else { return false };
+            let s = p.status.get_or_insert_with(Default::default);
+            if !holds_devices(s.phase) {
+                return false;
+            }
+            let held = (s.pool.take(), p.spec.workers as i64 * p.spec.accelerators_per_worker as i64);
+            s.phase = Some(ProjectPhase::Queued);
+            s.nodes.clear();
+            (PROJECT_LABEL, held.0, held.1)
+        }
+        GangKind::Job => match suspend(&mut c.jobs, k) {
+            Some((pool, devices)) => (JOB_LABEL, Some(pool), devices),
+            None => return false,
+        },
+        GangKind::JobSet => match suspend(&mut c.jobsets, k) {
+            Some((pool, devices)) => (JOBSET_LABEL, Some(pool), devices),
+            None => return false,
+        },
+    };
+    if admitted_here && let Some(pool) = pool {
+        *admitted_devices.entry(pool).or_default() -= devices;
     }
-    s.phase = Some(ProjectPhase::Queued);
-    s.pool = None;
-    s.nodes.clear();
-    let (ns, name) = (p.namespace(), p.name_any());
-    let mine =
-        |pod: &k8s_openapi::api::core::v1::Pod| pod.namespace() == ns && pod.labels().get(PROJECT_LABEL) == Some(&name);
+    let mine = |pod: &k8s_openapi::api::core::v1::Pod| {
+        pod.namespace().as_deref() == Some(k.namespace.as_str()) && pod.labels().get(label) == Some(&k.name)
+    };
     c.pods.retain(|pod| !mine(pod));
     c.workers.retain(|pod| !mine(pod));
-    events.insert(k.to_string(), event);
+    events.insert(key, event);
     true
+}
+
+/// Suspends a Job or JobSet that holds devices, in memory: its pool and devices.
+fn suspend<W: Workload>(list: &mut [W], k: &GangKey) -> Option<(String, i64)> {
+    let w = list.iter_mut().find(|w| job::key(*w) == *k)?;
+    let held = job::holding(w)?;
+    let devices = w.read().ok().flatten().map(|g| i64::from(g.workers()) * g.per_worker()).unwrap_or(0);
+    job::play(w, None);
+    Some((held.pool, devices))
 }
 
 fn quota_changes(live: &Cluster, d: &Decision) -> Vec<QuotaChange> {
@@ -266,6 +318,36 @@ fn node_changes(live: &Cluster, d: &Decision) -> Vec<NodeChange> {
     out
 }
 
+/// What happens to a gang: its fate, and why in the operator's words.
+fn fate_of(event: Option<&Event>, waiting: Option<String>, holds_now: bool) -> (Fate, Option<String>) {
+    let fate = match (event, &waiting) {
+        (Some(e), _) if e.fate != Fate::Waiting => e.fate.clone(),
+        (_, Some(_)) => Fate::Waiting,
+        _ if holds_now => Fate::Running,
+        _ => Fate::Idle,
+    };
+    let reason = match fate {
+        Fate::Waiting => waiting,
+        Fate::Preempted | Fate::Reclaimed | Fate::Stopped => {
+            // Stopped, then perhaps waiting again: say both.
+            let stopped = event.and_then(|e| e.reason.clone()).unwrap_or_default();
+            Some(match waiting {
+                Some(w) => format!("{stopped}; then waits: {w}"),
+                None => stopped,
+            })
+        }
+        _ => None,
+    };
+    (fate, reason)
+}
+
+fn waiting(d: &Decision, k: &GangKey) -> Option<String> {
+    match d.gangs.get(k) {
+        Some(GangDecision::Wait { message, .. }) => Some(message.clone()),
+        _ => None,
+    }
+}
+
 fn project_plans(live: &Cluster, c: &Cluster, d: &Decision, events: &BTreeMap<String, Event>) -> Vec<ProjectPlan> {
     let phase_now = |p: &ModelProject| {
         live.projects.iter().find(|l| key(l) == key(p)).and_then(|l| l.status.as_ref()?.phase).map(|p| format!("{p:?}"))
@@ -277,28 +359,7 @@ fn project_plans(live: &Cluster, c: &Cluster, d: &Decision, events: &BTreeMap<St
             let k = key(p);
             let s = p.status.clone().unwrap_or_default();
             let event = events.get(&k);
-            let waiting = match d.gangs.get(&admission::project::key(p)) {
-                Some(GangDecision::Wait { message, .. }) => Some(message.clone()),
-                _ => None,
-            };
-            let fate = match (event, &waiting) {
-                (Some(e), _) if e.fate != Fate::Waiting => e.fate.clone(),
-                (_, Some(_)) => Fate::Waiting,
-                _ if holds_devices(s.phase) => Fate::Running,
-                _ => Fate::Idle,
-            };
-            let reason = match fate {
-                Fate::Waiting => waiting,
-                Fate::Preempted | Fate::Reclaimed | Fate::Stopped => {
-                    // Stopped, then perhaps waiting again: say both.
-                    let stopped = event.and_then(|e| e.reason.clone()).unwrap_or_default();
-                    Some(match waiting {
-                        Some(w) => format!("{stopped}; then waits: {w}"),
-                        None => stopped,
-                    })
-                }
-                _ => None,
-            };
+            let (fate, reason) = fate_of(event, waiting(d, &admission::project::key(p)), holds_devices(s.phase));
             let holds = matches!(fate, Fate::Admitted | Fate::Running);
             ProjectPlan {
                 project: k,
@@ -313,6 +374,46 @@ fn project_plans(live: &Cluster, c: &Cluster, d: &Decision, events: &BTreeMap<St
             }
         })
         .collect();
+    out.extend(workload_plans(&live.jobs, &c.jobs, d, events));
+    out.extend(workload_plans(&live.jobsets, &c.jobsets, d, events));
     out.sort_by(|a, b| a.project.cmp(&b.project));
     out
+}
+
+/// The labelled Jobs or JobSets of `c`, as rows beside the projects ("Job
+/// namespace/name"): `Running` when admitted, `Queued` when held, as now.
+fn workload_plans<W: Workload>(
+    live: &[W],
+    c: &[W],
+    d: &Decision,
+    events: &BTreeMap<String, Event>,
+) -> Vec<ProjectPlan> {
+    let state = |w: &W| {
+        if job::holding(w).is_some() {
+            Some("Running".to_string())
+        } else {
+            job::wants_admission(w).then(|| "Queued".to_string())
+        }
+    };
+    c.iter()
+        .filter_map(|w| {
+            let shape = w.read().ok()??;
+            let k = job::key(w);
+            let event = events.get(&k.to_string());
+            let held = job::holding(w);
+            let (fate, reason) = fate_of(event, waiting(d, &k), held.is_some());
+            let held = held.filter(|_| matches!(fate, Fate::Admitted | Fate::Running));
+            Some(ProjectPlan {
+                project: k.to_string(),
+                allocation: shape.allocation,
+                phase_now: live.iter().find(|l| job::key(*l) == k).and_then(state),
+                pool: held.as_ref().map(|h| h.pool.clone()),
+                nodes: held.as_ref().map(|h| h.nodes.clone()).unwrap_or_default(),
+                borrowed: held.is_some_and(|h| h.borrowed),
+                preempts: event.map(|e| e.preempts.clone()).unwrap_or_default(),
+                reason,
+                fate,
+            })
+        })
+        .collect()
 }

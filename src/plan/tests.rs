@@ -244,3 +244,59 @@ async fn the_loop_and_plan_take_the_same_decisions_on_the_same_cluster() {
         assert_eq!(by_loop, by_plan, "fixture {i}");
     }
 }
+
+/// A labelled indexed Job of `pods` x 8 ATOM.
+fn labelled_job(name: &str, pods: u32, annotations: &str) -> String {
+    format!(
+        "---\napiVersion: batch/v1\nkind: Job\nmetadata: {{name: {name}, namespace: team-a, labels: {{sovereign.ai/allocation: a}}, annotations: {{{annotations}}}}}\nspec:\n  completionMode: Indexed\n  parallelism: {pods}\n  completions: {pods}\n  template:\n    spec:\n      restartPolicy: Never\n      containers: [{{name: m, image: t, resources: {{limits: {{rebellions.ai/ATOM: \"8\"}}}}}}]\n"
+    )
+}
+
+/// A labelled JobSet of two replicated jobs (a driver without devices, 2 workers of 8 ATOM), in one rack.
+fn labelled_jobset(name: &str) -> String {
+    let template = |devices: u32| {
+        format!(
+            "{{spec: {{parallelism: 1, completions: 1, template: {{spec: {{restartPolicy: Never, containers: [{{name: m, image: t, resources: {{limits: {{rebellions.ai/ATOM: \"{devices}\"}}}}}}]}}}}}}}}"
+        )
+    };
+    format!(
+        "---\napiVersion: jobset.x-k8s.io/v1alpha2\nkind: JobSet\nmetadata: {{name: {name}, namespace: team-a, labels: {{sovereign.ai/allocation: a}}, annotations: {{sovereign.ai/topology-key: topology.sovereign.ai/rack, sovereign.ai/topology-mode: Required}}}}\nspec:\n  replicatedJobs:\n  - {{name: driver, template: {}}}\n  - {{name: workers, replicas: 2, template: {}}}\n",
+        template(0),
+        template(8)
+    )
+}
+
+#[test]
+fn labelled_jobs_and_jobsets_are_planned_as_gangs_beside_the_projects() {
+    // A grant of 24: the JobSet (16, one rack) first, then the Job of 2 x 8 does not fit.
+    let yaml = format!(
+        "{POOL}{}{}{}",
+        alloc("a", "team-a", 24, ""),
+        labelled_jobset("pair"),
+        labelled_job("later", 2, "sovereign.ai/priority: \"-1\"")
+    );
+    let p = plan_of(&cluster(), &yaml);
+    assert!(p.changes.contains(&"create JobSet team-a/pair".to_string()), "{:?}", p.changes);
+    let pair = project_plan(&p, "JobSet team-a/pair");
+    assert_eq!((&pair.fate, pair.pool.as_deref(), pair.allocation.as_str()), (&Fate::Admitted, Some("atom"), "a"));
+    let racks: std::collections::BTreeSet<String> = pair
+        .nodes
+        .iter()
+        .map(|n| n.trim_start_matches("atom-").parse::<usize>().unwrap().div_euclid(2).to_string())
+        .collect();
+    assert_eq!((pair.nodes.len(), racks.len()), (2, 1), "two workers in one rack: {:?}", pair.nodes);
+    let later = project_plan(&p, "Job team-a/later");
+    assert_eq!(later.fate, Fate::Waiting, "{later:?}");
+    assert!(later.reason.as_deref().is_some_and(|r| r.contains("16")), "the reason in numbers: {later:?}");
+    assert_eq!(p.pools_after[0].in_use, 16, "the admitted JobSet's devices");
+    let table = render::table(&p);
+    assert!(table.contains("JobSet team-a/pair") && table.contains("Job team-a/later"), "{table}");
+
+    // Applied, the JobSet runs; a project of priority 100 then preempts it, and the Job waits on.
+    let c = applied(&cluster(), &yaml);
+    assert!(c.jobsets.iter().all(|j| !j.spec.suspend.unwrap_or(true)), "the JobSet is started");
+    let p = plan_of(&c, &project("urgent", "team-a", "a", 3, 100));
+    assert_eq!(project_plan(&p, "JobSet team-a/pair").fate, Fate::Preempted, "{:#?}", p.projects);
+    assert_eq!(project_plan(&p, "team-a/urgent").fate, Fate::Admitted);
+    assert_eq!(project_plan(&p, "JobSet team-a/pair").phase_now.as_deref(), Some("Running"));
+}

@@ -79,6 +79,16 @@ impl WorkloadGang {
         self.members.iter().map(|m| m.pods).sum()
     }
 
+    /// Pods that ask for devices (a JobSet's coordinator may ask for none).
+    pub fn workers(&self) -> u32 {
+        self.members.iter().filter(|m| m.per_pod > 0).map(|m| m.pods).sum()
+    }
+
+    /// Devices each pod that asks for any asks for (alike: [`read_jobset`] checks).
+    pub fn per_worker(&self) -> i64 {
+        self.members.iter().map(|m| m.per_pod).find(|n| *n > 0).unwrap_or(0)
+    }
+
     /// Devices of the whole gang.
     pub fn devices(&self) -> i64 {
         self.members.iter().map(|m| i64::from(m.pods) * m.per_pod).sum()
@@ -120,38 +130,53 @@ pub enum WorkloadError {
         "annotation {TOPOLOGY_KEY_ANNOTATION} {value:?}: must be a node label key such as topology.sovereign.ai/rack"
     )]
     BadTopologyKey { value: String },
+    #[error(
+        "replicated jobs ask for different devices per pod ({}); a gang's pods are alike: give every pod that asks for devices the same number",
+        .counts.iter().map(|(name, n)| format!("{name}: {n}")).collect::<Vec<_>>().join(", ")
+    )]
+    UnevenPods { counts: Vec<(String, i64)> },
     #[error("the JobSet has no replicatedJobs")]
     NoReplicatedJobs,
     #[error("not a JobSet: {0}")]
     NotAJobSet(String),
 }
 
-/// The part of a JobSet (jobset.x-k8s.io/v1alpha2) a gang is made of.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct JobSet {
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    pub spec: JobSetSpec,
-}
-
-#[derive(Clone, Debug, Deserialize)]
+/// The part of a JobSet (jobset.x-k8s.io/v1alpha2) a gang is made of and its
+/// admission reads: a typed view of our own (the JobSet module is Go), decoded
+/// by the watch; the fields it does not name are not kept.
+#[derive(kube::CustomResource, Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
+#[kube(
+    group = "jobset.x-k8s.io",
+    version = "v1alpha2",
+    kind = "JobSet",
+    namespaced,
+    status = "JobSetStatus",
+    schema = "disabled"
+)]
 #[serde(rename_all = "camelCase")]
 pub struct JobSetSpec {
     #[serde(default)]
     pub replicated_jobs: Vec<ReplicatedJob>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspend: Option<bool>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicatedJob {
     pub name: String,
     /// Jobs made from the template (default 1).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
     pub template: JobTemplateSpec,
+}
+
+/// Whether the JobSet finished (its `Completed` or `Failed` condition).
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct JobSetStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 }
 
 impl JobSet {
@@ -159,7 +184,9 @@ impl JobSet {
     pub fn from_dynamic(obj: &DynamicObject) -> Result<Self, WorkloadError> {
         let spec = obj.data.get("spec").cloned().ok_or_else(|| WorkloadError::NotAJobSet("no spec".into()))?;
         let spec = serde_json::from_value(spec).map_err(|e| WorkloadError::NotAJobSet(e.to_string()))?;
-        Ok(Self { metadata: obj.metadata.clone(), spec })
+        let status = obj.data.get("status").cloned().map(serde_json::from_value).transpose();
+        let status = status.map_err(|e| WorkloadError::NotAJobSet(e.to_string()))?;
+        Ok(Self { metadata: obj.metadata.clone(), spec, status })
     }
 }
 
@@ -196,6 +223,11 @@ pub fn read_jobset(jobset: &JobSet) -> Result<Option<WorkloadGang>, WorkloadErro
         let (pods, ask) = job_pods(&what, spec.parallelism, spec.completions, &spec.template)?;
         resources.extend(ask.resource);
         members.push(Members { name: rj.name.clone(), pods: pods * replicas as u32, per_pod: ask.count });
+    }
+    let counts: Vec<(String, i64)> =
+        members.iter().filter(|m| m.per_pod > 0).map(|m| (m.name.clone(), m.per_pod)).collect();
+    if counts.windows(2).any(|w| w[0].1 != w[1].1) {
+        return Err(WorkloadError::UnevenPods { counts });
     }
     gang(WorkloadKind::JobSet, &jobset.metadata, allocation, members, resources).map(Some)
 }

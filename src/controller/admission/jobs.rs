@@ -1,8 +1,9 @@
-//! Labelled batch Jobs in the admission loop: their gangs (pools resolved
-//! from the stores), the writes their decisions ask for, and the write path
-//! (server-side apply of an admission with the operator's field manager, a
-//! merge patch that suspends again; both guarded by the resourceVersion they
-//! were decided on, then assumed).
+//! Labelled workloads (batch Jobs and JobSets) in the admission loop: their
+//! gangs (pools resolved from the stores), the writes their decisions ask for,
+//! and the write path (server-side apply of an admission with the operator's
+//! field manager, a merge patch that suspends again; both guarded by the
+//! resourceVersion they were decided on, then assumed). One path for every
+//! kind: what differs is [`Workload`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -12,30 +13,71 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 
 use super::Writer;
-use crate::admission::job::{self, Action, JobChange, Pin};
+use crate::admission::job::{self, Action, JobChange, Pin, Workload};
 use crate::admission::{Decision, Decisions, Gang, GangKey, WaitReason};
-use crate::api::GrantMode;
+use crate::api::{GrantMode, TopologyMode};
 use crate::controller::apply::{FIELD_MANAGER, publish_event};
 use crate::controller::stores::Stores;
 use crate::controller::unseen::Unseen;
-use crate::workload::kinds::WorkloadGang;
+use crate::workload::kinds::{JobSet, WorkloadGang};
 
-/// Job writes in flight at once.
+/// Workload writes in flight at once.
 const WRITE_CONCURRENCY: usize = 32;
 
-/// The gangs of `jobs`: each labelled Job that holds devices or waits. A
-/// labelled Job that cannot be one gang is left out (logged at debug level;
-/// it gets no Event yet).
-pub fn gangs(stores: &Stores, jobs: &[Arc<Job>], now: Timestamp) -> Vec<Gang> {
+/// The labelled workloads of one moment, of every kind.
+#[derive(Clone, Default)]
+pub struct Workloads {
+    pub jobs: Vec<Arc<Job>>,
+    pub jobsets: Vec<Arc<JobSet>>,
+}
+
+impl Workloads {
+    /// The stores' workloads.
+    pub fn of(stores: &Stores) -> Self {
+        Self { jobs: stores.jobs.store.state(), jobsets: stores.jobsets.store.state() }
+    }
+
+    /// Every gang among them.
+    pub fn gangs(&self, stores: &Stores, now: Timestamp) -> Vec<Gang> {
+        let mut out = gangs(stores, &self.jobs, now);
+        out.extend(gangs(stores, &self.jobsets, now));
+        out
+    }
+}
+
+/// What the loop remembers of one kind between cycles: its writes the store
+/// has not shown yet, and why each waiting workload waited when it last got
+/// its `Queued` Event.
+pub struct Held<W> {
+    pub assumed: Unseen<GangKey, Arc<W>>,
+    pub announced: HashMap<GangKey, WaitReason>,
+}
+
+impl<W: Workload> Held<W> {
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self { assumed: Unseen::new(ttl), announced: HashMap::new() }
+    }
+
+    /// `stored`, with the loop's own writes standing in.
+    pub fn overlay(&self, stored: Vec<Arc<W>>) -> Vec<Arc<W>> {
+        self.assumed.overlay(stored, job::key)
+    }
+}
+
+/// The gangs of `workloads`: each labelled one that holds devices or waits.
+/// A labelled workload that cannot be one gang is left out (logged at debug
+/// level; it gets no Event yet).
+pub fn gangs<W: Workload>(stores: &Stores, workloads: &[Arc<W>], now: Timestamp) -> Vec<Gang> {
     let pools = |w: &WorkloadGang| pools_of(stores, w);
-    jobs.iter()
-        .filter_map(|j| match job::gang(j, now, &pools) {
+    workloads
+        .iter()
+        .filter_map(|w| match job::gang(w.as_ref(), now, &pools) {
             Ok(g) => g,
             Err(e) => {
-                tracing::debug!(job = %job::key(j), error = %e, "a labelled Job that is no gang");
+                tracing::debug!(workload = %job::key(w.as_ref()), error = %e, "a labelled workload that is no gang");
                 None
             }
         })
@@ -62,11 +104,20 @@ fn pools_of(stores: &Stores, w: &WorkloadGang) -> Vec<String> {
     out
 }
 
-/// One write to a Job.
+/// The topology domain (node label key and value) of the planned nodes, when
+/// the workload requires its gang in one.
+fn required_domain<W: Workload>(stores: &Stores, w: &W, nodes: &[String]) -> Option<(String, String)> {
+    let topology = w.read().ok()??.topology.filter(|t| t.mode == TopologyMode::Required)?;
+    let node = stores.nodes.store.get(&ObjectRef::new(nodes.first()?))?;
+    let value = node.labels().get(&topology.key)?.clone();
+    Some((topology.key, value))
+}
+
+/// One write to a workload.
 #[derive(Clone, Debug)]
-pub struct JobWrite {
+pub struct JobWrite<W> {
     pub key: GangKey,
-    pub job: Arc<Job>,
+    pub job: Arc<W>,
     pub change: JobChange,
     /// A victim: written only once its preemptor has recorded it.
     pub preemptor: Option<GangKey>,
@@ -74,23 +125,23 @@ pub struct JobWrite {
     pub admission_wait: Option<f64>,
 }
 
-/// The writes `decisions` ask of `jobs`, in two groups: admissions and
-/// suspensions first, then `Queued` Events (as for a project: when a Job
+/// The writes `decisions` ask of `workloads`, in two groups: admissions and
+/// suspensions first, then `Queued` Events (as for a project: when a workload
 /// starts waiting and when the reason changes, never per cycle; `announced`
-/// remembers why each waits). Job preemptors are ready at once: their
+/// remembers why each waits). Their preemptors are ready at once: their
 /// victims are listed in no status.
-pub fn plan(
+pub fn plan<W: Workload>(
     stores: &Stores,
-    jobs: &[Arc<Job>],
+    workloads: &[Arc<W>],
     decisions: &Decisions,
     now: Timestamp,
     announced: &mut HashMap<GangKey, WaitReason>,
-) -> (Vec<JobWrite>, Vec<JobWrite>, HashSet<GangKey>) {
-    let keys: HashSet<GangKey> = jobs.iter().map(|j| job::key(j)).collect();
+) -> (Vec<JobWrite<W>>, Vec<JobWrite<W>>, HashSet<GangKey>) {
+    let keys: HashSet<GangKey> = workloads.iter().map(|w| job::key(w.as_ref())).collect();
     announced.retain(|k, _| keys.contains(k));
     let (mut urgent, mut waiting, mut ready) = (Vec::new(), Vec::new(), HashSet::new());
-    for j in jobs {
-        let key = job::key(j);
+    for j in workloads {
+        let key = job::key(j.as_ref());
         let Some(d) = decisions.get(&key) else { continue };
         let mut announce = false;
         if let Decision::Wait { why, victims, .. } = d {
@@ -102,9 +153,11 @@ pub fn plan(
             // Admitted, stopped or evicted: its next wait is announced again.
             announced.remove(&key);
         }
-        let pool = match d {
-            Decision::Admit { pool, .. } => stores.pools.store.get(&ObjectRef::new(pool)),
-            _ => None,
+        let (pool, domain) = match d {
+            Decision::Admit { pool, nodes, .. } => {
+                (stores.pools.store.get(&ObjectRef::new(pool)), required_domain(stores, j.as_ref(), nodes))
+            }
+            _ => (None, None),
         };
         let labels = pool.as_ref().and_then(|p| p.spec.node_selector.match_labels.clone()).unwrap_or_default();
         let allocation = j.labels().get(crate::snapshot::ALLOCATION_LABEL).cloned().unwrap_or_default();
@@ -122,12 +175,13 @@ pub fn plan(
             node_labels: &labels,
             tolerations: &p.spec.tolerations,
             dedicated: *dedicated,
+            domain: domain.clone(),
         });
-        let Some(change) = job::action(j, d, now, pin.as_ref(), announce) else { continue };
+        let Some(change) = job::action(j.as_ref(), d, now, pin.as_ref(), announce) else { continue };
         let (preemptor, admission_wait) = match d {
             Decision::Evict { by, .. } => (Some(by.clone()), None),
             Decision::Admit { .. } => {
-                let waited = j.metadata.creation_timestamp.as_ref().map(|c| now.duration_since(c.0).as_secs_f64());
+                let waited = j.meta().creation_timestamp.as_ref().map(|c| now.duration_since(c.0).as_secs_f64());
                 (None, Some(waited.unwrap_or(0.0)))
             }
             _ => (None, None),
@@ -144,8 +198,29 @@ pub fn plan(
 }
 
 impl Writer {
-    /// Writes Jobs' decisions concurrently and assumes what was written.
-    pub async fn write_jobs(&self, batch: Vec<JobWrite>, assumed: &Unseen<GangKey, Arc<Job>>) {
+    /// A JobSet that a Kubeflow TrainJob made (its controller owner) follows
+    /// the TrainJob's suspend, which the Trainer copies into it: the TrainJob
+    /// gets the suspend the operator just gave its JobSet (merge patch).
+    async fn follow_trainjob(&self, meta: &kube::api::ObjectMeta, ns: &str, suspend: bool) {
+        let owner = meta.owner_references.iter().flatten().find(|o| {
+            o.controller == Some(true) && o.kind == "TrainJob" && o.api_version.starts_with("trainer.kubeflow.org/")
+        });
+        let Some(owner) = owner else { return };
+        let (group, version) = owner.api_version.split_once('/').unwrap_or_default();
+        let gvk = kube::core::GroupVersionKind::gvk(group, version, "TrainJob");
+        let resource = kube::core::ApiResource::from_gvk_with_plural(&gvk, "trainjobs");
+        let api = Api::<kube::core::DynamicObject>::namespaced_with(self.client.clone(), ns, &resource);
+        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        let body = serde_json::json!({"spec": {"suspend": suspend}});
+        match api.patch(&owner.name, &params, &Patch::Merge(&body)).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => tracing::warn!(trainjob = %owner.name, error = %e, "cannot set a TrainJob's suspend"),
+        }
+    }
+
+    /// Writes workloads' decisions concurrently and assumes what was written.
+    pub async fn write_jobs<W: Workload>(&self, batch: Vec<JobWrite<W>>, assumed: &Unseen<GangKey, Arc<W>>) {
         let results: Vec<_> =
             futures::stream::iter(batch).map(|w| self.write_job(w)).buffer_unordered(WRITE_CONCURRENCY).collect().await;
         for (key, rv, written) in results.into_iter().flatten() {
@@ -153,11 +228,11 @@ impl Writer {
         }
     }
 
-    async fn write_job(&self, w: JobWrite) -> Option<(GangKey, String, Arc<Job>)> {
+    async fn write_job<W: Workload>(&self, w: JobWrite<W>) -> Option<(GangKey, String, Arc<W>)> {
         let ns = w.job.namespace().unwrap_or_default();
         let name = w.job.name_any();
         let rv = w.job.resource_version()?;
-        let api = Api::<Job>::namespaced(self.client.clone(), &ns);
+        let api = Api::<W>::namespaced(self.client.clone(), &ns);
         let written = match &w.change.action {
             Action::Admit(body) => {
                 api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body)).await.map(Some)
@@ -171,14 +246,21 @@ impl Writer {
         let written = match written {
             Ok(written) => written,
             Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
-                tracing::debug!(job = %w.key, code = e.code, "decided on an old version; planned again");
+                tracing::debug!(workload = %w.key, code = e.code, "decided on an old version; planned again");
                 return None;
             }
             Err(e) => {
-                tracing::warn!(job = %w.key, error = %e, "cannot write an admission decision to a Job");
+                tracing::warn!(workload = %w.key, error = %e, "cannot write an admission decision to a workload");
                 return None;
             }
         };
+        if let Some(suspend) = match &w.change.action {
+            Action::Admit(_) => Some(false),
+            Action::Suspend(_) => Some(true),
+            Action::Announce => None,
+        } {
+            self.follow_trainjob(w.job.meta(), &ns, suspend).await;
+        }
         if let Some(wait) = w.admission_wait {
             self.metrics.observe_admission_wait(wait);
         }
@@ -187,7 +269,7 @@ impl Writer {
         {
             self.metrics.count_gang_restart(stop.reason);
         }
-        tracing::debug!(job = %w.key, events = ?w.change.events.iter().map(|e| e.reason).collect::<Vec<_>>(), "written");
+        tracing::debug!(workload = %w.key, events = ?w.change.events.iter().map(|e| e.reason).collect::<Vec<_>>(), "written");
         let on = w.job.object_ref(&());
         for note in w.change.events {
             publish_event(&self.recorder, &on, note.type_, note.reason, note.message).await;
@@ -267,7 +349,8 @@ mod tests {
             starvation_after: k8s_openapi::jiff::SignedDuration::from_secs(900),
             min_run: k8s_openapi::jiff::SignedDuration::from_secs(600),
         };
-        let decisions = super::super::decide_with_jobs(&view, &stores, &[], &jobs, now(), &settings);
+        let workloads = Workloads { jobs: jobs.to_vec(), ..Default::default() };
+        let decisions = super::super::decide_with_workloads(&view, &stores, &[], &workloads, now(), &settings);
         assert!(
             matches!(decisions.get(&GangKey::job("team-a", "first")), Some(Decision::Admit { pool, nodes, .. }) if pool == "atom" && nodes.len() == 2),
             "{decisions:?}"
@@ -278,7 +361,7 @@ mod tests {
         );
 
         let mut announced = HashMap::new();
-        let (urgent, waiting, ready) = plan(&stores, &jobs, &decisions, now(), &mut announced);
+        let (urgent, waiting, ready) = plan(&stores, &jobs[..], &decisions, now(), &mut announced);
         assert!(ready.is_empty());
         assert_eq!(urgent.len(), 1);
         let Action::Admit(body) = &urgent[0].change.action else { panic!("{:?}", urgent[0].change) };
@@ -288,7 +371,7 @@ mod tests {
         assert_eq!(waiting.len(), 1);
         assert_eq!(waiting[0].change.events[0].reason, "Queued");
 
-        let (_, again, _) = plan(&stores, &jobs, &decisions, now(), &mut announced);
+        let (_, again, _) = plan(&stores, &jobs[..], &decisions, now(), &mut announced);
         assert!(again.is_empty(), "the same wait is announced once");
     }
 }

@@ -33,10 +33,12 @@ use kube::runtime::reflector::ObjectRef;
 use super::Context;
 use super::unseen::Unseen;
 use super::view::View;
-use crate::admission::{self, Decision, Decisions, GangKey, WaitReason, job, project};
+use crate::admission::{self, Decision, Decisions, GangKey, job, project};
 use crate::api::ModelProject;
 use crate::api::policy::validate;
 use crate::telemetry::Metrics;
+use crate::workload::kinds::JobSet;
+use jobs::{Held, Workloads};
 pub use write::Writer;
 
 /// A burst of events arriving within this pause is one cycle.
@@ -73,6 +75,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         capacity(s.allocations.changes().boxed()),
         occupancy(s.projects.changes().boxed()),
         occupancy(s.jobs.changes().boxed()),
+        occupancy(s.jobsets.changes().boxed()),
         occupancy(s.pods.removals().boxed()),
         occupancy(s.workers.removals().boxed()),
     ]);
@@ -107,12 +110,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     }
 }
 
-/// Whether a project or a labelled Job waits for admission: without one, a
-/// change of pods, projects or Jobs decides nothing.
+/// Whether a project or a labelled workload waits for admission: without
+/// one, a change of pods, projects or workloads decides nothing.
 fn anyone_waits(ctx: &Context) -> bool {
     let now = Timestamp::now();
     ctx.stores.projects.store.state().iter().any(|p| project::wants_admission(p, now))
-        || ctx.stores.jobs.store.state().iter().any(|j| job::wants_admission(j))
+        || ctx.stores.jobs.store.state().iter().any(|j| job::wants_admission(j.as_ref()))
+        || ctx.stores.jobsets.store.state().iter().any(|j| job::wants_admission(j.as_ref()))
 }
 
 /// What the loop remembers between cycles: its writes the store has not shown
@@ -120,10 +124,9 @@ fn anyone_waits(ctx: &Context) -> bool {
 pub(crate) struct LoopState {
     pub(crate) assumed: Unseen<GangKey, Arc<ModelProject>>,
     waiting_written: HashMap<GangKey, Instant>,
-    /// The loop's writes to Jobs the store has not shown yet.
-    assumed_jobs: Unseen<GangKey, Arc<Job>>,
-    /// Why each waiting Job waited when it last got its `Queued` Event.
-    jobs_announced: HashMap<GangKey, WaitReason>,
+    /// Labelled Jobs and JobSets: the loop's unseen writes, the waits announced.
+    jobs: Held<Job>,
+    jobsets: Held<JobSet>,
 }
 
 impl Default for LoopState {
@@ -131,15 +134,19 @@ impl Default for LoopState {
         Self {
             assumed: Unseen::new(ASSUME_TTL),
             waiting_written: HashMap::new(),
-            assumed_jobs: Unseen::new(ASSUME_TTL),
-            jobs_announced: HashMap::new(),
+            jobs: Held::new(ASSUME_TTL),
+            jobsets: Held::new(ASSUME_TTL),
         }
     }
 }
 
-/// The labelled Jobs of the store, with the loop's own writes standing in.
-fn assume_jobs(ctx: &Context, state: &LoopState) -> Vec<Arc<Job>> {
-    state.assumed_jobs.overlay(ctx.stores.jobs.store.state(), job::key)
+/// The labelled workloads of the stores, with the loop's own writes standing in.
+fn assume_workloads(ctx: &Context, state: &LoopState) -> Workloads {
+    let s = &ctx.stores;
+    Workloads {
+        jobs: state.jobs.overlay(s.jobs.store.state()),
+        jobsets: state.jobsets.overlay(s.jobsets.store.state()),
+    }
 }
 
 /// The projects of the store, with the loop's own writes standing in for
@@ -157,21 +164,21 @@ pub fn decide(
     now: Timestamp,
     settings: &admission::Settings,
 ) -> Decisions {
-    decide_with_jobs(view, stores, projects, &stores.jobs.store.state(), now, settings)
+    decide_with_workloads(view, stores, projects, &Workloads::of(stores), now, settings)
 }
 
-/// [`decide`], over these labelled Jobs (the loop's: with its own writes standing in).
-pub fn decide_with_jobs(
+/// [`decide`], over these labelled workloads (the loop's: with its own writes standing in).
+pub fn decide_with_workloads(
     view: &View,
     stores: &super::stores::Stores,
     projects: &[Arc<ModelProject>],
-    jobs: &[Arc<Job>],
+    workloads: &Workloads,
     now: Timestamp,
     settings: &admission::Settings,
 ) -> Decisions {
     let valid = validity(stores);
     let mut gangs: Vec<_> = projects.iter().filter_map(|p| project::gang(p, now, valid(p))).collect();
-    gangs.extend(jobs::gangs(stores, jobs, now));
+    gangs.extend(workloads.gangs(stores, now));
     admission::decide(&view.snapshot(stores, gangs), now, settings)
 }
 
@@ -191,9 +198,9 @@ async fn cycle(ctx: &Context, writer: &Writer, state: &mut LoopState, capacity_c
     let now = Timestamp::now();
     let view = ctx.admission_view(if capacity_changed { Duration::ZERO } else { VIEW_REUSE }).await;
     let projects = assume(ctx, state);
-    let labelled_jobs = assume_jobs(ctx, state);
+    let workloads = assume_workloads(ctx, state);
     let plan_started = Instant::now();
-    let decisions = decide_with_jobs(&view, &ctx.stores, &projects, &labelled_jobs, now, &ctx.settings);
+    let decisions = decide_with_workloads(&view, &ctx.stores, &projects, &workloads, now, &ctx.settings);
     ctx.metrics.observe_planning("admission", plan_started.elapsed().as_secs_f64());
     record(&view, &projects, &decisions, &ctx.metrics);
 
@@ -210,15 +217,27 @@ async fn cycle(ctx: &Context, writer: &Writer, state: &mut LoopState, capacity_c
         wake = wake.min(Duration::from_millis(500));
     }
     let (job_urgent, job_waiting, job_preemptors) =
-        jobs::plan(&ctx.stores, &labelled_jobs, &decisions, now, &mut state.jobs_announced);
+        jobs::plan(&ctx.stores, &workloads.jobs, &decisions, now, &mut state.jobs.announced);
+    let (set_urgent, set_waiting, set_preemptors) =
+        jobs::plan(&ctx.stores, &workloads.jobsets, &decisions, now, &mut state.jobsets.announced);
     w.ready.extend(job_preemptors);
-    let decided = w.preemptors.len() + w.urgent.len() + w.waiting.len() + job_urgent.len() + job_waiting.len();
+    w.ready.extend(set_preemptors);
+    let decided = w.preemptors.len()
+        + w.urgent.len()
+        + w.waiting.len()
+        + job_urgent.len()
+        + job_waiting.len()
+        + set_urgent.len()
+        + set_waiting.len();
     let ready = writer.write_cycle(w, &state.assumed).await;
-    // A Job evicted for a project only once that project's status lists it.
-    let job_urgent =
-        job_urgent.into_iter().filter(|w| w.preemptor.as_ref().is_none_or(|k| ready.contains(k))).collect();
-    writer.write_jobs(job_urgent, &state.assumed_jobs).await;
-    writer.write_jobs(job_waiting, &state.assumed_jobs).await;
+    // A workload evicted for a project only once that project's status lists it.
+    let victim_ready = |p: &Option<GangKey>| p.as_ref().is_none_or(|k| ready.contains(k));
+    let job_urgent = job_urgent.into_iter().filter(|w| victim_ready(&w.preemptor)).collect();
+    let set_urgent = set_urgent.into_iter().filter(|w| victim_ready(&w.preemptor)).collect();
+    writer.write_jobs(job_urgent, &state.jobs.assumed).await;
+    writer.write_jobs(set_urgent, &state.jobsets.assumed).await;
+    writer.write_jobs(job_waiting, &state.jobs.assumed).await;
+    writer.write_jobs(set_waiting, &state.jobsets.assumed).await;
     if decided > 0 {
         tracing::debug!(decided, elapsed_ms = started.elapsed().as_millis() as u64, "admission cycle");
     }

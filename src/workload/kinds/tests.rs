@@ -293,6 +293,7 @@ fn a_jobset_is_one_gang_of_every_replicated_job() {
     assert_eq!(g.kind, WorkloadKind::JobSet);
     assert_eq!(g.members, vec![members("driver", 1, 0), members("workers", 8, 8)]);
     assert_eq!((g.pods(), g.devices(), g.resource.as_str()), (9, 64, "nvidia.com/gpu"));
+    assert_eq!((g.workers(), g.per_worker()), (8, 8), "the driver asks for no devices: no worker of the gang");
     assert_eq!(g.pools, vec!["b200".to_string()]);
 }
 
@@ -324,6 +325,14 @@ fn jobset_errors_table() {
                 parallelism: 2,
                 completions: "8".into(),
             },
+        ),
+        (
+            "pods of two replicated jobs asking for different devices",
+            json!([
+                replicated("big", None, 1, json!([container("main", gpus(8))])),
+                replicated("small", Some(2), 1, json!([container("main", gpus(4))])),
+            ]),
+            WorkloadError::UnevenPods { counts: vec![("big".into(), 8), ("small".into(), 4)] },
         ),
         (
             "no accelerators anywhere",
