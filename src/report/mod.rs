@@ -41,6 +41,9 @@ pub enum Section {
     Tenant,
     Pool,
     Allocation,
+    /// One row per workload (ModelProject, Job, JobSet) with hours, from the
+    /// allocations' `projectHours`.
+    Workload,
 }
 
 impl Section {
@@ -52,6 +55,7 @@ impl Section {
             Section::Tenant => "tenant",
             Section::Pool => "pool",
             Section::Allocation => "allocation",
+            Section::Workload => "workload",
         }
     }
 }
