@@ -236,4 +236,11 @@ fn workloads_are_listed_by_kind_and_name_from_the_allocations_hours() {
         .collect();
     assert_eq!(rows, [("Job a/train", 1.5, Some(1.5)), ("ModelProject a/run", 8.0, Some(2.0))]);
     assert!(render::table(&r).contains("By workload"));
+    // A namespace's report lists its own workloads only.
+    let mut other = i.clone();
+    let status = other.allocations[0].status.as_mut().unwrap();
+    status.project_hours[2].project = "elsewhere/train".into();
+    let scoped = build(&scope(other, "a"));
+    let names: Vec<&str> = scoped.section(Section::Workload).map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["ModelProject a/run"]);
 }
