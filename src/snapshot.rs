@@ -292,6 +292,24 @@ mod tests {
     }
 
     #[test]
+    fn a_used_up_budget_stays_used_up_for_the_spec_it_was_found_on() {
+        let alloc = |generation: i64, observed: i64, phase: &str| -> GpuAllocation {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "sovereign.ai/v1alpha1", "kind": "GpuAllocation",
+                "metadata": {"name": "a", "generation": generation},
+                "spec": {"tenant": {"displayName": "t", "namespaces": ["team"]},
+                         "grants": [{"pool": "h200", "accelerators": 8}], "budget": {"acceleratorHours": 10}},
+                "status": {"phase": phase, "observedGeneration": observed, "acceleratorHoursUsed": 9.99}
+            }))
+            .unwrap()
+        };
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        assert!(allocation_state(&alloc(3, 3, "Exhausted"), now).budget_used_up);
+        assert!(!allocation_state(&alloc(4, 3, "Exhausted"), now).budget_used_up, "the spec changed (budget raised)");
+        assert!(!allocation_state(&alloc(3, 3, "Active"), now).budget_used_up);
+    }
+
+    #[test]
     fn a_pod_is_charged_to_its_workload_by_the_labels_and_owners_its_controllers_set() {
         let pod = |labels: serde_json::Value, owners: serde_json::Value| -> Pod {
             serde_json::from_value(serde_json::json!({"metadata": {"name": "x", "namespace": "team",
