@@ -128,6 +128,7 @@ fn capacity(scale: usize) -> (Vec<NodeInfo>, Vec<PoolState>, Vec<AllocationState
             hours_used: 0.0,
             min_domestic_share: None,
             was_active: true,
+            budget_used_up: false,
             deleting: false,
         })
         .collect();

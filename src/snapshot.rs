@@ -12,7 +12,7 @@ use kube::core::Selector;
 use crate::api::{AcceleratorPool, AllocationPhase, GpuAllocation, HOSTNAME_KEY};
 use crate::planner::grants::{AllocationState, GrantState, PoolState};
 use crate::planner::inventory::{NodeInfo, PoolInfo, PoolTotals};
-use crate::planner::ledger::PodLife;
+use crate::planner::ledger::{PodLife, Workload};
 use crate::planner::usage::{PodUse, PoolRate};
 
 /// Label on every object the operator manages.
@@ -31,6 +31,10 @@ pub const JOB_LABEL: &str = "sovereign.ai/job";
 /// Label the operator puts on every pod template of a JobSet it admitted: the
 /// JobSet's name. Its pods hold devices as the JobSet's gang.
 pub const JOBSET_LABEL: &str = "sovereign.ai/jobset";
+/// Label the JobSet controller puts on every pod of a JobSet: its name.
+pub const JOBSET_NAME_LABEL: &str = "jobset.sigs.k8s.io/jobset-name";
+/// Label the Job controller puts on every pod of a Job: its name.
+pub const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
 /// Label (value `true`) the admin puts on tenant namespaces: the chart's admission
 /// policy lets the operator create quotas and worker pods only there.
 pub const TENANT_LABEL: &str = "sovereign.ai/tenant";
@@ -145,6 +149,14 @@ pub fn allocation_state(a: &GpuAllocation, now: Timestamp) -> AllocationState {
         hours_used: status.map_or(0.0, |s| s.accelerator_hours_used),
         min_domestic_share: a.spec.min_domestic_share,
         was_active: status.and_then(|s| s.phase) == Some(AllocationPhase::Active),
+        // Exhausted, as written for this very spec: a correction of the ledger
+        // (a pod's own end before the reckoning that charged it as running)
+        // does not make it Active again; raising the budget (any spec change) does.
+        budget_used_up: status.is_some_and(|s| {
+            s.phase == Some(AllocationPhase::Exhausted)
+                && s.observed_generation.is_some()
+                && s.observed_generation == a.metadata.generation
+        }),
         deleting: a.metadata.deletion_timestamp.is_some(),
     }
 }
@@ -182,6 +194,29 @@ pub fn pod_use(pod: &Pod) -> Option<PodUse> {
 
 fn millis(t: &Time) -> i64 {
     t.0.as_millisecond()
+}
+
+/// The workload a pod runs for, as the ledger keys its hours: a ModelProject's
+/// worker (its project label), a JobSet's pod (the JobSet controller's label),
+/// a batch Job's pod (the Job controller's owner reference or label, or the
+/// operator's), or none.
+pub fn workload_of(pod: &Pod) -> Option<Workload> {
+    let ns = pod.metadata.namespace.as_deref()?;
+    let labels = pod.labels();
+    let named = |kind: &str, name: &str| Some(Workload::new(kind, format!("{ns}/{name}")));
+    if let Some(p) = labels.get(PROJECT_LABEL) {
+        return named(crate::planner::ledger::MODEL_PROJECT, p);
+    }
+    if let Some(s) = labels.get(JOBSET_NAME_LABEL) {
+        return named("JobSet", s);
+    }
+    let owner = pod
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == "Job" && o.api_version == "batch/v1")
+        .map(|o| &o.name);
+    let job = owner.or_else(|| labels.get(JOB_NAME_LABEL)).or_else(|| labels.get(JOB_LABEL))?;
+    named("Job", job)
 }
 
 /// A pod's lifetime as the ledger charges it, on `pool` (None: not on a
@@ -222,7 +257,7 @@ pub fn pod_life(pod: &Pod, pool: Option<&PoolRate>, now: Timestamp) -> PodLife {
         .unwrap_or(0.0);
     PodLife {
         uid: pod.metadata.uid.clone().unwrap_or_default(),
-        project: pod.labels().get(PROJECT_LABEL).map(|p| format!("{}/{p}", pod.namespace().unwrap_or_default())),
+        workload: workload_of(pod),
         pool: pool.map(|p| p.name.clone()).unwrap_or_default(),
         domestic: pool.is_some_and(|p| p.domestic),
         weight,
@@ -257,6 +292,50 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[test]
+    fn a_used_up_budget_stays_used_up_for_the_spec_it_was_found_on() {
+        let alloc = |generation: i64, observed: i64, phase: &str| -> GpuAllocation {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "sovereign.ai/v1alpha1", "kind": "GpuAllocation",
+                "metadata": {"name": "a", "generation": generation},
+                "spec": {"tenant": {"displayName": "t", "namespaces": ["team"]},
+                         "grants": [{"pool": "h200", "accelerators": 8}], "budget": {"acceleratorHours": 10}},
+                "status": {"phase": phase, "observedGeneration": observed, "acceleratorHoursUsed": 9.99}
+            }))
+            .unwrap()
+        };
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        assert!(allocation_state(&alloc(3, 3, "Exhausted"), now).budget_used_up);
+        assert!(!allocation_state(&alloc(4, 3, "Exhausted"), now).budget_used_up, "the spec changed (budget raised)");
+        assert!(!allocation_state(&alloc(3, 3, "Active"), now).budget_used_up);
+    }
+
+    #[test]
+    fn a_pod_is_charged_to_its_workload_by_the_labels_and_owners_its_controllers_set() {
+        let pod = |labels: serde_json::Value, owners: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "x", "namespace": "team",
+                "labels": labels, "ownerReferences": owners}}))
+            .unwrap()
+        };
+        let job_owner = serde_json::json!([{"apiVersion": "batch/v1", "kind": "Job", "name": "train",
+            "uid": "u", "controller": true}]);
+        let of = |p: &Pod| workload_of(p).map(|w| (w.kind, w.name));
+        let w = |k: &str, n: &str| Some((k.to_string(), n.to_string()));
+        assert_eq!(
+            of(&pod(serde_json::json!({PROJECT_LABEL: "llm"}), serde_json::json!([]))),
+            w("ModelProject", "team/llm")
+        );
+        assert_eq!(of(&pod(serde_json::json!({}), job_owner.clone())), w("Job", "team/train"));
+        assert_eq!(
+            of(&pod(serde_json::json!({JOB_NAME_LABEL: "by-label"}), serde_json::json!([]))),
+            w("Job", "team/by-label")
+        );
+        // A JobSet's pods belong to its child Jobs; the JobSet is the workload.
+        let set = serde_json::json!({JOBSET_NAME_LABEL: "pair", JOB_NAME_LABEL: "pair-workers-0"});
+        assert_eq!(of(&pod(set, job_owner)), w("JobSet", "team/pair"));
+        assert_eq!(of(&pod(serde_json::json!({ALLOCATION_LABEL: "a"}), serde_json::json!([]))), None);
     }
 
     #[test]

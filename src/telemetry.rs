@@ -54,6 +54,15 @@ pub struct ChargeLabels {
     pub pool: String,
 }
 
+/// Allocation, program and kind of workload (ModelProject, Job, JobSet, Pod):
+/// bounded by the allocations, never one series per workload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub allocation: String,
+    pub program: String,
+    pub kind: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShareLabels {
     /// capacity, granted or in_use.
@@ -62,6 +71,10 @@ pub struct ShareLabels {
 
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 type FloatCounter = Counter<f64, std::sync::atomic::AtomicU64>;
+
+/// The values of the `kind` label: the workloads the ledger knows, and Pod for
+/// tenants' own pods.
+pub const KINDS: [&str; 4] = ["ModelProject", "Job", "JobSet", "Pod"];
 
 /// Accelerator-hours are exposed in seconds, Prometheus' base unit.
 const SECONDS_PER_HOUR: f64 = 3600.0;
@@ -94,6 +107,7 @@ pub struct Metrics {
     allocation_budget: Family<AllocationLabels, FloatGauge>,
     allocation_active: Family<AllocationLabels, Gauge>,
     allocation_charged: Family<ChargeLabels, FloatCounter>,
+    allocation_by_kind: Family<KindLabels, FloatGauge>,
     domestic_share: Family<ShareLabels, FloatGauge>,
     admission_wait: Histogram,
     projects: Family<ProjectLabels, Gauge>,
@@ -186,6 +200,13 @@ impl Default for Metrics {
              allocation, program and pool; starts at the ledger's figure and never decreases",
             allocation_charged.clone(),
         );
+        let allocation_by_kind = Family::<KindLabels, FloatGauge>::default();
+        registry.register(
+            "allocation_kind_used_accelerator_seconds",
+            "Accelerator time charged by the ledger, charge-factor weighted (accelerator-hours x 3600), by \
+             allocation, program and kind of workload (ModelProject, Job, JobSet; Pod for tenants' own pods)",
+            allocation_by_kind.clone(),
+        );
         registry.register(
             "domestic_share_ratio",
             "Fraction of accelerators on domestic pools, by measure (capacity, granted, in_use)",
@@ -228,6 +249,7 @@ impl Default for Metrics {
             allocation_budget,
             allocation_active,
             allocation_charged,
+            allocation_by_kind,
             domestic_share,
         }
     }
@@ -286,8 +308,18 @@ impl Metrics {
         }
     }
 
+    /// Sets the ledger's figure of one kind of workload of an allocation.
+    pub fn charged_by_kind(&self, allocation: &str, program: &str, kind: &str, seconds: f64) {
+        let l = KindLabels { allocation: allocation.into(), program: program.into(), kind: kind.into() };
+        self.allocation_by_kind.get_or_create(&l).set(seconds);
+    }
+
     /// Drops the charge counters of a deleted allocation.
     pub fn forget_charges<'a>(&self, allocation: &str, program: &str, pools: impl IntoIterator<Item = &'a str>) {
+        for kind in KINDS {
+            let l = KindLabels { allocation: allocation.into(), program: program.into(), kind: kind.to_string() };
+            self.allocation_by_kind.remove(&l);
+        }
         for pool in pools {
             let l = ChargeLabels { allocation: allocation.into(), program: program.into(), pool: pool.into() };
             self.allocation_charged.remove(&l);

@@ -94,7 +94,7 @@ impl Env {
                 .arg("--kubeconfig")
                 .arg(&self.kubeconfig)
                 .args(["upgrade", "--install", RELEASE])
-.arg(chart)
+                .arg(chart)
                 .args(["--namespace", RELEASE_NAMESPACE, "--create-namespace", "--set", "replicaCount=0", "--wait"])
                 .args(sets.iter().flat_map(|s| ["--set", s])),
             None,

@@ -75,8 +75,6 @@ fn main() -> anyhow::Result<()> {
         training::a_preempted_real_run_checkpoints_in_its_grace_period_and_resumes,
         training::real_workers_are_charged_their_own_lifetimes_to_the_second,
     ];
-    // Fails now and then (a ledger race with real pods, see that test): run it with --include-ignored.
-    let known_race = ["real_workers_are_charged_their_own_lifetimes_to_the_second"];
     let real_training_count = real_training.len();
     let trials = tests![
         crds_are_established,
@@ -106,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         workloads::a_jobset_of_two_replicated_jobs_waits_whole_then_runs_whole_and_in_one_rack_when_required,
         workloads::a_jobset_that_a_trainjob_made_is_admitted_by_the_same_path,
         workloads::a_higher_priority_project_preempts_a_running_jobset_which_resumes_whole_later,
+        workloads::a_jobs_hours_are_its_pods_lifetimes_x_devices_x_charge_factor,
         projects::a_gang_lands_whole_on_the_npu_pool_and_falls_back_whole_to_gpus,
         projects::a_gang_larger_than_any_rack_waits_with_the_reason,
         projects::a_project_that_can_never_fit_says_why,
@@ -151,7 +150,7 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|e| Failed::from(format!("{e:#}")))
         });
         // Without the dev cluster's real node (kind) they are reported as ignored, never passed.
-        trial.with_ignored_flag(!runnable || known_race.contains(&name))
+        trial.with_ignored_flag(!runnable)
     })
     .collect();
     if !real_node {

@@ -324,10 +324,9 @@ pub async fn a_real_three_worker_run_finds_its_peers_by_the_rendezvous_name_and_
     real_run_agrees(env, "real3", 3, false).await
 }
 
-/// Known to fail now and then (2 runs in 7 here, a 2-worker and a 3-worker one):
-/// the ledger charged 2.6-2.8 s more than the pods' startTime..finishedAt, a
-/// fraction of a second that points at a pod charged up to "now" rather than to
-/// its end. Listed as ignored in the suite until that is fixed (e2e/tests/e2e.rs).
+/// Once failed now and then (2 runs in 7: 2.6-2.8 s more than the pods ran): a
+/// worker whose end the kubelet had not reported yet was charged up to a
+/// reckoning made meanwhile, and kept that charge. Its own end now decides.
 pub async fn real_workers_are_charged_their_own_lifetimes_to_the_second(env: Arc<Env>) -> anyhow::Result<()> {
     real_run_agrees(env, "realledger", 2, true).await
 }

@@ -10,12 +10,13 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, Pod, ResourceQuota};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use sovereign_e2e::{Env, in_namespaces, wait_for};
-use sovereign_operator::api::{AllocationPhase, ProjectPhase};
+use sovereign_operator::api::{AllocationPhase, GpuAllocation, ProjectPhase};
 
 use crate::grants::{alloc_yaml, pool_yaml, wait_phase};
 use crate::projects::{project_yaml, wait_no_workers, wait_project};
@@ -780,6 +781,83 @@ pub async fn a_higher_priority_project_preempts_a_running_jobset_which_resumes_w
         // The project finishes; the JobSet is admitted again and all its pods run again.
         ensure!(wait_admitted(&sets, "low", Duration::from_secs(120)).await? == "e2e-b200", "low not back on B200");
         running_selected(&env, &ns, &jobset_pods("low"), 2).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// The ledger charges an admitted Job's pods as it charges a ModelProject's workers: the Job's
+/// hours in the allocation's status equal its pods' own lifetimes (`startTime` to the container's
+/// `finishedAt`, watched by the test) x devices x the pool's chargeFactor, and `report` lists
+/// them under the Job.
+pub async fn a_jobs_hours_are_its_pods_lifetimes_x_devices_x_charge_factor(env: Arc<Env>) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-ledger"], async |names, scope| {
+        let ns = names[0].clone();
+        let factor = 1.5;
+        scope.apply(&pool_yaml("e2e-h200", "nvidia.com/gpu", H200, factor))?;
+        scope.apply(&alloc_yaml("e2e-wl-ledger", &[&ns], "[{pool: e2e-h200, accelerators: 16}]", ""))?;
+        wait_phase(&env, "e2e-wl-ledger", AllocationPhase::Active, Duration::from_secs(60)).await?;
+        wait_policy_params(&env, &ns, "e2e-wl-ledger", &["e2e-h200"]).await?;
+        let seen: crate::ledger::Seen = Default::default();
+        let watch = crate::ledger::watch_pods(&env, &ns, seen.clone());
+
+        // 3 pods of 4 devices, each running about 3 s.
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+        let done = json!({"sim.sovereign.ai/complete-after": "3s"});
+        create_when_admitted(&jobs, &job("counted", Some("e2e-wl-ledger"), 3, pod_template(4, None, done))?).await?;
+        wait_admitted(&jobs, "counted", Duration::from_secs(60)).await?;
+        wait_for("Job counted to complete", Duration::from_secs(90), || async {
+            let status = jobs.get("counted").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+            let complete = status.conditions.iter().flatten().any(|c| c.type_ == "Complete" && c.status == "True");
+            if complete && status.succeeded == Some(3) { Ok(()) } else { Err(format!("{status:?}")) }
+        })
+        .await?;
+
+        let allocs: Api<GpuAllocation> = Api::all(env.client.clone());
+        let key = format!("{ns}/counted");
+        let st = wait_for("the grant's books to close on the Job", Duration::from_secs(60), || async {
+            let st = allocs.get("e2e-wl-ledger").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+            let open = st.ledger.as_ref().is_some_and(|l| l.open.iter().any(|o| o.end_millis.is_none()));
+            let listed = st.project_hours.iter().any(|h| h.project == key && h.kind.as_deref() == Some("Job"));
+            if st.charge_rate == 0.0 && !open && listed { Ok(st) } else { Err(format!("{st:?}")) }
+        })
+        .await?;
+        watch.abort();
+        let now = Timestamp::now().as_millisecond();
+        let pods = seen.lock().map_err(|_| anyhow::anyhow!("seen lock"))?.clone();
+        ensure!(pods.len() == 3, "{} pods seen", pods.len());
+        for (p, _) in pods.values() {
+            let owner = p.owner_references().iter().find(|o| o.controller == Some(true)).map(|o| o.name.clone());
+            ensure!(owner.as_deref() == Some("counted"), "{} is owned by {owner:?}", p.name_any());
+        }
+        let truth_ms: f64 = pods.values().map(|(p, gone)| crate::ledger::truth(p, *gone, 4.0 * factor, now)).sum();
+        let job_hours: f64 = st.project_hours.iter().filter(|h| h.project == key).map(|h| h.accelerator_hours_used).sum();
+        let job_ms = job_hours * 3_600_000.0;
+        println!(
+            "ledger: Job counted charged {:.3} weighted s, its pods' own timestamps say {:.3} s (3 pods x 4 x {factor})",
+            job_ms / 1e3,
+            truth_ms / 1e3
+        );
+        ensure!(truth_ms >= 3.0 * 4.0 * factor * 2_000.0, "the pods ran {truth_ms} ms: not the run they were set for");
+        // Both sides read the same whole-second times; the status keeps hours to 6 decimals.
+        ensure!((job_ms - truth_ms).abs() <= 10.0, "the Job was charged {job_ms} ms, its pods say {truth_ms} ms");
+        ensure!(
+            (st.accelerator_hours_used - job_hours).abs() < 1e-5,
+            "the allocation {} h, its only workload {job_hours} h",
+            st.accelerator_hours_used
+        );
+
+        // `report` lists the Job's hours as one workload.
+        let out = std::process::Command::new(&env.operator_bin)
+            .args(["report", "-o", "json", "--kubeconfig"])
+            .arg(&env.kubeconfig)
+            .output()?;
+        ensure!(out.status.success(), "report failed: {}", String::from_utf8_lossy(&out.stderr));
+        let report: Value = serde_json::from_slice(&out.stdout)?;
+        let name = format!("Job {key}");
+        let row = report["rows"].as_array().into_iter().flatten().find(|r| r["section"] == "workload" && r["name"] == name);
+        let hours = row.and_then(|r| r["acceleratorHours"].as_f64()).context("no workload row for the Job")?;
+        ensure!((hours - job_hours).abs() < 1e-5, "report says {hours} h, the status {job_hours} h");
         Ok(())
     })
     .await

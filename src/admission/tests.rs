@@ -87,6 +87,7 @@ impl Fixture {
             hours_used: 0.0,
             min_domestic_share: None,
             was_active: true,
+            budget_used_up: false,
             deleting: false,
         });
         self

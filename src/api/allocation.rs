@@ -266,8 +266,10 @@ pub struct GpuAllocationStatus {
     /// `acceleratorHoursUsed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pool_hours: Vec<PoolHours>,
-    /// Accelerator-hours used per ModelProject and pool (its worker pods); the
-    /// rest of `acceleratorHoursUsed` is plain pods and deleted projects.
+    /// Accelerator-hours used per workload and pool: each ModelProject (its
+    /// worker pods), each labelled batch Job or JobSet the operator admits (its
+    /// pods); the rest of `acceleratorHoursUsed` is tenants' own pods and
+    /// deleted workloads.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub project_hours: Vec<ProjectHours>,
     /// The operator's books behind the figures above: what pods that are gone
@@ -297,12 +299,16 @@ pub struct PoolHours {
     pub accelerator_hours_used: f64,
 }
 
-/// Accelerator-hours of one ModelProject in one pool.
+/// Accelerator-hours of one workload (a ModelProject, or the batch Job or
+/// JobSet that `kind` names) in one pool.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProjectHours {
-    /// "namespace/name".
+    /// "namespace/name" of the workload.
     pub project: String,
+    /// The workload's kind (`Job`, `JobSet`); absent for a ModelProject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     /// The AcceleratorPool.
     pub pool: String,
     /// Charge-factor weighted.
@@ -337,9 +343,13 @@ pub struct UsageLedger {
 pub struct SettledCharge {
     /// The AcceleratorPool the pods ran in.
     pub pool: String,
-    /// "namespace/name" of the ModelProject, for its worker pods while it exists.
+    /// "namespace/name" of the workload (a ModelProject unless `kind` says
+    /// otherwise), for its pods while it exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
+    /// The workload's kind (`Job`, `JobSet`); absent for a ModelProject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     /// Whether the pool is domestic.
     #[serde(default)]
     pub domestic: bool,
@@ -355,9 +365,13 @@ pub struct OpenCharge {
     pub uid: String,
     /// The AcceleratorPool the pod runs in.
     pub pool: String,
-    /// "namespace/name" of the ModelProject, for its worker pods.
+    /// "namespace/name" of the workload (a ModelProject unless `kind` says
+    /// otherwise), for its pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
+    /// The workload's kind (`Job`, `JobSet`); absent for a ModelProject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     /// Whether the pool is domestic.
     #[serde(default)]
     pub domestic: bool,

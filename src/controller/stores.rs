@@ -146,6 +146,13 @@ pub struct Stores {
     pub workers_by_project: PodIndex,
     /// Worker pods by namespace, kept per watch event.
     pub workers_by_namespace: PodIndex,
+    /// Pods labelled `sovereign.ai/allocation` that are not project workers,
+    /// in any phase: the pods of admitted Jobs and JobSets (and tenants' own
+    /// labelled pods), so the ledger reads their own end. No more than the
+    /// cluster keeps: they leave the store when their objects are deleted.
+    pub workload_pods: Shared<Pod>,
+    /// Those pods by namespace, kept per watch event.
+    pub workload_pods_by_namespace: PodIndex,
     /// Running pods by namespace, kept per watch event.
     pub pods_by_namespace: PodIndex,
     /// Nodes and running pods as the planner needs them, kept per watch event.
@@ -168,6 +175,7 @@ impl Stores {
         self.jobs.store.wait_until_ready().await?;
         self.jobsets.store.wait_until_ready().await?;
         self.workers.store.wait_until_ready().await?;
+        self.workload_pods.store.wait_until_ready().await?;
         Ok(())
     }
 
@@ -278,6 +286,15 @@ pub fn start(client: Client, jobsets: bool) -> Stores {
     } else {
         Shared::fixed(&[])
     };
+    let workload_pods_by_namespace = PodIndex::by_namespace();
+    let by_namespace = workload_pods_by_namespace.clone();
+    let workload_pods = shared_with(
+        Api::<Lean<Pod>>::all(client.clone()),
+        all.clone().labels(&format!("{ALLOCATION_LABEL},!{PROJECT_LABEL}")),
+        &not_viewed,
+        move |ev| by_namespace.apply(ev),
+        strip_workload_pod,
+    );
     let workers_by_project = PodIndex::by_project();
     let workers_by_namespace = PodIndex::by_namespace();
     let (by_project, by_namespace) = (workers_by_project.clone(), workers_by_namespace.clone());
@@ -315,9 +332,29 @@ pub fn start(client: Client, jobsets: bool) -> Stores {
         workers,
         workers_by_project,
         workers_by_namespace,
+        workload_pods,
+        workload_pods_by_namespace,
         pods_by_namespace,
         model,
         epoch,
+    }
+}
+
+/// Keeps of a workload's pod what the ledger reads: identity, labels, owners,
+/// node, container requests, phase, start and the containers' ends.
+fn strip_workload_pod(pod: &mut Pod) {
+    let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.clone());
+    strip_pod(pod);
+    if let Some(status) = pod.status.as_mut() {
+        status.container_statuses = statuses.map(|cs| {
+            cs.into_iter()
+                .map(|c| k8s_openapi::api::core::v1::ContainerStatus {
+                    name: c.name,
+                    state: c.state,
+                    ..Default::default()
+                })
+                .collect()
+        });
     }
 }
 

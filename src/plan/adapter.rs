@@ -88,6 +88,9 @@ pub fn stores(cluster: &Cluster) -> Stores {
         workers: shared(&cluster.workers),
         workers_by_project: PodIndex::by_project().of(&cluster.workers),
         workers_by_namespace: PodIndex::by_namespace().of(&cluster.workers),
+        // The ledger's: `plan` keeps the books as they are.
+        workload_pods: shared(&[]),
+        workload_pods_by_namespace: PodIndex::by_namespace(),
         pods_by_namespace: PodIndex::by_namespace().of(&cluster.pods),
         model: crate::controller::model::Model::of(&cluster.nodes, &cluster.pods),
         epoch: Arc::new(AtomicU64::new(0)),

@@ -62,6 +62,10 @@ pub struct AllocationState {
     pub min_domestic_share: Option<f64>,
     /// Was Active before this pass: keeps what it holds.
     pub was_active: bool,
+    /// Its budget was found used up, and its spec has not changed since: it
+    /// stays used up though the ledger's figure falls back below the budget
+    /// (a running pod's charge up to a reckoning, corrected to its own end).
+    pub budget_used_up: bool,
     pub deleting: bool,
 }
 
@@ -341,7 +345,7 @@ fn eligibility(
     if let Some(end) = a.window_end.filter(|e| now >= *e) {
         return (Some(Blocker::WindowClosed { end }), None);
     }
-    if let Some(budget) = a.budget_hours.filter(|b| a.hours_used >= *b) {
+    if let Some(budget) = a.budget_hours.filter(|b| a.hours_used >= *b || a.budget_used_up) {
         return (Some(Blocker::BudgetUsedUp { used: a.hours_used, budget }), wake_at);
     }
     let missing: Vec<String> =
@@ -492,6 +496,7 @@ mod tests {
             hours_used: 0.0,
             min_domestic_share: None,
             was_active: false,
+            budget_used_up: false,
             deleting: false,
         }
     }
@@ -635,6 +640,23 @@ mod tests {
         assert_eq!(p.allocations["other"].phase, Phase::Pending);
         assert_ne!(p.reserved_for.get("h0").map(String::as_str), Some("other"));
         assert_eq!(p.allocations["a"].pools["h200"].reserved_nodes.len(), 1);
+    }
+
+    #[test]
+    fn a_used_up_budget_stays_used_up_when_the_ledger_corrects_its_figure_down() {
+        let w = world(4, 1);
+        // Found used up at 10.2 hours; a pod's own end then brings the ledger to 9.9.
+        let mut corrected = alloc("corrected", &[("h200", 8, false)]);
+        corrected.budget_hours = Some(10.0);
+        corrected.hours_used = 9.9;
+        corrected.budget_used_up = true;
+        // Never used up: 9.9 of 10 leaves it Active.
+        let mut fresh = corrected.clone();
+        fresh.name = "fresh".into();
+        fresh.budget_used_up = false;
+        let p = run(&w, &[corrected, fresh], &BTreeMap::new());
+        assert_eq!(p.allocations["corrected"].phase, Phase::Exhausted);
+        assert_eq!(p.allocations["fresh"].phase, Phase::Active);
     }
 
     #[test]

@@ -3,9 +3,16 @@
 //! Every figure is a sum over pods of (end - start) x devices x the pool's
 //! chargeFactor, from the pod's own times: `status.startTime`, and the end its
 //! status gives (the last container's `finishedAt`, or the deletion time). A
-//! running pod is charged up to the moment of the reckoning. Nothing is ever
-//! integrated from a rate, so no write, restart or round trip through the API
-//! can count a stretch twice or lose it.
+//! running pod is charged up to the moment of the reckoning, provisionally:
+//! once its status gives its end, it is charged up to that end, even if a
+//! reckoning meanwhile charged it further (the kubelet reports an end a moment
+//! after it happens). Nothing is ever integrated from a rate, so no write,
+//! restart or round trip through the API can count a stretch twice or lose it.
+//!
+//! Hours are kept per workload (a ModelProject, a batch Job, a JobSet: its
+//! [`Workload`] kind and name) and pool, for the workloads that exist; the
+//! hours of pods of no workload, and of workloads that are gone, count in the
+//! allocation's pool figures only, so the books never grow with time.
 //!
 //! A pod is charged once for good ("settled") when it is deleted and done; its
 //! finalizer is released after the settled figure is written, and its UID is
@@ -22,12 +29,72 @@ use crate::api::{OpenCharge, SettledCharge, UsageLedger};
 /// Milliseconds in an hour.
 pub const MILLIS_PER_HOUR: f64 = 3_600_000.0;
 
+/// Kind of the operator's own workload.
+pub const MODEL_PROJECT: &str = "ModelProject";
+
+/// The workload a pod runs for: its kind (`ModelProject`, `Job`, `JobSet`) and
+/// "namespace/name".
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Workload {
+    pub kind: String,
+    pub name: String,
+}
+
+impl Workload {
+    pub fn new(kind: &str, name: impl Into<String>) -> Self {
+        Workload { kind: kind.to_string(), name: name.into() }
+    }
+
+    pub fn project(name: impl Into<String>) -> Self {
+        Workload::new(MODEL_PROJECT, name)
+    }
+
+    /// The `kind` field the books and the status store: none for a ModelProject.
+    pub fn stored_kind(&self) -> Option<String> {
+        (self.kind != MODEL_PROJECT).then(|| self.kind.clone())
+    }
+}
+
+/// What a charge is booked to: the kind of workload its pod ran for (none for
+/// a tenant's own pod), and the workload itself while it exists. Bounded: by
+/// pool, one entry per kind besides the workloads that exist.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct Account {
+    kind: Option<String>,
+    workload: Option<Workload>,
+}
+
+impl Account {
+    fn of(workload: Option<&Workload>, exists: &dyn Fn(&Workload) -> bool) -> Self {
+        Account { kind: workload.map(|w| w.kind.clone()), workload: workload.filter(|w| exists(w)).cloned() }
+    }
+
+    /// From the fields the books store (`project`, `kind`): a workload named
+    /// with no kind is a ModelProject (books written before other kinds were
+    /// charged); a kind with no name is a workload that is gone.
+    fn stored(project: Option<&String>, kind: Option<&String>) -> Option<Workload> {
+        project.map(|n| Workload::new(kind.map_or(MODEL_PROJECT, String::as_str), n.clone()))
+    }
+
+    fn stored_kind(project: Option<&String>, kind: Option<&String>) -> Option<String> {
+        Self::stored(project, kind).map(|w| w.kind).or_else(|| kind.cloned())
+    }
+
+    /// The (`project`, `kind`) the books store.
+    fn to_stored(&self) -> (Option<String>, Option<String>) {
+        match &self.workload {
+            Some(w) => (Some(w.name.clone()), w.stored_kind()),
+            None => (None, self.kind.clone()),
+        }
+    }
+}
+
 /// One pod charged to the allocation, as its status tells it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PodLife {
     pub uid: String,
-    /// "namespace/name" of its ModelProject, for worker pods.
-    pub project: Option<String>,
+    /// The workload it runs for, if any (a tenant's own pod runs for none).
+    pub workload: Option<Workload>,
     pub pool: String,
     pub domestic: bool,
     /// Devices x chargeFactor (0 when the pod holds no device of a pool).
@@ -62,32 +129,35 @@ pub struct Figures {
     pub total: f64,
     pub domestic: f64,
     pub by_pool: BTreeMap<String, f64>,
-    /// By (project, pool), for worker pods of projects that exist.
-    pub by_project: BTreeMap<(String, String), f64>,
+    /// By (workload, pool), for pods of workloads that exist.
+    pub by_workload: BTreeMap<(Workload, String), f64>,
     /// Charge-weighted devices running now, and their domestic part.
     pub rate: f64,
     pub domestic_rate: f64,
-    /// Charge-weighted devices running now, by project.
-    pub project_rate: BTreeMap<String, f64>,
+    /// Charge-weighted devices running now, by workload.
+    pub workload_rate: BTreeMap<Workload, f64>,
+    /// By kind of workload (none: tenants' own pods), gone workloads included.
+    pub by_kind: BTreeMap<Option<String>, f64>,
 }
 
 impl Figures {
-    fn add(&mut self, pool: &str, project: Option<&str>, domestic: bool, millis: f64) {
+    fn add(&mut self, pool: &str, account: &Account, domestic: bool, millis: f64) {
         self.total += millis;
         if domestic {
             self.domestic += millis;
         }
         *self.by_pool.entry(pool.to_string()).or_default() += millis;
-        if let Some(p) = project {
-            *self.by_project.entry((p.to_string(), pool.to_string())).or_default() += millis;
+        *self.by_kind.entry(account.kind.clone()).or_default() += millis;
+        if let Some(w) = &account.workload {
+            *self.by_workload.entry((w.clone(), pool.to_string())).or_default() += millis;
         }
     }
 
-    /// Hours of one project, by pool.
-    pub fn project_pools(&self, project: &str) -> BTreeMap<String, f64> {
-        self.by_project
+    /// Hours of one workload, by pool.
+    pub fn workload_pools(&self, workload: &Workload) -> BTreeMap<String, f64> {
+        self.by_workload
             .iter()
-            .filter(|((p, _), _)| p == project)
+            .filter(|((w, _), _)| w == workload)
             .map(|((_, pool), m)| (pool.clone(), m / MILLIS_PER_HOUR))
             .collect()
     }
@@ -108,45 +178,47 @@ pub struct Books {
 /// last ledger was written since this operator started watching
 /// (`watching_since`), up to now, else (it went while the operator was down)
 /// up to that last ledger.
-/// `project_exists` keeps per-project figures only for projects that exist;
-/// those of deleted projects stay in the allocation's pool figures.
+/// `exists` keeps per-workload figures only for workloads that exist; those
+/// of deleted workloads stay in the allocation's pool figures.
+///
+/// A pod's end, once its status gives it, decides its charge: a reckoning that
+/// charged it as running past that end (its status did not say so yet) is
+/// corrected, so the figures may fall back by the moment the kubelet took to
+/// report the end. Budgets do not flip back for that (see the grant planner's
+/// `budget_used_up`).
 pub fn reckon(
     prev: &UsageLedger,
     pods: &[PodLife],
     now: i64,
     watching_since: i64,
     seen_gone: &dyn Fn(&str) -> Option<i64>,
-    project_exists: &dyn Fn(&str) -> bool,
+    exists: &dyn Fn(&Workload) -> bool,
 ) -> Books {
     let already: BTreeSet<&str> = prev.settled_pods.iter().map(String::as_str).collect();
     let present: BTreeSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
-    let mut settled: BTreeMap<(String, Option<String>), (bool, i64)> = BTreeMap::new();
-    let mut settle = |pool: &str, project: Option<&String>, domestic: bool, millis: i64| {
-        let project = project.filter(|p| project_exists(p)).cloned();
-        let e = settled.entry((pool.to_string(), project)).or_insert((domestic, 0));
+    let mut settled: BTreeMap<(String, Account), (bool, i64)> = BTreeMap::new();
+    let mut settle = |pool: &str, account: Account, domestic: bool, millis: i64| {
+        let e = settled.entry((pool.to_string(), account)).or_insert((domestic, 0));
         e.1 += millis;
     };
+    let stored = |project: Option<&String>, kind: Option<&String>| {
+        let workload = Account::stored(project, kind);
+        let mut account = Account::of(workload.as_ref(), exists);
+        account.kind = Account::stored_kind(project, kind);
+        account
+    };
     for s in &prev.settled {
-        settle(&s.pool, s.project.as_ref(), s.domestic, s.millis);
+        settle(&s.pool, stored(s.project.as_ref(), s.kind.as_ref()), s.domestic, s.millis);
     }
     let unseen_end = if prev.at_millis >= watching_since { now } else { prev.at_millis };
-    // Never less than already charged: a pod the last ledger charged as running
-    // up to its reckoning is charged at least that far, though its end (a
-    // whole-second time) may say a moment earlier. The figures never go down.
-    let was_running: BTreeSet<&str> =
-        prev.open.iter().filter(|o| o.end_millis.is_none()).map(|o| o.uid.as_str()).collect();
-    let floor = |uid: &str, end: Option<i64>| match end {
-        Some(e) if was_running.contains(uid) => Some(e.max(prev.at_millis)),
-        e => e,
-    };
     for o in prev.open.iter().filter(|o| !present.contains(o.uid.as_str()) && !already.contains(o.uid.as_str())) {
         let life = PodLife {
             start_millis: Some(o.start_millis),
-            end_millis: floor(&o.uid, Some(o.end_millis.or_else(|| seen_gone(&o.uid)).unwrap_or(unseen_end))),
+            end_millis: Some(o.end_millis.or_else(|| seen_gone(&o.uid)).unwrap_or(unseen_end)),
             weight: o.weight,
             ..Default::default()
         };
-        settle(&o.pool, o.project.as_ref(), o.domestic, life.millis(now).round() as i64);
+        settle(&o.pool, stored(o.project.as_ref(), o.kind.as_ref()), o.domestic, life.millis(now).round() as i64);
     }
     let mut books = Books::default();
     for p in pods {
@@ -157,11 +229,10 @@ pub fn reckon(
             }
             continue;
         }
-        let p = &PodLife { end_millis: floor(&p.uid, p.end_millis), ..p.clone() };
         let millis = p.millis(now);
         if p.settle {
             if millis > 0.0 {
-                settle(&p.pool, p.project.as_ref(), p.domestic, millis.round() as i64);
+                settle(&p.pool, Account::of(p.workload.as_ref(), exists), p.domestic, millis.round() as i64);
             }
             books.ledger.settled_pods.push(p.uid.clone());
             if p.held {
@@ -172,30 +243,32 @@ pub fn reckon(
         if p.start_millis.is_none() || p.weight <= 0.0 {
             continue;
         }
-        let project = p.project.as_deref().filter(|n| project_exists(n));
-        books.figures.add(&p.pool, project, p.domestic, millis);
+        let account = Account::of(p.workload.as_ref(), exists);
+        books.figures.add(&p.pool, &account, p.domestic, millis);
         if p.running(now) {
             books.figures.rate += p.weight;
             if p.domestic {
                 books.figures.domestic_rate += p.weight;
             }
-            if let Some(name) = project {
-                *books.figures.project_rate.entry(name.to_string()).or_default() += p.weight;
+            if let Some(w) = &account.workload {
+                *books.figures.workload_rate.entry(w.clone()).or_default() += p.weight;
             }
         }
         books.ledger.open.push(OpenCharge {
             uid: p.uid.clone(),
             pool: p.pool.clone(),
-            project: p.project.clone(),
+            project: p.workload.as_ref().map(|w| w.name.clone()),
+            kind: p.workload.as_ref().and_then(Workload::stored_kind),
             domestic: p.domestic,
             weight: p.weight,
             start_millis: p.start_millis.unwrap_or_default(),
             end_millis: p.end_millis,
         });
     }
-    for ((pool, project), (domestic, millis)) in settled {
-        books.figures.add(&pool, project.as_deref(), domestic, millis as f64);
-        books.ledger.settled.push(SettledCharge { pool, project, domestic, millis });
+    for ((pool, account), (domestic, millis)) in settled {
+        books.figures.add(&pool, &account, domestic, millis as f64);
+        let (project, kind) = account.to_stored();
+        books.ledger.settled.push(SettledCharge { pool, project, kind, domestic, millis });
     }
     books.ledger.open.sort_by(|a, b| a.uid.cmp(&b.uid));
     books.ledger.settled_pods.sort();
@@ -218,7 +291,7 @@ mod tests {
     fn pod(uid: &str, project: Option<&str>, weight: f64, start: i64, end: Option<i64>) -> PodLife {
         PodLife {
             uid: uid.into(),
-            project: project.map(String::from),
+            workload: project.map(Workload::project),
             pool: "h200".into(),
             domestic: false,
             weight,
@@ -233,7 +306,7 @@ mod tests {
         b.figures.total / MILLIS_PER_HOUR
     }
 
-    fn all(_: &str) -> bool {
+    fn all(_: &Workload) -> bool {
         true
     }
 
@@ -293,18 +366,34 @@ mod tests {
         // The moment the watch saw it go wins over both.
         let seen = reckon(&before, &[], T0 + 900_000, T0 + 899_000, &|_| Some(T0 + 700_000), &all);
         assert_eq!(seen.figures.total, 700_000.0);
-        // A pod charged as running up to a reckoning is never charged less after.
-        let running = pod("r", Some("ns/p"), 1.0, 0, None);
-        let l = reckon(&UsageLedger::default(), std::slice::from_ref(&running), T0 + 10_500, T0, &none, &all).ledger;
-        let mut ended = running.clone();
-        ended.end_millis = Some(T0 + 10_000);
-        let b = reckon(&l, std::slice::from_ref(&ended), T0 + 11_000, T0, &none, &all);
-        assert_eq!(b.figures.total, 10_500.0);
         // An end the ledger recorded wins over all.
         let mut ended = pod("x", None, 1.0, 0, Some(300_000));
         ended.held = false;
         let known = reckon(&UsageLedger::default(), &[ended], T0 + 400_000, T0, &none, &all).ledger;
         assert_eq!(reckon(&known, &[], T0 + 900_000, T0 + 899_000, &none, &all).figures.total, 300_000.0);
+    }
+
+    /// The race of issue 28, as two real workers showed it: worker 1's container
+    /// ended at 20 s, but the kubelet reported that 2.7 s later; meanwhile worker
+    /// 0's end arrived and the books were written (at 21.5 s) with worker 1 still
+    /// "running". Once worker 1's own end arrives it is charged to that end, not
+    /// to the reckoning that could not know it had ended.
+    #[test]
+    fn a_pod_whose_end_is_reported_late_is_charged_to_its_own_end() {
+        let w0 = pod("w0", Some("ns/p"), 1.0, 0, None);
+        let w1 = pod("w1", Some("ns/p"), 1.0, 0, None);
+        let l0 = reckon(&UsageLedger::default(), &[w0.clone(), w1.clone()], T0 + 10_000, T0, &none, &all).ledger;
+        let w0_done = PodLife { end_millis: Some(T0 + 21_000), ..w0 };
+        let l1 = round_trip(&reckon(&l0, &[w0_done.clone(), w1.clone()], T0 + 21_500, T0, &none, &all).ledger);
+        let w1_done = PodLife { end_millis: Some(T0 + 20_000), ..w1 };
+        let b = reckon(&l1, &[w0_done.clone(), w1_done.clone()], T0 + 22_700, T0, &none, &all);
+        assert_eq!(b.figures.total, 21_000.0 + 20_000.0, "the pods ran 21 s and 20 s");
+        // Settled (deleted and done) or gone from the stores later: the same.
+        let settled = |p: &PodLife| PodLife { settle: true, ..p.clone() };
+        let s = reckon(&round_trip(&b.ledger), &[settled(&w0_done), settled(&w1_done)], T0 + 30_000, T0, &none, &all);
+        assert_eq!(s.figures.total, 41_000.0);
+        let gone = reckon(&round_trip(&b.ledger), &[], T0 + 30_000, T0, &none, &all);
+        assert_eq!(gone.figures.total, 41_000.0);
     }
 
     #[test]
@@ -317,16 +406,47 @@ mod tests {
         let pods = vec![gone, npu, pod("r", Some("ns/a"), 1.0, 0, None), pod("plain", None, 2.0, 0, None)];
         let b = reckon(&UsageLedger::default(), &pods, T0 + 2_000, T0, &none, &all);
         let f = &b.figures;
-        let projects: f64 = f.by_project.values().sum();
+        let projects: f64 = f.by_workload.values().sum();
         assert_eq!(f.total, projects + 2.0 * 2_000.0, "projects plus the plain pod");
         assert_eq!(f.by_pool.values().sum::<f64>(), f.total);
         assert_eq!(f.domestic, 4.0 * 1_500.0);
-        assert_eq!(f.by_project[&("ns/a".to_string(), "h200".to_string())], 4_000.0 + 2_000.0);
+        assert_eq!(f.by_workload[&(Workload::project("ns/a"), "h200".to_string())], 4_000.0 + 2_000.0);
         assert_eq!((f.rate, f.domestic_rate), (4.0 + 1.0 + 2.0, 4.0));
         // A deleted project's hours stay in the allocation's, under no project.
-        let later = reckon(&b.ledger, &[], T0 + 2_000, T0, &none, &|p| p != "ns/a");
+        let later = reckon(&b.ledger, &[], T0 + 2_000, T0, &none, &|w| w.name != "ns/a");
         assert_eq!(later.figures.total, f.total);
-        assert!(later.figures.by_project.keys().all(|(p, _)| p != "ns/a"));
+        assert!(later.figures.by_workload.keys().all(|(w, _)| w.name != "ns/a"));
+    }
+
+    #[test]
+    fn jobs_and_projects_are_kept_apart_by_kind_and_a_gone_one_keeps_its_kind_only() {
+        let mut job = pod("j", None, 4.0, 0, Some(2_000));
+        job.workload = Some(Workload::new("Job", "ns/a"));
+        job.settle = true;
+        // A project and a Job of the same name: two workloads.
+        let pods = [job, pod("p", Some("ns/a"), 1.0, 0, None), pod("plain", None, 2.0, 0, None)];
+        let b = reckon(&UsageLedger::default(), &pods, T0 + 3_000, T0, &none, &all);
+        let f = &b.figures;
+        assert_eq!(f.by_workload[&(Workload::new("Job", "ns/a"), "h200".to_string())], 8_000.0);
+        assert_eq!(f.by_workload[&(Workload::project("ns/a"), "h200".to_string())], 3_000.0);
+        assert_eq!(f.by_kind[&Some("Job".to_string())], 8_000.0);
+        assert_eq!(f.by_kind[&None], 6_000.0, "the tenant's own pod");
+        let settled = &round_trip(&b.ledger).settled;
+        assert!(settled.iter().any(|s| s.kind.as_deref() == Some("Job") && s.project.as_deref() == Some("ns/a")));
+        // The Job is deleted: its hours leave the per-workload figures, not its kind's.
+        let gone = reckon(&round_trip(&b.ledger), &pods[1..], T0 + 4_000, T0, &none, &|w| w.kind != "Job");
+        assert!(gone.figures.by_workload.keys().all(|(w, _)| w.kind != "Job"));
+        assert_eq!(gone.figures.by_kind[&Some("Job".to_string())], 8_000.0);
+        assert_eq!(gone.figures.total, 8_000.0 + 4_000.0 + 8_000.0);
+        let again = reckon(&round_trip(&gone.ledger), &pods[1..], T0 + 4_000, T0, &none, &all);
+        assert_eq!(again.figures.by_kind, gone.figures.by_kind, "a gone workload's kind survives the round trip");
+        // Books written before other kinds: a name without a kind is a ModelProject.
+        let old: UsageLedger = serde_json::from_value(serde_json::json!({
+            "atMillis": T0, "settled": [{"pool": "h200", "project": "ns/old", "millis": 5}]
+        }))
+        .unwrap();
+        let read = reckon(&old, &[], T0, T0, &none, &all);
+        assert_eq!(read.figures.by_workload[&(Workload::project("ns/old"), "h200".to_string())], 5.0);
     }
 
     #[test]

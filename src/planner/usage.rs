@@ -153,6 +153,7 @@ mod tests {
             hours_used: 0.0,
             min_domestic_share: None,
             was_active: true,
+            budget_used_up: false,
             deleting: false,
         }
     }

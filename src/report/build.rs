@@ -34,6 +34,7 @@ pub fn build(inputs: &Inputs) -> Report {
         rows.extend(groups.into_iter().map(|(name, members)| group(section, &name, members.into_iter(), None)));
     }
     rows.extend(pool_rows(inputs, &facts));
+    rows.extend(workload_rows(inputs));
     rows.extend(facts.into_iter().map(|f| f.row));
     Report { generated_at: inputs.now.to_string(), domestic_target: DOMESTIC_TARGET, rows }
 }
@@ -177,6 +178,32 @@ fn class_row(inputs: &Inputs, facts: &[Facts], class: &str, domestic: bool) -> R
     r.accelerator_hours = round(r.accelerator_hours);
     r.grant_used = ratio(r.in_use as f64, r.granted as f64);
     r
+}
+
+/// Workloads from the allocations' `projectHours` (exact, by the ledger): a
+/// ModelProject, batch Job or JobSet, named "<kind> <namespace>/<name>".
+fn workload_rows(inputs: &Inputs) -> Vec<Row> {
+    let domestic: BTreeMap<String, bool> = inputs.pools.iter().map(|p| (p.name_any(), p.spec.domestic)).collect();
+    let mut hours: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for h in inputs.allocations.iter().flat_map(|a| a.status.iter().flat_map(|s| &s.project_hours)) {
+        let kind = h.kind.as_deref().unwrap_or("ModelProject");
+        let e = hours.entry(format!("{kind} {}", h.project)).or_default();
+        e.0 += h.accelerator_hours_used;
+        if domestic.get(&h.pool).copied().unwrap_or(false) {
+            e.1 += h.accelerator_hours_used;
+        }
+    }
+    hours
+        .into_iter()
+        .map(|(name, (all, dom))| Row {
+            section: Some(Section::Workload),
+            name,
+            accelerator_hours: round(all),
+            domestic_accelerator_hours: Some(round(dom)),
+            domestic_share: ratio(dom, all),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// Pools from their status; hours are estimated: status keeps an allocation's

@@ -41,6 +41,9 @@ pub enum Section {
     Tenant,
     Pool,
     Allocation,
+    /// One row per workload (ModelProject, Job, JobSet) with hours, from the
+    /// allocations' `projectHours`.
+    Workload,
 }
 
 impl Section {
@@ -52,6 +55,7 @@ impl Section {
             Section::Tenant => "tenant",
             Section::Pool => "pool",
             Section::Allocation => "allocation",
+            Section::Workload => "workload",
         }
     }
 }
@@ -140,6 +144,11 @@ pub async fn fetch(client: &Client, namespace: Option<&str>) -> anyhow::Result<I
 /// pools they grant, and the projects in it.
 pub fn scope(mut inputs: Inputs, namespace: &str) -> Inputs {
     inputs.allocations.retain(|a| a.spec.tenant.namespaces.iter().any(|n| n == namespace));
+    // The workloads of this namespace only; the allocation's figures stay whole.
+    let mine = format!("{namespace}/");
+    for s in inputs.allocations.iter_mut().filter_map(|a| a.status.as_mut()) {
+        s.project_hours.retain(|h| h.project.starts_with(&mine));
+    }
     let granted: std::collections::BTreeSet<&str> =
         inputs.allocations.iter().flat_map(|a| a.spec.grants.iter().map(|g| g.pool.as_str())).collect();
     let granted: std::collections::BTreeSet<String> = granted.into_iter().map(str::to_string).collect();

@@ -58,6 +58,7 @@ fn columns(s: Section) -> Vec<Column> {
         Section::Class => out.extend([HOURS, ALLOCATABLE, GRANTED, IN_USE, GRANT_USED]),
         Section::Program | Section::Tenant => out.extend(usage.into_iter().chain(queue)),
         Section::Pool => out.extend([HOURS, ALLOCATABLE, GRANTED, RESERVED, IN_USE, GRANT_USED, RUNNING]),
+        Section::Workload => out.extend([HOURS, DOMESTIC_HOURS, DOMESTIC_SHARE]),
         Section::Allocation => {
             out.extend([PHASE]);
             out.extend(usage);
@@ -68,13 +69,14 @@ fn columns(s: Section) -> Vec<Column> {
     out
 }
 
-const TITLES: [(Section, &str); 6] = [
+const TITLES: [(Section, &str); 7] = [
     (Section::Total, "Center"),
     (Section::Class, "Domestic and non-domestic pools"),
     (Section::Program, "By program"),
     (Section::Tenant, "By tenant"),
     (Section::Pool, "By pool (hours estimated from each allocation's hours per class, split by grant)"),
     (Section::Allocation, "Grants against use, and the queue, by allocation"),
+    (Section::Workload, "By workload (kind namespace/name)"),
 ];
 
 /// Aligned columns under a title per section.

@@ -218,3 +218,29 @@ fn axis_ticks_have_no_float_noise() {
     assert_eq!(charts::tick(12.0), "12");
     assert_eq!(charts::tick(0.25), "0.25");
 }
+
+#[test]
+fn workloads_are_listed_by_kind_and_name_from_the_allocations_hours() {
+    let mut i = inputs();
+    let hours = json!([
+        {"project": "a/run", "pool": "h200", "acceleratorHoursUsed": 6.0},
+        {"project": "a/run", "pool": "atom", "acceleratorHoursUsed": 2.0},
+        {"project": "a/train", "kind": "Job", "pool": "atom", "acceleratorHoursUsed": 1.5},
+    ]);
+    let status = i.allocations[0].status.as_mut().unwrap();
+    status.project_hours = serde_json::from_value(hours).unwrap();
+    let r = build(&i);
+    let rows: Vec<(&str, f64, Option<f64>)> = r
+        .section(Section::Workload)
+        .map(|w| (w.name.as_str(), w.accelerator_hours, w.domestic_accelerator_hours))
+        .collect();
+    assert_eq!(rows, [("Job a/train", 1.5, Some(1.5)), ("ModelProject a/run", 8.0, Some(2.0))]);
+    assert!(render::table(&r).contains("By workload"));
+    // A namespace's report lists its own workloads only.
+    let mut other = i.clone();
+    let status = other.allocations[0].status.as_mut().unwrap();
+    status.project_hours[2].project = "elsewhere/train".into();
+    let scoped = build(&scope(other, "a"));
+    let names: Vec<&str> = scoped.section(Section::Workload).map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["ModelProject a/run"]);
+}

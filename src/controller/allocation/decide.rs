@@ -14,7 +14,7 @@ use crate::api::{
 };
 use crate::events::Note;
 use crate::planner::grants::{AllocationPlan, Blocker, Phase};
-use crate::planner::ledger::{self, Books, MILLIS_PER_HOUR, PodLife};
+use crate::planner::ledger::{self, Books, MILLIS_PER_HOUR, PodLife, Workload};
 use crate::planner::preemption;
 use crate::planner::usage::{self, AllocationUse};
 use crate::snapshot::TENANT_LABEL;
@@ -46,6 +46,9 @@ pub struct Observed<'a> {
     /// The ModelProjects of the allocation ("namespace/name") and the usage
     /// their status shows.
     pub projects: &'a BTreeMap<String, Option<ProjectUsage>>,
+    /// Its other workloads that exist (labelled batch Jobs, JobSets). A
+    /// workload with a pod in `pods` exists too.
+    pub workloads: &'a BTreeSet<Workload>,
     /// A deleted pod waits for its containers to stop: look again then.
     pub settle_due: Option<Timestamp>,
     /// A dry run (`plan`): the books stay as they are, and these hours count
@@ -65,6 +68,9 @@ pub struct Decision {
     pub project_usage: Vec<(String, ProjectUsage)>,
     /// Charge-weighted accelerator-seconds by pool at `now` (the counter).
     pub seconds_by_pool: BTreeMap<String, f64>,
+    /// The same by kind of workload ("Pod": tenants' own pods), when the
+    /// ledger was reckoned.
+    pub seconds_by_kind: BTreeMap<String, f64>,
     /// Accelerator-hours used at `now`, exactly.
     pub hours_now: f64,
     pub events: Vec<Note>,
@@ -119,7 +125,12 @@ pub fn decide(alloc: &GpuAllocation, obs: &Observed<'_>) -> Decision {
     let prev = old.ledger.clone().unwrap_or_else(|| carried_over(&old, obs.pods));
     let reckon = obs.keep_books.is_none();
     let books = if reckon {
-        let exists = |p: &str| obs.projects.contains_key(p);
+        let with_pods: BTreeSet<&Workload> = obs.pods.iter().filter_map(|p| p.workload.as_ref()).collect();
+        let exists = |w: &Workload| {
+            with_pods.contains(w)
+                || obs.workloads.contains(w)
+                || (w.kind == ledger::MODEL_PROJECT && obs.projects.contains_key(&w.name))
+        };
         ledger::reckon(&prev, obs.pods, now_ms, obs.watching_since.as_millisecond(), obs.seen_gone, &exists)
     } else {
         Books { ledger: prev.clone(), ..Default::default() }
@@ -156,10 +167,11 @@ pub fn decide(alloc: &GpuAllocation, obs: &Observed<'_>) -> Decision {
             .map(|(pool, m)| PoolHours { pool: pool.clone(), accelerator_hours_used: round(m / MILLIS_PER_HOUR) })
             .collect();
         s.project_hours = f
-            .by_project
+            .by_workload
             .iter()
-            .map(|((project, pool), m)| ProjectHours {
-                project: project.clone(),
+            .map(|((workload, pool), m)| ProjectHours {
+                project: workload.name.clone(),
+                kind: workload.stored_kind(),
                 pool: pool.clone(),
                 accelerator_hours_used: round(m / MILLIS_PER_HOUR),
             })
@@ -188,8 +200,9 @@ pub fn decide(alloc: &GpuAllocation, obs: &Observed<'_>) -> Decision {
     let mut project_usage = Vec::new();
     if write {
         for (name, shown) in obs.projects {
-            let pools = f.project_pools(name);
-            let rate = f.project_rate.get(name).copied().unwrap_or(0.0);
+            let workload = Workload::project(name.clone());
+            let pools = f.workload_pools(&workload);
+            let rate = f.workload_rate.get(&workload).copied().unwrap_or(0.0);
             let hours: f64 = pools.values().sum();
             let next = ProjectUsage {
                 accelerator_hours_used: round(hours),
@@ -232,6 +245,11 @@ pub fn decide(alloc: &GpuAllocation, obs: &Observed<'_>) -> Decision {
         release,
         project_usage,
         seconds_by_pool: f.by_pool.iter().map(|(p, m)| (p.clone(), m / 1000.0)).collect(),
+        seconds_by_kind: f
+            .by_kind
+            .iter()
+            .map(|(k, m)| (k.clone().unwrap_or_else(|| "Pod".to_string()), m / 1000.0))
+            .collect(),
         hours_now,
         requeue,
     }
@@ -256,6 +274,7 @@ fn carried_over(old: &GpuAllocationStatus, pods: &[PodLife]) -> UsageLedger {
         .map(|(domestic, m)| SettledCharge {
             pool: BEFORE_THE_LEDGER.to_string(),
             project: None,
+            kind: None,
             domestic,
             millis: m.round() as i64,
         })

@@ -31,9 +31,9 @@ use super::view::View;
 use super::{Context, Error, nodes};
 use crate::api::{GpuAllocation, ModelProject, ProjectUsage};
 use crate::planner::grants::AllocationState;
-use crate::planner::ledger::PodLife;
+use crate::planner::ledger::{PodLife, Workload};
 use crate::planner::usage;
-use crate::snapshot::{self, LEDGER_FINALIZER, PROJECT_LABEL};
+use crate::snapshot::{self, ALLOCATION_LABEL, LEDGER_FINALIZER, PROJECT_LABEL};
 
 const CONTROLLER: &str = "gpuallocation";
 pub const FINALIZER: &str = "sovereign.ai/release-reservations";
@@ -47,28 +47,33 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     // admit or block any allocation. A pod change only moves the usage of the
     // allocations that list its namespace.
     let everything = s.grant_inputs_changed();
-    // Worker pods in any phase (the ledger settles deleted ones), plain pods
-    // while they run.
+    // Worker pods and the pods of admitted Jobs and JobSets in any phase (the
+    // ledger settles deleted ones), other pods while they run.
     let allocations = s.allocations.store.clone();
     let (plain, workers, seen) = (s.pods.store.clone(), s.workers.store.clone(), ctx.clone());
-    let pod_allocations =
-        futures::stream::select(s.pods.events(), s.workers.events()).flat_map(move |pod: Arc<Pod>| {
-            // A pod gone from both stores ended (or was deleted) now: the
-            // ledger charges it up to here, not up to its next reconcile.
-            let key = ObjectRef::from_obj(pod.as_ref());
-            if plain.get(&key).is_none() && workers.get(&key).is_none() {
-                let deleted = pod.metadata.deletion_timestamp.as_ref().map(|t| t.0.as_millisecond());
-                seen.saw_gone(pod.metadata.uid.as_deref().unwrap_or_default(), deleted);
-            }
-            let ns = pod.namespace().unwrap_or_default();
-            let hits: Vec<ObjectRef<GpuAllocation>> = allocations
-                .state()
-                .iter()
-                .filter(|a| a.spec.tenant.namespaces.contains(&ns))
-                .map(|a| ObjectRef::from_obj(a.as_ref()))
-                .collect();
-            futures::stream::iter(hits)
-        });
+    let labelled = s.workload_pods.store.clone();
+    let pod_events = futures::stream::select_all([
+        s.pods.events().boxed(),
+        s.workers.events().boxed(),
+        s.workload_pods.events().boxed(),
+    ]);
+    let pod_allocations = pod_events.flat_map(move |pod: Arc<Pod>| {
+        // A pod gone from every store ended (or was deleted) now: the
+        // ledger charges it up to here, not up to its next reconcile.
+        let key = ObjectRef::from_obj(pod.as_ref());
+        if plain.get(&key).is_none() && workers.get(&key).is_none() && labelled.get(&key).is_none() {
+            let deleted = pod.metadata.deletion_timestamp.as_ref().map(|t| t.0.as_millisecond());
+            seen.saw_gone(pod.metadata.uid.as_deref().unwrap_or_default(), deleted);
+        }
+        let ns = pod.namespace().unwrap_or_default();
+        let hits: Vec<ObjectRef<GpuAllocation>> = allocations
+            .state()
+            .iter()
+            .filter(|a| a.spec.tenant.namespaces.contains(&ns))
+            .map(|a| ObjectRef::from_obj(a.as_ref()))
+            .collect();
+        futures::stream::iter(hits)
+    });
     let controller = Controller::for_shared_stream(s.allocations.events(), s.allocations.store.clone())
         .reconcile_all_on(futures::stream::once(async {}).chain(everything))
         .reconcile_on(pod_allocations)
@@ -114,6 +119,7 @@ async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
     let charged = charged_pods(ctx, &view, alloc, now);
     let projects = projects_of(ctx, alloc);
+    let workloads = workloads_of(ctx, alloc);
     let missing_namespaces =
         alloc.spec.tenant.namespaces.iter().filter(|ns| !view.namespaces.contains(*ns)).cloned().collect();
     let not_tenant = alloc.spec.tenant.namespaces.iter().filter(|ns| view.not_tenant.contains(*ns)).cloned().collect();
@@ -128,6 +134,7 @@ async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
             watching_since: ctx.reconciling_since,
             seen_gone: &|uid| ctx.seen_gone(uid),
             projects: &projects,
+            workloads: &workloads,
             settle_due: charged.settle_due,
             keep_books: None,
         };
@@ -162,6 +169,10 @@ async fn apply(alloc: &GpuAllocation, ctx: &Context) -> Result<Action, Error> {
     for (pool, seconds) in &d.seconds_by_pool {
         ctx.metrics.charged_seconds(&name, &program, pool, *seconds);
     }
+    for kind in crate::telemetry::KINDS {
+        let seconds = d.seconds_by_kind.get(kind).copied().unwrap_or(0.0);
+        ctx.metrics.charged_by_kind(&name, &program, kind, seconds);
+    }
     let on = alloc.object_ref(&());
     for note in d.events {
         ctx.event(&on, note.type_, note.reason, note.message).await;
@@ -193,6 +204,7 @@ pub(crate) fn planned_status(alloc: &GpuAllocation, view: &View) -> Option<crate
         watching_since: view.now,
         seen_gone: &|_| None,
         projects: &BTreeMap::new(),
+        workloads: &BTreeSet::new(),
         settle_due: None,
         keep_books: Some(state.hours_used),
     };
@@ -207,8 +219,9 @@ struct Charged {
     settle_due: Option<Timestamp>,
 }
 
-/// Worker pods in any phase and plain pods while they run, in the tenant's
-/// namespaces, that the charging rule gives to this allocation.
+/// Worker pods and pods of admitted Jobs and JobSets in any phase, and other
+/// pods while they run, in the tenant's namespaces, that the charging rule
+/// gives to this allocation.
 fn charged_pods(ctx: &Context, view: &View, alloc: &GpuAllocation, now: Timestamp) -> Charged {
     let name = alloc.name_any();
     let namespaces: BTreeSet<&str> = alloc.spec.tenant.namespaces.iter().map(String::as_str).collect();
@@ -224,16 +237,19 @@ fn charged_pods(ctx: &Context, view: &View, alloc: &GpuAllocation, now: Timestam
     let live: Vec<&AllocationState> = view.allocations.iter().filter(|a| !a.deleting).collect();
     let active = |a: &str| view.allocations.iter().any(|s| s.name == a && s.was_active);
     // The tenant's namespaces' pods only, by the stores' namespace indexes:
-    // workers in any phase, and running pods that are not workers.
+    // workers and labelled pods in any phase, and the other running pods.
     let s = &ctx.stores;
     let in_namespace = |ns: &str, index: &PodIndex, store: &Shared<Pod>| -> Vec<Arc<Pod>> {
         index.names(ns).iter().filter_map(|n| store.store.get(&ObjectRef::new(n).within(ns))).collect()
     };
     let pods = namespaces.iter().flat_map(|&ns| {
         let plain = in_namespace(ns, &s.pods_by_namespace, &s.pods);
-        in_namespace(ns, &s.workers_by_namespace, &s.workers)
-            .into_iter()
-            .chain(plain.into_iter().filter(|p| !p.labels().contains_key(PROJECT_LABEL)))
+        let labelled = in_namespace(ns, &s.workload_pods_by_namespace, &s.workload_pods);
+        in_namespace(ns, &s.workers_by_namespace, &s.workers).into_iter().chain(labelled).chain(
+            plain
+                .into_iter()
+                .filter(|p| !p.labels().contains_key(PROJECT_LABEL) && !p.labels().contains_key(ALLOCATION_LABEL)),
+        )
     });
     let mut out = Charged { lives: Vec::new(), pods: BTreeMap::new(), settle_due: None };
     for pod in pods {
@@ -275,6 +291,23 @@ fn projects_of(ctx: &Context, alloc: &GpuAllocation) -> BTreeMap<String, Option<
                 .namespaces
                 .contains(&ns)
                 .then(|| (format!("{ns}/{}", p.name_any()), p.status.as_ref().and_then(|s| s.usage.clone())))
+        })
+        .collect()
+}
+
+/// The allocation's labelled batch Jobs that exist (JobSets and Jobs of no
+/// label exist for the ledger while their pods do).
+fn workloads_of(ctx: &Context, alloc: &GpuAllocation) -> BTreeSet<Workload> {
+    let name = alloc.name_any();
+    ctx.stores
+        .jobs
+        .store
+        .state()
+        .iter()
+        .filter(|j| j.labels().get(ALLOCATION_LABEL) == Some(&name))
+        .filter_map(|j| {
+            let ns = j.namespace()?;
+            alloc.spec.tenant.namespaces.contains(&ns).then(|| Workload::new("Job", format!("{ns}/{}", j.name_any())))
         })
         .collect()
 }

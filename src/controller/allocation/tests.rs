@@ -1,7 +1,7 @@
 //! Table tests of the allocation status step ([`decide`]): no client, plain
 //! objects in, the decision out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::jiff::Timestamp;
 
@@ -9,7 +9,7 @@ use super::decide::Decision;
 use super::*;
 use crate::api::{AllocationPhase, GpuAllocationStatus, ProjectUsage, find_condition};
 use crate::planner::grants::{AllocationPlan, Blocker, Phase, PoolGrantPlan};
-use crate::planner::ledger::PodLife;
+use crate::planner::ledger::{PodLife, Workload};
 use crate::planner::usage::AllocationUse;
 
 const T0: i64 = 1_800_000_000_000;
@@ -50,7 +50,7 @@ fn plan(phase: Phase, blocker: Option<Blocker>) -> AllocationPlan {
 fn worker(uid: &str, project: &str, pool: &str, weight: f64, start: i64, end: Option<i64>) -> PodLife {
     PodLife {
         uid: uid.into(),
-        project: Some(project.into()),
+        workload: Some(Workload::project(project)),
         pool: pool.into(),
         domestic: pool == "atom",
         weight,
@@ -81,6 +81,7 @@ fn run(alloc: &GpuAllocation, c: &Case<'_>) -> Decision {
         watching_since: t(0),
         seen_gone: &|_| None,
         projects: &c.projects,
+        workloads: &BTreeSet::new(),
         settle_due: None,
         keep_books: None,
     };
@@ -187,7 +188,7 @@ fn a_round_trip_of_status_between_charges_changes_nothing() {
 #[test]
 fn pools_projects_and_plain_pods_sum_to_the_allocation() {
     let mut plain = worker("p", "", "h200", 2.0, 0, None);
-    plain.project = None;
+    plain.workload = None;
     plain.held = false;
     let pods = [
         worker("a", "team/llm", "h200", 8.0, 0, None),
