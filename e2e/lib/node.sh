@@ -117,8 +117,8 @@ oci_image_labels() {
 # oci_archive_labels ARCHIVE: the labels of the (one) image in an OCI archive, as KEY=value lines.
 oci_archive_labels() {
   local archive=$1 manifest config
-  manifest=$(tar -xOf "$archive" index.json | jq -r '.manifests[0].digest') || return 1
-  config=$(tar -xOf "$archive" "blobs/${manifest/://}" | jq -r '.config.digest') || return 1
+  manifest=$(tar -xOf "$archive" index.json | jq -r '.manifests[0].digest') && [[ "$manifest" == sha256:* ]] || return 1
+  config=$(tar -xOf "$archive" "blobs/${manifest/://}" | jq -r '.config.digest') && [[ "$config" == sha256:* ]] || return 1
   tar -xOf "$archive" "blobs/${config/://}" | jq -r '.config.Labels // {} | to_entries[] | "\(.key)=\(.value)"'
 }
 
