@@ -46,7 +46,10 @@ mod tests {
     #[test]
     fn the_build_fixed_a_version_and_a_commit() {
         assert!(!VERSION.is_empty() && !VERSION.starts_with('v'), "{VERSION}");
-        assert!(COMMIT == "unknown" || (COMMIT.len() == 40 && COMMIT.chars().all(|c| c.is_ascii_hexdigit())), "{COMMIT}");
+        assert!(
+            COMMIT == "unknown" || (COMMIT.len() == 40 && COMMIT.chars().all(|c| c.is_ascii_hexdigit())),
+            "{COMMIT}"
+        );
         assert_eq!(line().split_whitespace().nth(1), Some(VERSION));
     }
 }
