@@ -10,8 +10,9 @@
 #   helm install sovereign-operator charts/sovereign-operator -n sovereign-system --create-namespace \
 #     --set image.repository=REGISTRY/sovereign-operator --set image.tag=0.1.0
 #
-# scripts/release builds it so (where Docker runs) with the labels, SBOMs and signatures of a
-# release; `make image` builds the same layout without Docker (buildah, e2e/image).
+# Docker cannot run on the project's CI and development machines, so this file's build is not run
+# there: scripts/release (the release: binaries, images, SBOMs, signatures) and `make image` (the
+# e2e suite's image) build the same layout, labels included, with buildah and no Docker.
 #
 # The base is pinned by digest (the multi-platform index of rust:1.89-bookworm). To move it,
 # resolve the new tag's index digest (docker buildx imagetools inspect rust:TAG) and change it here.
