@@ -8,7 +8,7 @@ CARGO ?= cargo
 CHART := charts/sovereign-operator
 TOOLS = eval "$$(e2e/cluster tools)"
 
-.PHONY: all build image test lint shellcheck unit crds check-crds chart chart-readme docs e2e demo demo-contention demo-down cluster-up cluster-down clean
+.PHONY: all build image test lint shellcheck deny advisories release unit crds check-crds chart chart-readme docs e2e demo demo-contention demo-down cluster-up cluster-down clean
 
 all: build
 
@@ -24,10 +24,31 @@ image:
 ## test: everything CI runs, in order of cost.
 test: lint unit check-crds chart docs e2e
 
-## lint: formatting, clippy, and shellcheck of every shell script.
+## lint: formatting, clippy, shellcheck of every shell script, and cargo-deny (licenses, bans,
+## sources; the advisories need the network: make advisories).
 lint: shellcheck
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@$(MAKE) --no-print-directory deny
+
+## deny: cargo-deny's licenses, bans (one version of each crate, no wildcards) and sources checks
+## (deny.toml), offline: from Cargo.lock and the crates clippy fetched. cargo-deny itself is
+## installed by scripts/tool into the tool cache, once.
+deny:
+	@deny=$$(scripts/tool cargo-deny); \
+	"$$deny" --offline --locked check licenses bans sources; \
+	echo "cargo-deny: licenses, bans and sources OK"; \
+	echo "cargo-deny: WARNING: security advisories NOT checked here (the RustSec database needs the network): run 'make advisories' where it is reachable" >&2
+
+## advisories: cargo-deny's advisories check against the RustSec database, fetched from the
+## network (fails when it cannot be fetched); not part of `make test`, which runs offline.
+advisories:
+	scripts/advisories
+
+## release: cut a release into dist/VERSION/ (binaries, plugin archives, images, SBOMs, chart,
+## krew manifest, checksums; push and sign on request): scripts/release, docs: Releases.
+release:
+	scripts/release
 
 ## shellcheck: every tracked shell script (by name or by its #! line); shellcheck itself is
 ## installed from Debian's packages by scripts/tool when missing.

@@ -12,7 +12,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 #[derive(Parser, Debug)]
 // A flag given twice takes its last value, so the chart's `extraArgs` can
 // override a flag the chart sets itself.
-#[command(name = "sovereign-operator", version, about, long_about = None, args_override_self = true)]
+#[command(name = "sovereign-operator", version = crate::version::VERSION, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// Log format: `plain` for people, `json` for log pipelines. Filter with
     /// RUST_LOG (for example `RUST_LOG=info,sovereign_operator=debug`).
@@ -58,7 +58,7 @@ pub enum Command {
     /// Write the generated reference pages of the docs (API and CLI).
     #[command(hide = true)]
     Docs(DocsArgs),
-    /// Print the version.
+    /// Print the version (from the release tag) and the commit.
     Version,
 }
 

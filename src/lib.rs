@@ -10,6 +10,7 @@
 //! - [`report`]: the center's use, by program, tenant and pool (read-only).
 //! - [`admin`], [`telemetry`]: probes, metrics and logs.
 //! - [`reference`]: the generated API and CLI reference pages of the docs.
+//! - [`version`]: the version (from the release tag) and commit of this build.
 
 pub mod admin;
 pub mod admission;
@@ -26,4 +27,5 @@ pub mod reference;
 pub mod report;
 pub mod snapshot;
 pub mod telemetry;
+pub mod version;
 pub mod workload;

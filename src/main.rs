@@ -26,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Docs(args) => sovereign_operator::reference::write(&args.out_dir),
         Command::Version => {
-            println!("sovereign-operator {}", env!("CARGO_PKG_VERSION"));
+            println!("{}", sovereign_operator::version::line());
             Ok(())
         }
     };

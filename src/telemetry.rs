@@ -8,6 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
@@ -136,6 +137,11 @@ pub struct ReasonLabels {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("sovereign");
+        registry.register(
+            "build",
+            "The running build: its version (from the release tag) and commit",
+            Info::new(vec![("version", crate::version::VERSION), ("commit", crate::version::COMMIT)]),
+        );
         let reconciliations = Family::<ControllerLabels, Counter>::default();
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         let reconcile_duration = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
@@ -374,6 +380,12 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("sovereign_reconciliations_total{controller=\"pool\"} 1"), "{text}");
         assert!(text.contains("# TYPE sovereign_reconcile_duration_seconds histogram"), "{text}");
+        let build = format!(
+            "sovereign_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            crate::version::VERSION,
+            crate::version::COMMIT
+        );
+        assert!(text.contains(&build), "{build} missing from\n{text}");
     }
 
     #[test]

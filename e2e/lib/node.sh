@@ -77,7 +77,8 @@ buildah_cache() {
 }
 
 # oci_image_from_files ARCHIVE NAME USER ENTRYPOINT_JSON [LABEL=V ...] -- SRC:DEST...
-# Builds a FROM-scratch image holding the given files into an OCI archive (named NAME).
+# Builds a FROM-scratch image holding the given files into an OCI archive (named NAME), for
+# OCI_ARCH (amd64, arm64; default: this machine's).
 oci_image_from_files() {
   local archive=$1 name=$2 user=$3 entrypoint=$4 c f
   shift 4
@@ -86,12 +87,50 @@ oci_image_from_files() {
   shift
   c=$(buildah_cache from --pull-never scratch)
   for f in "$@"; do buildah_cache copy --chmod 0755 "$c" "${f%%:*}" "${f#*:}" >/dev/null; done
-  buildah_cache config --user "$user" --entrypoint "$entrypoint" --cmd '' "${labels[@]}" "$c"
+  buildah_cache config --user "$user" --entrypoint "$entrypoint" --cmd '' ${OCI_ARCH:+--os linux --arch "$OCI_ARCH"} \
+    "${labels[@]}" "$c"
   mkdir -p "$(dirname "$archive")"
   rm -f "${archive}.tmp"
   # gzip-compressed layers (buildah commit stores them uncompressed by default)
   buildah_cache commit --quiet --rm --format oci --disable-compression=false "$c" "oci-archive:${archive}.tmp:${name}" >/dev/null
   mv -f "${archive}.tmp" "$archive"
+}
+
+# oci_image_labels VERSION REVISION: the OCI labels of the operator's image (the Dockerfile sets
+# the same), as KEY=value arguments; the source only when known: SOVEREIGN_SOURCE, or the https
+# address of the origin remote.
+OPERATOR_IMAGE_DESCRIPTION="Allocates sovereign AI compute (GPU and NPU pools, grants, gang-admitted training runs)"
+oci_image_labels() {
+  local version=$1 revision=$2 source=${SOVEREIGN_SOURCE:-}
+  if [[ -z "$source" ]]; then
+    source=$(git -C "$REPO_ROOT" remote get-url origin 2>/dev/null || true)
+    [[ "$source" == https://* ]] || source=""
+  fi
+  printf '%s\n' "org.opencontainers.image.title=sovereign-operator" \
+    "org.opencontainers.image.description=${OPERATOR_IMAGE_DESCRIPTION}" \
+    "org.opencontainers.image.licenses=Apache-2.0" \
+    "org.opencontainers.image.version=${version}" \
+    "org.opencontainers.image.revision=${revision}"
+  [[ -z "$source" ]] || echo "org.opencontainers.image.source=${source%.git}"
+}
+
+# oci_archive_labels ARCHIVE: the labels of the (one) image in an OCI archive, as KEY=value lines.
+oci_archive_labels() {
+  local archive=$1 manifest config
+  manifest=$(tar -xOf "$archive" index.json | jq -r '.manifests[0].digest') && [[ "$manifest" == sha256:* ]] || return 1
+  config=$(tar -xOf "$archive" "blobs/${manifest/://}" | jq -r '.config.digest') && [[ "$config" == sha256:* ]] || return 1
+  tar -xOf "$archive" "blobs/${config/://}" | jq -r '.config.Labels // {} | to_entries[] | "\(.key)=\(.value)"'
+}
+
+# oci_labels_check ARCHIVE KEY...: each OCI label KEY is on the archive's image, not empty.
+oci_labels_check() {
+  local archive=$1 labels key missing=()
+  shift
+  labels=$(oci_archive_labels "$archive") || { log "cannot read the image config of ${archive}"; return 1; }
+  for key in "$@"; do
+    grep -q "^${key}=." <<<"$labels" || missing+=("$key")
+  done
+  ((${#missing[@]} == 0)) || { log "${archive} lacks the labels: ${missing[*]}"; return 1; }
 }
 
 # The pause image, built once per pause.c into the cache.
