@@ -1,7 +1,9 @@
 //! The chart's Grafana dashboard against a real Prometheus: Debian's
 //! `prometheus` (fetched by e2e/prometheus) scrapes the suite's operator while
 //! the cluster has a budgeted grant in use, a preemption and a waiting gang,
-//! and every query of the dashboard must parse and return series.
+//! and every query of the dashboard must parse and return series. The same
+//! Prometheus loads the chart's PrometheusRule: every alert must be evaluated
+//! without error, and the operator-down alert must stay silent while it runs.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -53,7 +55,34 @@ fn queries(dashboard: &serde_json::Value) -> Vec<(String, String)> {
     out
 }
 
-/// A Prometheus server on loopback that scrapes one target every second.
+/// The rule groups of the chart's PrometheusRule (with `job` set to the test's
+/// scrape job), as a Prometheus rule file: JSON is YAML.
+fn rendered_rules(env: &Env) -> anyhow::Result<String> {
+    let out = Command::new(&env.helm)
+        .args(["template", "t"])
+        .arg(env.repo.join("charts/sovereign-operator"))
+        .args(["--set", &format!("metrics.prometheusRule.enabled=true,metrics.prometheusRule.job={JOB}")])
+        .args(["--show-only", "templates/prometheusrule.yaml"])
+        .output()?;
+    ensure!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+    let rule: serde_json::Value = serde_saphyr::from_str(&String::from_utf8(out.stdout)?)?;
+    ensure!(rule["kind"] == "PrometheusRule", "not a PrometheusRule: {rule}");
+    Ok(serde_json::to_string(&rule["spec"])?)
+}
+
+/// The names of the alerts in a rule file.
+fn alert_names(rules: &str) -> anyhow::Result<Vec<String>> {
+    let spec: serde_json::Value = serde_json::from_str(rules)?;
+    let rules =
+        spec["groups"].as_array().into_iter().flatten().flat_map(|g| g["rules"].as_array().into_iter().flatten());
+    Ok(rules.filter_map(|r| r["alert"].as_str().map(str::to_string)).collect())
+}
+
+/// The scrape job of the test's Prometheus.
+const JOB: &str = "sovereign-operator";
+
+/// A Prometheus server on loopback that scrapes one target every second and
+/// evaluates the rules given every second.
 struct Prometheus {
     child: tokio::process::Child,
     url: String,
@@ -61,13 +90,16 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(env: &Env, target: std::net::SocketAddr) -> anyhow::Result<Self> {
+    fn start(env: &Env, target: std::net::SocketAddr, rules: &str) -> anyhow::Result<Self> {
         let bin = std::env::var_os("PROMETHEUS").context("PROMETHEUS is not set: run the suite with e2e/run")?;
         let port = free_port()?;
         let dir = env.state.join(format!("prometheus-{port}"));
         std::fs::create_dir_all(&dir)?;
+        let rule_file = dir.join("rules.yml");
+        std::fs::write(&rule_file, rules)?;
         let config = format!(
-            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n- job_name: sovereign-operator\n  static_configs: [{{targets: ['{target}']}}]\n"
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: ['{}']\nscrape_configs:\n- job_name: {JOB}\n  static_configs: [{{targets: ['{target}']}}]\n",
+            rule_file.display()
         );
         std::fs::write(dir.join("prometheus.yml"), config)?;
         let log = std::fs::File::create(dir.join("prometheus.log"))?;
@@ -116,6 +148,9 @@ pub async fn every_dashboard_query_returns_series_from_a_real_prometheus(env: Ar
     let dashboard = rendered_dashboard(&env)?;
     let queries = queries(&dashboard);
     ensure!(queries.len() >= 15, "the dashboard has only {} queries", queries.len());
+    let rules = rendered_rules(&env)?;
+    let alerts = alert_names(&rules)?;
+    ensure!(alerts.len() >= 7, "the PrometheusRule has only {} alerts: {alerts:?}", alerts.len());
     let target = env.operator.lock().await.as_ref().map(|o| o.admin).context("the shared operator is gone")?;
 
     in_namespaces(&env, &["dash"], async |names, scope| {
@@ -132,7 +167,7 @@ pub async fn every_dashboard_query_returns_series_from_a_real_prometheus(env: Ar
         wait_project(&env, ns, "urgent", ProjectPhase::Running, MINUTE).await?;
         wait_project(&env, ns, "big", ProjectPhase::Queued, MINUTE).await?;
 
-        let prom = Prometheus::start(&env, target)?;
+        let prom = Prometheus::start(&env, target, &rules)?;
         let result = async {
             wait_for("prometheus to scrape the operator", MINUTE, || async {
                 let v = prom.get("/api/v1/targets", None)?;
@@ -150,6 +185,34 @@ pub async fn every_dashboard_query_returns_series_from_a_real_prometheus(env: Ar
                     })
                     .collect();
                 if failing.is_empty() { Ok(()) } else { Err(failing.join("\n")) }
+            })
+            .await?;
+            // Every alert of the chart loaded and evaluated by this Prometheus without error
+            // (health "ok" once evaluated; "err" with the error otherwise), and the operator,
+            // which answers, is not reported down.
+            wait_for("every alert of the chart to be evaluated without error", MINUTE, || async {
+                let v = prom.get("/api/v1/rules", None)?;
+                let rules: Vec<&serde_json::Value> = v["data"]["groups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+                    .filter(|r| r["type"] == "alerting")
+                    .collect();
+                let mut wrong = Vec::new();
+                for name in &alerts {
+                    match rules.iter().find(|r| r["name"] == name.as_str()) {
+                        None => wrong.push(format!("{name}: not loaded")),
+                        Some(r) if r["health"] != "ok" => {
+                            wrong.push(format!("{name}: {} {}", r["health"], r["lastError"]))
+                        }
+                        Some(r) if name == "SovereignOperatorDown" && r["state"] != "inactive" => {
+                            wrong.push(format!("{name}: {} while the operator answers", r["state"]))
+                        }
+                        Some(_) => {}
+                    }
+                }
+                if wrong.is_empty() { Ok(()) } else { Err(wrong.join("\n")) }
             })
             .await
         }
