@@ -32,9 +32,11 @@ lint: shellcheck
 	@$(MAKE) --no-print-directory deny
 
 ## deny: cargo-deny's licenses, bans (one version of each crate, no wildcards) and sources checks
-## (deny.toml), offline: from Cargo.lock and the crates clippy fetched. cargo-deny itself is
-## installed by scripts/tool into the tool cache, once.
+## (deny.toml), offline: from Cargo.lock and the crates `cargo fetch` brings (every platform's,
+## windows-sys too: clippy fetches only this host's, and a fresh cargo home has no others).
+## cargo-deny itself is installed by scripts/tool into the tool cache, once.
 deny:
+	@$(CARGO) fetch --locked --quiet
 	@deny=$$(scripts/tool cargo-deny); \
 	"$$deny" --offline --locked check licenses bans sources; \
 	echo "cargo-deny: licenses, bans and sources OK"; \
