@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::future::BoxFuture;
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ResourceQuota, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -140,6 +141,8 @@ pub struct Stores {
     /// JobSets labelled `sovereign.ai/allocation` (gangs of the admission
     /// loop); empty where the API server serves no JobSets.
     pub jobsets: Shared<JobSet>,
+    /// Whether JobSets were served at the start (else their store fills once they are).
+    pub jobsets_at_start: bool,
     /// Worker pods of every project, in any phase.
     pub workers: Shared<Pod>,
     /// Worker pods by project ("namespace/project"), kept per watch event.
@@ -173,7 +176,10 @@ impl Stores {
         self.slices.store.wait_until_ready().await?;
         self.projects.store.wait_until_ready().await?;
         self.jobs.store.wait_until_ready().await?;
-        self.jobsets.store.wait_until_ready().await?;
+        // Not served at the start: nothing to wait for (it fills once they are).
+        if self.jobsets_at_start {
+            self.jobsets.store.wait_until_ready().await?;
+        }
         self.workers.store.wait_until_ready().await?;
         self.workload_pods.store.wait_until_ready().await?;
         Ok(())
@@ -195,19 +201,38 @@ impl Stores {
 }
 
 /// Whether the API server serves JobSets (jobset.x-k8s.io/v1alpha2): the
-/// JobSet controller may be installed or not; its kind is watched only if so.
+/// JobSet controller may be installed or not, before or after the operator.
 pub async fn jobsets_served(client: &Client) -> bool {
     match client.list_api_group_resources(&JobSet::api_version(&())).await {
         Ok(list) => list.resources.iter().any(|r| r.name == JobSet::plural(&())),
         Err(e) => {
-            tracing::info!(error = %e, "JobSets are not served: labelled JobSets are not admitted until the operator restarts with them installed");
+            tracing::debug!(error = %e, "JobSets are not served");
             false
         }
     }
 }
 
-/// Starts every reflector in the background (JobSets' only if `jobsets` are served).
-pub fn start(client: Client, jobsets: bool) -> Stores {
+/// How often the operator asks again whether JobSets are served, when they
+/// were not at its start: one small discovery GET.
+pub const JOBSETS_RECHECK: Duration = Duration::from_secs(30);
+
+/// Resolves once the API server serves JobSets, asking every `every`. The
+/// JobSet controller installed after the operator: its labelled JobSets are
+/// watched from then on, with no restart. (A watch of a kind not served would
+/// fail and retry every second, with a warning each time.)
+pub async fn jobsets_served_later(client: Client, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        if jobsets_served(&client).await {
+            tracing::info!("JobSets are served now: watching labelled JobSets");
+            return;
+        }
+    }
+}
+
+/// Starts every reflector in the background; JobSets' once they are served
+/// (`jobsets_at_start`: served now).
+pub fn start(client: Client, jobsets_at_start: bool) -> Stores {
     let epoch = Arc::new(AtomicU64::new(0));
     let all = watcher::Config::default().any_semantic();
     // Heartbeat times and image lists change often and matter to no decision:
@@ -276,16 +301,24 @@ pub fn start(client: Client, jobsets: bool) -> Stores {
         &not_viewed,
         Signal::Key(job_admission_key),
     );
-    let jobsets = if jobsets {
-        keyed(
-            Api::<JobSet>::all(client.clone()),
-            all.clone().labels(ALLOCATION_LABEL),
-            &not_viewed,
-            Signal::Key(job_admission_key),
-        )
+    let jobsets_later: Option<BoxFuture<'static, ()>> = if jobsets_at_start {
+        None
     } else {
-        Shared::fixed(&[])
+        tracing::info!(
+            every_s = JOBSETS_RECHECK.as_secs(),
+            "JobSets are not served: labelled JobSets are watched once they are"
+        );
+        Some(jobsets_served_later(client.clone(), JOBSETS_RECHECK).boxed())
     };
+    let jobsets = shared_signalled(
+        Api::<JobSet>::all(client.clone()),
+        all.clone().labels(ALLOCATION_LABEL),
+        &not_viewed,
+        |_| {},
+        |_| {},
+        Signal::Key(job_admission_key),
+        jobsets_later,
+    );
     let workload_pods_by_namespace = PodIndex::by_namespace();
     let by_namespace = workload_pods_by_namespace.clone();
     let workload_pods = shared_with(
@@ -329,6 +362,7 @@ pub fn start(client: Client, jobsets: bool) -> Stores {
         projects,
         jobs,
         jobsets,
+        jobsets_at_start,
         workers,
         workers_by_project,
         workers_by_namespace,
@@ -413,7 +447,7 @@ where
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
     W: Resource<DynamicType = K::DynamicType> + Decoded<K> + Clone + Debug + DeserializeOwned + Send + 'static,
 {
-    shared_signalled(api, config, epoch, index, strip, Signal::Any)
+    shared_signalled(api, config, epoch, index, strip, Signal::Any, None)
 }
 
 /// A store kept whole (no index, nothing stripped but managedFields) whose
@@ -424,7 +458,7 @@ where
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
     W: Resource<DynamicType = K::DynamicType> + Decoded<K> + Clone + Debug + DeserializeOwned + Send + 'static,
 {
-    shared_signalled(api, config, epoch, |_| {}, |_| {}, signal)
+    shared_signalled(api, config, epoch, |_| {}, |_| {}, signal, None)
 }
 
 /// Which changes of a store's objects move its change signal and the view
@@ -440,7 +474,8 @@ enum Signal<K> {
     Wake(fn(&K) -> u64),
 }
 
-/// [`shared_with`], with the change signal and the epoch moved as `signal` says.
+/// [`shared_with`], with the change signal and the epoch moved as `signal`
+/// says, and the watch started once `after` resolves (if given).
 fn shared_signalled<K, W>(
     api: Api<W>,
     config: watcher::Config,
@@ -448,6 +483,7 @@ fn shared_signalled<K, W>(
     mut index: impl FnMut(&watcher::Event<K>) + Send + 'static,
     mut strip: impl FnMut(&mut K) + Send + 'static,
     signal: Signal<K>,
+    after: Option<BoxFuture<'static, ()>>,
 ) -> Shared<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + serde::Serialize + Send + Sync + 'static,
@@ -476,7 +512,7 @@ where
         .reflect(writer);
     let (epoch, sender) = (epoch.clone(), events.clone());
     let (mut seen, mut signalled) = (Fingerprints::default(), Fingerprints::default());
-    tokio::spawn(stream.for_each(move |mut event| {
+    let follow = stream.for_each(move |mut event| {
         if let Ok(ev) = &event {
             index(ev);
         }
@@ -517,7 +553,13 @@ where
             Err(e) => tracing::warn!(error = %e, "watch error; retrying with backoff"),
         }
         futures::future::ready(())
-    }));
+    });
+    tokio::spawn(async move {
+        if let Some(after) = after {
+            after.await;
+        }
+        follow.await
+    });
     Shared { store, changed, removed, events }
 }
 
@@ -796,5 +838,70 @@ mod tests {
 
         let of = PodIndex::by_namespace().of(&[pod("d", "x", None), pod("d", "y", Some("p"))]);
         assert_eq!(of.names("d"), ["x", "y"]);
+    }
+
+    /// The JobSet controller installed after the operator: the operator asks
+    /// discovery again until JobSets are served, and the JobSet watch starts
+    /// only then (a mocked API server: 404, then served, then the LIST).
+    #[tokio::test]
+    async fn jobsets_installed_after_the_start_are_watched_once_served() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (gate, opened) = tokio::sync::oneshot::channel::<()>();
+        let later = {
+            let client = client.clone();
+            async move {
+                jobsets_served_later(client, Duration::from_millis(1)).await;
+                let _ = gate.send(());
+            }
+        };
+        let jobsets: Shared<JobSet> = shared_signalled(
+            Api::<JobSet>::all(client),
+            watcher::Config::default().labels(ALLOCATION_LABEL),
+            &Arc::new(AtomicU64::new(0)),
+            |_| {},
+            |_| {},
+            Signal::Any,
+            Some(later.boxed()),
+        );
+        let respond = |code: u16, body: serde_json::Value| {
+            Response::builder().status(code).body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap()
+        };
+        let mut next = async || {
+            let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+                .await
+                .expect("a request within 5 s")
+                .expect("the client is alive");
+            (req.uri().to_string(), send)
+        };
+        // Not served: discovery says 404, and nothing is watched.
+        let (uri, send) = next().await;
+        assert_eq!(uri, "/apis/jobset.x-k8s.io/v1alpha2");
+        send.send_response(respond(404, serde_json::json!({"kind": "Status", "code": 404})));
+        // Installed: discovery lists jobsets.
+        let (uri, send) = next().await;
+        assert_eq!(uri, "/apis/jobset.x-k8s.io/v1alpha2", "asked again, and nothing else");
+        send.send_response(respond(
+            200,
+            serde_json::json!({"kind": "APIResourceList", "groupVersion": "jobset.x-k8s.io/v1alpha2",
+                "resources": [{"name": "jobsets", "singularName": "jobset", "namespaced": true, "kind": "JobSet",
+                               "verbs": ["list", "watch"]}]}),
+        ));
+        opened.await.expect("the gate opened once served");
+        // Then the watch starts: the first LIST of labelled JobSets.
+        let (uri, send) = next().await;
+        assert!(uri.starts_with("/apis/jobset.x-k8s.io/v1alpha2/jobsets?"), "{uri}");
+        assert!(uri.contains("labelSelector=sovereign.ai%2Fallocation"), "{uri}");
+        send.send_response(respond(
+            200,
+            serde_json::json!({"kind": "JobSetList", "apiVersion": "jobset.x-k8s.io/v1alpha2",
+                "metadata": {"resourceVersion": "1"}, "items": []}),
+        ));
+        tokio::time::timeout(Duration::from_secs(5), jobsets.store.wait_until_ready())
+            .await
+            .expect("the store is ready once listed")
+            .expect("ready");
     }
 }

@@ -85,6 +85,7 @@ pub fn stores(cluster: &Cluster) -> Stores {
         projects: shared(&cluster.projects),
         jobs: shared(&cluster.jobs),
         jobsets: shared(&cluster.jobsets),
+        jobsets_at_start: true,
         workers: shared(&cluster.workers),
         workers_by_project: PodIndex::by_project().of(&cluster.workers),
         workers_by_namespace: PodIndex::by_namespace().of(&cluster.workers),
