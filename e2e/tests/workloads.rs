@@ -445,6 +445,79 @@ pub async fn a_fallback_list_across_resource_names_is_refused_at_creation_saying
     .await
 }
 
+/// Waits until the quota of `ns` (the policies' params) names `refused_by` as the allocations
+/// that refuse direct accelerator pods.
+async fn wait_direct_pods_refused_by(env: &Env, ns: &str, refused_by: &str) -> anyhow::Result<()> {
+    let api: Api<ResourceQuota> = Api::namespaced(env.client.clone(), ns);
+    wait_for(
+        &format!("the quota of {ns} to say direct pods are refused by {refused_by:?}"),
+        Duration::from_secs(60),
+        || async {
+            let q = api.get_opt("sovereign-accelerators").await.map_err(|e| e.to_string())?.ok_or("no quota")?;
+            let a = q.annotations();
+            if a.get("sovereign.ai/direct-pods-refused-by").map(String::as_str) == Some(refused_by) {
+                Ok(())
+            } else {
+                Err(format!("{a:?}"))
+            }
+        },
+    )
+    .await
+}
+
+pub async fn an_allocation_that_refuses_direct_pods_lets_only_admitted_workloads_in(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-direct"], async |names, scope| {
+        let ns = names[0].clone();
+        pools(scope)?;
+        let yaml = alloc_yaml("e2e-wl-direct", &[&ns], "[{pool: e2e-b200, accelerators: 16}]", "")
+            .replace("namespaces: [", "directPods: Refused, namespaces: [");
+        scope.apply(&yaml)?;
+        wait_phase(&env, "e2e-wl-direct", AllocationPhase::Active, Duration::from_secs(60)).await?;
+        wait_policy_params(&env, &ns, "e2e-wl-direct", &["e2e-b200"]).await?;
+        wait_direct_pods_refused_by(&env, &ns, "e2e-wl-direct").await?;
+
+        // A plain pod confined to the one granted pool, which Confined would admit: refused,
+        // naming the allocation and the label that brings it in.
+        let mut on_b200 = pod_template(8, Some(B200), json!({}));
+        on_b200["metadata"]["name"] = json!("direct");
+        let on_b200: Pod = serde_json::from_value(on_b200)?;
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
+        let msg = refusal_saying(&pods, &on_b200, "spec.tenant.directPods: Refused").await?;
+        for words in [
+            format!("pod asks for nvidia.com/gpu in namespace {ns}, where GpuAllocation e2e-wl-direct admits accelerator pods only through the sovereign operator"),
+            format!("create it through a Job, JobSet or TrainJob labelled {LABEL}=e2e-wl-direct so that the sovereign operator admits it"),
+        ] {
+            ensure!(msg.contains(&words), "refusal lacks {words:?}: {msg}");
+        }
+
+        // A labelled Job is admitted and its pods (made by the Job controller from the pinned
+        // template) run to completion.
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+        let done = json!({"sim.sovereign.ai/complete-after": "1s"});
+        create_when_admitted(&jobs, &job("admitted", Some("e2e-wl-direct"), 2, pod_template(8, None, done))?).await?;
+        ensure!(wait_admitted(&jobs, "admitted", Duration::from_secs(60)).await? == "e2e-b200", "not on B200");
+        wait_for("Job admitted to complete", Duration::from_secs(90), || async {
+            let j = jobs.get("admitted").await.map_err(|e| e.to_string())?;
+            let status = j.status.unwrap_or_default();
+            let complete = status.conditions.iter().flatten().any(|c| c.type_ == "Complete" && c.status == "True");
+            if complete && status.succeeded == Some(2) { Ok(()) } else { Err(format!("{status:?}")) }
+        })
+        .await?;
+
+        // Confined again: the same pod is admitted.
+        env.kubectl_ok(
+            &["patch", "gpuallocation", "e2e-wl-direct", "--type=merge", "-p", r#"{"spec":{"tenant":{"directPods":"Confined"}}}"#],
+            None,
+        )?;
+        wait_direct_pods_refused_by(&env, &ns, "").await?;
+        create_when_admitted(&pods, &on_b200).await.context("a pod confined to its grant under Confined")?;
+        Ok(())
+    })
+    .await
+}
+
 pub async fn jobs_and_jobsets_run_to_completion_in_the_simulated_pools(env: Arc<Env>) -> anyhow::Result<()> {
     // A namespace no allocation lists: no quota, so the pod policy leaves it alone.
     in_namespaces(&env, &["wl-run"], async |names, _scope| {
