@@ -77,8 +77,8 @@ impl<W: Workload> Held<W> {
 }
 
 /// The gangs of `workloads`: each labelled one that holds devices or waits.
-/// A labelled workload that cannot be one gang is left out (logged at debug
-/// level; it gets no Event yet).
+/// A labelled workload that cannot be one gang is left out (its `Invalid`
+/// Event comes from [`plan`]).
 pub fn gangs<W: Workload>(stores: &Stores, workloads: &[Arc<W>], now: Timestamp) -> Vec<Gang> {
     let pools = |w: &WorkloadGang| pools_of(stores, w);
     workloads
