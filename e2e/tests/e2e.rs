@@ -97,6 +97,8 @@ fn main() -> anyhow::Result<()> {
         workloads::labelled_workloads_are_held_at_creation_and_unlabelled_ones_untouched,
         workloads::a_workload_naming_a_foreign_allocation_is_refused_with_the_policys_words,
         workloads::a_plain_pod_outside_the_grants_is_refused_with_the_way_in,
+        workloads::a_fallback_list_across_resource_names_is_refused_at_creation_saying_why,
+        workloads::an_allocation_that_refuses_direct_pods_lets_only_admitted_workloads_in,
         workloads::jobs_and_jobsets_run_to_completion_in_the_simulated_pools,
         workloads::an_indexed_job_falls_back_whole_from_a_full_h200_grant_to_b200_and_completes,
         workloads::a_higher_priority_project_preempts_a_running_job_which_resumes_later,

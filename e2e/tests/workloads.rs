@@ -332,6 +332,192 @@ pub async fn a_plain_pod_outside_the_grants_is_refused_with_the_way_in(env: Arc<
     .await
 }
 
+/// The message of a refused create, waiting until the refusal carries `words` (the API server
+/// reads a policy's params from a cache, which may not have seen a pool created a moment ago):
+/// a workload created meanwhile is deleted and created again.
+async fn refusal_saying<K>(api: &Api<K>, obj: &K, words: &str) -> anyhow::Result<String>
+where
+    K: kube::Resource
+        + Clone
+        + k8s_openapi::serde::Serialize
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    wait_for(&format!("the create of {name} to be refused saying {words:?}"), Duration::from_secs(30), || async {
+        match api.create(&PostParams::default(), obj).await {
+            Ok(_) => {
+                let _ = api.delete(&name, &kube::api::DeleteParams::background()).await;
+                Err(format!("{name} was created"))
+            }
+            Err(e) if e.to_string().contains(words) => Ok(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+}
+
+pub async fn a_fallback_list_across_resource_names_is_refused_at_creation_saying_why(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-mixed"], async |names, scope| {
+        let ns = names[0].clone();
+        scope.apply(&pool_yaml("e2e-rngd", "furiosa.ai/rngd", ("furiosa.ai/npu.family", "rngd"), 1.0))?;
+        granted(&env, scope, &ns, "e2e-wl-mixed", "[{pool: e2e-b200, accelerators: 16}]", &["e2e-b200"]).await?;
+        let why = |kind: &str, list: &str| {
+            [
+                format!(
+                    "annotation sovereign.ai/pools \"{list}\": pool e2e-rngd gives furiosa.ai/rngd but the pods ask for nvidia.com/gpu"
+                ),
+                format!(
+                    "a {kind}'s requests cannot change while it is held, so it falls back only between pools of one resource name"
+                ),
+                format!(
+                    "list only pools that give nvidia.com/gpu, or submit one {kind} per resource name (or a ModelProject, which falls back across resource names)"
+                ),
+            ]
+        };
+        let pools = |list: &str| [("sovereign.ai/pools".to_string(), list.to_string())];
+
+        // An NPU pool first, a GPU pool after, pods that ask for GPUs: refused at creation.
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+        let list = "e2e-rngd,e2e-b200";
+        let mixed = annotated(job("mixed", Some("e2e-wl-mixed"), 2, pod_template(8, None, json!({})))?, &[(
+            "sovereign.ai/pools",
+            list,
+        )]);
+        let msg = refusal_saying(&jobs, &mixed, "pool e2e-rngd gives furiosa.ai/rngd").await?;
+        for words in why("Job", list) {
+            ensure!(msg.contains(&words), "refusal lacks {words:?}: {msg}");
+        }
+        // A JobSet, and a TrainJob whose pods' devices it sets itself (the list in spec.annotations).
+        let mut set = jobset("mixed-set", Some("e2e-wl-mixed"), pod_template(8, None, json!({})))?;
+        set.metadata.annotations = Some(pools(" e2e-b200, e2e-rngd").into());
+        let msg = refusal_saying(&jobsets(&env, &ns), &set, "pool e2e-rngd gives").await?;
+        for words in why("JobSet", " e2e-b200, e2e-rngd") {
+            ensure!(msg.contains(&words), "refusal lacks {words:?}: {msg}");
+        }
+        let tj = object(json!({"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+            "metadata": {"name": "mixed-train", "labels": {LABEL: "e2e-wl-mixed"}},
+            "spec": {"runtimeRef": {"name": "torch-distributed"},
+                     "labels": {LABEL: "e2e-wl-mixed"}, "annotations": {"sovereign.ai/pools": list},
+                     "trainer": {"numNodes": 2, "resourcesPerNode": {"limits": {"nvidia.com/gpu": "8"}}}}}))?;
+        let msg = refusal_saying(&trainjobs(&env, &ns), &tj, "pool e2e-rngd gives").await?;
+        ensure!(msg.contains("a TrainJob's requests cannot change while it is held"), "{msg}");
+
+        // One resource name: held as usual. Its list changed later to cross names: refused.
+        let gpus = annotated(job("gpus", Some("e2e-wl-mixed"), 2, pod_template(8, None, json!({})))?, &[(
+            "sovereign.ai/pools",
+            "e2e-h200,e2e-b200",
+        )]);
+        create_when_admitted(&jobs, &gpus).await?;
+        let out = env.kubectl(&["-n", &ns, "annotate", "job", "gpus", "--overwrite", "sovereign.ai/pools=e2e-b200,e2e-rngd"], None)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "the list of a held Job was changed to cross resource names");
+        for words in why("Job", "e2e-b200,e2e-rngd") {
+            ensure!(err.contains(&words), "refusal lacks {words:?}: {err}");
+        }
+
+        // Where the policy cannot see the pods' devices (a TrainJob whose runtime sets them), the
+        // JobSet made of it is held and the operator says why, in the same words.
+        let tj = object(json!({"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+            "metadata": {"name": "runtime-train", "labels": {LABEL: "e2e-wl-mixed"}},
+            "spec": {"runtimeRef": {"name": "torch-distributed"},
+                     "labels": {LABEL: "e2e-wl-mixed"}, "annotations": {"sovereign.ai/pools": list}}}))?;
+        let tj = create_when_admitted(&trainjobs(&env, &ns), &tj).await?;
+        let made = object(json!({"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+            "metadata": {"name": "runtime-train", "labels": {LABEL: "e2e-wl-mixed"},
+                "annotations": {"sovereign.ai/pools": list},
+                "ownerReferences": [{"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+                    "name": "runtime-train", "uid": tj.metadata.uid, "controller": true, "blockOwnerDeletion": true}]},
+            "spec": {"suspend": true, "replicatedJobs": [{"name": "node", "replicas": 1,
+                "template": {"spec": {"parallelism": 2, "completions": 2, "backoffLimit": 0,
+                    "template": pod_template(8, None, json!({}))}}}]}}))?;
+        let sets = jobsets(&env, &ns);
+        create_when_admitted(&sets, &made).await?;
+        let told = wait_event_on(&env, &ns, "JobSet", "runtime-train", "Invalid").await?;
+        for words in why("JobSet", list) {
+            ensure!(told.contains(&words.replace(", or submit", " (here: e2e-b200), or submit")), "Event lacks {words:?}: {told}");
+        }
+        ensure!(suspended(&sets.get("runtime-train").await?) == Some(true), "the JobSet was started");
+        Ok(())
+    })
+    .await
+}
+
+/// Waits until the quota of `ns` (the policies' params) names `refused_by` as the allocations
+/// that refuse direct accelerator pods.
+async fn wait_direct_pods_refused_by(env: &Env, ns: &str, refused_by: &str) -> anyhow::Result<()> {
+    let api: Api<ResourceQuota> = Api::namespaced(env.client.clone(), ns);
+    wait_for(
+        &format!("the quota of {ns} to say direct pods are refused by {refused_by:?}"),
+        Duration::from_secs(60),
+        || async {
+            let q = api.get_opt("sovereign-accelerators").await.map_err(|e| e.to_string())?.ok_or("no quota")?;
+            let a = q.annotations();
+            if a.get("sovereign.ai/direct-pods-refused-by").map(String::as_str) == Some(refused_by) {
+                Ok(())
+            } else {
+                Err(format!("{a:?}"))
+            }
+        },
+    )
+    .await
+}
+
+pub async fn an_allocation_that_refuses_direct_pods_lets_only_admitted_workloads_in(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-direct"], async |names, scope| {
+        let ns = names[0].clone();
+        pools(scope)?;
+        let yaml = alloc_yaml("e2e-wl-direct", &[&ns], "[{pool: e2e-b200, accelerators: 16}]", "")
+            .replace("namespaces: [", "directPods: Refused, namespaces: [");
+        scope.apply(&yaml)?;
+        wait_phase(&env, "e2e-wl-direct", AllocationPhase::Active, Duration::from_secs(60)).await?;
+        wait_policy_params(&env, &ns, "e2e-wl-direct", &["e2e-b200"]).await?;
+        wait_direct_pods_refused_by(&env, &ns, "e2e-wl-direct").await?;
+
+        // A plain pod confined to the one granted pool, which Confined would admit: refused,
+        // naming the allocation and the label that brings it in.
+        let mut on_b200 = pod_template(8, Some(B200), json!({}));
+        on_b200["metadata"]["name"] = json!("direct");
+        let on_b200: Pod = serde_json::from_value(on_b200)?;
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
+        let msg = refusal_saying(&pods, &on_b200, "spec.tenant.directPods: Refused").await?;
+        for words in [
+            format!("pod asks for nvidia.com/gpu in namespace {ns}, where GpuAllocation e2e-wl-direct admits accelerator pods only through the sovereign operator"),
+            format!("create it through a Job, JobSet or TrainJob labelled {LABEL}=e2e-wl-direct so that the sovereign operator admits it"),
+        ] {
+            ensure!(msg.contains(&words), "refusal lacks {words:?}: {msg}");
+        }
+
+        // A labelled Job is admitted and its pods (made by the Job controller from the pinned
+        // template) run to completion.
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+        let done = json!({"sim.sovereign.ai/complete-after": "1s"});
+        create_when_admitted(&jobs, &job("admitted", Some("e2e-wl-direct"), 2, pod_template(8, None, done))?).await?;
+        ensure!(wait_admitted(&jobs, "admitted", Duration::from_secs(60)).await? == "e2e-b200", "not on B200");
+        wait_for("Job admitted to complete", Duration::from_secs(90), || async {
+            let j = jobs.get("admitted").await.map_err(|e| e.to_string())?;
+            let status = j.status.unwrap_or_default();
+            let complete = status.conditions.iter().flatten().any(|c| c.type_ == "Complete" && c.status == "True");
+            if complete && status.succeeded == Some(2) { Ok(()) } else { Err(format!("{status:?}")) }
+        })
+        .await?;
+
+        // Confined again: the same pod is admitted.
+        env.kubectl_ok(
+            &["patch", "gpuallocation", "e2e-wl-direct", "--type=merge", "-p", r#"{"spec":{"tenant":{"directPods":"Confined"}}}"#],
+            None,
+        )?;
+        wait_direct_pods_refused_by(&env, &ns, "").await?;
+        create_when_admitted(&pods, &on_b200).await.context("a pod confined to its grant under Confined")?;
+        Ok(())
+    })
+    .await
+}
+
 pub async fn jobs_and_jobsets_run_to_completion_in_the_simulated_pools(env: Arc<Env>) -> anyhow::Result<()> {
     // A namespace no allocation lists: no quota, so the pod policy leaves it alone.
     in_namespaces(&env, &["wl-run"], async |names, _scope| {

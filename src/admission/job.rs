@@ -201,12 +201,13 @@ pub fn holding<W: Workload>(w: &W) -> Option<Holding> {
 
 /// The workload's gang, if it holds devices or waits for them. `pools` gives
 /// the pools the gang may use in order (those it names, else its
-/// allocation's, of the resource its pods ask for). `Err`: a labelled
-/// workload that cannot be one gang (the text says what to change).
+/// allocation's, of the resource its pods ask for:
+/// [`crate::workload::kinds::resolve_pools`]). `Err`: a labelled workload
+/// that cannot be one gang (the text says what to change).
 pub fn gang<W: Workload>(
     w: &W,
     now: Timestamp,
-    pools: &dyn Fn(&WorkloadGang) -> Vec<String>,
+    pools: &dyn Fn(&WorkloadGang) -> Result<Vec<String>, WorkloadError>,
 ) -> Result<Option<Gang>, WorkloadError> {
     let Some(shape) = w.read()? else { return Ok(None) };
     if w.meta().deletion_timestamp.is_some() || w.run_by_another() {
@@ -219,10 +220,17 @@ pub fn gang<W: Workload>(
         // held it), or finished: not a gang.
         None => return Ok(None),
     };
+    // A running workload keeps its gang (it holds devices) whatever its
+    // annotation says now; a held one with a list it cannot use is refused.
+    let pools = match (pools(&shape), &state) {
+        (Ok(p), _) => p,
+        (Err(_), GangState::Holding(h)) => vec![h.pool.clone()],
+        (Err(e), _) => return Err(e),
+    };
     Ok(Some(Gang {
         key: key(w),
         allocation: shape.allocation.clone(),
-        pools: pools(&shape),
+        pools,
         workers: shape.workers(),
         per_worker: shape.per_worker(),
         topology: shape
@@ -427,8 +435,8 @@ mod tests {
         .expect("a job")
     }
 
-    fn pools(_: &WorkloadGang) -> Vec<String> {
-        vec!["h200".into(), "b200".into()]
+    fn pools(_: &WorkloadGang) -> Result<Vec<String>, WorkloadError> {
+        Ok(vec!["h200".into(), "b200".into()])
     }
 
     fn now() -> Timestamp {

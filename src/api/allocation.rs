@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
     status = "GpuAllocationStatus",
     printcolumn(name = "Tenant", type_ = "string", json_path = ".spec.tenant.displayName"),
     printcolumn(name = "Program", type_ = "string", json_path = ".spec.program", priority = 1),
+    printcolumn(name = "Direct-Pods", type_ = "string", json_path = ".spec.tenant.directPods", priority = 1),
     printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority", priority = 1),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
@@ -125,6 +126,31 @@ pub struct Tenant {
         merge_strategy = ListMerge::Set
     )]
     pub namespaces: Vec<String>,
+
+    /// What becomes of accelerator pods created in these namespaces other than
+    /// through admission (admitted: a ModelProject's workers, the pods of a Job,
+    /// JobSet or TrainJob labelled `sovereign.ai/allocation` that the operator
+    /// admitted). `Confined` (the default): allowed when their nodeSelector
+    /// confines them to the namespace's one granted pool of their resource
+    /// name, whose grant the namespace quota then bounds. `Refused`: refused,
+    /// with the label that brings them in; every accelerator of the namespaces
+    /// is then planned by the operator. A namespace listed by several allocations refuses such
+    /// pods when any of them says `Refused` (its pods would draw on that
+    /// allocation's quota too). Enforced by the chart's admission policy
+    /// (`workloadPolicies.enabled`).
+    #[serde(default)]
+    pub direct_pods: DirectPods,
+}
+
+/// Whether tenants may create accelerator pods directly, outside admission.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum DirectPods {
+    /// Allowed on the namespace's one granted pool of their resource name,
+    /// confined to it by their nodeSelector.
+    #[default]
+    Confined,
+    /// Refused: accelerators come only through admitted workloads.
+    Refused,
 }
 
 /// A dated period. At least one end must be set.

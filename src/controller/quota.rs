@@ -27,7 +27,7 @@ use serde_json::json;
 use super::context::requeue;
 use super::stores::MANAGED_BY;
 use super::{Context, Error, FIELD_MANAGER, delete_if_present};
-use crate::api::AcceleratorPool;
+use crate::api::{AcceleratorPool, DirectPods, GpuAllocation};
 use crate::planner::grants::Phase;
 use crate::workload::{RENDEZVOUS_SERVICE, rendezvous_service};
 
@@ -51,21 +51,34 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 
 /// Annotation: the allocations that list the namespace, comma-separated.
 pub const ALLOCATIONS_ANNOTATION: &str = "sovereign.ai/allocations";
+/// Annotation: the allocations listing the namespace whose `spec.tenant.directPods`
+/// is `Refused`, comma-separated (empty: direct accelerator pods are confined, not refused).
+pub const DIRECT_PODS_REFUSED_ANNOTATION: &str = "sovereign.ai/direct-pods-refused-by";
 /// Annotation prefix: `pool.sovereign.ai/<pool>: "<resourceName> <key>=<value>,..."` for
 /// every pool an Active allocation grants the namespace (the pool's matchLabels).
 pub const POOL_ANNOTATION_PREFIX: &str = "pool.sovereign.ai/";
 
 /// The annotations of a namespace's quota that the admission policies read:
-/// `listed` allocations (those that list the namespace), and one entry per pool
-/// in `granted` (the pools of the namespace's Active grants). A pool selected
+/// `listed` allocations (those that list the namespace), those of them whose
+/// `directPods` is `Refused` (any one refuses direct accelerator pods in the
+/// namespace: they would draw on its quota too), and one entry per pool in
+/// `granted` (the pools of the namespace's Active grants). A pool selected
 /// with matchExpressions is left out: a pod cannot be confined to it with a
 /// nodeSelector, so only admitted workloads reach it.
 pub fn policy_annotations(
-    listed: &[String],
+    listed: &[&GpuAllocation],
     granted: &std::collections::BTreeSet<String>,
     pools: &[Arc<AcceleratorPool>],
 ) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::from([(ALLOCATIONS_ANNOTATION.to_string(), listed.join(","))]);
+    let mut names: Vec<String> = listed.iter().map(|a| a.name_any()).collect();
+    names.sort();
+    let mut refusing: Vec<String> =
+        listed.iter().filter(|a| a.spec.tenant.direct_pods == DirectPods::Refused).map(|a| a.name_any()).collect();
+    refusing.sort();
+    let mut out = BTreeMap::from([
+        (ALLOCATIONS_ANNOTATION.to_string(), names.join(",")),
+        (DIRECT_PODS_REFUSED_ANNOTATION.to_string(), refusing.join(",")),
+    ]);
     for pool in pools.iter().filter(|p| granted.contains(&p.name_any())) {
         let sel = &pool.spec.node_selector;
         let labels = sel.match_labels.as_ref().filter(|l| !l.is_empty());
@@ -105,10 +118,9 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Erro
             let want = hard(limits);
             let listing: Vec<_> =
                 view.allocations.iter().filter(|a| !a.deleting && a.namespaces.contains(&name)).collect();
-            // Sorted: the store's order changes between processes, and an
-            // annotation that only changed order would be written again.
-            let mut listed: Vec<String> = listing.iter().map(|a| a.name.clone()).collect();
-            listed.sort();
+            let objects: Vec<Arc<GpuAllocation>> =
+                listing.iter().filter_map(|a| ctx.stores.allocations.store.get(&ObjectRef::new(&a.name))).collect();
+            let listed: Vec<&GpuAllocation> = objects.iter().map(|a| a.as_ref()).collect();
             let granted = listing
                 .iter()
                 .filter_map(|a| view.grants.allocations.get(&a.name))
@@ -193,6 +205,18 @@ mod tests {
         )
     }
 
+    fn allocation(name: &str, direct_pods: Option<&str>) -> GpuAllocation {
+        let mut tenant = json!({"displayName": "T", "namespaces": ["team-a"]});
+        if let Some(d) = direct_pods {
+            tenant["directPods"] = json!(d);
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "sovereign.ai/v1alpha1", "kind": "GpuAllocation", "metadata": {"name": name},
+            "spec": {"tenant": tenant, "grants": [{"pool": "b200", "accelerators": 8}]}
+        }))
+        .unwrap()
+    }
+
     #[test]
     fn policy_annotations_list_allocations_and_the_granted_pools_node_labels() {
         let pools = [
@@ -202,15 +226,20 @@ mod tests {
             pool("rngd", "furiosa.ai/rngd", json!({"matchExpressions": [{"key": "npu", "operator": "Exists"}]})),
         ];
         let granted = ["b200", "atom", "rngd", "gone"].map(String::from).into();
-        let a = policy_annotations(&["team-a".into(), "shared".into()], &granted, &pools);
+        let (team, shared) = (allocation("team-a", None), allocation("shared", Some("Confined")));
+        let a = policy_annotations(&[&team, &shared], &granted, &pools);
         let want: BTreeMap<String, String> = [
-            ("sovereign.ai/allocations", "team-a,shared"),
+            ("sovereign.ai/allocations", "shared,team-a"),
+            ("sovereign.ai/direct-pods-refused-by", ""),
             ("pool.sovereign.ai/b200", "nvidia.com/gpu gpu=B200"),
             ("pool.sovereign.ai/atom", "rebellions.ai/ATOM npu=atom"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .into();
-        assert_eq!(a, want, "h200 is not granted; rngd has expressions; a missing pool is skipped");
+        assert_eq!(
+            a, want,
+            "sorted; Confined by default; h200 is not granted; rngd has expressions; a missing pool is skipped"
+        );
 
         let both = policy_annotations(&[], &["h200".to_string()].into(), &pools);
         assert_eq!(
@@ -218,5 +247,27 @@ mod tests {
             "labels sorted, comma-joined"
         );
         assert_eq!(both["sovereign.ai/allocations"], "");
+        assert_eq!(both["sovereign.ai/direct-pods-refused-by"], "");
+    }
+
+    #[test]
+    fn any_allocation_that_refuses_direct_pods_refuses_them_in_the_namespace_it_shares() {
+        let (strict, loose) = (allocation("strict", Some("Refused")), allocation("loose", Some("Confined")));
+        let also = allocation("also-strict", Some("Refused"));
+        assert_eq!(loose.spec.tenant.direct_pods, DirectPods::Confined);
+        assert_eq!(allocation("default", None).spec.tenant.direct_pods, DirectPods::Confined);
+        let granted = Default::default();
+        let a = policy_annotations(&[&loose, &strict], &granted, &[]);
+        assert_eq!(a["sovereign.ai/direct-pods-refused-by"], "strict", "the stricter setting wins, named");
+        let a = policy_annotations(&[&strict, &loose, &also], &granted, &[]);
+        assert_eq!(a["sovereign.ai/direct-pods-refused-by"], "also-strict,strict");
+        assert_eq!(a["sovereign.ai/allocations"], "also-strict,loose,strict");
+        let a = policy_annotations(&[&loose], &granted, &[]);
+        assert_eq!(a["sovereign.ai/direct-pods-refused-by"], "");
+        let refused: Result<GpuAllocation, _> = serde_json::from_value(json!({
+            "apiVersion": "sovereign.ai/v1alpha1", "kind": "GpuAllocation", "metadata": {"name": "x"},
+            "spec": {"tenant": {"displayName": "T", "namespaces": ["a"], "directPods": "Sometimes"}, "grants": []}
+        }));
+        assert!(refused.is_err(), "only Confined or Refused");
     }
 }

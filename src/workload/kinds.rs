@@ -118,6 +118,8 @@ pub enum WorkloadError {
     BadQuantity { what: String, container: String, resource: String, value: String },
     #[error("annotation {POOLS_ANNOTATION} {value:?}: {reason}")]
     BadPools { value: String, reason: String },
+    #[error("{0}")]
+    OtherResource(Box<OtherResource>),
     #[error("annotation {PRIORITY_ANNOTATION} {value:?}: must be a whole number from -1000 to 1000")]
     BadPriority { value: String },
     #[error("annotation {TOPOLOGY_MODE_ANNOTATION} {value:?}: must be Required or Preferred")]
@@ -139,6 +141,26 @@ pub enum WorkloadError {
     NoReplicatedJobs,
     #[error("not a JobSet: {0}")]
     NotAJobSet(String),
+}
+
+/// A fallback list that names a pool of another resource name than the pods ask for.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "annotation {POOLS_ANNOTATION} {value:?}: pool {pool} gives {gives} but the pods ask for {asks}; a {kind}'s requests cannot change while it is held, so it falls back only between pools of one resource name: list only pools that give {asks}{}, or submit one {kind} per resource name (or a ModelProject, which falls back across resource names)",
+    if .same.is_empty() { String::new() } else { format!(" (here: {})", .same.join(",")) }
+)]
+pub struct OtherResource {
+    /// The annotation's pools, comma-joined.
+    pub value: String,
+    /// `Job` or `JobSet`.
+    pub kind: &'static str,
+    /// The first listed pool of another resource name, and its resource name.
+    pub pool: String,
+    pub gives: String,
+    /// The resource name the pods ask for.
+    pub asks: String,
+    /// The listed pools of that resource name, in order.
+    pub same: Vec<String>,
 }
 
 /// The part of a JobSet (jobset.x-k8s.io/v1alpha2) a gang is made of and its
@@ -259,6 +281,48 @@ fn gang(
         topology: topology(notes.get(TOPOLOGY_KEY_ANNOTATION), notes.get(TOPOLOGY_MODE_ANNOTATION))?,
         priority: priority(notes.get(PRIORITY_ANNOTATION))?,
     })
+}
+
+impl WorkloadKind {
+    /// The kind's name, as users write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::Job => "Job",
+            WorkloadKind::JobSet => "JobSet",
+        }
+    }
+}
+
+/// The pools a gang may use, in order: those its annotation names, else
+/// `granted` (its allocation's pools), keeping only pools of the resource its
+/// pods ask for; pools `resource_of` does not know are left out (not created
+/// yet). A named pool of another resource name is an error, not skipped: its
+/// pods' requests cannot change while the workload is held (the API server
+/// and the JobSet webhook refuse it), so such a fallback could never be
+/// taken, and the chart's policy refuses the list at creation in the same words.
+pub fn resolve_pools(
+    w: &WorkloadGang,
+    granted: &[String],
+    resource_of: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<String>, WorkloadError> {
+    if let Some(p) = w.pools.iter().find(|p| resource_of(p).is_some_and(|r| r != w.resource)) {
+        return Err(WorkloadError::OtherResource(Box::new(OtherResource {
+            value: w.pools.join(","),
+            kind: w.kind.as_str(),
+            pool: p.clone(),
+            gives: resource_of(p).unwrap_or_default(),
+            asks: w.resource.clone(),
+            same: w.pools.iter().filter(|q| resource_of(q).as_ref() == Some(&w.resource)).cloned().collect(),
+        })));
+    }
+    let named = if w.pools.is_empty() { granted } else { &w.pools };
+    let mut out: Vec<String> = Vec::with_capacity(named.len());
+    for p in named {
+        if resource_of(p).as_ref() == Some(&w.resource) && !out.contains(p) {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// Pods of one Job (spec) and what each asks for.

@@ -22,7 +22,8 @@ use crate::api::{GrantMode, TopologyMode};
 use crate::controller::apply::{FIELD_MANAGER, publish_event};
 use crate::controller::stores::Stores;
 use crate::controller::unseen::Unseen;
-use crate::workload::kinds::{JobSet, WorkloadGang};
+use crate::events::Note;
+use crate::workload::kinds::{JobSet, WorkloadError, WorkloadGang, resolve_pools};
 
 /// Workload writes in flight at once.
 const WRITE_CONCURRENCY: usize = 32;
@@ -49,16 +50,24 @@ impl Workloads {
 }
 
 /// What the loop remembers of one kind between cycles: its writes the store
-/// has not shown yet, and why each waiting workload waited when it last got
-/// its `Queued` Event.
+/// has not shown yet, and what each held workload was last told.
 pub struct Held<W> {
     pub assumed: Unseen<GangKey, Arc<W>>,
-    pub announced: HashMap<GangKey, WaitReason>,
+    pub announced: Announced,
+}
+
+/// What each held workload was last told by an Event.
+#[derive(Debug, Default)]
+pub struct Announced {
+    /// Why each waiting workload waited when it got its `Queued` Event.
+    pub waits: HashMap<GangKey, WaitReason>,
+    /// Why each labelled workload that cannot be one gang got its `Invalid` Event.
+    pub invalid: HashMap<GangKey, String>,
 }
 
 impl<W: Workload> Held<W> {
     pub fn new(ttl: std::time::Duration) -> Self {
-        Self { assumed: Unseen::new(ttl), announced: HashMap::new() }
+        Self { assumed: Unseen::new(ttl), announced: Announced::default() }
     }
 
     /// `stored`, with the loop's own writes standing in.
@@ -68,8 +77,8 @@ impl<W: Workload> Held<W> {
 }
 
 /// The gangs of `workloads`: each labelled one that holds devices or waits.
-/// A labelled workload that cannot be one gang is left out (logged at debug
-/// level; it gets no Event yet).
+/// A labelled workload that cannot be one gang is left out (its `Invalid`
+/// Event comes from [`plan`]).
 pub fn gangs<W: Workload>(stores: &Stores, workloads: &[Arc<W>], now: Timestamp) -> Vec<Gang> {
     let pools = |w: &WorkloadGang| pools_of(stores, w);
     workloads
@@ -85,23 +94,13 @@ pub fn gangs<W: Workload>(stores: &Stores, workloads: &[Arc<W>], now: Timestamp)
 }
 
 /// The pools a workload may use, in order: those it names, else its
-/// allocation's granted pools; only pools of the resource its pods ask for.
-fn pools_of(stores: &Stores, w: &WorkloadGang) -> Vec<String> {
-    let named = if w.pools.is_empty() {
-        let a = stores.allocations.store.get(&ObjectRef::new(&w.allocation));
-        a.map(|a| a.spec.grants.iter().map(|g| g.pool.clone()).collect()).unwrap_or_default()
-    } else {
-        w.pools.clone()
-    };
-    let mut out: Vec<String> = Vec::with_capacity(named.len());
-    for p in named {
-        let same_resource =
-            stores.pools.store.get(&ObjectRef::new(&p)).is_some_and(|pool| pool.spec.resource_name == w.resource);
-        if same_resource && !out.contains(&p) {
-            out.push(p);
-        }
-    }
-    out
+/// allocation's granted pools; only pools of the resource its pods ask for
+/// (a named pool of another is an error: [`resolve_pools`]).
+fn pools_of(stores: &Stores, w: &WorkloadGang) -> Result<Vec<String>, WorkloadError> {
+    let a = stores.allocations.store.get(&ObjectRef::new(&w.allocation));
+    let granted: Vec<String> = a.map(|a| a.spec.grants.iter().map(|g| g.pool.clone()).collect()).unwrap_or_default();
+    let resource_of = |p: &str| stores.pools.store.get(&ObjectRef::new(p)).map(|pool| pool.spec.resource_name.clone());
+    resolve_pools(w, &granted, &resource_of)
 }
 
 /// The topology domain (node label key and value) of the planned nodes, when
@@ -128,30 +127,36 @@ pub struct JobWrite<W> {
 /// The writes `decisions` ask of `workloads`, in two groups: admissions and
 /// suspensions first, then `Queued` Events (as for a project: when a workload
 /// starts waiting and when the reason changes, never per cycle; `announced`
-/// remembers why each waits). Their preemptors are ready at once: their
-/// victims are listed in no status.
+/// remembers why each waits), and the `Invalid` Events of held workloads that
+/// cannot be one gang (once per reason). Their preemptors are ready at once:
+/// their victims are listed in no status.
 pub fn plan<W: Workload>(
     stores: &Stores,
     workloads: &[Arc<W>],
     decisions: &Decisions,
     now: Timestamp,
-    announced: &mut HashMap<GangKey, WaitReason>,
+    announced: &mut Announced,
 ) -> (Vec<JobWrite<W>>, Vec<JobWrite<W>>, HashSet<GangKey>) {
     let keys: HashSet<GangKey> = workloads.iter().map(|w| job::key(w.as_ref())).collect();
-    announced.retain(|k, _| keys.contains(k));
+    announced.waits.retain(|k, _| keys.contains(k));
+    announced.invalid.retain(|k, _| keys.contains(k));
     let (mut urgent, mut waiting, mut ready) = (Vec::new(), Vec::new(), HashSet::new());
     for j in workloads {
         let key = job::key(j.as_ref());
-        let Some(d) = decisions.get(&key) else { continue };
+        let Some(d) = decisions.get(&key) else {
+            waiting.extend(invalid(stores, j, key, now, &mut announced.invalid));
+            continue;
+        };
+        announced.invalid.remove(&key);
         let mut announce = false;
         if let Decision::Wait { why, victims, .. } = d {
             if !victims.is_empty() {
                 ready.insert(key.clone());
             }
-            announce = announced.get(&key).is_none_or(|w| w != why);
+            announce = announced.waits.get(&key).is_none_or(|w| w != why);
         } else {
             // Admitted, stopped or evicted: its next wait is announced again.
-            announced.remove(&key);
+            announced.waits.remove(&key);
         }
         let (pool, domain) = match d {
             Decision::Admit { pool, nodes, .. } => {
@@ -188,13 +193,39 @@ pub fn plan<W: Workload>(
         };
         let write = JobWrite { key: key.clone(), job: j.clone(), change, preemptor, admission_wait };
         if let Decision::Wait { why, .. } = d {
-            announced.insert(key, *why);
+            announced.waits.insert(key, *why);
             waiting.push(write);
         } else {
             urgent.push(write);
         }
     }
     (urgent, waiting, ready)
+}
+
+/// The `Invalid` Event of a held workload that cannot be one gang (the
+/// reason says what to change), when its reason is new: without the chart's
+/// policies nothing refused it at creation, and it must not wait in silence.
+fn invalid<W: Workload>(
+    stores: &Stores,
+    j: &Arc<W>,
+    key: GangKey,
+    now: Timestamp,
+    invalid: &mut HashMap<GangKey, String>,
+) -> Option<JobWrite<W>> {
+    let pools = |w: &WorkloadGang| pools_of(stores, w);
+    let error = match job::wants_admission(j.as_ref()).then(|| job::gang(j.as_ref(), now, &pools)) {
+        Some(Err(e)) => e.to_string(),
+        _ => {
+            invalid.remove(&key);
+            return None;
+        }
+    };
+    if invalid.get(&key) == Some(&error) {
+        return None;
+    }
+    invalid.insert(key.clone(), error.clone());
+    let change = JobChange { action: Action::Announce, events: vec![Note::warning("Invalid", error)] };
+    Some(JobWrite { key, job: j.clone(), change, preemptor: None, admission_wait: None })
 }
 
 impl Writer {
@@ -360,7 +391,7 @@ mod tests {
             "the grant of 16 holds one Job of 2 x 8: {decisions:?}"
         );
 
-        let mut announced = HashMap::new();
+        let mut announced = Announced::default();
         let (urgent, waiting, ready) = plan(&stores, &jobs[..], &decisions, now(), &mut announced);
         assert!(ready.is_empty());
         assert_eq!(urgent.len(), 1);
@@ -373,5 +404,53 @@ mod tests {
 
         let (_, again, _) = plan(&stores, &jobs[..], &decisions, now(), &mut announced);
         assert!(again.is_empty(), "the same wait is announced once");
+    }
+
+    #[test]
+    fn a_held_job_listing_a_pool_of_another_resource_name_is_no_gang_and_is_told_why_once() {
+        let mut c = cluster();
+        c.pools.push(
+            serde_json::from_value(json!({
+                "metadata": {"name": "b200", "uid": "u2", "generation": 1},
+                "spec": {"resourceName": "nvidia.com/gpu", "kind": "GPU", "vendor": "N", "model": "B200",
+                         "nodeSelector": {"matchLabels": {"gpu": "b200"}}}
+            }))
+            .unwrap(),
+        );
+        let stores = crate::plan::stores(&c);
+        let view = View::build(&stores, std::time::Duration::from_secs(300), now());
+        let mut mixed = (*job("mixed", "2026-12-01T11:00:00Z")).clone();
+        mixed.metadata.annotations = Some([("sovereign.ai/pools".to_string(), "b200,atom".to_string())].into());
+        let jobs = [Arc::new(mixed), job("fine", "2026-12-01T11:30:00Z")];
+        let settings = crate::admission::Settings {
+            starvation_after: k8s_openapi::jiff::SignedDuration::from_secs(900),
+            min_run: k8s_openapi::jiff::SignedDuration::from_secs(600),
+        };
+        let workloads = Workloads { jobs: jobs.to_vec(), ..Default::default() };
+        assert_eq!(workloads.gangs(&stores, now()).len(), 1, "only the Job that can be one gang is planned");
+        let decisions = super::super::decide_with_workloads(&view, &stores, &[], &workloads, now(), &settings);
+        assert!(decisions.get(&GangKey::job("team-a", "mixed")).is_none(), "{decisions:?}");
+        assert!(
+            matches!(decisions.get(&GangKey::job("team-a", "fine")), Some(Decision::Admit { .. })),
+            "{decisions:?}"
+        );
+
+        let mut announced = Announced::default();
+        let (urgent, waiting, _) = plan(&stores, &jobs[..], &decisions, now(), &mut announced);
+        assert_eq!(urgent.len(), 1, "the fine Job is admitted");
+        assert_eq!(waiting.len(), 1);
+        let told = &waiting[0];
+        assert_eq!((&told.key, &told.change.action), (&GangKey::job("team-a", "mixed"), &Action::Announce));
+        let note = &told.change.events[0];
+        assert!(note.is_warning());
+        assert_eq!(note.reason, "Invalid");
+        assert!(
+            note.message.contains("pool b200 gives nvidia.com/gpu but the pods ask for rebellions.ai/ATOM")
+                && note.message.contains("list only pools that give rebellions.ai/ATOM (here: atom)"),
+            "{}",
+            note.message
+        );
+        let (_, again, _) = plan(&stores, &jobs[..], &decisions, now(), &mut announced);
+        assert!(again.is_empty(), "told once per reason");
     }
 }

@@ -364,3 +364,46 @@ fn errors_say_what_to_change() {
     );
     assert!(WorkloadError::NoAccelerators.to_string().contains("remove the label sovereign.ai/allocation"));
 }
+
+#[test]
+fn named_pools_of_another_resource_name_are_refused_and_the_default_keeps_the_pods_resource() {
+    let resources: BTreeMap<&str, &str> =
+        [("rngd", "furiosa.ai/rngd"), ("h200", "nvidia.com/gpu"), ("b200", "nvidia.com/gpu")].into();
+    let resource_of = |p: &str| resources.get(p).map(|r| r.to_string());
+    let gang = |pools: &[&str]| {
+        let notes = if pools.is_empty() { json!({}) } else { json!({"sovereign.ai/pools": pools.join(",")}) };
+        read_job(&job(true, notes, job_spec(Some(2), Some(2), json!([container("main", gpus(8))])))).unwrap().unwrap()
+    };
+    let granted: Vec<String> = ["rngd", "h200", "b200", "h200"].map(String::from).to_vec();
+    let ok = |pools: &[&str]| resolve_pools(&gang(pools), &granted, &resource_of);
+
+    assert_eq!(ok(&["b200", "h200"]).unwrap(), ["b200", "h200"], "one resource name: the order kept");
+    assert_eq!(
+        ok(&["h200", "gone", "b200"]).unwrap(),
+        ["h200", "b200"],
+        "a pool that does not exist (yet) is left out"
+    );
+    assert_eq!(ok(&[]).unwrap(), ["h200", "b200"], "the allocation's pools of the pods' resource, once each");
+
+    let e = ok(&["rngd", "h200", "b200"]).unwrap_err();
+    assert_eq!(
+        e,
+        WorkloadError::OtherResource(Box::new(OtherResource {
+            value: "rngd,h200,b200".into(),
+            kind: "Job",
+            pool: "rngd".into(),
+            gives: "furiosa.ai/rngd".into(),
+            asks: "nvidia.com/gpu".into(),
+            same: vec!["h200".into(), "b200".into()],
+        }))
+    );
+    assert_eq!(
+        e.to_string(),
+        "annotation sovereign.ai/pools \"rngd,h200,b200\": pool rngd gives furiosa.ai/rngd but the pods ask for \
+         nvidia.com/gpu; a Job's requests cannot change while it is held, so it falls back only between pools of one \
+         resource name: list only pools that give nvidia.com/gpu (here: h200,b200), or submit one Job per resource \
+         name (or a ModelProject, which falls back across resource names)"
+    );
+    let e = ok(&["rngd"]).unwrap_err();
+    assert!(e.to_string().contains("list only pools that give nvidia.com/gpu, or submit"), "nothing to name: {e}");
+}
