@@ -34,6 +34,9 @@ use crate::workload::kinds::JobSet;
 
 /// A burst of pod events arriving within this pause is one pass.
 const COALESCE: Duration = Duration::from_millis(20);
+/// The shortest pause between two passes: a pass reads every labelled pod,
+/// and pods of many workloads start one by one (each pass takes all of them).
+const MIN_GAP: Duration = Duration::from_millis(100);
 /// A pass runs at least this often (a write refused, a store that lagged).
 const IDLE_PASS: Duration = Duration::from_secs(10);
 /// A written pin the store never showed is dropped after this long.
@@ -47,6 +50,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let mut shutdown = std::pin::pin!(shutdown);
     let written = Unseen::new(WRITTEN_TTL);
     loop {
+        let ready_at = tokio::time::Instant::now() + MIN_GAP;
         let releases = releases(&ctx.stores, &written);
         if !releases.is_empty() {
             write(&ctx.client, releases, &written).await;
@@ -58,6 +62,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         }
         tokio::time::sleep(COALESCE).await;
         while changes.next().now_or_never().flatten().is_some() {}
+        tokio::time::sleep_until(ready_at).await;
     }
 }
 
