@@ -166,7 +166,7 @@ async fn write(client: &Client, releases: Vec<(Arc<Pod>, Release)>, written: &Un
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
     use crate::admission::job::{ADMITTED_NODES, ADMITTED_POOL};
@@ -246,5 +246,57 @@ mod tests {
 
         let held = stores(jobset(false), &pods);
         assert!(releases(&held, &written).is_empty(), "a suspended JobSet's pods are not released");
+    }
+
+    /// `write` against a mocked API server: one merge patch per pod with the
+    /// operator's field manager; the pod answered 200 is noted as written
+    /// (on the version it was decided on), the one answered 409 is forgotten.
+    #[tokio::test]
+    async fn a_release_is_one_merge_patch_per_pod_noted_when_written_forgotten_on_conflict() {
+        use http::{Request, Response};
+        use kube::client::Body;
+
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Ok(Some((req, send))) = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await
+            {
+                let (method, uri) = (req.method().to_string(), req.uri().to_string());
+                let kind = req.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+                let bytes = req.into_body().collect_bytes().await.expect("a body");
+                let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                let response = if uri.contains("/pods/workers-1") {
+                    let written = serde_json::to_vec(&pod("workers-1", "8", false, None)).unwrap();
+                    Response::builder().status(200).body(Body::from(written))
+                } else {
+                    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                        "message": "the object has been modified", "reason": "Conflict", "code": 409});
+                    Response::builder().status(409).body(Body::from(serde_json::to_vec(&status).unwrap()))
+                };
+                send.send_response(response.unwrap());
+                seen.push((method, uri, kind, body));
+            }
+            seen
+        });
+        let client = Client::new(service, "default");
+        let written = Unseen::new(WRITTEN_TTL);
+        let releases = vec![
+            (Arc::new(pod("workers-1", "8", true, None)), Release::Pin("n1".into())),
+            (Arc::new(pod("workers-2", "8", true, None)), Release::Pin("n2".into())),
+        ];
+        write(&client, releases, &written).await;
+        drop(client);
+        let mut seen = server.await.unwrap();
+        seen.sort_by(|a, b| a.1.cmp(&b.1));
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        let (method, uri, kind, body) = &seen[0];
+        assert_eq!(method, "PATCH");
+        assert_eq!(uri, "/api/v1/namespaces/lab/pods/workers-1?&fieldManager=sovereign-operator");
+        assert_eq!(kind.as_deref(), Some("application/merge-patch+json"));
+        assert_eq!(body["metadata"]["resourceVersion"], "5");
+        assert_eq!(body["spec"]["schedulingGates"], Value::Null);
+        assert_eq!(seen[1].1, "/api/v1/namespaces/lab/pods/workers-2?&fieldManager=sovereign-operator");
+        assert_eq!(written.over(&"lab/workers-1".to_string(), "5"), Some(Release::Pin("n1".into())));
+        assert_eq!(written.over(&"lab/workers-2".to_string(), "5"), None, "a conflict is forgotten");
     }
 }
