@@ -815,6 +815,25 @@ pub async fn a_jobsets_pods_run_on_its_planned_nodes_however_the_scheduler_would
         ensure!(wait_admitted(&sets, "packed", Duration::from_secs(60)).await? == "e2e-b200", "packed not on B200");
         let planned = running_on_planned_nodes(&env, &ns, "packed", 4, 1).await?;
         ensure!(planned.len() == 4, "one planned node per pod with devices: {planned:?}");
+
+        // The operator may update such a pod (its pin, its gate) but not relabel it (a server-side
+        // dry run as its ServiceAccount: the chart's least-privilege policy).
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
+        let one = pods.list(&ListParams::default().labels(&jobset_pods("packed"))).await?.items;
+        let one = one.first().context("a pod of packed")?.name_any();
+        let who = format!("--as=system:serviceaccount:{}:{}", sovereign_e2e::RELEASE_NAMESPACE, sovereign_e2e::RELEASE);
+        let out = env.kubectl(&[&who, "--dry-run=server", "-n", &ns, "label", "pod", &one, "app=x"], None)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains("only leaving its labels and containers as they are"),
+            "the operator relabelled a JobSet's pod: {stderr}"
+        );
+        let out = env.kubectl(&[&who, "--dry-run=server", "-n", &ns, "annotate", "pod", &one, "e2e=x"], None)?;
+        ensure!(
+            out.status.success(),
+            "the operator may not update a JobSet's pod: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(())
     })
     .await
