@@ -816,24 +816,29 @@ pub async fn a_jobsets_pods_run_on_its_planned_nodes_however_the_scheduler_would
         let planned = running_on_planned_nodes(&env, &ns, "packed", 4, 1).await?;
         ensure!(planned.len() == 4, "one planned node per pod with devices: {planned:?}");
 
-        // The operator may update such a pod (its pin, its gate) but not relabel it (a server-side
-        // dry run as its ServiceAccount: the chart's least-privilege policy).
+        // The operator may update such a pod (its pin, its gate) but not relabel it: a server-side
+        // dry run with its ServiceAccount's token (kubectl patch would read the pod first, which
+        // it may not), refused or not by the chart's least-privilege policy.
         let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
         let one = pods.list(&ListParams::default().labels(&jobset_pods("packed"))).await?.items;
         let one = one.first().context("a pod of packed")?.name_any();
-        let who = format!("--as=system:serviceaccount:{}:{}", sovereign_e2e::RELEASE_NAMESPACE, sovereign_e2e::RELEASE);
-        let out = env.kubectl(&[&who, "--dry-run=server", "-n", &ns, "label", "pod", &one, "app=x"], None)?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(env.operator_kubeconfig()?)?,
+            &Default::default(),
+        )
+        .await?;
+        let as_op: Api<Pod> = Api::namespaced(kube::Client::try_from(config)?, &ns);
+        let patch = async |body: Value| {
+            let pp = kube::api::PatchParams { dry_run: true, ..Default::default() };
+            as_op.patch(&one, &pp, &kube::api::Patch::Merge(&body)).await.map(|_| ()).map_err(|e| e.to_string())
+        };
+        let relabelled = patch(json!({"metadata": {"labels": {"app": "x"}}})).await;
         ensure!(
-            !out.status.success() && stderr.contains("only leaving its labels and containers as they are"),
-            "the operator relabelled a JobSet's pod: {stderr}"
+            relabelled.as_ref().is_err_and(|e| e.contains("only leaving its labels and containers as they are")),
+            "the operator relabelled a JobSet's pod: {relabelled:?}"
         );
-        let out = env.kubectl(&[&who, "--dry-run=server", "-n", &ns, "annotate", "pod", &one, "e2e=x"], None)?;
-        ensure!(
-            out.status.success(),
-            "the operator may not update a JobSet's pod: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let annotated = patch(json!({"metadata": {"annotations": {"e2e": "x"}}})).await;
+        ensure!(annotated.is_ok(), "the operator may not update a JobSet's pod: {annotated:?}");
         Ok(())
     })
     .await
