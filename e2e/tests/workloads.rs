@@ -792,11 +792,12 @@ pub async fn a_jobset_of_two_replicated_jobs_waits_whole_then_runs_whole_and_in_
     .await
 }
 
-/// The scheduler spreads pods over the least allocated nodes; the planner packs a gang onto the
-/// fewest (4 pods of 4 devices: two nodes of 8). An admitted JobSet's pods are made gated and run
-/// where the planner counted them, each pinned to its node by the operator; its launcher, which
-/// asks for no devices, is only ungated.
-pub async fn a_jobsets_pods_run_on_its_planned_nodes_however_the_scheduler_would_spread_them(
+/// The planner and the scheduler place pods by different rules: for 4 pods of 4 devices on four
+/// empty nodes of 8 the planner lists one pod per node, and the scheduler, left to itself, put two
+/// on one node (seen with the gate left out: "2 pods of packed run on b200-01, planned for 1"). An
+/// admitted JobSet's pods are made gated and run where the planner counted them, each pinned to
+/// its node by the operator; its launcher, which asks for no devices, is only ungated.
+pub async fn a_jobsets_pods_run_on_its_planned_nodes_wherever_the_scheduler_would_put_them(
     env: Arc<Env>,
 ) -> anyhow::Result<()> {
     in_namespaces(&env, &["wl-set-nodes"], async |names, scope| {
