@@ -104,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         workloads::a_higher_priority_project_preempts_a_running_job_which_resumes_later,
         workloads::a_higher_priority_job_preempts_a_running_project_which_resumes_later,
         workloads::a_jobset_of_two_replicated_jobs_waits_whole_then_runs_whole_and_in_one_rack_when_required,
+        workloads::a_jobsets_pods_run_on_its_planned_nodes_wherever_the_scheduler_would_put_them,
         workloads::a_jobset_that_a_trainjob_made_is_admitted_by_the_same_path,
         workloads::a_higher_priority_project_preempts_a_running_jobset_which_resumes_whole_later,
         workloads::a_jobs_hours_are_its_pods_lifetimes_x_devices_x_charge_factor,

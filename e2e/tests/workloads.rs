@@ -781,13 +781,101 @@ fn two_replicated_jobs(
     annotations: Value,
     done: Value,
 ) -> anyhow::Result<DynamicObject> {
-    let rj = |rj: &str| {
-        json!({"name": rj, "replicas": 1, "template": {"spec": {"parallelism": pods, "completions": pods,
-            "completionMode": "Indexed", "backoffLimit": 0, "template": pod_template(8, None, done.clone())}}})
-    };
+    replicated_jobs(name, allocation, &[("launcher", pods, 8), ("workers", pods, 8)], annotations, done)
+}
+
+/// A labelled JobSet of one Job per `(name, pods, devices per pod)`, on any pool.
+fn replicated_jobs(
+    name: &str,
+    allocation: &str,
+    jobs: &[(&str, u32, u32)],
+    annotations: Value,
+    done: Value,
+) -> anyhow::Result<DynamicObject> {
+    let rjs: Vec<Value> = jobs
+        .iter()
+        .map(|(rj, pods, gpus)| {
+            json!({"name": rj, "replicas": 1, "template": {"spec": {"parallelism": pods, "completions": pods,
+                "completionMode": "Indexed", "backoffLimit": 0, "template": pod_template(*gpus, None, done.clone())}}})
+        })
+        .collect();
     object(json!({"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
         "metadata": {"name": name, "labels": {LABEL: allocation}, "annotations": annotations},
-        "spec": {"replicatedJobs": [rj("launcher"), rj("workers")]}}))
+        "spec": {"replicatedJobs": rjs}}))
+}
+
+/// Once the JobSet's `with_devices` pods that ask for devices and `without`
+/// that ask for none run: each that asks for devices on a node its admission
+/// planned (`sovereign.ai/admitted-nodes`, no node with more of them than
+/// listed there) and pinned there by the operator (required node affinity on
+/// the node's name); none gated any more. Returns the planned nodes.
+async fn running_on_planned_nodes(
+    env: &Env,
+    ns: &str,
+    name: &str,
+    with_devices: usize,
+    without: usize,
+) -> anyhow::Result<Vec<String>> {
+    let sets = jobsets(env, ns);
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), ns);
+    let asks = |p: &Pod| {
+        let limits = p.spec.as_ref().and_then(|s| s.containers[0].resources.clone()).and_then(|r| r.limits);
+        limits.and_then(|l| l.get("nvidia.com/gpu").map(|q| q.0 != "0")).unwrap_or(false)
+    };
+    let running = wait_for(&format!("the pods of JobSet {name} to run"), Duration::from_secs(60), || async {
+        let list = pods.list(&ListParams::default().labels(&jobset_pods(name))).await.map_err(|e| e.to_string())?;
+        let running: Vec<Pod> = list
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .collect();
+        let devices = running.iter().filter(|p| asks(p)).count();
+        if devices == with_devices && running.len() - devices == without {
+            Ok(running)
+        } else {
+            Err(format!(
+                "{devices} of {with_devices} pods with devices and {} of {without} without run",
+                running.len() - devices
+            ))
+        }
+    })
+    .await?;
+    let js = sets.get(name).await?;
+    let planned: Vec<String> = js
+        .annotations()
+        .get("sovereign.ai/admitted-nodes")
+        .context("no sovereign.ai/admitted-nodes")?
+        .split(',')
+        .map(String::from)
+        .collect();
+    let mut on: std::collections::BTreeMap<String, usize> = Default::default();
+    for p in &running {
+        let spec = p.spec.clone().unwrap_or_default();
+        let gates = spec.scheduling_gates.clone().unwrap_or_default();
+        ensure!(gates.is_empty(), "pod {} runs and still lists gates {gates:?}", p.name_any());
+        if !asks(p) {
+            continue;
+        }
+        let node = spec.node_name.clone().context("a running pod without a node")?;
+        ensure!(planned.contains(&node), "pod {} runs on {node}, not a planned node ({planned:?})", p.name_any());
+        let required = spec.affinity.and_then(|a| a.node_affinity?.required_during_scheduling_ignored_during_execution);
+        let pinned = required.is_some_and(|r| {
+            r.node_selector_terms.iter().all(|t| {
+                t.match_fields
+                    .iter()
+                    .flatten()
+                    .any(|f| f.key == "metadata.name" && f.values == Some(vec![node.clone()]))
+            })
+        });
+        ensure!(pinned, "pod {} on {node} is not pinned there by node affinity", p.name_any());
+        *on.entry(node).or_default() += 1;
+    }
+    for (node, pods) in &on {
+        let room = planned.iter().filter(|n| *n == node).count();
+        ensure!(*pods <= room, "{pods} pods of {name} run on {node}, planned for {room} ({planned:?})");
+    }
+    Ok(planned)
 }
 
 fn jobset_pods(name: &str) -> String {
@@ -847,12 +935,19 @@ pub async fn a_jobset_of_two_replicated_jobs_waits_whole_then_runs_whole_and_in_
                 rj["name"],
                 t
             );
+            ensure!(
+                t["spec"]["schedulingGates"] == json!([{"name": "sovereign.ai/placement"}]),
+                "{} pods not gated for their planned nodes: {}",
+                rj["name"],
+                t["spec"]
+            );
         }
         let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
         for n in running_selected(&env, &ns, &jobset_pods("pair"), 4).await? {
             let node = nodes.get(&n).await?;
             ensure!(node.labels().get(B200.0).map(String::as_str) == Some(B200.1), "a pod of pair ran on {n}");
         }
+        running_on_planned_nodes(&env, &ns, "pair", 4, 0).await?;
         wait_jobset_completed(&sets, "pair").await?;
 
         // Required in one rack (2 B200 nodes of 8): one pod of 8 holds a node of some rack; the
@@ -876,7 +971,61 @@ pub async fn a_jobset_of_two_replicated_jobs_waits_whole_then_runs_whole_and_in_
         }
         racks.dedup();
         ensure!(racks == [domain], "the pods of racked ran in racks {racks:?}, not all in {domain}");
+        running_on_planned_nodes(&env, &ns, "racked", 2, 0).await?;
         wait_jobset_completed(&sets, "racked").await?;
+        Ok(())
+    })
+    .await
+}
+
+/// The planner and the scheduler place pods by different rules: for 4 pods of 4 devices on four
+/// empty nodes of 8 the planner lists one pod per node, and the scheduler, left to itself, put two
+/// on one node (seen with the gate left out: "2 pods of packed run on b200-01, planned for 1"). An
+/// admitted JobSet's pods are made gated and run where the planner counted them, each pinned to
+/// its node by the operator; its launcher, which asks for no devices, is only ungated.
+pub async fn a_jobsets_pods_run_on_its_planned_nodes_wherever_the_scheduler_would_put_them(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-set-nodes"], async |names, scope| {
+        let ns = names[0].clone();
+        let grant = "[{pool: e2e-b200, accelerators: 32}]";
+        granted(&env, scope, &ns, "e2e-wl-set-nodes", grant, &["e2e-b200"]).await?;
+        let sets = jobsets(&env, &ns);
+        let packed = replicated_jobs(
+            "packed",
+            "e2e-wl-set-nodes",
+            &[("launcher", 1, 0), ("workers", 4, 4)],
+            json!({}),
+            json!({}),
+        )?;
+        create_when_admitted(&sets, &packed).await?;
+        ensure!(wait_admitted(&sets, "packed", Duration::from_secs(60)).await? == "e2e-b200", "packed not on B200");
+        let planned = running_on_planned_nodes(&env, &ns, "packed", 4, 1).await?;
+        ensure!(planned.len() == 4, "one planned node per pod with devices: {planned:?}");
+
+        // The operator may update such a pod (its pin, its gate) but not relabel it: a server-side
+        // dry run with its ServiceAccount's token (kubectl patch would read the pod first, which
+        // it may not), refused or not by the chart's least-privilege policy.
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
+        let one = pods.list(&ListParams::default().labels(&jobset_pods("packed"))).await?.items;
+        let one = one.first().context("a pod of packed")?.name_any();
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(env.operator_kubeconfig()?)?,
+            &Default::default(),
+        )
+        .await?;
+        let as_op: Api<Pod> = Api::namespaced(kube::Client::try_from(config)?, &ns);
+        let patch = async |body: Value| {
+            let pp = kube::api::PatchParams { dry_run: true, ..Default::default() };
+            as_op.patch(&one, &pp, &kube::api::Patch::Merge(&body)).await.map(|_| ()).map_err(|e| e.to_string())
+        };
+        let relabelled = patch(json!({"metadata": {"labels": {"app": "x"}}})).await;
+        ensure!(
+            relabelled.as_ref().is_err_and(|e| e.contains("only leaving its labels and containers as they are")),
+            "the operator relabelled a JobSet's pod: {relabelled:?}"
+        );
+        let annotated = patch(json!({"metadata": {"annotations": {"e2e": "x"}}})).await;
+        ensure!(annotated.is_ok(), "the operator may not update a JobSet's pod: {annotated:?}");
         Ok(())
     })
     .await
@@ -967,6 +1116,8 @@ pub async fn a_higher_priority_project_preempts_a_running_jobset_which_resumes_w
         // The project finishes; the JobSet is admitted again and all its pods run again.
         ensure!(wait_admitted(&sets, "low", Duration::from_secs(120)).await? == "e2e-b200", "low not back on B200");
         running_selected(&env, &ns, &jobset_pods("low"), 2).await?;
+        // Its templates kept the gate: the pods of the new admission are pinned to its nodes too.
+        running_on_planned_nodes(&env, &ns, "low", 2, 0).await?;
         Ok(())
     })
     .await

@@ -7,7 +7,8 @@
 //! its start say ([`holding`]). A decision about its gang is a write to the
 //! workload with its Events ([`action`]): an admission pins its pod templates
 //! to the pool (node labels, tolerations, the topology domain, a Job's planned
-//! nodes) and unsuspends it; a preemption, a reclaim or a stopped grant
+//! nodes; a JobSet's pods are gated, and pinned to their nodes one by one as
+//! they are made, [`super::placement`]) and unsuspends it; a preemption, a reclaim or a stopped grant
 //! suspends it again (its pods go, it waits again).
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use serde_json::{Value, json};
 
 use super::decide::{Decision, WaitReason};
 use super::gang::{Gang, GangKey, GangKind, GangState, Holding, TopologyRequest};
+use super::placement::PLACEMENT_GATE;
 use crate::api::TopologyMode;
 use crate::events::Note;
 use crate::snapshot::{ALLOCATION_LABEL, JOB_LABEL, JOBSET_LABEL, POOL_LABEL, RESERVED_FOR};
@@ -38,6 +40,21 @@ pub const PROTECTED_UNTIL: &str = "sovereign.ai/protected-until";
 /// The annotations of an admission, all dropped when the workload is suspended again.
 const ADMISSION_ANNOTATIONS: [&str; 5] = [ADMITTED_POOL, ADMITTED_NODES, ADMITTED_AT, BORROWED, PROTECTED_UNTIL];
 
+/// How an admission pins a workload's pods to the planned nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodePins {
+    /// The pod template requires the planned nodes (node affinity): a Job's
+    /// template may take it while the Job is suspended.
+    Template,
+    /// The pod template carries [`PLACEMENT_GATE`]: the pods are created
+    /// gated and the operator pins each to its node as it ungates it
+    /// ([`super::placement`]). A JobSet's pod templates may change only in
+    /// their labels, annotations, node selector, tolerations and scheduling
+    /// gates while suspended (the JobSet webhook's rule, and what the JobSet
+    /// controller copies to its Jobs when it resumes them).
+    Gate,
+}
+
 /// What differs between the kinds of workload the operator holds and starts.
 pub trait Workload:
     Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -53,13 +70,8 @@ pub trait Workload:
     /// The pod template label, set on admission, that names the workload on
     /// its pods (they count in its gang, and the chart's pod policy lets them in).
     const POD_LABEL: &'static str;
-    /// Whether an admission pins its pods to the planned nodes (node
-    /// affinity). A JobSet's pod templates may change only in their labels,
-    /// annotations, node selector, tolerations and scheduling gates while
-    /// suspended (the JobSet webhook's rule, and what the JobSet controller
-    /// copies to its Jobs when it resumes them): its pods are pinned to the
-    /// pool and, when the topology is required, to the planned domain.
-    const PINS_NODES: bool;
+    /// How an admission pins its pods to the planned nodes.
+    const NODE_PINS: NodePins;
     fn suspended(&self) -> bool;
     /// What the loop's writes set (and `plan` plays in memory).
     fn set_suspended(&mut self, suspend: bool);
@@ -79,7 +91,7 @@ pub trait Workload:
 impl Workload for Job {
     const GANG: GangKind = GangKind::Job;
     const POD_LABEL: &'static str = JOB_LABEL;
-    const PINS_NODES: bool = true;
+    const NODE_PINS: NodePins = NodePins::Template;
 
     fn suspended(&self) -> bool {
         self.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false)
@@ -111,7 +123,7 @@ impl Workload for Job {
 impl Workload for JobSet {
     const GANG: GangKind = GangKind::JobSet;
     const POD_LABEL: &'static str = JOBSET_LABEL;
-    const PINS_NODES: bool = false;
+    const NODE_PINS: NodePins = NodePins::Gate;
 
     fn suspended(&self) -> bool {
         self.spec.suspend.unwrap_or(false)
@@ -326,8 +338,8 @@ pub fn action<W: Workload>(
 }
 
 /// The admission, by server-side apply (the operator's field manager): each
-/// pod template's node labels (with the topology domain), tolerations and,
-/// where the kind allows, required nodes; its pods' labels (allocation and
+/// pod template's node labels (with the topology domain), tolerations and
+/// required nodes (a JobSet's: the placement gate, see [`NodePins`]); its pods' labels (allocation and
 /// pool, for the ledger and the accounting; the workload's name, so they
 /// count as its gang); the admission annotations; and `suspend: false`.
 /// Guarded by the resourceVersion it was decided on.
@@ -372,10 +384,14 @@ fn admit_body<W: Workload>(
             }
         }
         let mut spec = json!({"nodeSelector": node_selector, "tolerations": tolerations});
-        if W::PINS_NODES {
+        match W::NODE_PINS {
             // Pods go to the planned nodes (the scheduler still binds and
             // checks): one term per node, as a node field selector names one.
-            spec["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}});
+            NodePins::Template => {
+                spec["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}});
+            }
+            // A list keyed by name: the pod template's own gates stay.
+            NodePins::Gate => spec["schedulingGates"] = json!([{"name": PLACEMENT_GATE}]),
         }
         json!({"metadata": {"labels": labels}, "spec": spec})
     };
@@ -406,7 +422,9 @@ fn admit_body<W: Workload>(
 /// Suspended again, by JSON merge patch guarded by the resourceVersion it was
 /// decided on: the Job controller (for a JobSet, the JobSet controller)
 /// deletes its pods and it waits again. The pod templates are left as pinned
-/// (a running Job's template cannot change); the next admission pins them anew.
+/// (a running Job's template cannot change; a JobSet's keep the placement
+/// gate, so the pods of its next admission are gated too); the next
+/// admission pins them anew.
 fn suspend_body<W: Workload>(w: &W) -> Value {
     let annotations: serde_json::Map<String, Value> =
         ADMISSION_ANNOTATIONS.iter().map(|k| (k.to_string(), Value::Null)).collect();
@@ -487,6 +505,7 @@ mod tests {
             &spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
         let pinned: Vec<&Value> = terms.as_array().unwrap().iter().map(|t| &t["matchFields"][0]["values"]).collect();
         assert_eq!(pinned, [&json!(["n1"]), &json!(["n2"])], "one term per planned node");
+        assert_eq!(spec["schedulingGates"], Value::Null, "a Job's pods are not gated: its template names the nodes");
         assert_eq!(body["spec"]["template"]["metadata"]["labels"][POOL_LABEL], "b200");
         assert_eq!(body["metadata"]["annotations"][ADMITTED_NODES], "n2,n1,n1");
         assert_eq!(body["metadata"]["annotations"][BORROWED], "true");
@@ -535,7 +554,7 @@ mod tests {
     }
 
     #[test]
-    fn a_jobset_is_one_gang_of_its_device_pods_pinned_to_the_pool_and_domain_by_node_selector() {
+    fn a_jobset_is_one_gang_of_its_device_pods_pinned_to_the_pool_and_domain_and_gated_for_its_nodes() {
         let held = jobset(true, json!([]));
         let g = gang(&held, now(), &pools).unwrap().unwrap();
         assert_eq!(g.key, GangKey::jobset("lab", "pair"));
@@ -562,7 +581,12 @@ mod tests {
             assert_eq!(rj["name"], name);
             let t = &rj["template"]["spec"]["template"];
             assert_eq!(t["spec"]["nodeSelector"], json!({"gpu": "b200", "rack": "r1"}), "the pool and the one rack");
-            assert_eq!(t["spec"]["affinity"], Value::Null, "a JobSet's affinity cannot change: not pinned to nodes");
+            assert_eq!(t["spec"]["affinity"], Value::Null, "a JobSet's affinity cannot change while suspended");
+            assert_eq!(
+                t["spec"]["schedulingGates"],
+                json!([{"name": PLACEMENT_GATE}]),
+                "its pods are pinned as they come"
+            );
             assert_eq!(t["metadata"]["labels"][JOBSET_LABEL], "pair");
             assert_eq!(t["metadata"]["labels"][POOL_LABEL], "b200");
         }

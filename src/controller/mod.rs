@@ -120,12 +120,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let ctx = Context::new(client.clone(), metrics.clone(), stores, &args);
         tracing::info!("reconciling");
         // Each its own task: woken by its own events alone (a join of them
-        // would poll all five on every wake-up of any).
+        // would poll all six on every wake-up of any).
         controllers.spawn(pool::run(ctx.clone(), stopped(stop_rx.clone())));
         controllers.spawn(allocation::run(ctx.clone(), stopped(stop_rx.clone())));
         controllers.spawn(quota::run(ctx.clone(), stopped(stop_rx.clone())));
         controllers.spawn(project::run(ctx.clone(), stopped(stop_rx.clone())));
         controllers.spawn(admission::run(ctx.clone(), stopped(stop_rx.clone())));
+        controllers.spawn(admission::placement::run(ctx.clone(), stopped(stop_rx.clone())));
         while let Some(done) = controllers.join_next().await {
             done?; // a controller that panicked stops the process
         }

@@ -151,7 +151,8 @@ pub struct Stores {
     pub workers_by_namespace: PodIndex,
     /// Pods labelled `sovereign.ai/allocation` that are not project workers,
     /// in any phase: the pods of admitted Jobs and JobSets (and tenants' own
-    /// labelled pods), so the ledger reads their own end. No more than the
+    /// labelled pods), so the ledger reads their own end, and a JobSet's gated
+    /// pods get their planned nodes. No more than the
     /// cluster keeps: they leave the store when their objects are deleted.
     pub workload_pods: Shared<Pod>,
     /// Those pods by namespace, kept per watch event.
@@ -375,10 +376,24 @@ pub fn start(client: Client, jobsets_at_start: bool) -> Stores {
 }
 
 /// Keeps of a workload's pod what the ledger reads: identity, labels, owners,
-/// node, container requests, phase, start and the containers' ends.
+/// node, container requests, phase, start and the containers' ends; and what
+/// its placement reads: its scheduling gates and required node affinity.
 fn strip_workload_pod(pod: &mut Pod) {
     let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.clone());
+    let required = pod.spec.as_ref().and_then(|s| {
+        let node = s.affinity.as_ref()?.node_affinity.as_ref()?;
+        node.required_during_scheduling_ignored_during_execution.clone()
+    });
     strip_pod(pod);
+    if let (Some(spec), Some(required)) = (pod.spec.as_mut(), required) {
+        spec.affinity = Some(k8s_openapi::api::core::v1::Affinity {
+            node_affinity: Some(k8s_openapi::api::core::v1::NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(required),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     if let Some(status) = pod.status.as_mut() {
         status.container_statuses = statuses.map(|cs| {
             cs.into_iter()

@@ -13,9 +13,11 @@
 //! records its victims before they are stopped.
 //!
 //! The project reconcilers then materialize what status says (pods, Service)
-//! and observe the run; they never plan.
+//! and observe the run; they never plan. An admitted JobSet's pods, made
+//! gated, get their planned nodes from [`placement`], a task of its own.
 
 pub mod jobs;
+pub mod placement;
 #[cfg(test)]
 mod tests;
 mod write;
