@@ -2,12 +2,11 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// A WorkloadAdmission is the operator's one line about a Job or JobSet
-/// labelled `sovereign.ai/allocation`: whether it waits (why, in numbers, and
-/// its place in the queue), where it runs, or why it cannot be admitted. The
-/// operator alone writes it, in the workload's namespace; it goes with the
-/// workload. Printer columns cannot be added to the built-in Job kind nor to
-/// CRDs of other projects, hence this read-only kind.
+// Printer columns cannot be added to the built-in Job kind nor to the CRDs of
+// other projects (JobSet, TrainJob): the operator keeps this read-only kind,
+// one object per labelled workload, in its namespace and owned by it.
+
+/// Which workload the line is about.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "sovereign.ai",
