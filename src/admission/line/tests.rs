@@ -50,6 +50,8 @@ fn preempted_line() -> WorkloadAdmissionStatus {
 /// What one row expects: state, reason, message (a part of it), pool, nodes, position.
 type Want =
     (WorkloadState, Option<&'static str>, &'static str, Option<&'static str>, &'static [&'static str], Option<i32>);
+/// A row: what, the workload, the cycle's decision, the line written before, what it shows.
+type Row<'a> = (&'static str, Job, Option<Decision>, Option<&'a WorkloadAdmissionStatus>, Want);
 
 #[test]
 fn each_workload_and_decision_gives_its_line() {
@@ -73,7 +75,7 @@ fn each_workload_and_decision_gives_its_line() {
     let needs = "needs 32 nvidia.com/gpu in pool b200: grant has 16 free";
     let previous_preempted = preempted_line();
     #[rustfmt::skip]
-    let rows: Vec<(&str, Job, Option<Decision>, Option<&WorkloadAdmissionStatus>, Want)> = vec![
+    let rows: Vec<Row> = vec![
         ("held, no room", held(), Some(wait(3, WaitReason::Waiting, needs)), None,
             (Queued, Some("Waiting"), needs, None, &[], Some(3))),
         ("held, never fits", held(), Some(wait(1, WaitReason::Unsatisfiable, "has 2 nodes and the gang needs 4")), None,

@@ -14,17 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 
 use super::Writer;
 use crate::admission::job::{self, Workload};
-use crate::admission::{Decisions, GangKey, GangKind, line};
+use crate::admission::{Decisions, GangKey, line};
 use crate::api::{WorkloadAdmission, WorkloadAdmissionSpec, WorkloadAdmissionStatus};
 use crate::controller::apply::{FIELD_MANAGER, apply_status, delete_if_present};
-use crate::snapshot::ALLOCATION_LABEL;
-use crate::workload::kinds::JobSet;
 
 /// Line writes in flight at once.
 const WRITE_CONCURRENCY: usize = 32;
@@ -55,8 +52,8 @@ pub struct LineWrite {
 #[derive(Debug, Default)]
 pub struct LinePlan {
     pub writes: Vec<LineWrite>,
-    /// Workloads gone from the stores since their line was written: deleted
-    /// (garbage collection takes the line) or unlabelled (the line is deleted).
+    /// Workloads gone from the stores since their line was written (deleted
+    /// or unlabelled): their lines are deleted.
     pub gone: Vec<GangKey>,
     /// Some refreshes were left for the next cycle (over the limit).
     pub cut: bool,
@@ -122,18 +119,6 @@ impl Lines {
     }
 }
 
-/// Whether a labelled workload is still there, labelled: its line then goes.
-async fn unlabelled<W: Workload>(api: Api<W>, name: &str) -> bool {
-    match api.get_opt(name).await {
-        Ok(Some(w)) => !w.labels().contains_key(ALLOCATION_LABEL),
-        Ok(None) => false,
-        Err(e) => {
-            tracing::debug!(workload = name, error = %e, "cannot read a workload that left the store");
-            false
-        }
-    }
-}
-
 impl Writer {
     /// Writes a cycle's lines and deletes those of workloads that lost their
     /// label; `lines` remembers what was written and forgets what went.
@@ -186,20 +171,13 @@ impl Writer {
         }
     }
 
-    /// The line of a workload that left the store, if it lost its label.
+    /// The line of a workload that left the store: it lost its label, or it
+    /// was deleted (garbage collection takes the line too, unless the delete
+    /// orphaned its dependents, the API's default for a batch Job).
     async fn remove_line(&self, key: GangKey) -> GangKey {
-        let still = match key.kind {
-            GangKind::Job => unlabelled(Api::<Job>::namespaced(self.client.clone(), &key.namespace), &key.name).await,
-            GangKind::JobSet => {
-                unlabelled(Api::<JobSet>::namespaced(self.client.clone(), &key.namespace), &key.name).await
-            }
-            GangKind::ModelProject => false,
-        };
-        if still {
-            let api = Api::<WorkloadAdmission>::namespaced(self.client.clone(), &key.namespace);
-            if let Err(e) = delete_if_present(&api, &line::name(key.kind, &key.name)).await {
-                tracing::warn!(workload = %key, error = %e, "cannot delete the line of a workload that lost its label");
-            }
+        let api = Api::<WorkloadAdmission>::namespaced(self.client.clone(), &key.namespace);
+        if let Err(e) = delete_if_present(&api, &line::name(key.kind, &key.name)).await {
+            tracing::warn!(workload = %key, error = %e, "cannot delete the line of a workload that went");
         }
         key
     }
@@ -209,9 +187,12 @@ impl Writer {
 mod tests {
     use serde_json::json;
 
+    use k8s_openapi::api::batch::v1::Job;
+
     use super::*;
     use crate::admission::{Decision, WaitReason};
     use crate::api::WorkloadState;
+    use crate::snapshot::ALLOCATION_LABEL;
 
     fn held(name: &str) -> Arc<Job> {
         Arc::new(
