@@ -22,6 +22,7 @@ use crate::admission::job::{self, Workload};
 use crate::admission::{Decisions, GangKey, line};
 use crate::api::{WorkloadAdmission, WorkloadAdmissionSpec, WorkloadAdmissionStatus};
 use crate::controller::apply::{FIELD_MANAGER, apply_status, delete_if_present};
+use crate::snapshot::ALLOCATION_LABEL;
 
 /// Line writes in flight at once.
 const WRITE_CONCURRENCY: usize = 32;
@@ -68,11 +69,14 @@ impl Lines {
             let Some(status) = line::status(w.as_ref(), decisions.get(&key), before.map(|b| &b.status)) else {
                 continue;
             };
-            let Some(object) = line::object(w.as_ref()) else { continue };
-            let new_object = before.is_none_or(|b| b.spec != object.spec);
-            if !new_object && before.is_some_and(|b| b.status == status) {
+            // The object is built only for a line to write (every cycle sees every workload).
+            let allocation = w.labels().get(ALLOCATION_LABEL);
+            let same_spec = before.is_some_and(|b| Some(&b.spec.allocation) == allocation);
+            if same_spec && before.is_some_and(|b| b.status == status) {
                 continue;
             }
+            let Some(object) = line::object(w.as_ref()) else { continue };
+            let new_object = before.is_none_or(|b| b.spec != object.spec);
             out.push(LineWrite { key, object, new_object, status });
         }
     }
@@ -192,7 +196,6 @@ mod tests {
     use super::*;
     use crate::admission::{Decision, WaitReason};
     use crate::api::WorkloadState;
-    use crate::snapshot::ALLOCATION_LABEL;
 
     fn held(name: &str) -> Arc<Job> {
         Arc::new(
