@@ -230,6 +230,91 @@ mod tests {
         }
     }
 
+    /// Writes `plan` through a writer whose API server answers every request
+    /// (500 for the line `failing`); returns "METHOD path" of each request and
+    /// the lines remembered after.
+    async fn write(plan: LinePlan, lines: &mut Lines, failing: &'static str) -> Vec<String> {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Ok(Some((req, send))) = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await
+            {
+                let (method, uri) = (req.method().to_string(), req.uri().to_string());
+                let bytes = req.into_body().collect_bytes().await.expect("a body");
+                let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                let path = uri.split('?').next().unwrap_or_default().to_string();
+                let (code, answer) = if path.contains(failing) {
+                    (500, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500}))
+                } else if method == "DELETE" {
+                    (200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}))
+                } else {
+                    let mut o = json!({"apiVersion": "sovereign.ai/v1alpha1", "kind": "WorkloadAdmission",
+                        "metadata": {"name": "x", "namespace": "lab"},
+                        "spec": {"workload": {"kind": "Job", "name": "x"}, "allocation": "a1"}});
+                    o["status"] = body["status"].clone();
+                    (200, o)
+                };
+                let response = Response::builder().status(code).body(Body::from(serde_json::to_vec(&answer).unwrap()));
+                send.send_response(response.expect("a response"));
+                seen.push(format!("{method} {path}"));
+            }
+            seen
+        });
+        let client = kube::Client::new(service, "default");
+        let reporter = kube::runtime::events::Reporter { controller: "sovereign-operator".into(), instance: None };
+        let writer = Writer {
+            recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
+            client,
+            metrics: Arc::new(crate::telemetry::Metrics::default()),
+        };
+        writer.write_lines(plan, lines).await;
+        drop(writer);
+        let mut seen = server.await.expect("the mock server");
+        seen.sort();
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_new_line_is_applied_whole_a_changed_one_by_its_status_and_a_gone_ones_deleted() {
+        let jobs = [held("a"), held("b")];
+        let live: HashSet<GangKey> = jobs.iter().map(|j| job::key(j.as_ref())).collect();
+        let mut lines = Lines::default();
+        let d = waiting(&[("a", 1, "needs 16"), ("b", 2, "needs 16")]);
+        let mut out = Vec::new();
+        lines.plan(&jobs, &d, &mut out);
+        let seen = write(lines.throttle(out, &live, Duration::ZERO, 10), &mut lines, "job-b").await;
+        let base = "/apis/sovereign.ai/v1alpha1/namespaces/lab/workloadadmissions";
+        assert_eq!(
+            seen,
+            [format!("PATCH {base}/job-a"), format!("PATCH {base}/job-a/status"), format!("PATCH {base}/job-b"),],
+            "the object, then its status; b refused"
+        );
+        assert!(lines.written.contains_key(&GangKey::job("lab", "a")));
+        assert!(!lines.written.contains_key(&GangKey::job("lab", "b")), "a refused line is written whole again");
+
+        let d = waiting(&[("a", 1, "needs 16, has 8"), ("b", 2, "needs 16")]);
+        let mut out = Vec::new();
+        lines.plan(&jobs[..1], &d, &mut out);
+        let only_a: HashSet<GangKey> = [GangKey::job("lab", "a")].into();
+        let mut plan = lines.throttle(out, &only_a, Duration::ZERO, 10);
+        plan.gone.push(GangKey::job("lab", "b"));
+        lines.written.insert(
+            GangKey::job("lab", "gone"),
+            Written { spec: plan.writes[0].object.spec.clone(), status: Default::default(), at: Instant::now() },
+        );
+        plan.gone.push(GangKey::job("lab", "gone"));
+        let seen = write(plan, &mut lines, "never").await;
+        assert_eq!(
+            seen,
+            [format!("DELETE {base}/job-b"), format!("DELETE {base}/job-gone"), format!("PATCH {base}/job-a/status"),],
+            "new numbers: the status alone; lines of workloads gone: deleted"
+        );
+        assert_eq!(lines.written.keys().collect::<Vec<_>>(), [&GangKey::job("lab", "a")], "the gone are forgotten");
+        assert_eq!(lines.written[&GangKey::job("lab", "a")].status.message.as_deref(), Some("needs 16, has 8"));
+    }
+
     #[test]
     fn a_line_is_written_when_new_then_only_when_it_changes_and_numbers_at_most_every_refresh() {
         let jobs = [held("a"), held("b")];
