@@ -6,8 +6,9 @@
 //! when one goes). A change of state, reason or pool is written at once;
 //! a new position or new numbers of the same state at most every
 //! `refresh` per workload and `limit` per cycle, as the projects' waiting
-//! reasons. A workload that lost its label loses its line; one deleted takes
-//! its line with it (garbage collection: the workload is its owner).
+//! reasons. A workload that leaves the stores (unlabelled or deleted) loses
+//! its line: the loop deletes it (the workload is also its owner, so garbage
+//! collection takes it, unless the workload's delete orphaned it).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -124,8 +125,8 @@ impl Lines {
 }
 
 impl Writer {
-    /// Writes a cycle's lines and deletes those of workloads that lost their
-    /// label; `lines` remembers what was written and forgets what went.
+    /// Writes a cycle's lines and deletes those of workloads that went;
+    /// `lines` remembers what was written and forgets what went.
     pub async fn write_lines(&self, plan: LinePlan, lines: &mut Lines) {
         let results: Vec<_> = futures::stream::iter(plan.writes)
             .map(|w| self.write_line(w))
