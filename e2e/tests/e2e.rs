@@ -176,7 +176,12 @@ fn main() -> anyhow::Result<()> {
 
 async fn crds_are_established(env: Arc<Env>) -> anyhow::Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
-    for name in ["acceleratorpools.sovereign.ai", "gpuallocations.sovereign.ai", "modelprojects.sovereign.ai"] {
+    for name in [
+        "acceleratorpools.sovereign.ai",
+        "gpuallocations.sovereign.ai",
+        "modelprojects.sovereign.ai",
+        "workloadadmissions.sovereign.ai",
+    ] {
         let crd = crds.get(name).await.with_context(|| format!("CRD {name}"))?;
         let established = crd
             .status

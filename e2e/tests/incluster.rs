@@ -368,7 +368,8 @@ pub async fn api_server_outages_never_let_two_replicas_act_at_once(env: Arc<Env>
 }
 
 /// The chart's aggregated roles: a tenant with `edit` in its namespace submits
-/// and deletes runs there, but cannot touch grants or pools; the
+/// and deletes runs there and reads the WorkloadAdmissions, but cannot write
+/// these nor touch grants or pools; the
 /// platform-admin role can. (RBAC answers through `kubectl auth can-i --as`.)
 pub async fn the_chart_roles_let_tenants_submit_runs_and_only_admins_grant(env: Arc<Env>) -> anyhow::Result<()> {
     sovereign_e2e::in_namespaces(&env, &["roles"], async |names, scope| {
@@ -393,6 +394,11 @@ pub async fn the_chart_roles_let_tenants_submit_runs_and_only_admins_grant(env: 
             ("e2e-tenant", "create", "modelprojects.sovereign.ai", true, true),
             ("e2e-tenant", "delete", "modelprojects.sovereign.ai", true, true),
             ("e2e-tenant", "list", "modelprojects.sovereign.ai", true, true),
+            // The operator's lines about labelled workloads: read, never written.
+            ("e2e-tenant", "list", "workloadadmissions.sovereign.ai", true, true),
+            ("e2e-tenant", "create", "workloadadmissions.sovereign.ai", true, false),
+            ("e2e-tenant", "patch", "workloadadmissions.sovereign.ai", true, false),
+            ("e2e-tenant", "delete", "workloadadmissions.sovereign.ai", true, false),
             // cluster-scoped: only through <release>-tenant-reader bound cluster-wide
             ("e2e-tenant", "list", "gpuallocations.sovereign.ai", false, false),
             ("e2e-tenant", "create", "gpuallocations.sovereign.ai", false, false),

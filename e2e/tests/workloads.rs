@@ -16,7 +16,7 @@ use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use sovereign_e2e::{Env, in_namespaces, wait_for};
-use sovereign_operator::api::{AllocationPhase, GpuAllocation, ProjectPhase};
+use sovereign_operator::api::{AllocationPhase, GpuAllocation, ProjectPhase, WorkloadAdmission, WorkloadState};
 
 use crate::grants::{alloc_yaml, pool_yaml, wait_phase};
 use crate::projects::{project_yaml, wait_no_workers, wait_project};
@@ -622,6 +622,24 @@ async fn running_selected(env: &Env, ns: &str, selector: &str, count: usize) -> 
     .await
 }
 
+/// The operator's line about a workload (its WorkloadAdmission, `job-NAME`),
+/// once `ok` holds of its status.
+async fn wait_line(
+    lines: &Api<WorkloadAdmission>,
+    name: &str,
+    what: &str,
+    ok: impl Fn(&sovereign_operator::api::WorkloadAdmissionStatus) -> bool,
+) -> anyhow::Result<WorkloadAdmission> {
+    wait_for(&format!("WorkloadAdmission {name}: {what}"), Duration::from_secs(60), || async {
+        let line = lines.get_opt(name).await.map_err(|e| e.to_string())?.ok_or("no such line")?;
+        match &line.status {
+            Some(s) if ok(s) => Ok(line),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
 pub async fn an_indexed_job_falls_back_whole_from_a_full_h200_grant_to_b200_and_completes(
     env: Arc<Env>,
 ) -> anyhow::Result<()> {
@@ -691,6 +709,83 @@ pub async fn an_indexed_job_falls_back_whole_from_a_full_h200_grant_to_b200_and_
         forged["metadata"]["labels"] = json!({"sovereign.ai/job": "forged", "sovereign.ai/pool": "e2e-b200"});
         let msg = refusal(&jobs, &job("forged", None, 1, forged)?).await?;
         ensure!(msg.contains("are set by the sovereign operator when it admits a Job or JobSet labelled"), "{msg}");
+
+        // The operator's line about each Job, owned by it: the filler runs on H200, indexed finished on B200.
+        let lines: Api<WorkloadAdmission> = Api::namespaced(env.client.clone(), &ns);
+        let running = |pool: &'static str| {
+            move |s: &sovereign_operator::api::WorkloadAdmissionStatus| {
+                s.state == WorkloadState::Running && s.pool.as_deref() == Some(pool)
+            }
+        };
+        let filler_line = wait_line(&lines, "job-filler", "Running on e2e-h200", running("e2e-h200")).await?;
+        let filler_uid = jobs.get("filler").await?.metadata.uid;
+        let owner = filler_line.metadata.owner_references.clone().unwrap_or_default();
+        ensure!(
+            owner.len() == 1
+                && owner[0].kind == "Job"
+                && owner[0].name == "filler"
+                && Some(&owner[0].uid) == filler_uid.as_ref(),
+            "the line is not owned by Job filler: {owner:?}"
+        );
+        ensure!(
+            filler_line.labels().get("sovereign.ai/job").map(String::as_str) == Some("filler"),
+            "{:?}",
+            filler_line.labels()
+        );
+        let done = wait_line(&lines, "job-indexed", "Finished", |s| s.state == WorkloadState::Finished).await?;
+        let done = done.status.unwrap_or_default();
+        ensure!(
+            (done.reason.as_deref(), done.pool.as_deref(), done.devices)
+                == (Some("Succeeded"), Some("e2e-b200"), Some(16)),
+            "{done:?}"
+        );
+
+        // A Job that wants H200 alone waits behind the filler: Queued, with the reason in numbers.
+        let next = job("next", Some("e2e-wl-fallback"), 1, pod_template(8, None, json!({})))?;
+        create_when_admitted(&jobs, &annotated(next, &[("sovereign.ai/pools", "e2e-h200")])).await?;
+        let queued = wait_line(&lines, "job-next", "Queued", |s| s.state == WorkloadState::Queued).await?;
+        let queued = queued.status.unwrap_or_default();
+        ensure!(
+            queued.reason.as_deref() == Some("Waiting")
+                && queued.queue_position == Some(1)
+                && queued.message.as_deref().is_some_and(|m| m.contains("needs 8 nvidia.com/gpu in pool e2e-h200")),
+            "{queued:?}"
+        );
+        // One line per workload in `kubectl get`.
+        let table = env.kubectl_ok(&["-n", &ns, "get", "workloadadmissions"], None)?;
+        let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+        ensure!(
+            header
+                == [
+                    "NAME",
+                    "KIND",
+                    "WORKLOAD",
+                    "ALLOCATION",
+                    "STATE",
+                    "POOL",
+                    "DEVICES",
+                    "POSITION",
+                    "REASON",
+                    "AGE",
+                    "MESSAGE"
+                ],
+            "{table}"
+        );
+        let row = table.lines().find(|l| l.starts_with("job-next ")).unwrap_or_default();
+        for cell in ["Job", "next", "e2e-wl-fallback", "Queued", "Waiting", "needs 8 nvidia.com/gpu"] {
+            ensure!(row.contains(cell), "no {cell:?} in the line of next: {table}");
+        }
+
+        // The filler deleted (as kubectl deletes: its dependents too): its line goes, and next runs on H200.
+        env.kubectl_ok(&["-n", &ns, "delete", "job", "filler", "--wait=false"], None)?;
+        wait_for("the filler's line to go with it", Duration::from_secs(60), || async {
+            match lines.get_opt("job-filler").await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(l) => Err(format!("{:?}", l.status)),
+            }
+        })
+        .await?;
+        wait_line(&lines, "job-next", "Running on e2e-h200", running("e2e-h200")).await?;
         Ok(())
     })
     .await
@@ -723,6 +818,15 @@ pub async fn a_higher_priority_project_preempts_a_running_job_which_resumes_late
         .await?;
         let preempted = wait_event(&env, &ns, "low", "Preempted").await?;
         ensure!(preempted.contains("high"), "{preempted}");
+        // Its line says so, and who, while it waits.
+        let lines: Api<WorkloadAdmission> = Api::namespaced(env.client.clone(), &ns);
+        let line = wait_line(&lines, "job-low", "Preempted", |s| s.state == WorkloadState::Preempted).await?;
+        let line = line.status.unwrap_or_default();
+        ensure!(
+            line.reason.as_deref() == Some("Preempted")
+                && line.preemption.as_deref().is_some_and(|p| p.contains("high")),
+            "{line:?}"
+        );
         // It waits again, and says so on the Job with the reason.
         let queued = wait_event(&env, &ns, "low", "Queued").await?;
         ensure!(!queued.is_empty(), "a Queued Event without its reason");
@@ -730,6 +834,10 @@ pub async fn a_higher_priority_project_preempts_a_running_job_which_resumes_late
         // The project runs and finishes; the Job is admitted again and runs.
         ensure!(wait_admitted(&jobs, "low", Duration::from_secs(120)).await? == "e2e-b200", "low not back on e2e-b200");
         running_on(&env, &ns, "low", 2).await?;
+        wait_line(&lines, "job-low", "Running again", |s| {
+            s.state == WorkloadState::Running && s.pool.as_deref() == Some("e2e-b200") && s.preemption.is_none()
+        })
+        .await?;
         Ok(())
     })
     .await

@@ -75,8 +75,14 @@ pub trait Workload:
     fn suspended(&self) -> bool;
     /// What the loop's writes set (and `plan` plays in memory).
     fn set_suspended(&mut self, suspend: bool);
+    /// How it ended, once it did: `Succeeded` (Complete) or `Failed`.
+    fn outcome(&self) -> Option<&'static str>;
     /// Complete or Failed: its pods hold nothing any more.
-    fn finished(&self) -> bool;
+    fn finished(&self) -> bool {
+        self.outcome().is_some()
+    }
+    /// Every pod of its gang is ready (or done), as its controller counts them.
+    fn all_running(&self) -> bool;
     /// Its gang's shape; `None` without the label.
     fn read(&self) -> Result<Option<WorkloadGang>, WorkloadError>;
     /// Another workload runs it (a Job of a JobSet follows its JobSet's
@@ -101,9 +107,16 @@ impl Workload for Job {
         self.spec.get_or_insert_with(Default::default).suspend = Some(suspend);
     }
 
-    fn finished(&self) -> bool {
-        let conditions = self.status.as_ref().and_then(|s| s.conditions.as_ref());
-        conditions.is_some_and(|cs| cs.iter().any(|c| terminal(&c.type_, &c.status)))
+    fn outcome(&self) -> Option<&'static str> {
+        let conditions = self.status.as_ref().and_then(|s| s.conditions.as_deref()).unwrap_or_default();
+        conditions.iter().find_map(|c| terminal(&c.type_, &c.status))
+    }
+
+    fn all_running(&self) -> bool {
+        let want = self.spec.as_ref().and_then(|s| s.parallelism).unwrap_or(1);
+        let status = self.status.as_ref();
+        let done = status.map(|s| s.ready.unwrap_or(0) + s.succeeded.unwrap_or(0)).unwrap_or(0);
+        want > 0 && done >= want
     }
 
     fn read(&self) -> Result<Option<WorkloadGang>, WorkloadError> {
@@ -133,9 +146,17 @@ impl Workload for JobSet {
         self.spec.suspend = Some(suspend);
     }
 
-    fn finished(&self) -> bool {
+    fn outcome(&self) -> Option<&'static str> {
         let conditions = self.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
-        conditions.iter().any(|c| terminal(&c.type_, &c.status))
+        conditions.iter().find_map(|c| terminal(&c.type_, &c.status))
+    }
+
+    /// Every replicated job's Jobs ready (all their pods ready or done).
+    fn all_running(&self) -> bool {
+        let want: i32 = self.spec.replicated_jobs.iter().map(|rj| rj.replicas.unwrap_or(1)).sum();
+        let status = self.status.as_ref().map(|s| s.replicated_jobs_status.as_slice()).unwrap_or_default();
+        let done: i32 = status.iter().map(|r| r.ready + r.succeeded).sum();
+        want > 0 && done >= want
     }
 
     fn read(&self) -> Result<Option<WorkloadGang>, WorkloadError> {
@@ -158,9 +179,14 @@ impl Workload for JobSet {
     }
 }
 
-/// A Job's `Complete`/`Failed`, a JobSet's `Completed`/`Failed`, when true.
-fn terminal(type_: &str, status: &str) -> bool {
-    matches!(type_, "Complete" | "Completed" | "Failed") && status == "True"
+/// A Job's `Complete`/`Failed`, a JobSet's `Completed`/`Failed`, when true:
+/// `Succeeded` or `Failed`.
+fn terminal(type_: &str, status: &str) -> Option<&'static str> {
+    match (type_, status) {
+        ("Complete" | "Completed", "True") => Some("Succeeded"),
+        ("Failed", "True") => Some("Failed"),
+        _ => None,
+    }
 }
 
 pub fn key<W: Workload>(w: &W) -> GangKey {
@@ -612,6 +638,7 @@ mod tests {
                 "lastTransitionTime": "2026-01-01T00:40:00Z", "reason": "AllJobsCompleted", "message": ""}))
                 .unwrap(),
             ],
+            ..Default::default()
         });
         assert_eq!(gang(&done, now(), &pools).unwrap(), None, "a completed JobSet holds nothing");
     }

@@ -30,7 +30,7 @@ use kube::{Api, Client, Resource};
 use tokio::sync::watch;
 
 use crate::admin::{self, Readiness};
-use crate::api::{AcceleratorPool, GpuAllocation, ModelProject};
+use crate::api::{AcceleratorPool, GpuAllocation, ModelProject, WorkloadAdmission};
 use crate::cli::RunArgs;
 use crate::telemetry::Metrics;
 
@@ -204,5 +204,6 @@ async fn missing_crds(client: &Client) -> Result<Vec<&'static str>, kube::Error>
     probe!(AcceleratorPool, "acceleratorpools.sovereign.ai");
     probe!(GpuAllocation, "gpuallocations.sovereign.ai");
     probe!(ModelProject, "modelprojects.sovereign.ai");
+    probe!(WorkloadAdmission, "workloadadmissions.sovereign.ai");
     Ok(missing)
 }

@@ -193,12 +193,28 @@ pub struct ReplicatedJob {
     pub template: JobTemplateSpec,
 }
 
-/// Whether the JobSet finished (its `Completed` or `Failed` condition).
+/// Whether the JobSet finished (its `Completed` or `Failed` condition), and
+/// how many of each replicated job's Jobs are ready.
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct JobSetStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicated_jobs_status: Vec<ReplicatedJobStatus>,
+}
+
+/// Jobs of one replicated job, as the JobSet controller counts them.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicatedJobStatus {
+    pub name: String,
+    /// Jobs whose pods are all ready or done.
+    #[serde(default)]
+    pub ready: i32,
+    /// Jobs that completed.
+    #[serde(default)]
+    pub succeeded: i32,
 }
 
 impl JobSet {

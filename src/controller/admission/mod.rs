@@ -17,6 +17,7 @@
 //! gated, get their planned nodes from [`placement`], a task of its own.
 
 pub mod jobs;
+pub mod lines;
 pub mod placement;
 #[cfg(test)]
 mod tests;
@@ -41,6 +42,7 @@ use crate::api::policy::validate;
 use crate::telemetry::Metrics;
 use crate::workload::kinds::JobSet;
 use jobs::{Held, Workloads};
+use lines::Lines;
 pub use write::Writer;
 
 /// A burst of events arriving within this pause is one cycle.
@@ -129,6 +131,8 @@ pub(crate) struct LoopState {
     /// Labelled Jobs and JobSets: the loop's unseen writes, the waits announced.
     jobs: Held<Job>,
     jobsets: Held<JobSet>,
+    /// The line last written of each labelled workload.
+    lines: Lines,
 }
 
 impl Default for LoopState {
@@ -138,6 +142,7 @@ impl Default for LoopState {
             waiting_written: HashMap::new(),
             jobs: Held::new(ASSUME_TTL),
             jobsets: Held::new(ASSUME_TTL),
+            lines: Lines::default(),
         }
     }
 }
@@ -240,6 +245,22 @@ async fn cycle(ctx: &Context, writer: &Writer, state: &mut LoopState, capacity_c
     writer.write_jobs(set_urgent, &state.jobsets.assumed).await;
     writer.write_jobs(job_waiting, &state.jobs.assumed).await;
     writer.write_jobs(set_waiting, &state.jobsets.assumed).await;
+    // Each workload's line, as these writes left it.
+    let after = assume_workloads(ctx, state);
+    let mut lines = Vec::new();
+    state.lines.plan(&after.jobs, &decisions, &mut lines);
+    state.lines.plan(&after.jobsets, &decisions, &mut lines);
+    let live: HashSet<GangKey> = after
+        .jobs
+        .iter()
+        .map(|j| job::key(j.as_ref()))
+        .chain(after.jobsets.iter().map(|j| job::key(j.as_ref())))
+        .collect();
+    let lines = state.lines.throttle(lines, &live, WAITING_REFRESH, WAITING_WRITES_PER_CYCLE);
+    if lines.cut {
+        wake = wake.min(Duration::from_millis(500));
+    }
+    writer.write_lines(lines, &mut state.lines).await;
     if decided > 0 {
         tracing::debug!(decided, elapsed_ms = started.elapsed().as_millis() as u64, "admission cycle");
     }
