@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Where a bench run's time went: reads `kubectl get -o json` lists (projects
-and/or pods) on stdin and a start time (epoch seconds) as argv[1], and prints
+"""Where a bench run's time went: reads `kubectl get -o json` lists (projects,
+Jobs and/or pods) on stdin and a start time (epoch seconds) as argv[1], and prints
 for each stage when 50%, 90% and 100% of the objects had reached it, in
 seconds after the start (API timestamps have whole seconds)."""
 import json
@@ -9,7 +9,8 @@ from datetime import datetime
 
 
 def ts(s):
-    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").timestamp() if s else None
+    # API timestamps have whole seconds; the operator's admitted-at annotation may have a fraction.
+    return datetime.strptime(s.split(".")[0].rstrip("Z") + "Z", "%Y-%m-%dT%H:%M:%SZ").timestamp() if s else None
 
 
 def cond(o, type_):
@@ -23,6 +24,9 @@ def stages(o):
     meta, status = o["metadata"], o.get("status") or {}
     if o["kind"] == "ModelProject":
         return {"project created": meta.get("creationTimestamp"), "project admitted": status.get("admittedAt")}
+    if o["kind"] == "Job":
+        admitted = (meta.get("annotations") or {}).get("sovereign.ai/admitted-at")
+        return {"Job created": meta.get("creationTimestamp"), "Job admitted": admitted}
     return {
         "pod created": meta.get("creationTimestamp"),
         "pod scheduled": cond(o, "PodScheduled"),
