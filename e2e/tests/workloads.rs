@@ -11,7 +11,7 @@ use anyhow::{Context as _, ensure};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, Pod, ResourceQuota};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
@@ -875,6 +875,91 @@ pub async fn a_higher_priority_job_preempts_a_running_project_which_resumes_late
 
         // Its devices back, the project runs again.
         wait_project(&env, &ns, "low", ProjectPhase::Running, Duration::from_secs(60)).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// Waits until the Job is suspended again by the operator, its admission forgotten.
+async fn wait_resuspended(jobs: &Api<Job>, name: &str) -> anyhow::Result<()> {
+    wait_for(&format!("Job {name} to be suspended again"), Duration::from_secs(60), || async {
+        let j = jobs.get(name).await.map_err(|e| e.to_string())?;
+        let suspended = j.spec.as_ref().and_then(|s| s.suspend) == Some(true);
+        let forgotten = !j.annotations().contains_key("sovereign.ai/admitted-pool");
+        if suspended && forgotten {
+            Ok(())
+        } else {
+            Err(format!("{:?} {:?}", j.spec.map(|s| s.suspend), j.metadata.annotations))
+        }
+    })
+    .await
+}
+
+/// Two tenants of the B200 pool (4 nodes of 8), each granted 16 that the other
+/// may borrow while idle. A Job borrows the other tenant's idle half and is
+/// reclaimed whole by that tenant's project, then resumes once the project is
+/// gone; the other way round, a project borrows and a Job of the owner
+/// reclaims it. Borrowing is decided with the admission and recorded on both kinds.
+pub async fn a_job_and_a_project_of_two_tenants_borrow_from_each_other_and_are_reclaimed(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    in_namespaces(&env, &["wl-lend-a", "wl-lend-b"], async |names, scope| {
+        let (a, b) = (names[0].clone(), names[1].clone());
+        pools(scope)?;
+        let lend = "[{pool: e2e-b200, accelerators: 16, borrowingLimit: 16}]";
+        scope.apply(&alloc_yaml("e2e-wl-lend-a", &[&a], lend, ""))?;
+        scope.apply(&alloc_yaml("e2e-wl-lend-b", &[&b], lend, ""))?;
+        for (ns, allocation) in [(&a, "e2e-wl-lend-a"), (&b, "e2e-wl-lend-b")] {
+            wait_phase(&env, allocation, AllocationPhase::Active, Duration::from_secs(60)).await?;
+            wait_policy_params(&env, ns, allocation, &["e2e-b200"]).await?;
+        }
+        let jobs_a: Api<Job> = Api::namespaced(env.client.clone(), &a);
+        let jobs_b: Api<Job> = Api::namespaced(env.client.clone(), &b);
+        let borrowed = |j: &Job| j.annotations().get("sovereign.ai/borrowed").map(String::as_str) == Some("true");
+
+        // a's Job of 4 x 8: its own 16 and b's idle 16.
+        create_when_admitted(&jobs_a, &job("wide", Some("e2e-wl-lend-a"), 4, pod_template(8, None, json!({})))?)
+            .await?;
+        ensure!(wait_admitted(&jobs_a, "wide", Duration::from_secs(60)).await? == "e2e-b200", "wide not on e2e-b200");
+        ensure!(borrowed(&jobs_a.get("wide").await?), "Job wide runs on b's capacity but is not marked borrowed");
+        running_on(&env, &a, "wide", 4).await?;
+
+        // b's project of 2 x 8 takes its own half back: the Job is suspended whole and waits.
+        scope.apply(&project_yaml("mine", &b, "e2e-wl-lend-b", "[e2e-b200]", 2, "", ""))?;
+        let s = wait_project(&env, &b, "mine", ProjectPhase::Running, Duration::from_secs(60)).await?;
+        ensure!(!s.borrowed && s.preempted.iter().any(|v| v.contains(&format!("{a}/wide"))), "{s:?}");
+        wait_resuspended(&jobs_a, "wide").await?;
+        let reclaimed = wait_event(&env, &a, "wide", "Reclaimed").await?;
+        ensure!(reclaimed.contains("mine"), "{reclaimed}");
+        ensure!(!wait_event(&env, &a, "wide", "Queued").await?.is_empty(), "a Queued Event without its reason");
+        // b's run gone, the Job borrows again and runs whole.
+        env.kubectl_ok(&["-n", &b, "delete", "modelproject", "mine", "--wait=false"], None)?;
+        ensure!(wait_admitted(&jobs_a, "wide", Duration::from_secs(90)).await? == "e2e-b200", "wide not back");
+        running_on(&env, &a, "wide", 4).await?;
+        jobs_a.delete("wide", &DeleteParams::background()).await?;
+
+        // The other way round: b's project of 4 x 8 borrows a's idle half (once a's pods are gone)...
+        scope.apply(&project_yaml("wide", &b, "e2e-wl-lend-b", "[e2e-b200]", 4, "", ""))?;
+        let s = wait_project(&env, &b, "wide", ProjectPhase::Running, Duration::from_secs(90)).await?;
+        ensure!(s.borrowed, "project wide runs on a's capacity but is not marked borrowed: {s:?}");
+        // ... and a's Job of 2 x 8 takes it back.
+        create_when_admitted(&jobs_a, &job("mine", Some("e2e-wl-lend-a"), 2, pod_template(8, None, json!({})))?)
+            .await?;
+        ensure!(wait_admitted(&jobs_a, "mine", Duration::from_secs(60)).await? == "e2e-b200", "mine not on e2e-b200");
+        ensure!(!borrowed(&jobs_a.get("mine").await?), "Job mine runs on its own grant but is marked borrowed");
+        let w = wait_project(&env, &b, "wide", ProjectPhase::Queued, Duration::from_secs(60)).await?;
+        let why = w.conditions.iter().find(|c| c.type_ == "Preempted").cloned();
+        ensure!(
+            why.as_ref().is_some_and(|c| c.reason == "Reclaimed" && c.message.contains("e2e-wl-lend-a")),
+            "{why:?}"
+        );
+        ensure!(w.preemptions == 1 && w.restarts == 0, "{w:?}");
+        wait_no_workers(&env, &b, "wide").await?;
+        running_on(&env, &a, "mine", 2).await?;
+        ensure!(jobs_b.list(&ListParams::default()).await?.items.is_empty(), "b has Jobs");
+        // a's Job gone, the project runs again.
+        jobs_a.delete("mine", &DeleteParams::background()).await?;
+        wait_project(&env, &b, "wide", ProjectPhase::Running, Duration::from_secs(90)).await?;
         Ok(())
     })
     .await
