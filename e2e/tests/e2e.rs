@@ -108,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         workloads::a_jobset_that_a_trainjob_made_is_admitted_by_the_same_path,
         workloads::a_higher_priority_project_preempts_a_running_jobset_which_resumes_whole_later,
         workloads::a_jobs_hours_are_its_pods_lifetimes_x_devices_x_charge_factor,
+        workloads::an_admitted_jobs_pods_are_held_by_the_ledger_until_their_hours_are_recorded_never_stuck,
         projects::a_gang_lands_whole_on_the_npu_pool_and_falls_back_whole_to_gpus,
         projects::a_gang_larger_than_any_rack_waits_with_the_reason,
         projects::a_project_that_can_never_fit_says_why,
