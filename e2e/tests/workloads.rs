@@ -1276,13 +1276,28 @@ pub async fn an_admitted_jobs_pods_are_held_by_the_ledger_until_their_hours_are_
         let watch = crate::ledger::watch_pods(&env, &ns, seen.clone());
         let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
 
+        // The ledger charges a Job's 2 pods of 2 devices while they run 3 s (the scenario's run:
+        // pod times are whole seconds), then the Job is deleted.
+        let allocs: Api<GpuAllocation> = Api::all(env.client.clone());
+        let charged_running = || async {
+            wait_for("the ledger to charge the Job's pods", Duration::from_secs(30), || async {
+                let st = allocs.get(alloc).await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+                if st.charge_rate == 4.0 { Ok(()) } else { Err(format!("charge rate {}", st.charge_rate)) }
+            })
+            .await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            anyhow::Ok(())
+        };
+
         // Deleted while the operator runs: its pods go at once.
         running_held_job(&env, &jobs, &ns, "kept", 2, alloc).await?;
+        charged_running().await?;
         jobs.delete("kept", &kube::api::DeleteParams::background()).await?;
         wait_pods_gone(&env, &ns, "kept", Duration::from_secs(30)).await?;
 
         // Deleted while the operator is down: its pods stay, being deleted, until it is back.
         running_held_job(&env, &jobs, &ns, "outage", 2, alloc).await?;
+        charged_running().await?;
         let old = env.operator.lock().await.take().context("no shared operator")?;
         old.kill().await?;
         let down = async {
@@ -1318,7 +1333,6 @@ pub async fn an_admitted_jobs_pods_are_held_by_the_ledger_until_their_hours_are_
         // Both Jobs' hours are recorded, to their pods' deletion (the Jobs are gone: their hours
         // stay in the allocation's, under no workload's name). Had the outage's pods gone unseen,
         // they would be charged only up to the last reckoning before it.
-        let allocs: Api<GpuAllocation> = Api::all(env.client.clone());
         let st = wait_for("the grant's books to close", Duration::from_secs(60), || async {
             let st = allocs.get(alloc).await.map_err(|e| e.to_string())?.status.unwrap_or_default();
             let open = st.ledger.as_ref().is_none_or(|l| !l.open.is_empty());
@@ -1340,7 +1354,10 @@ pub async fn an_admitted_jobs_pods_are_held_by_the_ledger_until_their_hours_are_
                 .collect();
             ensure!(owned.len() == 2, "{} pods of Job {job} seen", owned.len());
             let ms: f64 = owned.iter().map(|(p, gone)| crate::ledger::truth(p, *gone, 2.0, now)).sum();
-            ensure!(ms > 0.0, "the pods of Job {job} never ran");
+            ensure!(
+                ms >= 2.0 * 2.0 * 2_000.0,
+                "the pods of Job {job} ran {ms} weighted ms, not the 3 s they were given"
+            );
             truth_ms += ms;
         }
         let charged_ms = st.accelerator_hours_used * 3_600_000.0;
