@@ -82,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         examples_apply,
         bad_input::bad_objects_are_refused_at_apply_and_a_good_project_still_runs,
         privilege::the_operator_writes_only_in_tenant_namespaces_and_on_pool_nodes,
+        privilege::the_operator_changes_an_admitted_jobs_pod_only_by_removing_the_ledger_finalizer,
         allocation_of_a_project_is_immutable,
         explain_reads_as_documentation,
         gpu_pod_lands_on_a_gpu_node_and_runs,
