@@ -1007,8 +1007,13 @@ pub async fn a_jobsets_pods_run_on_its_planned_nodes_wherever_the_scheduler_woul
         // dry run with its ServiceAccount's token (kubectl patch would read the pod first, which
         // it may not), refused or not by the chart's least-privilege policy.
         let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
-        let one = pods.list(&ListParams::default().labels(&jobset_pods("packed"))).await?.items;
-        let one = one.first().context("a pod of packed")?.name_any();
+        let all = pods.list(&ListParams::default().labels(&jobset_pods("packed"))).await?.items;
+        // The ledger holds each of them (the chart's ledger-finalizer policy), as a Job's.
+        for p in &all {
+            let held = p.finalizers().iter().any(|f| f == LEDGER_FINALIZER);
+            ensure!(held, "JobSet pod {} has finalizers {:?}", p.name_any(), p.finalizers());
+        }
+        let one = all.first().context("a pod of packed")?.name_any();
         let config = kube::Config::from_custom_kubeconfig(
             kube::config::Kubeconfig::read_from(env.operator_kubeconfig()?)?,
             &Default::default(),
