@@ -253,3 +253,71 @@ pub async fn the_operator_writes_only_in_tenant_namespaces_and_on_pool_nodes(env
     tenant.cleanup().await?;
     result
 }
+
+/// The ledger's finalizer on an admitted Job's pod (the chart's ledger-finalizer policy adds it)
+/// is the operator's to remove, and that is all it may change on such a pod: a write that also
+/// changes its labels, annotations, spec or another finalizer is refused.
+pub async fn the_operator_changes_an_admitted_jobs_pod_only_by_removing_the_ledger_finalizer(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    let tenant = TestNamespace::create(&env.client, "privilege-ledger").await?;
+    let ns = tenant.name.clone();
+    // As the Job controller makes it from a pinned template (made here by the admin, with the
+    // finalizers the policy and another controller would have added).
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: e2e-held, namespace: {ns}, \
+         labels: {{sovereign.ai/job: train, sovereign.ai/pool: h200, sovereign.ai/allocation: a}}, \
+         finalizers: [example.com/keep, sovereign.ai/usage-ledger]}}\n\
+         spec: {{nodeName: nowhere, containers: [{{name: c, image: trainer:1}}]}}\n"
+    );
+    env.kubectl_ok(&["create", "-f", "-"], Some(&pod))?;
+    let result = async {
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(env.operator_kubeconfig()?)?,
+            &Default::default(),
+        )
+        .await?;
+        let as_op: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(kube::Client::try_from(config)?, &ns);
+        let patch = async |body: serde_json::Value| {
+            let pp = kube::api::PatchParams { dry_run: true, ..Default::default() };
+            as_op.patch("e2e-held", &pp, &kube::api::Patch::Merge(&body)).await.map(|_| ()).map_err(|e| e.to_string())
+        };
+        let want = "update an admitted Job's or JobSet's pod only removing the finalizer sovereign.ai/usage-ledger";
+        let refusals = [
+            ("and a label", serde_json::json!({"metadata": {"finalizers": ["example.com/keep"], "labels": {"x": "1"}}})),
+            ("and an annotation", serde_json::json!({"metadata": {"finalizers": ["example.com/keep"], "annotations": {"x": "1"}}})),
+            ("and the spec", serde_json::json!({"metadata": {"finalizers": ["example.com/keep"]}, "spec": {"activeDeadlineSeconds": 5}})),
+            ("another finalizer instead", serde_json::json!({"metadata": {"finalizers": ["sovereign.ai/usage-ledger"]}})),
+            ("every finalizer", serde_json::json!({"metadata": {"finalizers": []}})),
+        ];
+        let mut wrong = Vec::new();
+        for (what, body) in refusals {
+            match patch(body).await {
+                Ok(()) => wrong.push(format!("removing the ledger finalizer {what}: was allowed")),
+                Err(e) if !e.contains(want) => wrong.push(format!("removing the ledger finalizer {what}: {e}")),
+                Err(_) => {}
+            }
+        }
+        if let Err(e) = patch(serde_json::json!({"metadata": {"finalizers": ["example.com/keep"]}})).await {
+            wrong.push(format!("removing the ledger finalizer only: was refused: {e}"));
+        }
+        ensure!(wrong.is_empty(), "the operator's writes on a Job's pod:\n{}", wrong.join("\n"));
+        anyhow::Ok(())
+    }
+    .await;
+    env.kubectl_ok(
+        &[
+            "-n",
+            &ns,
+            "patch",
+            "pod",
+            "e2e-held",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+        ],
+        None,
+    )?;
+    tenant.cleanup().await?;
+    result
+}

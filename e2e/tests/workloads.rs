@@ -15,7 +15,7 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
-use sovereign_e2e::{Env, in_namespaces, wait_for};
+use sovereign_e2e::{Env, Operator, free_port, in_namespaces, wait_for};
 use sovereign_operator::api::{AllocationPhase, GpuAllocation, ProjectPhase, WorkloadAdmission, WorkloadState};
 
 use crate::grants::{alloc_yaml, pool_yaml, wait_phase};
@@ -1200,8 +1200,13 @@ pub async fn a_jobsets_pods_run_on_its_planned_nodes_wherever_the_scheduler_woul
         // dry run with its ServiceAccount's token (kubectl patch would read the pod first, which
         // it may not), refused or not by the chart's least-privilege policy.
         let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
-        let one = pods.list(&ListParams::default().labels(&jobset_pods("packed"))).await?.items;
-        let one = one.first().context("a pod of packed")?.name_any();
+        let all = pods.list(&ListParams::default().labels(&jobset_pods("packed"))).await?.items;
+        // The ledger holds each of them (the chart's ledger-finalizer policy), as a Job's.
+        for p in &all {
+            let held = p.finalizers().iter().any(|f| f == LEDGER_FINALIZER);
+            ensure!(held, "JobSet pod {} has finalizers {:?}", p.name_any(), p.finalizers());
+        }
+        let one = all.first().context("a pod of packed")?.name_any();
         let config = kube::Config::from_custom_kubeconfig(
             kube::config::Kubeconfig::read_from(env.operator_kubeconfig()?)?,
             &Default::default(),
@@ -1388,6 +1393,188 @@ pub async fn a_jobs_hours_are_its_pods_lifetimes_x_devices_x_charge_factor(env: 
         let row = report["rows"].as_array().into_iter().flatten().find(|r| r["section"] == "workload" && r["name"] == name);
         let hours = row.and_then(|r| r["acceleratorHours"].as_f64()).context("no workload row for the Job")?;
         ensure!((hours - job_hours).abs() < 1e-5, "report says {hours} h, the status {job_hours} h");
+        Ok(())
+    })
+    .await
+}
+
+const LEDGER_FINALIZER: &str = "sovereign.ai/usage-ledger";
+
+/// The pods of Job `job`, as they are now (none once they are gone).
+async fn job_pods(env: &Env, ns: &str, job: &str) -> Result<Vec<Pod>, String> {
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), ns);
+    let selector = format!("job-name={job}");
+    Ok(pods.list(&ListParams::default().labels(&selector)).await.map_err(|e| e.to_string())?.items)
+}
+
+/// Waits until Job `job`'s pods are all gone.
+async fn wait_pods_gone(env: &Env, ns: &str, job: &str, timeout: Duration) -> anyhow::Result<()> {
+    wait_for(&format!("the pods of Job {job} to go"), timeout, || async {
+        let left: Vec<String> = job_pods(env, ns, job)
+            .await?
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} (deleting {}, finalizers {:?})",
+                    p.name_any(),
+                    p.metadata.deletion_timestamp.is_some(),
+                    p.finalizers()
+                )
+            })
+            .collect();
+        if left.is_empty() { Ok(()) } else { Err(left.join(", ")) }
+    })
+    .await
+}
+
+/// Creates Job `name` of `pods` pods of 2 devices that run until deleted, waits
+/// until the operator admitted it and its pods run, and checks that each carries
+/// the ledger's finalizer from its creation (the chart's ledger-finalizer policy).
+async fn running_held_job(
+    env: &Env,
+    jobs: &Api<Job>,
+    ns: &str,
+    name: &str,
+    pods: u32,
+    allocation: &str,
+) -> anyhow::Result<()> {
+    create_when_admitted(jobs, &job(name, Some(allocation), pods, pod_template(2, None, json!({})))?).await?;
+    wait_admitted(jobs, name, Duration::from_secs(60)).await?;
+    running_on(env, ns, name, pods as usize).await?;
+    for p in job_pods(env, ns, name).await.map_err(anyhow::Error::msg)? {
+        ensure!(
+            p.finalizers().iter().any(|f| f == LEDGER_FINALIZER),
+            "pod {} has finalizers {:?}",
+            p.name_any(),
+            p.finalizers()
+        );
+    }
+    Ok(())
+}
+
+/// The pods of an admitted Job carry the ledger's finalizer, as ModelProject workers do, so that
+/// a pod deleted while the operator is down still has its hours recorded: a Job deleted while the
+/// operator runs loses its pods at once; one deleted while the operator is down keeps its pods
+/// (being deleted) until the operator is back, records their hours to their deletion, and then
+/// lets them go; and a Job whose allocation is gone loses its pods at once (nothing would ever
+/// charge them).
+pub async fn an_admitted_jobs_pods_are_held_by_the_ledger_until_their_hours_are_recorded_never_stuck(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    let kubeconfig = env.operator_kubeconfig()?;
+    in_namespaces(&env, &["wl-held-ledger"], async |names, scope| {
+        let ns = names[0].clone();
+        let alloc = "e2e-wl-held-ledger";
+        scope.apply(&pool_yaml("e2e-h200", "nvidia.com/gpu", H200, 1.0))?;
+        let alloc_manifest = alloc_yaml(alloc, &[&ns], "[{pool: e2e-h200, accelerators: 16}]", "");
+        scope.apply(&alloc_manifest)?;
+        wait_phase(&env, alloc, AllocationPhase::Active, Duration::from_secs(60)).await?;
+        wait_policy_params(&env, &ns, alloc, &["e2e-h200"]).await?;
+        let seen: crate::ledger::Seen = Default::default();
+        let watch = crate::ledger::watch_pods(&env, &ns, seen.clone());
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+
+        // The ledger charges a Job's 2 pods of 2 devices while they run 3 s (the scenario's run:
+        // pod times are whole seconds), then the Job is deleted.
+        let allocs: Api<GpuAllocation> = Api::all(env.client.clone());
+        let charged_running = || async {
+            wait_for("the ledger to charge the Job's pods", Duration::from_secs(30), || async {
+                let st = allocs.get(alloc).await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+                if st.charge_rate == 4.0 { Ok(()) } else { Err(format!("charge rate {}", st.charge_rate)) }
+            })
+            .await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            anyhow::Ok(())
+        };
+
+        // Deleted while the operator runs: its pods go at once.
+        running_held_job(&env, &jobs, &ns, "kept", 2, alloc).await?;
+        charged_running().await?;
+        jobs.delete("kept", &kube::api::DeleteParams::background()).await?;
+        wait_pods_gone(&env, &ns, "kept", Duration::from_secs(30)).await?;
+
+        // Deleted while the operator is down: its pods stay, being deleted, until it is back.
+        running_held_job(&env, &jobs, &ns, "outage", 2, alloc).await?;
+        charged_running().await?;
+        let old = env.operator.lock().await.take().context("no shared operator")?;
+        old.kill().await?;
+        let down = async {
+            jobs.delete("outage", &kube::api::DeleteParams::background()).await?;
+            wait_for("the pods of Job outage to be deleted", Duration::from_secs(30), || async {
+                let pods = job_pods(&env, &ns, "outage").await?;
+                let deleting = pods.iter().filter(|p| p.metadata.deletion_timestamp.is_some()).count();
+                if deleting == 2 { Ok(()) } else { Err(format!("{deleting} of {} pods being deleted", pods.len())) }
+            })
+            .await?;
+            // The outage goes on past the pods' grace period (1 s) and the Job controller's
+            // release of its own finalizer: the ledger's finalizer still holds them.
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let pods = job_pods(&env, &ns, "outage").await.map_err(anyhow::Error::msg)?;
+            ensure!(pods.len() == 2, "{} pods of Job outage left while the operator is down", pods.len());
+            for p in &pods {
+                ensure!(
+                    p.finalizers().iter().any(|f| f == LEDGER_FINALIZER),
+                    "{} lost the ledger finalizer: {:?}",
+                    p.name_any(),
+                    p.finalizers()
+                );
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        let mut op = Operator::start(&env, &kubeconfig, free_port()?, "operator-held-ledger.log")?;
+        op.wait_ready(Duration::from_secs(60)).await?;
+        *env.operator.lock().await = Some(op);
+        down?;
+        wait_pods_gone(&env, &ns, "outage", Duration::from_secs(60)).await?;
+
+        // Both Jobs' hours are recorded, to their pods' deletion (the Jobs are gone: their hours
+        // stay in the allocation's, under no workload's name). Had the outage's pods gone unseen,
+        // they would be charged only up to the last reckoning before it.
+        let st = wait_for("the grant's books to close", Duration::from_secs(60), || async {
+            let st = allocs.get(alloc).await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+            let open = st.ledger.as_ref().is_none_or(|l| !l.open.is_empty());
+            if st.charge_rate == 0.0 && !open && st.accelerator_hours_used > 0.0 {
+                Ok(st)
+            } else {
+                Err(format!("{st:?}"))
+            }
+        })
+        .await?;
+        watch.abort();
+        let now = Timestamp::now().as_millisecond();
+        let pods = seen.lock().map_err(|_| anyhow::anyhow!("seen lock"))?.clone();
+        let mut truth_ms = 0.0;
+        for job in ["kept", "outage"] {
+            let owned: Vec<_> = pods
+                .values()
+                .filter(|(p, _)| p.owner_references().iter().any(|o| o.controller == Some(true) && o.name == job))
+                .collect();
+            ensure!(owned.len() == 2, "{} pods of Job {job} seen", owned.len());
+            let ms: f64 = owned.iter().map(|(p, gone)| crate::ledger::truth(p, *gone, 2.0, now)).sum();
+            ensure!(
+                ms >= 2.0 * 2.0 * 2_000.0,
+                "the pods of Job {job} ran {ms} weighted ms, not the 3 s they were given"
+            );
+            truth_ms += ms;
+        }
+        let charged_ms = st.accelerator_hours_used * 3_600_000.0;
+        println!(
+            "ledger: Jobs kept and outage charged {:.3} weighted s, their pods say {:.3} s",
+            charged_ms / 1e3,
+            truth_ms / 1e3
+        );
+        // Whole-second pod times on both sides; the status keeps hours to 6 decimals.
+        ensure!(
+            (charged_ms - truth_ms).abs() <= 40.0,
+            "the Jobs were charged {charged_ms} ms, their pods say {truth_ms} ms"
+        );
+
+        // Its allocation gone, a Job's deleted pods go at once: no allocation would release them.
+        running_held_job(&env, &jobs, &ns, "orphan", 1, alloc).await?;
+        scope.delete(&alloc_manifest)?;
+        jobs.delete("orphan", &kube::api::DeleteParams::background()).await?;
+        wait_pods_gone(&env, &ns, "orphan", Duration::from_secs(30)).await?;
         Ok(())
     })
     .await

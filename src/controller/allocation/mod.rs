@@ -345,38 +345,40 @@ async fn release(ctx: &Context, pod: &Pod) -> Result<(), Error> {
     }
 }
 
-/// Deleted worker pods that no allocation charges (none lists their namespace
-/// any more, or the one that did is being deleted) would wait for ever: their
-/// finalizer goes at once.
+/// Deleted pods held by the ledger (ModelProject workers, and the pods of
+/// admitted Jobs and JobSets) that no allocation charges (none lists their
+/// namespace any more, or the one that did is being deleted) would wait for
+/// ever: their finalizer goes at once.
 async fn release_orphans(ctx: Arc<Context>) {
     let s = &ctx.stores;
     // A changed pod is checked alone; a changed allocation (a namespace unlisted,
     // an allocation deleted) checks every pod being deleted.
-    let pods = s.workers.events().map(Some);
+    let pods = futures::stream::select(s.workers.events(), s.workload_pods.events()).map(Some);
     let allocations = s.allocations.changes().map(|_| None);
     let mut wake = std::pin::pin!(futures::stream::select(pods, allocations));
     while let Some(changed) = wake.next().await {
         let allocations = s.allocations.store.state();
-        let charged = |ns: &str| {
-            allocations
-                .iter()
-                .any(|a| a.metadata.deletion_timestamp.is_none() && a.spec.tenant.namespaces.iter().any(|n| n == ns))
-        };
-        let deleting = |pod: &Pod| {
-            pod.metadata.deletion_timestamp.is_some() && pod.finalizers().iter().any(|f| f == LEDGER_FINALIZER)
-        };
         let candidates = match changed {
             Some(pod) => vec![pod],
-            None => s.workers.store.state(),
+            None => s.workers.store.state().into_iter().chain(s.workload_pods.store.state()).collect(),
         };
-        for pod in candidates.into_iter().filter(|p| deleting(p)) {
-            if !charged(pod.metadata.namespace.as_deref().unwrap_or_default())
-                && let Err(e) = release(&ctx, &pod).await
-            {
-                tracing::debug!(error = %e, pod = pod.name_any(), "cannot release an orphaned worker pod yet");
+        for pod in candidates.into_iter().filter(|p| orphaned(p, &allocations)) {
+            if let Err(e) = release(&ctx, &pod).await {
+                tracing::debug!(error = %e, pod = pod.name_any(), "cannot release an orphaned pod yet");
             }
         }
     }
+}
+
+/// A pod being deleted that holds the ledger's finalizer while no allocation
+/// (not being deleted) lists its namespace: none will ever charge it.
+fn orphaned(pod: &Pod, allocations: &[Arc<GpuAllocation>]) -> bool {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+    pod.metadata.deletion_timestamp.is_some()
+        && pod.finalizers().iter().any(|f| f == LEDGER_FINALIZER)
+        && !allocations
+            .iter()
+            .any(|a| a.metadata.deletion_timestamp.is_none() && a.spec.tenant.namespaces.iter().any(|n| n == ns))
 }
 
 /// Labels and taints `wanted`, clears every other node labelled for `name`.

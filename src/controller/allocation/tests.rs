@@ -263,3 +263,56 @@ fn hours_written_before_the_ledger_are_carried_over_once() {
     let later = run(&through_api(&alloc, &d.status), &active(7_200_000, &pods));
     assert!((later.hours_now - 10.0).abs() < 1e-9, "{}", later.hours_now);
 }
+
+/// A pod of an admitted Job (or a worker) as the stores hold it.
+fn held_pod(ns: &str, labels: serde_json::Value, finalizers: &[&str], deleting: bool) -> Pod {
+    let mut meta = serde_json::json!({"name": "p", "namespace": ns, "uid": "u", "labels": labels,
+        "finalizers": finalizers});
+    if deleting {
+        meta["deletionTimestamp"] = serde_json::json!("2027-01-15T08:00:00Z");
+    }
+    serde_json::from_value(serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta})).unwrap()
+}
+
+#[test]
+fn a_deleted_held_pod_is_an_orphan_only_where_no_live_allocation_lists_its_namespace() {
+    let job = serde_json::json!({"sovereign.ai/job": "train", "sovereign.ai/pool": "h200", "sovereign.ai/allocation": "grant"});
+    let set = serde_json::json!({"sovereign.ai/jobset": "pair", "sovereign.ai/pool": "h200", "sovereign.ai/allocation": "grant"});
+    let listed = vec![Arc::new(allocation(None))];
+    let mut going = allocation(None);
+    going.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t(0)));
+    let going = vec![Arc::new(going)];
+    for labels in [&job, &set] {
+        let deleted = held_pod("team", labels.clone(), &[LEDGER_FINALIZER, "batch.kubernetes.io/job-tracking"], true);
+        // Charged by the allocation that lists its namespace: the ledger releases it.
+        assert!(!orphaned(&deleted, &listed));
+        // Its allocation is gone or going: nothing will ever charge it.
+        assert!(orphaned(&deleted, &[]));
+        assert!(orphaned(&deleted, &going));
+        // Another namespace's allocation does not hold it.
+        assert!(orphaned(&held_pod("elsewhere", labels.clone(), &[LEDGER_FINALIZER], true), &listed));
+        // Not deleted, or not held by the ledger: left alone.
+        assert!(!orphaned(&held_pod("elsewhere", labels.clone(), &[LEDGER_FINALIZER], false), &[]));
+        assert!(!orphaned(&held_pod("elsewhere", labels.clone(), &["batch.kubernetes.io/job-tracking"], true), &[]));
+    }
+}
+
+/// A Job's pod carrying the ledger finalizer is held like a worker: charged
+/// while it runs, settled (and so released) once deleted and done.
+#[test]
+fn a_jobs_pod_with_the_ledger_finalizer_is_held_and_settles_when_deleted() {
+    let labels = serde_json::json!({"sovereign.ai/job": "train", "sovereign.ai/pool": "h200"});
+    let rate = crate::planner::usage::PoolRate {
+        name: "h200".into(),
+        resource_name: "nvidia.com/gpu".into(),
+        charge_factor: 1.0,
+        domestic: false,
+    };
+    let running = held_pod("team", labels.clone(), &[LEDGER_FINALIZER], false);
+    let life = snapshot::pod_life(&running, Some(&rate), t(0));
+    assert!(life.held && !life.settle);
+    let mut deleted = held_pod("team", labels, &[LEDGER_FINALIZER], true);
+    deleted.status = serde_json::from_value(serde_json::json!({"phase": "Succeeded"})).unwrap();
+    let life = snapshot::pod_life(&deleted, Some(&rate), t(0));
+    assert!(life.held && life.settle);
+}
