@@ -932,6 +932,17 @@ pub async fn a_job_and_a_project_of_two_tenants_borrow_from_each_other_and_are_r
         let reclaimed = wait_event(&env, &a, "wide", "Reclaimed").await?;
         ensure!(reclaimed.contains("mine"), "{reclaimed}");
         ensure!(!wait_event(&env, &a, "wide", "Queued").await?.is_empty(), "a Queued Event without its reason");
+        // Its own 16 are free and would take half of its 4 pods: none runs while it waits.
+        let pods_a: Api<Pod> = Api::namespaced(env.client.clone(), &a);
+        wait_for("the pods of Job wide to go", Duration::from_secs(60), || async {
+            let left = pods_a.list(&ListParams::default().labels("job-name=wide")).await.map_err(|e| e.to_string())?;
+            if left.items.is_empty() { Ok(()) } else { Err(format!("{} pods left", left.items.len())) }
+        })
+        .await?;
+        ensure!(
+            jobs_a.get("wide").await?.spec.and_then(|s| s.suspend) == Some(true),
+            "Job wide started while only half of it fits"
+        );
         // b's run gone, the Job borrows again and runs whole.
         env.kubectl_ok(&["-n", &b, "delete", "modelproject", "mine", "--wait=false"], None)?;
         ensure!(wait_admitted(&jobs_a, "wide", Duration::from_secs(90)).await? == "e2e-b200", "wide not back");
