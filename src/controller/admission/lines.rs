@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 
 use super::Writer;
 use crate::admission::job::{self, Workload};
@@ -155,11 +155,9 @@ impl Writer {
         let name = w.object.name_any();
         let api = Api::<WorkloadAdmission>::namespaced(self.client.clone(), &ns);
         if w.new_object {
-            let mut body = serde_json::to_value(&w.object).unwrap_or_default();
-            body["apiVersion"] = WorkloadAdmission::api_version(&()).into();
-            body["kind"] = WorkloadAdmission::kind(&()).into();
+            // The derived type serializes its apiVersion and kind itself.
             let params = PatchParams::apply(FIELD_MANAGER).force();
-            if let Err(e) = api.patch(&name, &params, &Patch::Apply(&body)).await {
+            if let Err(e) = api.patch(&name, &params, &Patch::Apply(&w.object)).await {
                 tracing::warn!(workload = %w.key, error = %e, "cannot write a workload's admission line");
                 return (w.key, None);
             }

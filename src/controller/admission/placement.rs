@@ -13,7 +13,7 @@
 //! While the operator is down the pods stay gated: they never run anywhere
 //! the plan did not count.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,15 +76,15 @@ fn pod_key(pod: &Pod) -> String {
 /// in for the store's copies).
 pub fn releases(stores: &Stores, written: &Unseen<String, Release>) -> Vec<(Arc<Pod>, Release)> {
     // The JobSets with a gated pod, by namespace and name.
-    let mut waiting: BTreeMap<(String, String), ()> = BTreeMap::new();
+    let mut waiting: BTreeSet<(String, String)> = BTreeSet::new();
     for pod in stores.workload_pods.store.state() {
         let Some(set) = pod.labels().get(JOBSET_LABEL) else { continue };
         if placement::gated(&pod) && pod.metadata.deletion_timestamp.is_none() {
-            waiting.insert((pod.namespace().unwrap_or_default(), set.clone()), ());
+            waiting.insert((pod.namespace().unwrap_or_default(), set.clone()));
         }
     }
     let mut out = Vec::new();
-    for (ns, name) in waiting.into_keys() {
+    for (ns, name) in waiting {
         let Some(set) = stores.jobsets.store.get(&ObjectRef::<JobSet>::new(&name).within(&ns)) else { continue };
         // Admitted and running: its planned nodes (the store may lag behind
         // its pods: then the next pass, woken by the JobSet's change).
@@ -101,19 +101,13 @@ pub fn releases(stores: &Stores, written: &Unseen<String, Release>) -> Vec<(Arc<
             .iter()
             .map(|p| {
                 let devices = pod_requests(p).get(&shape.resource).copied().unwrap_or(0);
-                let seen = written.over(&pod_key(p), &p.resource_version().unwrap_or_default());
-                match seen {
-                    Some(Release::Pin(node)) => GangPod { name: p.name_any(), devices, node: Some(node), gated: false },
-                    Some(Release::Ungate) => {
-                        GangPod { name: p.name_any(), devices, node: placement::placed_on(p), gated: false }
-                    }
-                    None => GangPod {
-                        name: p.name_any(),
-                        devices,
-                        node: placement::placed_on(p),
-                        gated: placement::gated(p) && p.metadata.deletion_timestamp.is_none(),
-                    },
-                }
+                // A release written but not yet seen stands in for the store's copy.
+                let (node, gated) = match written.over(&pod_key(p), &p.resource_version().unwrap_or_default()) {
+                    Some(Release::Pin(node)) => (Some(node), false),
+                    Some(Release::Ungate) => (placement::placed_on(p), false),
+                    None => (placement::placed_on(p), placement::gated(p) && p.metadata.deletion_timestamp.is_none()),
+                };
+                GangPod { name: p.name_any(), devices, node, gated }
             })
             .collect();
         let by_name: BTreeMap<String, &Arc<Pod>> = pods.iter().map(|p| (p.name_any(), p)).collect();
